@@ -1,0 +1,260 @@
+//! Compiles a policy into the contents of the kernel maps (`CIDRS`, `PORTS`).
+//!
+//! All the work that can be done once happens here, so the kernel does two lookups: the
+//! trie returns the longest matching prefix, and because every prefix carries the union of
+//! the ports of all rules that contain it, that one answer is complete.
+use std::collections::{BTreeSet, HashMap};
+
+use egress_common::{
+    ALL_PORTS, CIDRS_MAX_ENTRIES, CidrKey, PORTS_MAX_ENTRIES, PortKey, V4_MAPPED_PREFIX, proto,
+    v4_mapped,
+};
+use ipnet::IpNet;
+
+use crate::policy::{Policy, Ports, Proto, Target};
+
+/// One `CIDRS` entry: prefix length over the 128-bit key, the key, and its port set id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrEntry {
+    pub prefix_len: u32,
+    pub key: CidrKey,
+    pub port_set: u32,
+}
+
+/// Everything the kernel maps hold for a policy's static rules.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub cidrs: Vec<CidrEntry>,
+    pub port_sets: PortSets,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("the policy needs {needed} CIDR entries; the kernel map holds {max}")]
+    TooManyCidrs { needed: usize, max: u32 },
+    #[error(
+        "the policy's ports expand to {needed} (set, protocol, port) entries; the kernel map holds {max}"
+    )]
+    TooManyPorts { needed: usize, max: u32 },
+}
+
+/// Interned port sets: equal sets share one id, so the `PORTS` map holds each set once.
+#[derive(Debug, Default)]
+pub struct PortSets {
+    ids: HashMap<Ports, u32>,
+    entries: BTreeSet<PortKey>,
+}
+
+impl PortSets {
+    /// The id of `ports` (`ALL_PORTS` for every port and protocol), adding it if new.
+    pub fn intern(&mut self, ports: &Ports) -> u32 {
+        let Ports::Some(ranges) = ports else {
+            return ALL_PORTS;
+        };
+        if let Some(id) = self.ids.get(ports) {
+            return *id;
+        }
+        let id = u32::try_from(self.ids.len()).unwrap_or(ALL_PORTS - 1);
+        for r in ranges {
+            let proto = match r.proto {
+                Proto::Tcp => proto::TCP,
+                Proto::Udp => proto::UDP,
+                Proto::Icmp => proto::ICMP,
+            };
+            if r.proto == Proto::Icmp || (r.first <= 1 && r.last == u16::MAX) {
+                // Port 0 stands for every port of the protocol (see `PortKey`).
+                self.entries.insert(PortKey::new(id, proto, 0));
+            } else {
+                for port in r.first..=r.last {
+                    self.entries.insert(PortKey::new(id, proto, port));
+                }
+            }
+        }
+        self.ids.insert(ports.clone(), id);
+        id
+    }
+
+    /// The `PORTS` map's keys.
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = &PortKey> {
+        self.entries.iter()
+    }
+}
+
+/// A CIDR as (prefix length over 128 bits, address as a 128-bit integer).
+fn to_key_space(net: &IpNet) -> (u32, u128) {
+    match net {
+        IpNet::V4(n) => (
+            V4_MAPPED_PREFIX + u32::from(n.prefix_len()),
+            u128::from_be_bytes(v4_mapped(n.network().octets())),
+        ),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), u128::from(n.network())),
+    }
+}
+
+fn mask(addr: u128, prefix_len: u32) -> u128 {
+    match prefix_len {
+        0 => 0,
+        l => addr & (u128::MAX << (128 - l)),
+    }
+}
+
+/// Compiles the policy's CIDR rules; name rules are learned from DNS and get port set ids
+/// from the same [`PortSets`] when they are.
+pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
+    let mut rules: HashMap<(u32, u128), Ports> = HashMap::new();
+    for rule in &policy.rules {
+        if let Target::Cidr(net) = &rule.target {
+            let k = to_key_space(net);
+            let merged = match rules.get(&k) {
+                Some(p) => p.union(&rule.ports),
+                None => rule.ports.clone(),
+            };
+            rules.insert(k, merged);
+        }
+    }
+    if rules.len() > CIDRS_MAX_ENTRIES as usize {
+        return Err(CompileError::TooManyCidrs {
+            needed: rules.len(),
+            max: CIDRS_MAX_ENTRIES,
+        });
+    }
+    let lengths: BTreeSet<u32> = rules.keys().map(|(l, _)| *l).collect();
+    let mut out = Compiled::default();
+    let mut ordered: Vec<_> = rules.iter().collect();
+    ordered.sort_by_key(|((l, a), _)| (*l, *a));
+    for ((len, addr), ports) in ordered {
+        let mut effective = ports.clone();
+        for shorter in lengths.range(..*len) {
+            if let Some(outer) = rules.get(&(*shorter, mask(*addr, *shorter))) {
+                effective = effective.union(outer);
+            }
+        }
+        out.cidrs.push(CidrEntry {
+            prefix_len: *len,
+            key: CidrKey {
+                addr: addr.to_be_bytes(),
+            },
+            port_set: out.port_sets.intern(&effective),
+        });
+    }
+    let ports = out.port_sets.entries().len();
+    if ports > PORTS_MAX_ENTRIES as usize {
+        return Err(CompileError::TooManyPorts {
+            needed: ports,
+            max: PORTS_MAX_ENTRIES,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use super::*;
+    use crate::policy::parse;
+
+    fn compiled(yaml: &str) -> Compiled {
+        compile(&parse(yaml, "test.yaml").expect("valid policy")).expect("compiles")
+    }
+
+    /// The port set the kernel would find for `addr`: the longest matching prefix.
+    fn lookup(c: &Compiled, addr: IpAddr) -> Option<u32> {
+        let a = match addr {
+            IpAddr::V4(v4) => u128::from_be_bytes(v4_mapped(v4.octets())),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        c.cidrs
+            .iter()
+            .filter(|e| mask(a, e.prefix_len) == u128::from_be_bytes(e.key.addr))
+            .max_by_key(|e| e.prefix_len)
+            .map(|e| e.port_set)
+    }
+
+    /// The (protocol, port) members of a set, sorted.
+    fn ports_of(c: &Compiled, set: u32) -> Vec<(u8, u16)> {
+        let mut v: Vec<_> = c
+            .port_sets
+            .entries()
+            .filter(|k| k.port_set == set)
+            .map(|k| (k.proto, k.port))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn ipv4_keys_are_ipv4_mapped_with_prefix_plus_96() {
+        let c = compiled("allow:\n  - cidr: 203.0.113.0/24\n");
+        assert_eq!(c.cidrs.len(), 1);
+        assert_eq!(c.cidrs[0].prefix_len, 120);
+        assert_eq!(
+            Ipv6Addr::from(c.cidrs[0].key.addr),
+            "::ffff:203.0.113.0".parse::<Ipv6Addr>().expect("literal")
+        );
+        assert_eq!(c.cidrs[0].port_set, ALL_PORTS);
+    }
+
+    #[test]
+    fn ipv6_keys_keep_their_prefix() {
+        let c = compiled("allow:\n  - cidr: 2001:db8::/32\n    ports: [TCP:443]\n");
+        assert_eq!(c.cidrs[0].prefix_len, 32);
+        assert_eq!(c.cidrs[0].key.addr[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(ports_of(&c, c.cidrs[0].port_set), vec![(proto::TCP, 443)]);
+    }
+
+    #[test]
+    fn a_nested_prefix_carries_the_ports_of_its_container() {
+        let c = compiled(
+            "allow:\n  - cidr: 203.0.113.0/24\n    ports: [TCP:443]\n  - cidr: 203.0.113.7\n    ports: [UDP:123]\n",
+        );
+        let inner = lookup(&c, "203.0.113.7".parse().expect("literal")).expect("match");
+        assert_eq!(
+            ports_of(&c, inner),
+            vec![(proto::TCP, 443), (proto::UDP, 123)]
+        );
+        let outer = lookup(&c, "203.0.113.8".parse().expect("literal")).expect("match");
+        assert_eq!(ports_of(&c, outer), vec![(proto::TCP, 443)]);
+        assert_eq!(lookup(&c, "198.51.100.1".parse().expect("literal")), None);
+    }
+
+    #[test]
+    fn a_container_allowing_everything_makes_its_nested_prefixes_allow_everything() {
+        let c = compiled(
+            "allow:\n  - cidr: 203.0.113.0/24\n  - cidr: 203.0.113.7\n    ports: [UDP:123]\n",
+        );
+        let inner = lookup(&c, "203.0.113.7".parse().expect("literal")).expect("match");
+        assert_eq!(inner, ALL_PORTS);
+    }
+
+    #[test]
+    fn equal_port_sets_are_stored_once_and_ranges_expand() {
+        let c = compiled(
+            "allow:\n  - cidr: 203.0.113.0/24\n    ports: [TCP:30000-30002]\n  - cidr: 198.51.100.0/24\n    ports: [TCP:30000-30002]\n",
+        );
+        assert_eq!(c.cidrs[0].port_set, c.cidrs[1].port_set);
+        assert_eq!(
+            ports_of(&c, c.cidrs[0].port_set),
+            vec![
+                (proto::TCP, 30000),
+                (proto::TCP, 30001),
+                (proto::TCP, 30002)
+            ]
+        );
+    }
+
+    #[test]
+    fn icmp_and_whole_port_ranges_use_port_zero() {
+        let c = compiled("allow:\n  - cidr: 203.0.113.0/24\n    ports: [ICMP, UDP:1-65535]\n");
+        assert_eq!(
+            ports_of(&c, c.cidrs[0].port_set),
+            vec![(proto::ICMP, 0), (proto::UDP, 0)]
+        );
+    }
+
+    #[test]
+    fn name_rules_add_no_cidr_entries() {
+        let c = compiled("allow:\n  - fqdn: mcr.microsoft.com\n    ports: [HTTPS:443]\n");
+        assert!(c.cidrs.is_empty());
+    }
+}

@@ -1,0 +1,143 @@
+//! Turns kernel events into JSON lines on stdout.
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv6Addr},
+    time::SystemTime,
+};
+
+use aya::maps::{MapData, RingBuf};
+use egress_common::{ACTION_AUDIT, ACTION_DENY, Addr, Event, proto};
+use serde_json::{Value, json};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::cgroup::{CgroupNames, first_process};
+
+/// The address as written in events: IPv4-mapped addresses as plain IPv4.
+pub fn display_addr(addr: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(*addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Decodes one ring buffer record; `None` for a record of the wrong size (a kernel object
+/// built from another version of `egress-common`).
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    (bytes.len() == size_of::<Event>())
+        // SAFETY: the length matches and Event is plain old data of integers.
+        .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// The JSON line for an event. `sender` adds what identifies the sending cgroup.
+pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
+    let action = match event.action {
+        ACTION_DENY => "deny",
+        ACTION_AUDIT => "audit",
+        _ => "unknown",
+    };
+    let mut v = json!({
+        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "action": action,
+        "proto": proto_name(event.proto),
+        "dst": display_addr(&event.dst).to_string(),
+        "dport": event.dport,
+        "cgroup_id": event.cgroup_id,
+    });
+    if event.uid != u32::MAX {
+        v["uid"] = json!(event.uid);
+    }
+    let root = names.root().to_path_buf();
+    if let Some(dir) = names.path_of(event.cgroup_id).map(ToOwned::to_owned) {
+        let rel = dir.strip_prefix(&root).unwrap_or(&dir);
+        v["cgroup"] = json!(format!("/{}", rel.display()));
+        if let Some((pid, comm)) = first_process(&dir) {
+            v["pid"] = json!(pid);
+            v["comm"] = json!(comm);
+        }
+    }
+    v
+}
+
+/// Reads events until the ring buffer fails, writing one JSON line per event.
+pub async fn forward(ring: RingBuf<MapData>, mut names: CgroupNames) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let mut out = std::io::stdout().lock();
+        while let Some(item) = guard.get_inner_mut().next() {
+            match decode(&item) {
+                Some(event) => writeln!(out, "{}", render(&event, &mut names))?,
+                None => log::warn!("ignoring an event of {} bytes", item.len()),
+            }
+        }
+        out.flush()?;
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::v4_mapped;
+
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_display_as_ipv4() {
+        assert_eq!(
+            display_addr(&v4_mapped([203, 0, 113, 9])).to_string(),
+            "203.0.113.9"
+        );
+        let v6: Ipv6Addr = "2001:db8::9".parse().expect("literal");
+        assert_eq!(display_addr(&v6.octets()).to_string(), "2001:db8::9");
+    }
+
+    #[test]
+    fn records_of_the_wrong_size_are_rejected() {
+        assert!(decode(&[0u8; 3]).is_none());
+        let e = Event {
+            cgroup_id: 7,
+            dst: v4_mapped([198, 51, 100, 1]),
+            dport: 443,
+            proto: proto::TCP,
+            action: ACTION_DENY,
+            uid: 0,
+        };
+        // SAFETY: Event is plain old data.
+        let bytes =
+            unsafe { core::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<Event>()) };
+        assert_eq!(decode(bytes), Some(e));
+    }
+
+    #[test]
+    fn events_render_with_action_proto_dst_and_port() {
+        let e = Event {
+            cgroup_id: u64::MAX,
+            dst: v4_mapped([198, 51, 100, 1]),
+            dport: 443,
+            proto: proto::TCP,
+            action: ACTION_AUDIT,
+            uid: 1000,
+        };
+        let mut names = CgroupNames::new("/nonexistent-cgroup-root".into());
+        let v = render(&e, &mut names);
+        assert_eq!(v["action"], "audit");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["dst"], "198.51.100.1");
+        assert_eq!(v["dport"], 443);
+        assert_eq!(v["uid"], 1000);
+        assert!(v.get("cgroup").is_none());
+    }
+}

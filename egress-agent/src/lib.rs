@@ -1,0 +1,8 @@
+//! The egress enforcer's agent: compiles a policy into the kernel maps, attaches the kernel
+//! programs and reports what they deny.
+pub mod cgroup;
+pub mod compile;
+pub mod events;
+pub mod loader;
+pub mod policy;
+pub mod run;

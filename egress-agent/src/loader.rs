@@ -1,0 +1,218 @@
+//! Loads the kernel object, fills its maps and attaches its programs.
+//!
+//! The `Ebpf` value owns every program and link: dropping the [`Enforcer`] detaches them all,
+//! so nothing stays in the kernel after the agent exits.
+use std::{fs::File, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, tc,
+    },
+};
+use egress_common::{
+    CIDRS, CidrKey, CidrValue, EVENTS, PORTS, PortKey, SETTINGS, STAT_ALLOWED, STAT_AUDITED,
+    STAT_DROPPED, STAT_EVENTS_LOST, STATS, Settings,
+};
+
+use crate::compile::Compiled;
+
+/// The kernel object built by `build.rs` from the `egress-ebpf` crate.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// Program names in the object (the functions in `egress-ebpf/src/main.rs`).
+pub const EGRESS_CGROUP: &str = "egress_cgroup";
+pub const INGRESS_CGROUP: &str = "ingress_cgroup";
+pub const EGRESS_TC: &str = "egress_tc";
+pub const INGRESS_TC: &str = "ingress_tc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the BPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("BPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Per-packet counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub allowed: u64,
+    pub dropped: u64,
+    pub audited: u64,
+    pub events_lost: u64,
+}
+
+pub struct Enforcer {
+    ebpf: Ebpf,
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> LoadError {
+    let what = what.into();
+    move |source| LoadError::Map { what, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    let what = what.into();
+    move |source| LoadError::Program { what, source }
+}
+
+/// A program of the object, as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+impl Enforcer {
+    /// Loads the object and its programs (so verifier errors surface before anything is
+    /// attached) and writes the settings; nothing is attached yet.
+    pub fn load(settings: &Settings) -> Result<Self, LoadError> {
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for name in [EGRESS_CGROUP, INGRESS_CGROUP] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(format!("loading {name}")))?;
+        }
+        for name in [EGRESS_TC, INGRESS_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(format!("loading {name}")))?;
+        }
+        let mut enforcer = Self { ebpf };
+        enforcer.write_settings(settings)?;
+        Ok(enforcer)
+    }
+
+    pub fn write_settings(&mut self, settings: &Settings) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(SETTINGS)
+            .ok_or(LoadError::MissingMap(SETTINGS))?;
+        let mut array: Array<&mut MapData, Settings> =
+            Array::try_from(map).map_err(map_err(SETTINGS))?;
+        array
+            .set(0, settings, 0)
+            .map_err(map_err("writing SETTINGS"))
+    }
+
+    /// Fills `CIDRS` and `PORTS` with a compiled policy.
+    pub fn write_policy(&mut self, compiled: &Compiled) -> Result<(), LoadError> {
+        {
+            let map = self
+                .ebpf
+                .map_mut(PORTS)
+                .ok_or(LoadError::MissingMap(PORTS))?;
+            let mut ports: HashMap<&mut MapData, PortKey, u8> =
+                HashMap::try_from(map).map_err(map_err(PORTS))?;
+            for key in compiled.port_sets.entries() {
+                ports.insert(key, 1, 0).map_err(map_err("writing PORTS"))?;
+            }
+        }
+        let map = self
+            .ebpf
+            .map_mut(CIDRS)
+            .ok_or(LoadError::MissingMap(CIDRS))?;
+        let mut cidrs: LpmTrie<&mut MapData, CidrKey, CidrValue> =
+            LpmTrie::try_from(map).map_err(map_err(CIDRS))?;
+        for e in &compiled.cidrs {
+            let value = CidrValue {
+                port_set: e.port_set,
+            };
+            cidrs
+                .insert(&Key::new(e.prefix_len, e.key), value, 0)
+                .map_err(map_err("writing CIDRS"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the egress verdict and the ingress flow recorder to a cgroup v2 directory:
+    /// every socket of every process below it is covered, whatever its network namespace.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), LoadError> {
+        let cgroup = File::open(path).map_err(|source| LoadError::Cgroup {
+            path: path.display().to_string(),
+            source,
+        })?;
+        for (name, attach_type) in [
+            (INGRESS_CGROUP, CgroupSkbAttachType::Ingress),
+            (EGRESS_CGROUP, CgroupSkbAttachType::Egress),
+        ] {
+            let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            // Links (kernel >= 5.7) are always multi-attach; `Single` is the only mode the
+            // kernel accepts for them and leaves other programs on the cgroup alone.
+            prog.attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(prog_err(format!("attaching {name} to {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the TC programs to an interface: TCX on kernels >= 6.6, a clsact qdisc with
+    /// netlink filters before that (the qdisc is created if missing and left in place).
+    pub fn attach_interface(&mut self, interface: &str) -> Result<(), LoadError> {
+        if let Err(e) = tc::qdisc_add_clsact(interface) {
+            log::debug!(
+                "clsact qdisc on {interface}: {e} (TCX needs none; an existing one is reused)"
+            );
+        }
+        for (name, attach_type) in [
+            (INGRESS_TC, TcAttachType::Ingress),
+            (EGRESS_TC, TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            prog.attach(interface, attach_type)
+                .map_err(prog_err(format!("attaching {name} to {interface}")))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the event ring buffer, for the task that reads it.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS)
+            .ok_or(LoadError::MissingMap(EVENTS))?;
+        RingBuf::try_from(map).map_err(map_err(EVENTS))
+    }
+
+    pub fn stats(&self) -> Result<Stats, LoadError> {
+        let map = self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(STATS))?;
+        let sum = |i: u32| -> Result<u64, LoadError> {
+            Ok(stats
+                .get(&i, 0)
+                .map_err(map_err("reading STATS"))?
+                .iter()
+                .sum())
+        };
+        Ok(Stats {
+            allowed: sum(STAT_ALLOWED)?,
+            dropped: sum(STAT_DROPPED)?,
+            audited: sum(STAT_AUDITED)?,
+            events_lost: sum(STAT_EVENTS_LOST)?,
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! Map names, sizes and key/value types.
+
+/// A 16-byte address in network byte order; IPv4 is IPv4-mapped (`::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// Prefix length of `::ffff:0:0/96`, the IPv4-mapped range: an IPv4 /n prefix is /(96+n).
+pub const V4_MAPPED_PREFIX: u32 = 96;
+
+/// Builds the IPv4-mapped form of an IPv4 address given as its four network-order bytes.
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// IP protocol numbers the kernel programs look at.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// `CIDRS`: `LpmTrie<CidrKey, CidrValue>`. Static CIDR rules.
+///
+/// The trie returns only the longest matching prefix, so the agent stores in every prefix the
+/// union of the port sets of all prefixes that contain it: one lookup gives the full answer.
+pub const CIDRS: &str = "CIDRS";
+pub const CIDRS_MAX_ENTRIES: u32 = 65_536;
+
+/// Key data of `CIDRS`; the trie key's prefix length counts bits of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    pub addr: Addr,
+}
+
+/// Value of `CIDRS` and of `LEARNED`: which port set applies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrValue {
+    /// An id in `PORTS`, or [`ALL_PORTS`].
+    pub port_set: u32,
+}
+
+/// A port set id meaning "every protocol and port": no `PORTS` lookup needed.
+pub const ALL_PORTS: u32 = u32::MAX;
+
+/// `PORTS`: `HashMap<PortKey, u8>`. Membership of (protocol, port) in a port set; value 1.
+///
+/// Port ranges are expanded into one entry per port by the agent. Port 0 stands for "every
+/// port of this protocol" (TCP and UDP never use destination port 0), and protocols without
+/// ports (ICMP, ...) are always stored with port 0.
+pub const PORTS: &str = "PORTS";
+pub const PORTS_MAX_ENTRIES: u32 = 262_144;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub port_set: u32,
+    /// Destination port in host byte order; 0 = every port.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl PortKey {
+    pub const fn new(port_set: u32, proto: u8, port: u16) -> Self {
+        Self {
+            port_set,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// `LEARNED`: `LruHashMap<Addr, LearnedValue>`. Addresses learned from DNS answers for
+/// allowed names. Least recently used entries are evicted when full; the agent also removes
+/// entries when their TTL ends, and the kernel ignores entries past `expires_ns`.
+pub const LEARNED: &str = "LEARNED";
+pub const LEARNED_MAX_ENTRIES: u32 = 65_536;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedValue {
+    /// An id in `PORTS`, or [`ALL_PORTS`].
+    pub port_set: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_boot_ns()` after which the address is no longer allowed.
+    pub expires_ns: u64,
+}
+
+/// `FLOWS`: `LruHashMap<FlowKey, FlowValue>`. Flows already decided, so later packets take
+/// one lookup, and flows started from outside (a server in the cgroup answering a client),
+/// recorded by the ingress programs.
+pub const FLOWS: &str = "FLOWS";
+pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
+
+/// A flow as seen from the enforced side: the remote end and the local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub remote: Addr,
+    /// Host byte order; 0 for protocols without ports.
+    pub remote_port: u16,
+    /// Host byte order; 0 for protocols without ports.
+    pub local_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `bpf_ktime_get_boot_ns()` of the last packet; a flow idle for longer than the
+    /// protocol's idle timeout in [`Settings`] is decided afresh.
+    pub last_seen_ns: u64,
+    /// [`FLOW_ALLOWED`] or [`FLOW_AUDITED`].
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// The flow was allowed by policy, or started from outside.
+pub const FLOW_ALLOWED: u8 = 1;
+/// The flow would have been dropped; it passed because the mode is audit. Its packets pass
+/// without further events while the mode stays audit, and are decided afresh in enforce mode.
+pub const FLOW_AUDITED: u8 = 2;
+
+/// `SETTINGS`: `Array<Settings>` with one entry, written by the agent before attaching.
+pub const SETTINGS: &str = "SETTINGS";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// [`MODE_AUDIT`] or [`MODE_ENFORCE`].
+    pub mode: u8,
+    pub _pad: [u8; 3],
+    /// Events each CPU may emit per second (token bucket refill rate).
+    pub events_per_sec: u32,
+    /// Events each CPU may emit in a burst (token bucket size).
+    pub events_burst: u32,
+    pub _pad2: u32,
+    /// Idle time after which a TCP flow is decided afresh.
+    pub tcp_idle_ns: u64,
+    /// Idle time after which any other flow is decided afresh.
+    pub other_idle_ns: u64,
+}
+
+pub const MODE_AUDIT: u8 = 0;
+pub const MODE_ENFORCE: u8 = 1;
+
+/// `EVENTS`: `RingBuf` of [`Event`]s, one per dropped or audited packet, rate limited.
+pub const EVENTS: &str = "EVENTS";
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// cgroup v2 id (the inode number of the cgroup directory) of the sending socket; 0 when
+    /// the packet has no socket (forwarded traffic seen by TC).
+    pub cgroup_id: u64,
+    pub dst: Addr,
+    /// Host byte order; 0 for protocols without ports.
+    pub dport: u16,
+    pub proto: u8,
+    /// [`ACTION_DENY`] or [`ACTION_AUDIT`].
+    pub action: u8,
+    /// Owner uid of the sending socket, `u32::MAX` when unknown.
+    pub uid: u32,
+}
+
+pub const ACTION_DENY: u8 = 1;
+pub const ACTION_AUDIT: u8 = 2;
+
+/// `RATE`: `PerCpuArray<RateState>` with one entry: each CPU's event token bucket.
+pub const RATE: &str = "RATE";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// `STATS`: `PerCpuArray<u64>` indexed by these constants.
+pub const STATS: &str = "STATS";
+pub const STAT_ALLOWED: u32 = 0;
+pub const STAT_DROPPED: u32 = 1;
+pub const STAT_AUDITED: u32 = 2;
+pub const STAT_EVENTS_LOST: u32 = 3;
+pub const STATS_LEN: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)], Copy, and built only of integers and byte arrays,
+    // with every padding byte an explicit field.
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for CidrValue {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for LearnedValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for RateState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    /// The kernel hashes keys byte for byte: a size that grows implicit padding would make
+    /// equal keys differ. These sizes are the layouts documented above.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<CidrKey>(), 16);
+        assert_eq!(size_of::<CidrValue>(), 4);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<LearnedValue>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<Settings>(), 32);
+        assert_eq!(size_of::<Event>(), 32);
+        assert_eq!(align_of::<Event>(), 8);
+    }
+
+    #[test]
+    fn v4_mapped_is_the_rfc4291_form() {
+        let a = v4_mapped([203, 0, 113, 7]);
+        assert_eq!(
+            std::net::Ipv6Addr::from(a),
+            std::net::Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped()
+        );
+    }
+
+    #[test]
+    fn port_key_zeroes_its_padding() {
+        let k = PortKey::new(7, proto::TCP, 443);
+        assert_eq!(k._pad, 0);
+        assert_eq!((k.port_set, k.proto, k.port), (7, 6, 443));
+    }
+}
