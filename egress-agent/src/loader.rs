@@ -5,10 +5,11 @@
 use std::{fs::File, path::Path};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType, tc,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, SchedClassifier, TcAttachType,
+        tc,
     },
 };
 use egress_common::{
@@ -186,6 +187,28 @@ impl Enforcer {
                 .map_err(prog_err(format!("attaching {name} to {interface}")))?;
         }
         Ok(())
+    }
+
+    /// Runs a program once per `repeat` on a crafted packet (`BPF_PROG_TEST_RUN`): how the
+    /// tests check the verdict and how the benchmarks measure its cost. `frame` starts with
+    /// an Ethernet header even for the cgroup programs: the kernel strips it for them.
+    pub fn test_run(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, LoadError> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
+        match self.ebpf.program(name) {
+            Some(Program::CgroupSkb(p)) => p.test_run(opts),
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            _ => return Err(LoadError::MissingProgram(name)),
+        }
+        .map_err(prog_err(format!("test run of {name}")))
     }
 
     /// Takes the event ring buffer, for the task that reads it.

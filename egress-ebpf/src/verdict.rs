@@ -4,9 +4,10 @@
 //! 1. a fresh entry in `FLOWS` (one lookup for every packet after a flow's first);
 //! 2. what the network itself needs: loopback, IPv6 neighbour discovery and MLD, DHCPv6
 //!    solicitations, and ICMP errors about a flow in `FLOWS`;
-//! 3. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses);
-//! then the packet is denied: dropped in enforce mode, passed and reported in audit mode.
-//! A parsed IP packet whose headers cannot be read is denied (fail closed).
+//! 3. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses).
+//!
+//! Anything else is denied: dropped in enforce mode, passed and reported in audit mode.
+//! An IP packet whose headers cannot be read is denied (fail closed).
 use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id};
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
@@ -37,7 +38,7 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
         return deny(ctx, settings, None, now);
     };
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful map lookup and stays valid for
         // the program run; concurrent writers only store whole integers.
         let flow = unsafe { &mut *flow };
@@ -58,7 +59,13 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
             }
         }
     }
-    if always_allowed(ctx, &p) || policy_allows(&p, now) {
+    // Not remembered as a flow: the flow key has no ICMP type, so an allowed neighbour
+    // solicitation must not open the address to every ICMPv6 message.
+    if always_allowed(ctx, &p) {
+        count(STAT_ALLOWED);
+        return true;
+    }
+    if policy_allows(&p, now) {
         remember(&key, FLOW_ALLOWED, now);
         count(STAT_ALLOWED);
         return true;
@@ -85,7 +92,7 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     }
     let key = flow_key(p.src, p.sport, p.dport, p.proto);
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `egress`.
         let flow = unsafe { &mut *flow };
         if flow.state == FLOW_ALLOWED {
@@ -126,7 +133,7 @@ fn remember(key: &FlowKey, state: u8, now: u64) {
         _pad: [0; 7],
     };
     // A full LRU map evicts the oldest flow; an insert failure only costs a re-decision.
-    let _ = FLOWS.insert(key, &value, 0);
+    let _ = FLOWS.insert(key, value, 0);
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -186,20 +193,20 @@ fn quotes_known_flow<C: Skb>(ctx: &C, p: &Packet) -> bool {
     };
     let key = flow_key(remote, remote_port, local_port, proto);
     // SAFETY: the reference is only read within this program run.
-    matches!(unsafe { FLOWS.get(&key) }, Some(f) if f.state == FLOW_ALLOWED)
+    matches!(unsafe { FLOWS.get(key) }, Some(f) if f.state == FLOW_ALLOWED)
 }
 
 /// Static CIDR rules first, then DNS-learned addresses.
 #[inline(always)]
 fn policy_allows(p: &Packet, now: u64) -> bool {
     let key = Key::new(128, CidrKey { addr: p.dst });
-    if let Some(v) = CIDRS.get(&key) {
-        if port_set_allows(v.port_set, p) {
-            return true;
-        }
+    if let Some(v) = CIDRS.get(key)
+        && port_set_allows(v.port_set, p)
+    {
+        return true;
     }
     // SAFETY: the reference is only read within this program run.
-    match unsafe { LEARNED.get(&p.dst) } {
+    match unsafe { LEARNED.get(p.dst) } {
         Some(l) => l.expires_ns > now && port_set_allows(l.port_set, p),
         None => false,
     }
@@ -213,8 +220,8 @@ fn port_set_allows(port_set: u32, p: &Packet) -> bool {
     let proto = ports_proto(p.proto);
     // SAFETY: the references are only tested for presence.
     unsafe {
-        PORTS.get(&PortKey::new(port_set, proto, p.dport)).is_some()
-            || (p.dport != 0 && PORTS.get(&PortKey::new(port_set, proto, 0)).is_some())
+        PORTS.get(PortKey::new(port_set, proto, p.dport)).is_some()
+            || (p.dport != 0 && PORTS.get(PortKey::new(port_set, proto, 0)).is_some())
     }
 }
 

@@ -1,0 +1,383 @@
+//! The kernel verdict on crafted packets, through `BPF_PROG_TEST_RUN`: the real object, the
+//! real verifier, the maps as the agent fills them. Needs root (CAP_BPF); in CI (`CI=true`)
+//! a missing privilege fails the test instead of skipping it.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use egress_agent::{
+    compile::compile,
+    events::decode,
+    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, Stats},
+    policy::{Mode, parse},
+    run::settings,
+};
+use egress_common::{ACTION_AUDIT, ACTION_DENY, proto};
+
+const PASS: u32 = 1;
+const DROP: u32 = 0;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const POLICY: &str = "
+allow:
+  - cidr: 203.0.113.0/24
+    ports: [HTTPS:443, UDP:123]
+  - cidr: 203.0.113.128/25
+    ports: [TCP:8080]
+  - cidr: 2001:db8:2::/48
+    ports: [TCP:443]
+  - cidr: 198.51.100.200
+";
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "BPF tests need root and CI=true forbids skipping them"
+    );
+    eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
+    false
+}
+
+fn enforcer(mode: Mode) -> Enforcer {
+    let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
+    let mut e = Enforcer::load(&settings(mode)).expect("kernel object loads");
+    e.write_policy(&compile(&policy).expect("test policy compiles"))
+        .expect("maps accept the policy");
+    e
+}
+
+fn run(e: &Enforcer, program: &'static str, frame: &[u8]) -> u32 {
+    e.test_run(program, frame, 1)
+        .expect("test run")
+        .return_value
+}
+
+// ---- crafted frames -------------------------------------------------------------------
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const TCP_SYN: u8 = 0x02;
+const TCP_SYN_ACK: u8 = 0x12;
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).expect("small packet");
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(l4);
+    p
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(payload.len()).expect("small packet");
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0; 8]);
+    t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn udp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut u = Vec::with_capacity(12);
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&[0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+    u
+}
+
+fn icmp(kind: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    let mut i = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    i.extend_from_slice(body);
+    i
+}
+
+fn v4_frame(dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    ethernet(0x0800, &ipv4(CLIENT4, dst, proto, l4))
+}
+
+fn v6_frame(dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+    ethernet(0x86dd, &ipv6(CLIENT6, dst, next, l4))
+}
+
+fn tcp_to(dst: IpAddr, dport: u16) -> Vec<u8> {
+    let t = tcp(40000, dport, TCP_SYN);
+    match dst {
+        IpAddr::V4(a) => v4_frame(a, proto::TCP, &t),
+        IpAddr::V6(a) => v6_frame(a, proto::TCP, &t),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address literal")
+}
+
+// ---- tests ----------------------------------------------------------------------------
+
+#[test]
+fn allowed_cidr_and_port_pass_and_everything_else_drops() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let cases = [
+        ("203.0.113.10", 443, PASS),
+        ("203.0.113.10", 80, DROP),
+        ("203.0.113.200", 8080, PASS), // nested /25 adds its own port
+        ("203.0.113.200", 443, PASS),  // ... and keeps the /24's
+        ("203.0.113.10", 8080, DROP),  // the /25's port is not the /24's
+        ("198.51.100.200", 5, PASS),   // a rule without ports allows every port
+        ("198.51.100.201", 443, DROP),
+        ("2001:db8:2::10", 443, PASS),
+        ("2001:db8:2::10", 80, DROP),
+        ("2001:db8:3::10", 443, DROP),
+    ];
+    for (dst, port, want) in cases {
+        assert_eq!(
+            run(&e, EGRESS_CGROUP, &tcp_to(ip(dst), port)),
+            want,
+            "tcp {dst}:{port}"
+        );
+    }
+    let ntp = v4_frame(Ipv4Addr::new(203, 0, 113, 10), proto::UDP, &udp(40000, 123));
+    assert_eq!(run(&e, EGRESS_CGROUP, &ntp), PASS, "udp 123");
+    let tcp_123 = tcp_to(ip("203.0.113.10"), 123);
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &tcp_123),
+        DROP,
+        "UDP:123 does not allow TCP:123"
+    );
+    let stats = e.stats().expect("counters");
+    assert_eq!((stats.allowed, stats.dropped, stats.audited), (6, 6, 0));
+}
+
+#[test]
+fn the_tc_program_makes_the_same_decisions_and_passes_non_ip() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    assert_eq!(
+        run(&e, EGRESS_TC, &tcp_to(ip("203.0.113.10"), 443)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&e, EGRESS_TC, &tcp_to(ip("203.0.113.10"), 80)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&e, EGRESS_TC, &tcp_to(ip("2001:db8:3::1"), 443)),
+        TC_ACT_SHOT
+    );
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    assert_eq!(run(&e, EGRESS_TC, &arp), TC_ACT_OK);
+}
+
+#[test]
+fn loopback_neighbour_discovery_and_dhcpv6_always_pass() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    assert_eq!(run(&e, EGRESS_CGROUP, &tcp_to(ip("127.0.0.1"), 9)), PASS);
+    assert_eq!(run(&e, EGRESS_CGROUP, &tcp_to(ip("127.8.9.10"), 9)), PASS);
+    assert_eq!(run(&e, EGRESS_CGROUP, &tcp_to(ip("::1"), 9)), PASS);
+    let solicited_node: Ipv6Addr = "ff02::1:ff00:2".parse().expect("literal");
+    let ns = v6_frame(solicited_node, proto::ICMPV6, &icmp(135, 0, &[0; 16]));
+    assert_eq!(run(&e, EGRESS_CGROUP, &ns), PASS, "neighbour solicitation");
+    let echo = v6_frame(solicited_node, proto::ICMPV6, &icmp(128, 0, &[]));
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &echo),
+        DROP,
+        "an echo request is not ND"
+    );
+    let dhcp = v6_frame(
+        "ff02::1:2".parse().expect("literal"),
+        proto::UDP,
+        &udp(546, 547),
+    );
+    assert_eq!(run(&e, EGRESS_CGROUP, &dhcp), PASS, "DHCPv6 solicit");
+}
+
+#[test]
+fn a_server_answers_a_client_no_rule_allows() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let remote = Ipv4Addr::new(198, 51, 100, 77);
+    let reply = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::TCP, &tcp(8080, 5555, TCP_SYN_ACK)),
+    );
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &reply),
+        DROP,
+        "no inbound connection yet"
+    );
+    let syn = ethernet(
+        0x0800,
+        &ipv4(remote, CLIENT4, proto::TCP, &tcp(5555, 8080, TCP_SYN)),
+    );
+    assert_eq!(run(&e, INGRESS_CGROUP, &syn), PASS);
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &reply),
+        PASS,
+        "reply to the inbound connection"
+    );
+    let other_port = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::TCP, &tcp(8081, 5555, TCP_SYN)),
+    );
+    assert_eq!(run(&e, EGRESS_CGROUP, &other_port), DROP, "only that flow");
+}
+
+#[test]
+fn an_inbound_ack_alone_opens_nothing() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let remote = Ipv4Addr::new(198, 51, 100, 78);
+    let ack = ethernet(
+        0x0800,
+        &ipv4(remote, CLIENT4, proto::TCP, &tcp(5555, 8080, 0x10)),
+    );
+    assert_eq!(run(&e, INGRESS_CGROUP, &ack), PASS);
+    let out = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::TCP, &tcp(8080, 5555, 0x10)),
+    );
+    assert_eq!(run(&e, EGRESS_CGROUP, &out), DROP);
+}
+
+#[test]
+fn icmp_errors_pass_only_for_flows_already_allowed() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let remote = Ipv4Addr::new(198, 51, 100, 79);
+    // Port unreachable about a datagram the remote sent us (quoted: remote -> us).
+    let quoted = ipv4(remote, CLIENT4, proto::UDP, &udp(6000, 7000));
+    let unreachable = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::ICMP, &icmp(3, 3, &quoted)),
+    );
+    assert_eq!(run(&e, EGRESS_CGROUP, &unreachable), DROP, "unknown flow");
+    let inbound = ethernet(0x0800, &quoted);
+    assert_eq!(run(&e, INGRESS_CGROUP, &inbound), PASS);
+    assert_eq!(run(&e, EGRESS_CGROUP, &unreachable), PASS, "known flow");
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_ports() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let dst: Ipv6Addr = "2001:db8:2::10".parse().expect("literal");
+    for (port, want) in [(443, PASS), (80, DROP)] {
+        // Hop-by-hop options (8 bytes: next header TCP, length 0, padding) then TCP.
+        let mut payload = vec![proto::TCP, 0, 1, 4, 0, 0, 0, 0];
+        payload.extend_from_slice(&tcp(40000, port, TCP_SYN));
+        assert_eq!(
+            run(&e, EGRESS_CGROUP, &v6_frame(dst, 0, &payload)),
+            want,
+            "port {port}"
+        );
+    }
+}
+
+#[test]
+fn truncated_headers_fail_closed() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let mut frame = tcp_to(ip("203.0.113.10"), 443);
+    frame.truncate(14 + 20 + 2); // IPv4 header, then half of the ports
+    assert_eq!(run(&e, EGRESS_CGROUP, &frame), DROP);
+}
+
+#[test]
+fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
+    if !privileged() {
+        return;
+    }
+    let mut e = enforcer(Mode::Audit);
+    let denied = tcp_to(ip("198.51.100.9"), 443);
+    for _ in 0..3 {
+        assert_eq!(run(&e, EGRESS_CGROUP, &denied), PASS);
+    }
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &tcp_to(ip("203.0.113.10"), 443)),
+        PASS
+    );
+    let mut ring = e.take_events().expect("ring buffer");
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.push(decode(&item).expect("event layout"));
+    }
+    assert_eq!(events.len(), 1, "one event per audited flow: {events:?}");
+    assert_eq!(events[0].action, ACTION_AUDIT);
+    assert_eq!(events[0].dport, 443);
+    assert_eq!(events[0].proto, proto::TCP);
+    assert_eq!(
+        e.stats().expect("counters"),
+        Stats {
+            allowed: 1,
+            dropped: 0,
+            audited: 3,
+            events_lost: 0
+        }
+    );
+}
+
+#[test]
+fn enforce_mode_reports_drops_within_the_rate_limit() {
+    if !privileged() {
+        return;
+    }
+    let mut e = enforcer(Mode::Enforce);
+    let denied = tcp_to(ip("198.51.100.9"), 443);
+    let burst = u64::from(settings(Mode::Enforce).events_burst);
+    let flood = u32::try_from(burst).expect("small") + 500;
+    let r = e.test_run(EGRESS_CGROUP, &denied, flood).expect("test run");
+    assert_eq!(r.return_value, DROP);
+    let stats = e.stats().expect("counters");
+    assert_eq!(stats.dropped, u64::from(flood));
+    let mut ring = e.take_events().expect("ring buffer");
+    let mut delivered = 0u64;
+    while let Some(item) = ring.next() {
+        assert_eq!(decode(&item).expect("event layout").action, ACTION_DENY);
+        delivered += 1;
+    }
+    assert!(
+        delivered >= 1 && delivered <= burst + 1,
+        "delivered {delivered}"
+    );
+    assert_eq!(delivered + stats.events_lost, u64::from(flood));
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints (userspace and kernel crate), unit tests, the
+# BPF_PROG_TEST_RUN verdict tests and the end-to-end tests in network namespaces.
+# Needs root; with CI=true nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== clippy (userspace)" >&2
+cargo clippy --all-targets -- -D warnings
+echo "== clippy (kernel crate, nightly, BPF target)" >&2
+cargo +nightly clippy -p egress-ebpf --target bpfel-unknown-none -Z build-std=core --release \
+  -- -D warnings
+echo "== tests" >&2
+# The end-to-end tests run target/debug/egress-agent: build it first.
+cargo build -p egress-agent
+cargo test --workspace --exclude egress-ebpf "$@"
