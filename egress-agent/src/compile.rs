@@ -257,4 +257,29 @@ mod tests {
         let c = compiled("allow:\n  - fqdn: mcr.microsoft.com\n    ports: [HTTPS:443]\n");
         assert!(c.cidrs.is_empty());
     }
+
+    #[test]
+    fn presets_api_server_and_cluster_cidrs_become_cidr_entries() {
+        let c = compiled(
+            "presets: [{name: aks-global, location: eastus}]\napi_server: 203.0.113.5\ncluster_cidrs: [10.224.0.0/16]\n",
+        );
+        // The preset's names add none; the two platform addresses, the API server and the
+        // cluster CIDR do.
+        assert_eq!(c.cidrs.len(), 4);
+        let addr = |s: &str| s.parse::<IpAddr>().expect("literal");
+        assert_eq!(lookup(&c, addr("168.63.129.16")), Some(ALL_PORTS));
+        assert_eq!(lookup(&c, addr("10.224.3.4")), Some(ALL_PORTS));
+        let imds = lookup(&c, addr("169.254.169.254")).expect("match");
+        assert_eq!(ports_of(&c, imds), vec![(proto::TCP, 80)]);
+        let api = lookup(&c, addr("203.0.113.5")).expect("match");
+        assert_eq!(
+            ports_of(&c, api),
+            vec![
+                (proto::TCP, 22),
+                (proto::TCP, 443),
+                (proto::TCP, 9000),
+                (proto::UDP, 1194)
+            ]
+        );
+    }
 }

@@ -5,4 +5,5 @@ pub mod compile;
 pub mod events;
 pub mod loader;
 pub mod policy;
+pub mod presets;
 pub mod run;

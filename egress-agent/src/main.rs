@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress_agent::{
     compile::compile,
-    policy::{self, Mode},
+    policy::{self, Mode, Rule},
+    presets::{PRESETS, Params},
     run::{RunOptions, run},
 };
 
@@ -39,16 +40,66 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the built-in presets (name, parameters, description), one per line.
+    Presets {
+        #[command(subcommand)]
+        command: Option<PresetsCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PresetsCommand {
+    /// Print the rules a preset adds to a policy, one per line, as `check` prints them.
+    Show {
+        /// The preset, as listed by `egress-agent presets`.
+        name: String,
+        /// The cluster's Azure region, e.g. `eastus`.
+        #[arg(long)]
+        location: Option<String>,
+        /// dev-spaces: the controller's exact name, `azds-<guid>.<location>.azds.io`.
+        #[arg(long, visible_alias = "name")]
+        fqdn: Option<String>,
+    },
 }
 
 fn check(config: &std::path::Path) -> anyhow::Result<()> {
     let policy = policy::load(config)?;
     compile(&policy).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     println!("# mode: {}", policy.mode);
-    for rule in &policy.rules {
-        println!("{rule}");
-    }
+    print_rules(&policy.rules);
     Ok(())
+}
+
+fn print_rules(rules: &[Rule]) {
+    for line in policy::rule_lines(rules) {
+        println!("{line}");
+    }
+}
+
+fn list_presets() {
+    let params: Vec<String> = PRESETS
+        .iter()
+        .map(|p| {
+            let keys: Vec<&str> = p.params.iter().map(|k| k.key()).collect();
+            if keys.is_empty() {
+                "-".to_string()
+            } else {
+                keys.join(",")
+            }
+        })
+        .collect();
+    let name_width = PRESETS
+        .iter()
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or_default();
+    let params_width = params.iter().map(String::len).max().unwrap_or_default();
+    for (preset, params) in PRESETS.iter().zip(params) {
+        println!(
+            "{:name_width$}  {params:params_width$}  {}",
+            preset.name, preset.description
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -56,6 +107,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
+        Command::Presets { command: None } => {
+            list_presets();
+            Ok(())
+        }
+        Command::Presets {
+            command:
+                Some(PresetsCommand::Show {
+                    name,
+                    location,
+                    fqdn,
+                }),
+        } => policy::preset_rules(&name, Params { location, fqdn })
+            .map(|rules| print_rules(&rules))
+            .map_err(anyhow::Error::from),
         Command::Run {
             config,
             mode,

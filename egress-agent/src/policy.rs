@@ -1,8 +1,8 @@
 //! The policy file: which destinations the pods on this node may reach.
 //!
 //! The YAML is first read into loose `Raw*` structs and then validated by hand, so that every
-//! mistake is reported with the file, the `allow` entry and what is wrong. Anything doubtful is
-//! an error, never a warning: an allowlist that quietly admits more, or less, than its author
+//! mistake is reported with the file, the entry and what is wrong. Anything doubtful is an
+//! error, never a warning: an allowlist that quietly admits more, or less, than its author
 //! meant is worse than one that refuses to load.
 
 use std::collections::HashMap;
@@ -11,8 +11,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::str::FromStr;
 
+use egress_common::LEARNED_MAX_ENTRIES;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer};
+
+use crate::presets::{self, API_SERVER_PORTS, Params};
 
 /// What the enforcer does with traffic the policy does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,23 +52,127 @@ impl FromStr for Mode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub mode: Mode,
-    /// One rule per `allow` entry, in file order.
+    /// One rule per target: the `allow` entries in file order, then what `presets`,
+    /// `api_server` and `cluster_cidrs` add.
     pub rules: Vec<Rule>,
+    pub dns: DnsSettings,
 }
 
-/// One `allow` entry: traffic to `target` on `ports` is allowed.
+/// Traffic to `target` on `ports` is allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub target: Target,
     pub ports: Ports,
-    /// Index of the entry in `allow`, so later messages can point back into the file.
-    pub entry: usize,
+    /// Where the rule comes from, so messages can point back into the file. Never empty;
+    /// more than one when presets, `api_server` or `cluster_cidrs` repeat a target and their
+    /// ports were merged into one rule.
+    pub origins: Vec<Origin>,
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.target, self.ports)
     }
+}
+
+/// The part of the policy a rule comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The `allow` entry with this index.
+    Allow(usize),
+    /// A row of this built-in preset's table.
+    Preset { name: &'static str },
+    /// `api_server`: the article's network rules to the API server.
+    ApiServer,
+    /// The `cluster_cidrs` entry with this index.
+    ClusterCidr(usize),
+    /// An Azure platform address that the cloud presets add.
+    Platform,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Allow(i) => write!(f, "allow[{i}]"),
+            Origin::Preset { name } => write!(f, "preset {name}"),
+            Origin::ApiServer => f.write_str("api_server"),
+            Origin::ClusterCidr(i) => write!(f, "cluster_cidrs[{i}]"),
+            Origin::Platform => f.write_str("azure platform"),
+        }
+    }
+}
+
+/// The rules as `check` and `presets show` print them: one per line, the target and its
+/// ports, then where the rule comes from as a comment.
+pub fn rule_lines(rules: &[Rule]) -> Vec<String> {
+    let width = rules
+        .iter()
+        .map(|r| r.to_string().len())
+        .max()
+        .unwrap_or_default();
+    rules
+        .iter()
+        .map(|rule| {
+            let origins: Vec<String> = rule.origins.iter().map(Origin::to_string).collect();
+            format!("{:width$}  # {}", rule.to_string(), origins.join(", "))
+        })
+        .collect()
+}
+
+/// The `dns` section: which resolvers' answers teach addresses for `fqdn` rules, and bounds
+/// on what is learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Trusted resolvers; `None` means the node's nameservers (see [`system_resolvers`]).
+    pub resolvers: Option<Vec<IpAddr>>,
+    /// Seconds a learned address stays allowed at least, whatever the answer's TTL.
+    pub min_ttl: u32,
+    /// Seconds a learned address stays allowed at most without a fresh answer.
+    pub max_ttl: u32,
+    pub max_ips_per_name: u32,
+    /// Never more than the kernel map of learned addresses holds.
+    pub max_ips: u32,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            resolvers: None,
+            min_ttl: 30,
+            max_ttl: 86_400,
+            max_ips_per_name: 64,
+            max_ips: LEARNED_MAX_ENTRIES,
+        }
+    }
+}
+
+/// The `nameserver` addresses in the text of `/etc/resolv.conf`, in order and without
+/// repeats, for when the policy names no resolvers. Loopback entries are dropped: a pod can
+/// answer itself on its own loopback, and a local stub such as systemd-resolved's
+/// 127.0.0.53 asks upstream servers (listed in `/run/systemd/resolve/resolv.conf`), whose
+/// answers are the ones learned from. `0.0.0.0` and `::` mean this host to the C library,
+/// and go too. Lines that do not parse are skipped, as the C library does.
+pub fn system_resolvers(resolv_conf: &str) -> Vec<IpAddr> {
+    let mut resolvers = Vec::new();
+    for line in resolv_conf.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next() else {
+            continue;
+        };
+        // An IPv6 link-local server carries its interface: `fe80::1%eth0`.
+        let addr = addr.split_once('%').map_or(addr, |(addr, _scope)| addr);
+        let Ok(addr) = addr.parse::<IpAddr>() else {
+            continue;
+        };
+        let addr = addr.to_canonical();
+        if !addr.is_loopback() && !addr.is_unspecified() && !resolvers.contains(&addr) {
+            resolvers.push(addr);
+        }
+    }
+    resolvers
 }
 
 /// Where a rule lets traffic go.
@@ -240,85 +347,366 @@ pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
         file: source.to_string(),
         error,
     })?;
+    validate(raw, source)
+}
+
+/// The rules one preset adds to a policy, built exactly as `parse` builds them, so that
+/// `presets show` prints what a policy naming the preset would get.
+pub fn preset_rules(name: &str, params: Params) -> Result<Vec<Rule>, PolicyError> {
+    let raw = RawPolicy {
+        presets: Some(vec![RawPreset {
+            name: name.to_string(),
+            location: params.location,
+            fqdn: params.fqdn,
+        }]),
+        ..RawPolicy::default()
+    };
+    validate(raw, "command line").map(|policy| policy.rules)
+}
+
+fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
     let mode = match raw.mode {
         None => Mode::default(),
         Some(mode) => mode
             .parse()
             .map_err(|p: String| invalid(source, "mode", p))?,
     };
-    let entries = match raw.allow {
-        None => {
-            return Err(invalid(
-                source,
-                "allow",
-                "missing; list the destinations pods may reach (an empty allowlist would drop all egress)",
-            ));
-        }
-        Some(entries) if entries.is_empty() => {
-            return Err(invalid(
-                source,
-                "allow",
-                "is empty, so all egress would be dropped; list at least one destination",
-            ));
-        }
-        Some(entries) => entries,
+    let dns = match raw.dns {
+        None => DnsSettings::default(),
+        Some(dns) => parse_dns(dns, source)?,
     };
-
-    let mut seen: HashMap<Target, usize> = HashMap::new();
-    let mut rules = Vec::with_capacity(entries.len());
-    for (entry, raw) in entries.into_iter().enumerate() {
-        let (target, at) = match (raw.cidr, raw.fqdn) {
-            (Some(cidr), None) => (
-                parse_cidr(&cidr).map(Target::Cidr),
-                format!("allow[{entry}] (cidr {cidr})"),
-            ),
-            (None, Some(fqdn)) => (
-                parse_fqdn(&fqdn).map(Target::Name),
-                format!("allow[{entry}] (fqdn {fqdn})"),
-            ),
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    source,
-                    format!("allow[{entry}]"),
-                    "has both `cidr` and `fqdn`; split it into two entries",
-                ));
+    let mut rules = RuleSet::default();
+    let allow_given = raw.allow.is_some();
+    for (entry, raw) in raw.allow.into_iter().flatten().enumerate() {
+        let (target, ports) = parse_entry(entry, raw, &rules, source)?;
+        rules.add(target, ports, Origin::Allow(entry));
+    }
+    add_presets(raw.presets, &mut rules, source)?;
+    if let Some(api_server) = raw.api_server {
+        let at = format!("api_server ({api_server})");
+        let net = parse_cidr(&api_server).map_err(|p| invalid(source, &at, p))?;
+        let ports = parse_ports(API_SERVER_PORTS).map_err(|p| invalid(source, &at, p))?;
+        rules.add(Target::Cidr(net), ports, Origin::ApiServer);
+    }
+    if let Some(cidrs) = raw.cluster_cidrs {
+        if cidrs.is_empty() {
+            return Err(invalid(
+                source,
+                "cluster_cidrs",
+                "is empty; omit it, or list the node subnet, pod CIDR and service CIDR",
+            ));
+        }
+        for (entry, cidr) in cidrs.iter().enumerate() {
+            let at = format!("cluster_cidrs[{entry}] ({cidr})");
+            let target = parse_cidr(cidr)
+                .map(Target::Cidr)
+                .map_err(|p| invalid(source, &at, p))?;
+            if let Some(first) = rules
+                .origins(&target)
+                .iter()
+                .find(|o| matches!(o, Origin::ClusterCidr(_)))
+            {
+                return Err(invalid(source, at, format!("repeats {first} ({target})")));
             }
-            (None, None) => {
-                return Err(invalid(
-                    source,
-                    format!("allow[{entry}]"),
-                    "needs a `cidr` or an `fqdn`",
-                ));
-            }
+            rules.add(target, Ports::All, Origin::ClusterCidr(entry));
+        }
+    }
+    if rules.rules.is_empty() {
+        let problem = if allow_given {
+            "is empty, so all egress would be dropped; list at least one destination, or use `presets`"
+        } else {
+            "missing; list the destinations pods may reach, or use `presets` (a policy without rules would drop all egress)"
         };
-        let target = target.map_err(|p| invalid(source, &at, p))?;
-        if let Some(first) = seen.insert(target.clone(), entry) {
+        return Err(invalid(source, "allow", problem));
+    }
+    Ok(Policy {
+        mode,
+        rules: rules.rules,
+        dns,
+    })
+}
+
+/// Validates one `allow` entry. Entries repeating an earlier one are refused: unlike preset
+/// rows, which legitimately share targets, a repeated entry is a typo or a leftover.
+fn parse_entry(
+    entry: usize,
+    raw: RawEntry,
+    rules: &RuleSet,
+    source: &str,
+) -> Result<(Target, Ports), PolicyError> {
+    let (target, at) = match (raw.cidr, raw.fqdn) {
+        (Some(cidr), None) => (
+            parse_cidr(&cidr).map(Target::Cidr),
+            format!("allow[{entry}] (cidr {cidr})"),
+        ),
+        (None, Some(fqdn)) => (
+            parse_fqdn(&fqdn).map(Target::Name),
+            format!("allow[{entry}] (fqdn {fqdn})"),
+        ),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                source,
+                format!("allow[{entry}]"),
+                "has both `cidr` and `fqdn`; split it into two entries",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                source,
+                format!("allow[{entry}]"),
+                "needs a `cidr` or an `fqdn`",
+            ));
+        }
+    };
+    let target = target.map_err(|p| invalid(source, &at, p))?;
+    if let Some(first) = rules.origins(&target).first() {
+        return Err(invalid(
+            source,
+            at,
+            format!("repeats {first} ({target}); merge their ports into one entry"),
+        ));
+    }
+    let ports = match raw.ports {
+        None => Ports::All,
+        Some(items) => {
+            parse_ports(&items.unwrap_or_default()).map_err(|p| invalid(source, &at, p))?
+        }
+    };
+    Ok((target, ports))
+}
+
+/// Adds the rows of the `presets` to `rules`, and the platform addresses with a cloud preset.
+fn add_presets(
+    presets: Option<Vec<RawPreset>>,
+    rules: &mut RuleSet,
+    source: &str,
+) -> Result<(), PolicyError> {
+    let Some(presets) = presets else {
+        return Ok(());
+    };
+    if presets.is_empty() {
+        return Err(invalid(
+            source,
+            "presets",
+            "is empty; omit it, or name at least one preset",
+        ));
+    }
+    let mut seen: Vec<&'static presets::Preset> = Vec::new();
+    for (i, raw) in presets.into_iter().enumerate() {
+        let at = format!("presets[{i}] ({})", raw.name);
+        let preset = presets::find(&raw.name).map_err(|p| invalid(source, &at, p))?;
+        if let Some(j) = seen.iter().position(|p| p.name == preset.name) {
+            return Err(invalid(source, at, format!("repeats presets[{j}]")));
+        }
+        if let Some(cloud) = seen.iter().find(|p| p.cloud && preset.cloud) {
             return Err(invalid(
                 source,
                 at,
-                format!("repeats allow[{first}] ({target}); merge their ports into one entry"),
+                format!(
+                    "`{}` is listed too, and a node runs in one cloud; keep one of aks-global, aks-china and aks-government",
+                    cloud.name
+                ),
             ));
         }
-        let ports = match raw.ports {
-            None => Ports::All,
-            Some(items) => {
-                parse_ports(&items.unwrap_or_default()).map_err(|p| invalid(source, &at, p))?
-            }
+        let params = Params {
+            location: raw.location,
+            fqdn: raw.fqdn,
         };
-        rules.push(Rule {
-            target,
-            ports,
-            entry,
-        });
+        let expanded =
+            presets::expand(preset.name, &params).map_err(|p| invalid(source, &at, p))?;
+        for (target, ports) in expanded {
+            rules.add(target, ports, Origin::Preset { name: preset.name });
+        }
+        if preset.cloud {
+            for (target, ports) in presets::platform() {
+                rules.add(target, ports, Origin::Platform);
+            }
+        }
+        seen.push(preset);
     }
-    Ok(Policy { mode, rules })
+    Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with `mode` and `allow`")]
+/// Rules by target, in the order targets first appear; a repeated target merges into the
+/// first rule.
+#[derive(Default)]
+struct RuleSet {
+    rules: Vec<Rule>,
+    index: HashMap<Target, usize>,
+}
+
+impl RuleSet {
+    fn add(&mut self, target: Target, ports: Ports, origin: Origin) {
+        match self.index.get(&target) {
+            Some(&i) => {
+                let rule = &mut self.rules[i];
+                rule.ports = rule.ports.union(&ports);
+                rule.origins.push(origin);
+            }
+            None => {
+                self.index.insert(target.clone(), self.rules.len());
+                self.rules.push(Rule {
+                    target,
+                    ports,
+                    origins: vec![origin],
+                });
+            }
+        }
+    }
+
+    /// Where the rule for `target` comes from so far; empty if there is none.
+    fn origins(&self, target: &Target) -> &[Origin] {
+        self.index
+            .get(target)
+            .map_or(&[], |&i| &self.rules[i].origins)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `mode`, `allow`, `presets`, `api_server`, `cluster_cidrs` and `dns`"
+)]
 struct RawPolicy {
     mode: Option<String>,
     allow: Option<Vec<RawEntry>>,
+    presets: Option<Vec<RawPreset>>,
+    api_server: Option<String>,
+    cluster_cidrs: Option<Vec<String>>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with the preset's `name` and its parameters"
+)]
+struct RawPreset {
+    name: String,
+    location: Option<String>,
+    fqdn: Option<String>,
+}
+
+/// Numbers are `Option<u32>` with [`present`], so that a bare `min_ttl:` is refused rather
+/// than taken as the default.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `resolvers`, `min_ttl`, `max_ttl`, `max_ips_per_name` and `max_ips`"
+)]
+struct RawDns {
+    #[serde(default, deserialize_with = "present")]
+    resolvers: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    min_ttl: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    max_ttl: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    max_ips_per_name: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    max_ips: Option<u32>,
+}
+
+fn parse_dns(raw: RawDns, source: &str) -> Result<DnsSettings, PolicyError> {
+    let default = DnsSettings::default();
+    let resolvers = match raw.resolvers {
+        None => None,
+        Some(list) => {
+            let list = list.unwrap_or_default();
+            if list.is_empty() {
+                return Err(invalid(
+                    source,
+                    "dns.resolvers",
+                    "is empty, so no DNS answer would be trusted; omit it to use the node's nameservers from /etc/resolv.conf",
+                ));
+            }
+            let mut resolvers: Vec<IpAddr> = Vec::with_capacity(list.len());
+            for (i, text) in list.iter().enumerate() {
+                let at = format!("dns.resolvers[{i}] ({text})");
+                let addr = parse_resolver(text).map_err(|p| invalid(source, &at, p))?;
+                if let Some(j) = resolvers.iter().position(|r| *r == addr) {
+                    return Err(invalid(source, at, format!("repeats dns.resolvers[{j}]")));
+                }
+                resolvers.push(addr);
+            }
+            Some(resolvers)
+        }
+    };
+    let dns = DnsSettings {
+        resolvers,
+        min_ttl: raw.min_ttl.unwrap_or(default.min_ttl),
+        max_ttl: raw.max_ttl.unwrap_or(default.max_ttl),
+        max_ips_per_name: raw.max_ips_per_name.unwrap_or(default.max_ips_per_name),
+        max_ips: raw.max_ips.unwrap_or(default.max_ips),
+    };
+    let refuse = |at: &str, problem: String| Err(invalid(source, at, problem));
+    if dns.max_ttl == 0 {
+        return refuse(
+            "dns.max_ttl",
+            "is 0, so no learned address would stay allowed".into(),
+        );
+    }
+    if dns.min_ttl > dns.max_ttl {
+        return refuse(
+            "dns.min_ttl",
+            format!("{} is above dns.max_ttl ({})", dns.min_ttl, dns.max_ttl),
+        );
+    }
+    if dns.max_ips == 0 {
+        return refuse("dns.max_ips", "is 0, so no address could be learned".into());
+    }
+    if dns.max_ips > LEARNED_MAX_ENTRIES {
+        return refuse(
+            "dns.max_ips",
+            format!(
+                "{} is above {LEARNED_MAX_ENTRIES}, the size of the kernel map of learned addresses",
+                dns.max_ips
+            ),
+        );
+    }
+    if dns.max_ips_per_name == 0 {
+        return refuse(
+            "dns.max_ips_per_name",
+            "is 0, so no name could get an address".into(),
+        );
+    }
+    if dns.max_ips_per_name > dns.max_ips {
+        return refuse(
+            "dns.max_ips_per_name",
+            format!(
+                "{} is above dns.max_ips ({})",
+                dns.max_ips_per_name, dns.max_ips
+            ),
+        );
+    }
+    Ok(dns)
+}
+
+/// Parses a trusted resolver: one host that can really be the one answering.
+fn parse_resolver(text: &str) -> Result<IpAddr, String> {
+    let addr: IpAddr = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not an IP address"))?;
+    if let IpAddr::V6(v6) = addr
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(format!(
+            "is an IPv4-mapped IPv6 address; write the IPv4 form instead: {v4}"
+        ));
+    }
+    if addr.is_loopback() {
+        return Err(
+            "is a loopback address, which can never be trusted: a pod can answer itself on its own loopback; name the servers a local stub resolver forwards to instead"
+                .to_string(),
+        );
+    }
+    if addr.is_unspecified() {
+        return Err("is the unspecified address, not a server".to_string());
+    }
+    if addr.is_multicast() || addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err("is a multicast or broadcast address, not a single server".to_string());
+    }
+    Ok(addr)
 }
 
 #[derive(Deserialize)]
@@ -402,7 +790,7 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
 }
 
 /// Parses an `fqdn` value: a DNS name, or `*.` and a zone.
-fn parse_fqdn(text: &str) -> Result<NamePattern, String> {
+pub(crate) fn parse_fqdn(text: &str) -> Result<NamePattern, String> {
     let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
     if name.is_empty() {
         return Err("the name is empty".to_string());
@@ -464,14 +852,14 @@ fn parse_fqdn(text: &str) -> Result<NamePattern, String> {
 
 /// Parses an entry's `ports`. Overlapping items are an error rather than merged: they are
 /// almost always a typo or a leftover, and merging would hide it.
-fn parse_ports(items: &[String]) -> Result<Ports, String> {
+pub(crate) fn parse_ports(items: &[impl AsRef<str>]) -> Result<Ports, String> {
     if items.is_empty() {
         return Err("`ports` is empty; omit `ports` to allow every port".to_string());
     }
     let mut ranges = items
         .iter()
         .enumerate()
-        .map(|(i, item)| parse_port(item).map(|range| (range, i)))
+        .map(|(i, item)| parse_port(item.as_ref()).map(|range| (range, i)))
         .collect::<Result<Vec<_>, _>>()?;
     ranges.sort_unstable();
     // Sorted by first port, any overlap shows up between neighbours.
@@ -481,7 +869,8 @@ fn parse_ports(items: &[String]) -> Result<Ports, String> {
             let (i, j) = (i.min(j), i.max(j));
             return Err(format!(
                 "ports `{}` and `{}` overlap; list each port once",
-                items[i], items[j]
+                items[i].as_ref(),
+                items[j].as_ref()
             ));
         }
     }
@@ -637,7 +1026,7 @@ allow:
         let rule = |entry, target, ports| Rule {
             target,
             ports,
-            entry,
+            origins: vec![Origin::Allow(entry)],
         };
         assert_eq!(
             policy,
@@ -662,6 +1051,7 @@ allow:
                     ),
                     rule(4, net("198.51.100.7/32"), Ports::Some(vec![ICMP])),
                 ],
+                dns: DnsSettings::default(),
             }
         );
     }
@@ -845,7 +1235,7 @@ allow:
         assert_error(
             parse("- cidr: 10.0.0.0/8\n", "policy.yaml"),
             "policy.yaml",
-            "expected a mapping with `mode` and `allow`",
+            "expected a mapping with `mode`, `allow`, `presets`, `api_server`, `cluster_cidrs` and `dns`",
         );
     }
 
@@ -1328,5 +1718,608 @@ allow:
             )
             .is_ok()
         );
+    }
+
+    // The `dns` section.
+
+    /// Parses a policy with one allow entry and `dns` given as a YAML flow mapping's content.
+    fn with_dns(dns: &str) -> Result<Policy, PolicyError> {
+        parse(
+            &format!("allow: [{{cidr: 10.0.0.0/8}}]\ndns: {{{dns}}}\n"),
+            "policy.yaml",
+        )
+    }
+
+    #[test]
+    fn dns_defaults() {
+        let policy = parse("allow: [{cidr: 10.0.0.0/8}]", "policy.yaml").expect("valid policy");
+        let defaults = DnsSettings {
+            resolvers: None,
+            min_ttl: 30,
+            max_ttl: 86_400,
+            max_ips_per_name: 64,
+            max_ips: 65_536,
+        };
+        assert_eq!(policy.dns, defaults);
+        assert_eq!(with_dns("").expect("valid policy").dns, defaults);
+        let bare = parse("allow: [{cidr: 10.0.0.0/8}]\ndns:\n", "policy.yaml");
+        assert_eq!(bare.expect("valid policy").dns, defaults);
+    }
+
+    #[test]
+    fn dns_section_parses() {
+        let policy = parse(
+            "allow: [{cidr: 10.0.0.0/8}]\ndns:\n  resolvers: [10.0.0.10, 168.63.129.16, 'fd00::53']\n  min_ttl: 0\n  max_ttl: 3600\n  max_ips_per_name: 8\n  max_ips: 1024\n",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        let addr = |s: &str| s.parse::<IpAddr>().expect("literal");
+        assert_eq!(
+            policy.dns,
+            DnsSettings {
+                resolvers: Some(vec![
+                    addr("10.0.0.10"),
+                    addr("168.63.129.16"),
+                    addr("fd00::53")
+                ]),
+                min_ttl: 0,
+                max_ttl: 3600,
+                max_ips_per_name: 8,
+                max_ips: 1024,
+            }
+        );
+    }
+
+    #[test]
+    fn dns_unknown_key() {
+        assert_error(
+            with_dns("resolver: [10.0.0.10]"),
+            "dns",
+            "unknown field `resolver`, expected one of `resolvers`",
+        );
+    }
+
+    #[test]
+    fn dns_numbers_must_be_numbers() {
+        assert_error(with_dns("min_ttl: -1"), "dns.min_ttl", "expected u32");
+        assert_error(with_dns("max_ttl: 1d"), "dns.max_ttl", "expected u32");
+        assert_error(
+            parse(
+                "allow: [{cidr: 10.0.0.0/8}]\ndns:\n  max_ips:\n",
+                "policy.yaml",
+            ),
+            "dns.max_ips",
+            "expected u32",
+        );
+    }
+
+    #[test]
+    fn dns_resolvers_empty() {
+        assert_error(
+            with_dns("resolvers: []"),
+            "dns.resolvers",
+            "is empty, so no DNS answer would be trusted; omit it to use the node's nameservers",
+        );
+        assert_error(
+            parse(
+                "allow: [{cidr: 10.0.0.0/8}]\ndns:\n  resolvers:\n",
+                "policy.yaml",
+            ),
+            "dns.resolvers",
+            "is empty",
+        );
+    }
+
+    #[test]
+    fn dns_resolver_unparsable() {
+        assert_error(
+            with_dns("resolvers: [10.0.0.10, 10.0.0.300]"),
+            "dns.resolvers[1] (10.0.0.300)",
+            "`10.0.0.300` is not an IP address",
+        );
+        assert_error(
+            with_dns("resolvers: [10.0.0.0/8]"),
+            "dns.resolvers[0]",
+            "is not an IP address",
+        );
+    }
+
+    #[test]
+    fn dns_resolver_duplicate() {
+        assert_error(
+            with_dns("resolvers: [10.0.0.10, 168.63.129.16, 10.0.0.10]"),
+            "dns.resolvers[2] (10.0.0.10)",
+            "repeats dns.resolvers[0]",
+        );
+        assert_error(
+            with_dns("resolvers: ['fd00::53', 'FD00:0::53']"),
+            "dns.resolvers[1]",
+            "repeats dns.resolvers[0]",
+        );
+    }
+
+    #[test]
+    fn dns_resolver_loopback_is_never_trusted() {
+        for addr in ["127.0.0.53", "127.0.0.1", "127.255.0.1", "'::1'"] {
+            assert_error(
+                with_dns(&format!("resolvers: [{addr}]")),
+                "dns.resolvers[0]",
+                "is a loopback address, which can never be trusted: a pod can answer itself on its own loopback",
+            );
+        }
+    }
+
+    #[test]
+    fn dns_resolver_not_a_single_server() {
+        let table = [
+            ("0.0.0.0", "is the unspecified address"),
+            ("'::'", "is the unspecified address"),
+            ("224.0.0.251", "is a multicast or broadcast address"),
+            ("'ff02::fb'", "is a multicast or broadcast address"),
+            ("255.255.255.255", "is a multicast or broadcast address"),
+            (
+                "'::ffff:10.0.0.10'",
+                "is an IPv4-mapped IPv6 address; write the IPv4 form instead: 10.0.0.10",
+            ),
+            ("'::ffff:127.0.0.53'", "write the IPv4 form instead"),
+        ];
+        for (addr, phrase) in table {
+            assert_error(
+                with_dns(&format!("resolvers: [{addr}]")),
+                "dns.resolvers[0]",
+                phrase,
+            );
+        }
+    }
+
+    #[test]
+    fn dns_ttl_bounds() {
+        assert_error(
+            with_dns("min_ttl: 600, max_ttl: 300"),
+            "dns.min_ttl",
+            "600 is above dns.max_ttl (300)",
+        );
+        assert_error(
+            with_dns("max_ttl: 10"),
+            "dns.min_ttl",
+            "30 is above dns.max_ttl (10)",
+        );
+        assert_error(
+            with_dns("min_ttl: 0, max_ttl: 0"),
+            "dns.max_ttl",
+            "is 0, so no learned address would stay allowed",
+        );
+        let equal = with_dns("min_ttl: 300, max_ttl: 300").expect("valid policy");
+        assert_eq!((equal.dns.min_ttl, equal.dns.max_ttl), (300, 300));
+    }
+
+    #[test]
+    fn dns_ip_limits() {
+        assert_error(
+            with_dns("max_ips: 0"),
+            "dns.max_ips",
+            "is 0, so no address could be learned",
+        );
+        assert_error(
+            with_dns("max_ips: 65537"),
+            "dns.max_ips",
+            "65537 is above 65536, the size of the kernel map of learned addresses",
+        );
+        assert_error(
+            with_dns("max_ips_per_name: 0"),
+            "dns.max_ips_per_name",
+            "is 0, so no name could get an address",
+        );
+        assert_error(
+            with_dns("max_ips: 32"),
+            "dns.max_ips_per_name",
+            "64 is above dns.max_ips (32)",
+        );
+        let full = with_dns("max_ips: 65536, max_ips_per_name: 65536").expect("valid policy");
+        assert_eq!(full.dns.max_ips_per_name, 65_536);
+    }
+
+    #[test]
+    fn system_resolvers_reads_nameserver_lines() {
+        let resolv_conf = "\
+# Generated by NetworkManager
+search cluster.local svc.cluster.local
+nameserver 10.0.0.10
+nameserver\t168.63.129.16   # Azure DNS
+nameserver 2001:db8::53
+nameserver fe80::1%eth0
+;nameserver 192.0.2.1
+#nameserver 192.0.2.2
+options ndots:5
+nameserver
+nameserver not-an-address
+nameserver 10.0.0.10
+";
+        let addr = |s: &str| s.parse::<IpAddr>().expect("literal");
+        assert_eq!(
+            system_resolvers(resolv_conf),
+            [
+                addr("10.0.0.10"),
+                addr("168.63.129.16"),
+                addr("2001:db8::53"),
+                addr("fe80::1"),
+            ]
+        );
+    }
+
+    #[test]
+    fn system_resolvers_drops_loopback_and_this_host() {
+        let resolv_conf = "nameserver 127.0.0.53\nnameserver ::1\nnameserver 127.0.0.1\nnameserver ::ffff:127.0.0.1\nnameserver 0.0.0.0\nnameserver ::\noptions edns0 trust-ad\n";
+        assert!(system_resolvers(resolv_conf).is_empty());
+        let mapped = system_resolvers("nameserver ::ffff:10.0.0.10\n");
+        assert_eq!(mapped, ["10.0.0.10".parse::<IpAddr>().expect("literal")]);
+        assert!(system_resolvers("").is_empty());
+    }
+
+    // Presets, `api_server` and `cluster_cidrs`.
+
+    fn lines(policy: &Policy) -> Vec<String> {
+        rule_lines(&policy.rules)
+    }
+
+    fn rule_for<'a>(policy: &'a Policy, target: &str) -> &'a Rule {
+        policy
+            .rules
+            .iter()
+            .find(|r| r.target.to_string() == target)
+            .unwrap_or_else(|| panic!("no rule for {target}"))
+    }
+
+    #[test]
+    fn presets_alone_make_a_policy() {
+        let policy = parse(
+            "mode: enforce\npresets:\n  - name: aks-global\n    location: eastus\n",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(policy.mode, Mode::Enforce);
+        assert_eq!(policy.rules.len(), 12);
+        let hcp = rule_for(&policy, "*.hcp.eastus.azmk8s.io");
+        assert_eq!(
+            hcp.ports,
+            Ports::Some(vec![
+                tcp(22, 22),
+                tcp(443, 443),
+                tcp(9000, 9000),
+                udp(1194, 1194)
+            ])
+        );
+        assert_eq!(hcp.origins, [Origin::Preset { name: "aks-global" }]);
+        let wireserver = rule_for(&policy, "168.63.129.16/32");
+        assert_eq!(wireserver.ports, Ports::All);
+        assert_eq!(wireserver.origins, [Origin::Platform]);
+        let imds = rule_for(&policy, "169.254.169.254/32");
+        assert_eq!(imds.ports, Ports::Some(vec![tcp(80, 80)]));
+
+        let empty_allow = parse(
+            "allow: []\npresets: [{name: aks-global, location: eastus}]",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(empty_allow.rules, policy.rules);
+    }
+
+    #[test]
+    fn every_cloud_preset_brings_the_platform_addresses_and_no_other_does() {
+        for (preset, platform) in [
+            ("{name: aks-china, location: chinaeast2}", true),
+            ("{name: aks-government, location: usgovvirginia}", true),
+            ("{name: ubuntu-updates}", false),
+            ("{name: gpu}", false),
+            ("{name: azure-monitor}", false),
+            ("{name: dev-spaces, fqdn: azds-1.eastus.azds.io}", false),
+            ("{name: azure-policy, location: eastus}", false),
+            ("{name: windows}", false),
+        ] {
+            let policy =
+                parse(&format!("presets: [{preset}]"), "policy.yaml").expect("valid policy");
+            let found = policy
+                .rules
+                .iter()
+                .filter(|r| r.origins == [Origin::Platform])
+                .count();
+            assert_eq!(found, if platform { 2 } else { 0 }, "{preset}");
+        }
+    }
+
+    #[test]
+    fn preset_rules_are_what_a_policy_gets() {
+        let params = Params {
+            location: Some("westeurope".into()),
+            fqdn: None,
+        };
+        let policy = parse(
+            "presets: [{name: aks-global, location: westeurope}]",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(
+            preset_rules("aks-global", params).expect("valid preset"),
+            policy.rules
+        );
+        let message = preset_rules("aks-global", Params::default())
+            .expect_err("no location")
+            .to_string();
+        assert_eq!(
+            message,
+            "command line: presets[0] (aks-global): `aks-global` needs `location`, the cluster's Azure region, e.g. `eastus`"
+        );
+    }
+
+    #[test]
+    fn preset_errors_name_the_file_and_the_item() {
+        assert_error(
+            parse("presets: [{name: gpu}, {name: aks}]", "policy.yaml"),
+            "presets[1] (aks)",
+            "unknown preset `aks`; expected one of: aks-global, aks-china, aks-government, ubuntu-updates, gpu, azure-monitor, dev-spaces, azure-policy, windows",
+        );
+        assert_error(
+            parse("presets: [{name: aks-global}]", "policy.yaml"),
+            "presets[0] (aks-global)",
+            "`aks-global` needs `location`",
+        );
+        assert_error(
+            parse("presets: [{name: gpu, location: eastus}]", "policy.yaml"),
+            "presets[0] (gpu)",
+            "`gpu` has no parameter `location`; it takes none",
+        );
+        assert_error(
+            parse(
+                "presets: [{name: aks-global, location: East US}]",
+                "policy.yaml",
+            ),
+            "presets[0] (aks-global)",
+            "did you mean `eastus`?",
+        );
+        assert_error(
+            parse(
+                "presets: [{name: dev-spaces, fqdn: eastus.azds.io}]",
+                "policy.yaml",
+            ),
+            "presets[0] (dev-spaces)",
+            "`eastus.azds.io` is not a Dev Spaces controller name",
+        );
+    }
+
+    #[test]
+    fn preset_item_keys() {
+        assert_error(
+            parse(
+                "presets: [{name: aks-global, locaton: eastus}]",
+                "policy.yaml",
+            ),
+            "presets[0]",
+            "unknown field `locaton`, expected one of `name`, `location`, `fqdn`",
+        );
+        assert_error(
+            parse("presets: [{location: eastus}]", "policy.yaml"),
+            "presets[0]",
+            "missing field `name`",
+        );
+        assert_error(
+            parse("presets: [aks-global]", "policy.yaml"),
+            "presets[0]",
+            "expected a mapping with the preset's `name` and its parameters",
+        );
+    }
+
+    #[test]
+    fn presets_empty() {
+        assert_error(
+            parse("presets: []", "policy.yaml"),
+            "presets",
+            "is empty; omit it, or name at least one preset",
+        );
+    }
+
+    #[test]
+    fn preset_listed_twice() {
+        assert_error(
+            parse(
+                "presets: [{name: gpu}, {name: windows}, {name: gpu}]",
+                "policy.yaml",
+            ),
+            "presets[2] (gpu)",
+            "repeats presets[0]",
+        );
+    }
+
+    #[test]
+    fn one_cloud_only() {
+        assert_error(
+            parse(
+                "presets:\n  - {name: aks-global, location: eastus}\n  - {name: gpu}\n  - {name: aks-china, location: chinaeast2}\n",
+                "policy.yaml",
+            ),
+            "presets[2] (aks-china)",
+            "`aks-global` is listed too, and a node runs in one cloud",
+        );
+    }
+
+    #[test]
+    fn shared_preset_rows_are_merged() {
+        let policy = parse(
+            "presets: [{name: azure-monitor}, {name: azure-policy, location: eastus}]",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(policy.rules.len(), 5 + 4 - 1);
+        let shared = rule_for(&policy, "dc.services.visualstudio.com");
+        assert_eq!(shared.ports, Ports::Some(vec![tcp(443, 443)]));
+        assert_eq!(
+            shared.origins,
+            [
+                Origin::Preset {
+                    name: "azure-monitor"
+                },
+                Origin::Preset {
+                    name: "azure-policy"
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_entries_merge_with_preset_rows() {
+        let policy = parse(
+            "allow:\n  - fqdn: ntp.ubuntu.com\n    ports: [TCP:443]\n  - cidr: 168.63.129.16\n    ports: [UDP:53]\npresets: [{name: aks-global, location: eastus}]\n",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(policy.rules.len(), 12);
+        let ntp = &policy.rules[0];
+        assert_eq!(ntp.target.to_string(), "ntp.ubuntu.com");
+        assert_eq!(ntp.ports, Ports::Some(vec![tcp(443, 443), udp(123, 123)]));
+        assert_eq!(
+            ntp.origins,
+            [Origin::Allow(0), Origin::Preset { name: "aks-global" }]
+        );
+        let wireserver = &policy.rules[1];
+        assert_eq!(wireserver.ports, Ports::All);
+        assert_eq!(wireserver.origins, [Origin::Allow(1), Origin::Platform]);
+    }
+
+    #[test]
+    fn api_server_gets_the_tunnel_ports() {
+        let tunnel = Ports::Some(vec![
+            tcp(22, 22),
+            tcp(443, 443),
+            tcp(9000, 9000),
+            udp(1194, 1194),
+        ]);
+        let policy = parse("api_server: 203.0.113.5", "policy.yaml").expect("valid policy");
+        assert_eq!(
+            policy.rules,
+            [Rule {
+                target: Target::Cidr("203.0.113.5/32".parse().expect("literal")),
+                ports: tunnel.clone(),
+                origins: vec![Origin::ApiServer],
+            }]
+        );
+        let range = parse("api_server: 10.240.0.0/28", "policy.yaml").expect("valid policy");
+        assert_eq!(range.rules[0].target.to_string(), "10.240.0.0/28");
+        assert_eq!(range.rules[0].ports, tunnel);
+    }
+
+    #[test]
+    fn api_server_invalid() {
+        assert_error(
+            parse("api_server: 203.0.113.5/24", "policy.yaml"),
+            "api_server (203.0.113.5/24)",
+            "host bits are set; did you mean 203.0.113.0/24?",
+        );
+        assert_error(
+            parse("api_server: myaks-dns.hcp.eastus.azmk8s.io", "policy.yaml"),
+            "api_server (myaks-dns.hcp.eastus.azmk8s.io)",
+            "not an IP address or CIDR",
+        );
+        assert_error(
+            parse("api_server: 0.0.0.0/0", "policy.yaml"),
+            "api_server (0.0.0.0/0)",
+            "the enforcer would admit everything",
+        );
+    }
+
+    #[test]
+    fn cluster_cidrs_allow_everything_inside_the_cluster() {
+        let policy = parse(
+            "cluster_cidrs: [10.224.0.0/16, 10.244.0.0/16, 10.0.0.0/16, 'fd12:3456::/64']",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(
+            lines(&policy),
+            [
+                "10.224.0.0/16 any   # cluster_cidrs[0]",
+                "10.244.0.0/16 any   # cluster_cidrs[1]",
+                "10.0.0.0/16 any     # cluster_cidrs[2]",
+                "fd12:3456::/64 any  # cluster_cidrs[3]",
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_cidrs_invalid() {
+        assert_error(
+            parse("cluster_cidrs: []", "policy.yaml"),
+            "cluster_cidrs",
+            "is empty; omit it, or list the node subnet, pod CIDR and service CIDR",
+        );
+        assert_error(
+            parse(
+                "cluster_cidrs: [10.224.0.0/16, 10.244.0.1/16]",
+                "policy.yaml",
+            ),
+            "cluster_cidrs[1] (10.244.0.1/16)",
+            "host bits are set; did you mean 10.244.0.0/16?",
+        );
+        assert_error(
+            parse("cluster_cidrs: [0.0.0.0/0]", "policy.yaml"),
+            "cluster_cidrs[0] (0.0.0.0/0)",
+            "allows every IPv4 destination",
+        );
+        assert_error(
+            parse(
+                "cluster_cidrs: [10.224.0.0/16, 10.0.0.0/16, 10.224.0.0/16]",
+                "policy.yaml",
+            ),
+            "cluster_cidrs[2] (10.224.0.0/16)",
+            "repeats cluster_cidrs[0] (10.224.0.0/16)",
+        );
+    }
+
+    #[test]
+    fn cluster_cidrs_and_api_server_merge_with_explicit_entries() {
+        let policy = parse(
+            "allow:\n  - cidr: 10.0.0.0/16\n    ports: [UDP:53]\napi_server: 10.0.0.1\ncluster_cidrs: [10.0.0.0/16]\n",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(
+            lines(&policy),
+            [
+                "10.0.0.0/16 any                               # allow[0], cluster_cidrs[0]",
+                "10.0.0.1/32 TCP:22 TCP:443 TCP:9000 UDP:1194  # api_server",
+            ]
+        );
+    }
+
+    #[test]
+    fn no_rules_at_all() {
+        assert_error(
+            parse("mode: audit\ndns: {min_ttl: 60}\n", "policy.yaml"),
+            "allow",
+            "missing; list the destinations pods may reach, or use `presets`",
+        );
+        assert_error(
+            parse("allow: []\nmode: enforce\n", "policy.yaml"),
+            "allow",
+            "is empty, so all egress would be dropped",
+        );
+    }
+
+    #[test]
+    fn rule_lines_align_the_origins() {
+        let policy = parse(
+            "allow: [{fqdn: example.com, ports: [TCP:443]}]\npresets: [{name: gpu}]\ncluster_cidrs: [10.0.0.0/8]",
+            "policy.yaml",
+        )
+        .expect("valid policy");
+        assert_eq!(
+            lines(&policy),
+            [
+                "example.com TCP:443             # allow[0]",
+                "nvidia.github.io TCP:443        # preset gpu",
+                "us.download.nvidia.com TCP:443  # preset gpu",
+                "apt.dockerproject.org TCP:443   # preset gpu",
+                "10.0.0.0/8 any                  # cluster_cidrs[0]",
+            ]
+        );
+        assert_eq!(rule_lines(&[]), Vec::<String>::new());
     }
 }
