@@ -10,7 +10,7 @@ use crate::{
     compile::compile,
     events,
     loader::Enforcer,
-    policy::{self, Mode},
+    policy::{self, DnsSettings, Mode},
 };
 
 /// What `run` needs, resolved from the command line.
@@ -30,7 +30,7 @@ const EVENTS_BURST: u32 = 1000;
 const TCP_IDLE_SECS: u64 = 3600;
 const OTHER_IDLE_SECS: u64 = 120;
 
-pub fn settings(mode: Mode) -> Settings {
+pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
     Settings {
         mode: match mode {
             Mode::Audit => MODE_AUDIT,
@@ -42,6 +42,8 @@ pub fn settings(mode: Mode) -> Settings {
         _pad2: 0,
         tcp_idle_ns: TCP_IDLE_SECS * 1_000_000_000,
         other_idle_ns: OTHER_IDLE_SECS * 1_000_000_000,
+        dns_min_ttl: dns.min_ttl,
+        dns_max_ttl: dns.max_ttl,
     }
 }
 
@@ -52,7 +54,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
 
-    let mut enforcer = Enforcer::load(&settings(mode)).context("loading the kernel programs")?;
+    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns)).context("loading the kernel programs")?;
     enforcer
         .write_policy(&compiled)
         .context("writing the policy into the kernel maps")?;

@@ -7,7 +7,7 @@ use egress_agent::{
     compile::compile,
     events::decode,
     loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, Stats},
-    policy::{Mode, parse},
+    policy::{DnsSettings, Mode, parse},
     run::settings,
 };
 use egress_common::{ACTION_AUDIT, ACTION_DENY, proto};
@@ -43,7 +43,7 @@ fn privileged() -> bool {
 
 fn enforcer(mode: Mode) -> Enforcer {
     let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
-    let mut e = Enforcer::load(&settings(mode)).expect("kernel object loads");
+    let mut e = Enforcer::load(&settings(mode, &policy.dns)).expect("kernel object loads");
     e.write_policy(&compile(&policy).expect("test policy compiles"))
         .expect("maps accept the policy");
     e
@@ -363,7 +363,7 @@ fn enforce_mode_reports_drops_within_the_rate_limit() {
     }
     let mut e = enforcer(Mode::Enforce);
     let denied = tcp_to(ip("198.51.100.9"), 443);
-    let burst = u64::from(settings(Mode::Enforce).events_burst);
+    let burst = u64::from(settings(Mode::Enforce, &DnsSettings::default()).events_burst);
     let flood = u32::try_from(burst).expect("small") + 500;
     let r = e.test_run(EGRESS_CGROUP, &denied, flood).expect("test run");
     assert_eq!(r.return_value, DROP);

@@ -86,10 +86,16 @@ pub const LEARNED_MAX_ENTRIES: u32 = 65_536;
 pub struct LearnedValue {
     /// An id in `PORTS`, or [`ALL_PORTS`].
     pub port_set: u32,
-    pub _pad: u32,
+    /// A second port set, or [`NO_PORT_SET`]. The kernel cannot build the union of two sets,
+    /// so when it learns an address already allowed through another name it keeps both
+    /// here; the agent then writes the union as `port_set`.
+    pub extra_set: u32,
     /// `bpf_ktime_get_boot_ns()` after which the address is no longer allowed.
     pub expires_ns: u64,
 }
+
+/// "No port set" in [`LearnedValue::extra_set`].
+pub const NO_PORT_SET: u32 = u32::MAX - 1;
 
 /// `FLOWS`: `LruHashMap<FlowKey, FlowValue>`. Flows already decided, so later packets take
 /// one lookup, and flows started from outside (a server in the cgroup answering a client),
@@ -145,10 +151,91 @@ pub struct Settings {
     pub tcp_idle_ns: u64,
     /// Idle time after which any other flow is decided afresh.
     pub other_idle_ns: u64,
+    /// Bounds on how long a DNS-learned address stays allowed, in seconds: the answer's TTL
+    /// raised to `dns_min_ttl` and cut to `dns_max_ttl`.
+    pub dns_min_ttl: u32,
+    pub dns_max_ttl: u32,
 }
 
 pub const MODE_AUDIT: u8 = 0;
 pub const MODE_ENFORCE: u8 = 1;
+
+/// `RESOLVERS`: `HashMap<Addr, u8>`. Trusted DNS resolvers; value 1. DNS (UDP and TCP port
+/// 53) to them always passes, and only their answers teach addresses.
+pub const RESOLVERS: &str = "RESOLVERS";
+pub const RESOLVERS_MAX_ENTRIES: u32 = 64;
+
+/// `NAMES`: `HashMap<NameKey, CidrValue>`. Allowed names and wildcard zones, with the port
+/// set that addresses learned through them get. Like `CIDRS`, every entry already carries
+/// the union of the ports of all wildcard zones that contain it, so the most specific match
+/// is the whole answer.
+pub const NAMES: &str = "NAMES";
+pub const NAMES_MAX_ENTRIES: u32 = 16_384;
+
+/// Bytes of a [`NameKey`]: a kind byte, then at most 127 bytes of name.
+pub const NAME_KEY_LEN: usize = 128;
+/// The longest name (in wire format, without the root label) the kernel can match.
+pub const NAME_MAX_WIRE: usize = NAME_KEY_LEN - 1;
+
+/// `bytes[0]` is [`NAME_EXACT`] or [`NAME_WILDCARD`]; then the name in DNS wire format
+/// (length-prefixed labels), ASCII lowercase, without the terminating root label, and zeros.
+/// For a wildcard `*.zone` the name is `zone`. Exact bytes, not a hash: a crafted name must
+/// never collide with an allowed zone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    pub bytes: [u8; NAME_KEY_LEN],
+}
+
+pub const NAME_EXACT: u8 = 1;
+pub const NAME_WILDCARD: u8 = 2;
+
+/// `DNS_QUERIES`: `LruHashMap<QueryKey, QueryValue>`. DNS queries seen leaving for a trusted
+/// resolver; an answer counts only when it matches one (resolver, client, port, id, name).
+pub const DNS_QUERIES: &str = "DNS_QUERIES";
+pub const DNS_QUERIES_MAX_ENTRIES: u32 = 65_536;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QueryKey {
+    pub resolver: Addr,
+    pub client: Addr,
+    /// The client's source port, host byte order.
+    pub client_port: u16,
+    /// The DNS message id, host byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryValue {
+    /// FNV-1a over the lowercased question name in wire format.
+    pub name_hash: u64,
+}
+
+/// DNS payload bytes the kernel reads and forwards (a power of two: indexes are masked).
+pub const DNS_MAX_PAYLOAD: usize = 2048;
+
+/// `DNS_EVENTS`: `RingBuf` of [`DnsEvent`]s: trusted answers for allowed names, after the
+/// kernel has learned their addresses, for the agent's bookkeeping (expiry, CNAMEs, bounds).
+pub const DNS_EVENTS: &str = "DNS_EVENTS";
+pub const DNS_EVENTS_BYTES: u32 = 4 * 1024 * 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsEvent {
+    pub resolver: Addr,
+    pub client: Addr,
+    /// Bytes of `payload` in use.
+    pub len: u16,
+    /// Addresses the kernel learned from this answer.
+    pub learned: u16,
+    pub _pad: u32,
+    /// The DNS message (for TCP, without its length prefix).
+    pub payload: [u8; DNS_MAX_PAYLOAD],
+}
 
 /// `EVENTS`: `RingBuf` of [`Event`]s, one per dropped or audited packet, rate limited.
 pub const EVENTS: &str = "EVENTS";
@@ -189,7 +276,21 @@ pub const STAT_ALLOWED: u32 = 0;
 pub const STAT_DROPPED: u32 = 1;
 pub const STAT_AUDITED: u32 = 2;
 pub const STAT_EVENTS_LOST: u32 = 3;
-pub const STATS_LEN: u32 = 4;
+/// Answers from a trusted resolver to a query seen leaving.
+pub const STAT_DNS_ANSWERS: u32 = 4;
+/// Addresses written into `LEARNED` by the kernel.
+pub const STAT_DNS_LEARNED: u32 = 5;
+/// Answers (source port 53) from an address that is not a trusted resolver.
+pub const STAT_DNS_UNTRUSTED: u32 = 6;
+/// Answers from a trusted resolver that match no query seen leaving.
+pub const STAT_DNS_UNSOLICITED: u32 = 7;
+/// Trusted, solicited answers for a name no rule allows.
+pub const STAT_DNS_UNMATCHED: u32 = 8;
+/// Answers the kernel could not parse (or that do not fit `DNS_MAX_PAYLOAD`).
+pub const STAT_DNS_MALFORMED: u32 = 9;
+/// `DNS_EVENTS` records lost because the ring buffer was full.
+pub const STAT_DNS_EVENTS_LOST: u32 = 10;
+pub const STATS_LEN: u32 = 11;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -206,6 +307,10 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for QueryKey {}
+    unsafe impl aya::Pod for QueryValue {}
+    unsafe impl aya::Pod for DnsEvent {}
 }
 
 #[cfg(test)]
@@ -224,7 +329,10 @@ mod tests {
         assert_eq!(size_of::<LearnedValue>(), 16);
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<FlowValue>(), 16);
-        assert_eq!(size_of::<Settings>(), 32);
+        assert_eq!(size_of::<Settings>(), 40);
+        assert_eq!(size_of::<NameKey>(), 128);
+        assert_eq!(size_of::<QueryKey>(), 40);
+        assert_eq!(size_of::<DnsEvent>(), 40 + DNS_MAX_PAYLOAD);
         assert_eq!(size_of::<Event>(), 32);
         assert_eq!(align_of::<Event>(), 8);
     }

@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod maps;
 mod packet;
 mod report;

@@ -1,12 +1,14 @@
 //! The maps, sized and typed as documented in `egress_common::maps`.
+use crate::dns::TRACKED_LABELS;
 use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    Addr, CIDRS_MAX_ENTRIES, CidrKey, CidrValue, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FlowKey,
-    FlowValue, LEARNED_MAX_ENTRIES, LearnedValue, PORTS_MAX_ENTRIES, PortKey, RateState, STATS_LEN,
-    Settings,
+    Addr, CIDRS_MAX_ENTRIES, CidrKey, CidrValue, DNS_EVENTS_BYTES, DNS_QUERIES_MAX_ENTRIES,
+    DnsEvent, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FlowKey, FlowValue, LEARNED_MAX_ENTRIES,
+    LearnedValue, NAMES_MAX_ENTRIES, NameKey, PORTS_MAX_ENTRIES, PortKey, QueryKey, QueryValue,
+    RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN, Settings,
 };
 
 #[map]
@@ -35,3 +37,50 @@ pub static RATE: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map]
+pub static RESOLVERS: aya_ebpf::maps::HashMap<Addr, u8> =
+    aya_ebpf::maps::HashMap::with_max_entries(RESOLVERS_MAX_ENTRIES, 0);
+
+#[map]
+pub static NAMES: aya_ebpf::maps::HashMap<NameKey, CidrValue> =
+    aya_ebpf::maps::HashMap::with_max_entries(NAMES_MAX_ENTRIES, 0);
+
+#[map]
+pub static DNS_QUERIES: LruHashMap<QueryKey, QueryValue> =
+    LruHashMap::with_max_entries(DNS_QUERIES_MAX_ENTRIES, 0);
+
+#[map]
+pub static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_EVENTS_BYTES, 0);
+
+/// Per-CPU room for one DNS message (too large for the 512-byte stack); it is filled in
+/// place and then copied into `DNS_EVENTS`.
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Working memory of the DNS parser, too large for the 512-byte stack next to everything
+/// else. Kernel-only: the agent never reads it.
+#[repr(C)]
+pub struct DnsWork {
+    /// Offsets of the question name's last labels (a ring indexed by label number).
+    pub starts: [u16; TRACKED_LABELS],
+    /// The key `NAMES` is probed with, and the part of the message it is copied from.
+    pub key: NameKey,
+    pub copy_from: u32,
+    pub copy_len: u32,
+    /// The answer's (resolver, client, port, proto), id still 0: the query it must match.
+    pub query: QueryKey,
+    /// Labels of the question name, the offset where the next one starts, and where the
+    /// name ends (its root label).
+    pub labels: u32,
+    pub next: u32,
+    pub end: u32,
+    /// The answer walk: records walked, the offset reached, and whether it is inside an
+    /// owner name.
+    pub records: u32,
+    pub pos: u32,
+    pub in_name: u32,
+}
+
+#[map]
+pub static DNS_WORK: PerCpuArray<DnsWork> = PerCpuArray::with_max_entries(1, 0);

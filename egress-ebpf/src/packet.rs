@@ -13,6 +13,9 @@ use egress_common::{Addr, proto, v4_mapped};
 pub trait Skb: EbpfContext {
     fn read<T>(&self, offset: usize) -> Option<T>;
 
+    /// Bytes in the packet, from the start of what `read` offsets count from.
+    fn skb_len(&self) -> u32;
+
     fn skb(&self) -> *mut __sk_buff {
         self.as_ptr().cast()
     }
@@ -23,12 +26,22 @@ impl Skb for SkBuffContext {
     fn read<T>(&self, offset: usize) -> Option<T> {
         self.load(offset).ok()
     }
+
+    #[inline(always)]
+    fn skb_len(&self) -> u32 {
+        self.len()
+    }
 }
 
 impl Skb for TcContext {
     #[inline(always)]
     fn read<T>(&self, offset: usize) -> Option<T> {
         self.load(offset).ok()
+    }
+
+    #[inline(always)]
+    fn skb_len(&self) -> u32 {
+        self.len()
     }
 }
 
@@ -79,12 +92,15 @@ pub struct Packet {
     pub icmp_type: u8,
     /// Offset of the L4 header, for ICMP errors whose quoted packet is read later.
     pub l4: usize,
+    /// Offset of the TCP or UDP payload (0 for other protocols).
+    pub payload: usize,
 }
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
 const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
 /// IPv6 extension headers walked before giving up on finding the transport header.
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 const NEXTHDR_HOP: u8 = 0;
@@ -132,6 +148,7 @@ pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
         tcp_flags: 0,
         icmp_type: 0,
         l4,
+        payload: 0,
     };
     if later_fragment {
         return Some(p);
@@ -142,11 +159,13 @@ pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
             p.sport = u16::from_be_bytes([t[0], t[1]]);
             p.dport = u16::from_be_bytes([t[2], t[3]]);
             p.tcp_flags = t[13];
+            p.payload = l4 + usize::from(t[12] >> 4) * 4;
         }
         proto::UDP => {
             let u: [u8; 4] = ctx.read(l4)?;
             p.sport = u16::from_be_bytes([u[0], u[1]]);
             p.dport = u16::from_be_bytes([u[2], u[3]]);
+            p.payload = l4 + UDP_HLEN;
         }
         proto::ICMP | proto::ICMPV6 => p.icmp_type = ctx.read(l4)?,
         _ => {}

@@ -12,11 +12,12 @@ use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgrou
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, ALL_PORTS, Addr, CidrKey, Event, FLOW_ALLOWED, FLOW_AUDITED,
-    FlowKey, FlowValue, MODE_ENFORCE, PortKey, STAT_ALLOWED, STAT_AUDITED, STAT_DROPPED, Settings,
-    proto,
+    FlowKey, FlowValue, MODE_ENFORCE, NO_PORT_SET, PortKey, STAT_ALLOWED, STAT_AUDITED,
+    STAT_DROPPED, Settings, proto,
 };
 
 use crate::{
+    dns,
     maps::{CIDRS, FLOWS, LEARNED, PORTS, SETTINGS},
     packet::{L3Start, Packet, Skb, TCP_ACK, TCP_SYN, parse, quoted_flow},
     report::{count, emit},
@@ -37,6 +38,11 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
     let Some(p) = parse(ctx, l3) else {
         return deny(ctx, settings, None, now);
     };
+    // Before the flow lookup: every query must be seen, also on a socket already in FLOWS.
+    if dns::query(ctx, &p) {
+        count(STAT_ALLOWED);
+        return true;
+    }
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful map lookup and stays valid for
@@ -73,13 +79,22 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
     deny(ctx, settings, Some((&p, &key)), now)
 }
 
-/// Records flows that a remote end starts towards the enforced side, so that the replies
-/// pass: TCP connection requests, UDP datagrams and ICMP echo requests.
+/// Learns from DNS answers, and records flows that a remote end starts towards the enforced
+/// side, so that the replies pass: TCP connection requests, UDP datagrams and ICMP echo
+/// requests.
 #[inline(always)]
 pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     let Some(p) = parse(ctx, l3) else {
         return;
     };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // Answers to this side's own queries start no flow: nothing more to do for them.
+    if dns::from_dns_port(&p) {
+        if let Some(settings) = SETTINGS.get(0) {
+            dns::answer(ctx, &p, settings, now);
+        }
+        return;
+    }
     let starts_flow = match p.proto {
         proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         proto::UDP => true,
@@ -91,7 +106,6 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
         return;
     }
     let key = flow_key(p.src, p.sport, p.dport, p.proto);
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `egress`.
         let flow = unsafe { &mut *flow };
@@ -207,7 +221,11 @@ fn policy_allows(p: &Packet, now: u64) -> bool {
     }
     // SAFETY: the reference is only read within this program run.
     match unsafe { LEARNED.get(p.dst) } {
-        Some(l) => l.expires_ns > now && port_set_allows(l.port_set, p),
+        Some(l) => {
+            l.expires_ns > now
+                && (port_set_allows(l.port_set, p)
+                    || (l.extra_set != NO_PORT_SET && port_set_allows(l.extra_set, p)))
+        }
         None => false,
     }
 }
