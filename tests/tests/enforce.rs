@@ -1,0 +1,604 @@
+//! The real agent against real traffic: what the policy allows passes, everything else
+//! from the enforced cgroup is dropped (TCP connects time out, UDP sends fail with
+//! EPERM) and reported, in both address families; audit mode passes everything and
+//! reports exactly what enforcement would drop; the cgroup scope, inbound flows and
+//! loopback are respected; SIGTERM leaves nothing attached; and a bad policy is rejected
+//! without touching the kernel.
+//!
+//! The agent runs in the host namespace (inside `ip netns exec` the cgroup2 mount is
+//! hidden) and is attached only to a fresh [`TestCgroup`], never to the cgroup2 root:
+//! only the probes placed in that cgroup are enforced.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use egress_tests::{
+    Agent, CLIENT_V4, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4,
+    Server, TestCgroup, Topology, agent_bin, probe_tcp, probe_udp, require_root,
+};
+use serde_json::Value;
+
+/// The policy every test enforces: TCP 443 and UDP 53 to `REMOTE_V4_A` and
+/// `REMOTE_V6_A` (spelt differently), nothing else.
+const POLICY: &str = "\
+mode: enforce
+allow:
+  - cidr: 203.0.113.10/32
+    ports: [HTTPS:443, UDP:53]
+  - cidr: 2001:db8:2::10/128
+    ports: [UDP:53, TCP:443]
+";
+
+/// Host bits set: `check` and `run` must both reject it.
+const BAD_POLICY: &str = "\
+mode: enforce
+allow:
+  - cidr: 203.0.113.5/24
+    ports: [HTTPS:443]
+";
+
+/// Loading and attaching the programs; generous for a loaded 2-core machine.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an event may lag behind the packet that caused it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a rejected `run` may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+const HTTPS: u16 = 443;
+const ALT_HTTPS: u16 = 8443;
+const DNS: u16 = 53;
+
+/// What identifies an event: destination address, destination port, protocol.
+type Flow = (String, u16, &'static str);
+
+fn tcp(addr: impl Into<IpAddr>, port: u16) -> Flow {
+    (addr.into().to_string(), port, "tcp")
+}
+
+fn udp(addr: impl Into<IpAddr>, port: u16) -> Flow {
+    (addr.into().to_string(), port, "udp")
+}
+
+/// A file under the temp directory, unique to this process and call, removed on drop.
+struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    fn new(contents: &str) -> TempFile {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "egress-e2e-policy-{}-{}.yaml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        fs::write(&path, contents)
+            .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+        TempFile { path }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_file(&self.path) {
+            eprintln!("cannot remove {}: {err}", self.path.display());
+        }
+    }
+}
+
+/// Starts `egress-agent run` on `cgroup` (in the host namespace) and waits until it
+/// reports that it enforces. `mode` overrides the policy's mode.
+fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -> Agent {
+    let mut args = run_args(policy, cgroup);
+    if let Some(mode) = mode {
+        args.extend(["--mode".into(), mode.into()]);
+    }
+    let agent = Agent::spawn(&agent_bin(), &args);
+    let line = agent.wait_for_stderr("attached: mode", ATTACH_TIMEOUT);
+    let expected = format!("attached: mode {}", mode.unwrap_or("enforce"));
+    assert!(
+        line.contains(&expected),
+        "expected {expected:?} in {line:?}"
+    );
+    agent
+}
+
+/// `run --config POLICY --cgroup CGROUP`.
+fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
+    vec![
+        "run".into(),
+        "--config".into(),
+        policy.path().into(),
+        "--cgroup".into(),
+        cgroup.path().into(),
+    ]
+}
+
+/// The cgroup's path as events name it: relative to the cgroup2 mount, which the test
+/// cgroup sits directly below.
+fn event_cgroup(cgroup: &TestCgroup) -> String {
+    let name = cgroup
+        .path()
+        .file_name()
+        .expect("the test cgroup has a name");
+    format!("/{}", name.to_string_lossy())
+}
+
+fn flow_of(event: &Value) -> Option<Flow> {
+    let proto = match event["proto"].as_str()? {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        _ => "other",
+    };
+    let port = u16::try_from(event["dport"].as_u64()?).ok()?;
+    Some((event["dst"].as_str()?.to_owned(), port, proto))
+}
+
+/// Waits until the agent has reported each of `flows`.
+fn wait_for_flows(agent: &Agent, flows: &[Flow]) {
+    for flow in flows {
+        agent.wait_for_event(|event| flow_of(event).as_ref() == Some(flow), EVENT_TIMEOUT);
+    }
+}
+
+/// Stops the agent (which drains its output), checks it exited cleanly, and returns how
+/// often each flow was reported. Every event must carry `action` and the test cgroup.
+fn stop_and_collect(agent: &mut Agent, action: &str, cgroup: &TestCgroup) -> BTreeMap<Flow, usize> {
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "agent exited with {status}; stderr:\n{}",
+        agent.stderr_lines().join("\n")
+    );
+    let expected_cgroup = event_cgroup(cgroup);
+    let mut flows = BTreeMap::new();
+    for event in agent.events() {
+        assert_eq!(event["action"], action, "{event}");
+        assert_eq!(event["cgroup"], expected_cgroup.as_str(), "{event}");
+        assert!(
+            event["cgroup_id"].as_u64().is_some_and(|id| id > 0),
+            "{event}"
+        );
+        let flow = flow_of(&event).unwrap_or_else(|| panic!("event without a flow: {event}"));
+        *flows.entry(flow).or_insert(0) += 1;
+    }
+    flows
+}
+
+/// Asserts that exactly `expected` were reported (each at least once).
+fn assert_reported_exactly(reported: &BTreeMap<Flow, usize>, expected: &[Flow]) {
+    let mut got: Vec<&Flow> = reported.keys().collect();
+    let mut want: Vec<&Flow> = expected.iter().collect();
+    got.sort();
+    want.sort();
+    want.dedup();
+    assert_eq!(got, want, "reported flows (with counts: {reported:?})");
+}
+
+fn assert_ok(result: &ProbeResult, what: &str) {
+    assert!(result.ok, "{what} should pass: {result:?}");
+}
+
+/// A dropped SYN is silence: the connect times out.
+fn assert_timeout(result: &ProbeResult, what: &str) {
+    assert!(!result.ok, "{what} should be dropped: {result:?}");
+    assert_eq!(
+        result.errno,
+        Some(libc::ETIMEDOUT),
+        "{what} should time out: {result:?}"
+    );
+}
+
+/// A dropped datagram fails the `sendto` itself.
+fn assert_eperm(result: &ProbeResult, what: &str) {
+    assert!(!result.ok, "{what} should be dropped: {result:?}");
+    assert_eq!(
+        result.errno,
+        Some(libc::EPERM),
+        "{what} should fail with EPERM: {result:?}"
+    );
+}
+
+/// The programs attached to `path`, as `bpftool -j cgroup show` lists them (bpftool
+/// prints nothing at all when there are none).
+fn attached_programs(path: &Path) -> Vec<Value> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(path)
+        .output()
+        .expect("cannot run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {} failed ({}): {}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.trim().is_empty() {
+        return Vec::new();
+    }
+    let programs: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|err| panic!("bpftool printed no JSON ({err}): {stdout:?}"));
+    programs.as_array().cloned().unwrap_or_default()
+}
+
+/// Allowed and denied traffic from the cgroup, in one address family: `allowed` takes
+/// TCP 443 and UDP 53 only; `denied` is covered by no rule.
+fn enforce_family(allowed: IpAddr, denied: IpAddr) {
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let _servers = [
+        Server::tcp(&topo.server, None, allowed, HTTPS),
+        Server::tcp(&topo.server, None, allowed, ALT_HTTPS),
+        Server::udp(&topo.server, None, allowed, DNS),
+        Server::tcp(&topo.server, None, denied, HTTPS),
+        Server::udp(&topo.server, None, denied, DNS),
+    ];
+    let mut agent = start_agent(&policy, &cgroup, None);
+    let cg = Some(&cgroup);
+
+    // Allowed traffic first: the ring buffer keeps order, so had it been reported, it
+    // would be among the events by the time the denied flows show up.
+    assert_ok(
+        &probe_tcp(&topo.client, cg, allowed, HTTPS),
+        "tcp allowed:443",
+    );
+    assert_ok(&probe_udp(&topo.client, cg, allowed, DNS), "udp allowed:53");
+    assert_timeout(
+        &probe_tcp(&topo.client, cg, allowed, ALT_HTTPS),
+        "tcp allowed:8443",
+    );
+    assert_timeout(
+        &probe_tcp(&topo.client, cg, denied, HTTPS),
+        "tcp denied:443",
+    );
+    assert_eperm(&probe_udp(&topo.client, cg, denied, DNS), "udp denied:53");
+    let denied_flows = [
+        tcp(allowed, ALT_HTTPS),
+        tcp(denied, HTTPS),
+        udp(denied, DNS),
+    ];
+
+    wait_for_flows(&agent, &denied_flows);
+    let reported = stop_and_collect(&mut agent, "deny", &cgroup);
+    assert_reported_exactly(&reported, &denied_flows);
+}
+
+#[test]
+fn enforce_ipv4() {
+    if !require_root() {
+        return;
+    }
+    enforce_family(REMOTE_V4_A.into(), REMOTE_V4_B.into());
+}
+
+#[test]
+fn enforce_ipv6() {
+    if !require_root() {
+        return;
+    }
+    enforce_family(REMOTE_V6_A.into(), REMOTE_V6_B.into());
+}
+
+#[test]
+fn audit_mode() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let (a4, b4) = (IpAddr::from(REMOTE_V4_A), IpAddr::from(REMOTE_V4_B));
+    let (a6, b6) = (IpAddr::from(REMOTE_V6_A), IpAddr::from(REMOTE_V6_B));
+    let mut servers = Vec::new();
+    for addr in [a4, a6] {
+        servers.push(Server::tcp(&topo.server, None, addr, HTTPS));
+        servers.push(Server::tcp(&topo.server, None, addr, ALT_HTTPS));
+        servers.push(Server::udp(&topo.server, None, addr, DNS));
+    }
+    for addr in [b4, b6] {
+        servers.push(Server::tcp(&topo.server, None, addr, HTTPS));
+        servers.push(Server::udp(&topo.server, None, addr, DNS));
+    }
+    let mut agent = start_agent(&policy, &cgroup, Some("audit"));
+    let cg = Some(&cgroup);
+
+    // Allowed first (see enforce_family), then what enforce mode would drop.
+    let allowed = [tcp(a4, HTTPS), udp(a4, DNS), tcp(a6, HTTPS), udp(a6, DNS)];
+    let would_drop = [
+        tcp(a4, ALT_HTTPS),
+        tcp(b4, HTTPS),
+        udp(b4, DNS),
+        tcp(a6, ALT_HTTPS),
+        tcp(b6, HTTPS),
+        udp(b6, DNS),
+    ];
+    for (addr, port, proto) in allowed.iter().chain(&would_drop) {
+        let ip: IpAddr = addr.parse().expect("flows hold addresses");
+        let result = match *proto {
+            "tcp" => probe_tcp(&topo.client, cg, ip, *port),
+            _ => probe_udp(&topo.client, cg, ip, *port),
+        };
+        assert_ok(&result, &format!("{proto} {addr} {port} in audit mode"));
+    }
+
+    wait_for_flows(&agent, &would_drop);
+    let reported = stop_and_collect(&mut agent, "audit", &cgroup);
+    assert_reported_exactly(&reported, &would_drop);
+    // "In audit mode a flow is reported once, not once per packet."
+    for (flow, count) in &reported {
+        assert_eq!(*count, 1, "{flow:?} reported {count} times");
+    }
+}
+
+#[test]
+fn unrelated_processes_are_not_enforced() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let _server = Server::tcp(&topo.server, None, REMOTE_V4_B, HTTPS);
+    let mut agent = start_agent(&policy, &cgroup, None);
+
+    // The same destination: dropped from the cgroup, reached from outside it.
+    assert_timeout(
+        &probe_tcp(&topo.client, Some(&cgroup), REMOTE_V4_B, HTTPS),
+        "tcp denied:443 from the cgroup",
+    );
+    assert_ok(
+        &probe_tcp(&topo.client, None, REMOTE_V4_B, HTTPS),
+        "tcp denied:443 from outside the cgroup",
+    );
+    // Mark the end with a denied probe: once it is reported, so is anything before it.
+    assert_eperm(
+        &probe_udp(&topo.client, Some(&cgroup), REMOTE_V4_B, DNS),
+        "udp marker",
+    );
+
+    let expected = [tcp(REMOTE_V4_B, HTTPS), udp(REMOTE_V4_B, DNS)];
+    wait_for_flows(&agent, &expected);
+    let reported = stop_and_collect(&mut agent, "deny", &cgroup);
+    assert_reported_exactly(&reported, &expected);
+}
+
+#[test]
+fn server_in_cgroup_answers_unlisted_client() {
+    if !require_root() {
+        return;
+    }
+    const ECHO_TCP: u16 = 7443;
+    const ECHO_UDP: u16 = 7453;
+    const OUT_TCP: u16 = 7444;
+    const OUT_UDP: u16 = 7454;
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let cg = Some(&cgroup);
+    // Servers inside the enforced cgroup, in the client namespace...
+    let tcp_server = Server::tcp(&topo.client, cg, CLIENT_V4, ECHO_TCP);
+    let udp_server = Server::udp(&topo.client, cg, CLIENT_V4, ECHO_UDP);
+    assert!(cgroup.procs().contains(&tcp_server.pid()));
+    assert!(cgroup.procs().contains(&udp_server.pid()));
+    // ...and, for the outbound check, servers on the client's address outside it.
+    let _out_tcp = Server::tcp(&topo.server, None, SERVER_V4, OUT_TCP);
+    let _out_udp = Server::udp(&topo.server, None, SERVER_V4, OUT_UDP);
+    let mut agent = start_agent(&policy, &cgroup, None);
+
+    // SERVER_V4 is on no rule, yet its requests to the cgroup's servers get answers.
+    assert_ok(
+        &probe_tcp(&topo.server, None, CLIENT_V4, ECHO_TCP),
+        "inbound tcp to the server in the cgroup",
+    );
+    assert_ok(
+        &probe_udp(&topo.server, None, CLIENT_V4, ECHO_UDP),
+        "inbound udp to the server in the cgroup",
+    );
+    // But nothing in the cgroup may start traffic to that client.
+    assert_timeout(
+        &probe_tcp(&topo.client, cg, SERVER_V4, OUT_TCP),
+        "outbound tcp from the cgroup to the unlisted client",
+    );
+    assert_eperm(
+        &probe_udp(&topo.client, cg, SERVER_V4, OUT_UDP),
+        "outbound udp from the cgroup to the unlisted client",
+    );
+
+    // The replies were never denied: only the outbound attempts are reported.
+    let expected = [tcp(SERVER_V4, OUT_TCP), udp(SERVER_V4, OUT_UDP)];
+    wait_for_flows(&agent, &expected);
+    let reported = stop_and_collect(&mut agent, "deny", &cgroup);
+    assert_reported_exactly(&reported, &expected);
+}
+
+#[test]
+fn loopback_works() {
+    if !require_root() {
+        return;
+    }
+    const PORT: u16 = 7080;
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let cg = Some(&cgroup);
+    let loopbacks = [
+        IpAddr::from(Ipv4Addr::LOCALHOST),
+        Ipv6Addr::LOCALHOST.into(),
+    ];
+    let mut servers = Vec::new();
+    for addr in loopbacks {
+        servers.push(Server::tcp(&topo.client, cg, addr, PORT));
+        servers.push(Server::udp(&topo.client, cg, addr, PORT));
+    }
+    let mut agent = start_agent(&policy, &cgroup, None);
+
+    for addr in loopbacks {
+        assert_ok(
+            &probe_tcp(&topo.client, cg, addr, PORT),
+            &format!("tcp {addr}"),
+        );
+        assert_ok(
+            &probe_udp(&topo.client, cg, addr, PORT),
+            &format!("udp {addr}"),
+        );
+    }
+    // Mark the end with a denied probe: once it is reported, so is anything before it.
+    assert_eperm(&probe_udp(&topo.client, cg, REMOTE_V4_B, DNS), "udp marker");
+
+    let expected = [udp(REMOTE_V4_B, DNS)];
+    wait_for_flows(&agent, &expected);
+    let reported = stop_and_collect(&mut agent, "deny", &cgroup);
+    assert_reported_exactly(&reported, &expected);
+}
+
+#[test]
+fn sigterm_detaches_everything() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(POLICY);
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let _tcp = Server::tcp(&topo.server, None, REMOTE_V4_B, HTTPS);
+    let _udp = Server::udp(&topo.server, None, REMOTE_V4_B, DNS);
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        Vec::<Value>::new(),
+        "a fresh cgroup has no programs"
+    );
+    let mut agent = start_agent(&policy, &cgroup, None);
+
+    let attached = attached_programs(cgroup.path());
+    assert!(
+        !attached.is_empty(),
+        "bpftool lists no programs on {} while the agent runs",
+        cgroup.path().display()
+    );
+    let cg = Some(&cgroup);
+    assert_timeout(
+        &probe_tcp(&topo.client, cg, REMOTE_V4_B, HTTPS),
+        "tcp before SIGTERM",
+    );
+    assert_eperm(
+        &probe_udp(&topo.client, cg, REMOTE_V4_B, DNS),
+        "udp before SIGTERM",
+    );
+
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "agent exited with {status}; stderr:\n{}",
+        agent.stderr_lines().join("\n")
+    );
+    let stderr = agent.stderr_lines();
+    assert!(
+        stderr
+            .iter()
+            .any(|line| line.contains("SIGTERM") && line.contains("detached")),
+        "no SIGTERM summary mentioning \"detached\" on stderr:\n{}",
+        stderr.join("\n")
+    );
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        Vec::<Value>::new(),
+        "programs left on {} after SIGTERM (were: {attached:?})",
+        cgroup.path().display()
+    );
+    assert_ok(
+        &probe_tcp(&topo.client, cg, REMOTE_V4_B, HTTPS),
+        "tcp after SIGTERM",
+    );
+    assert_ok(
+        &probe_udp(&topo.client, cg, REMOTE_V4_B, DNS),
+        "udp after SIGTERM",
+    );
+}
+
+/// Runs `egress-agent ARGS...` to completion.
+fn agent_output(args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("cannot run egress-agent")
+}
+
+#[test]
+fn check_command() {
+    if !require_root() {
+        return;
+    }
+    let good = TempFile::new(POLICY);
+    let good_path = good.path().to_str().expect("temp paths are UTF-8");
+    let out = agent_output(&["check", "--config", good_path]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "check of a good policy failed ({}): {stderr}",
+        out.status
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"# mode: enforce"), "{stdout}");
+    let rules = &lines[1..];
+    assert_eq!(rules.len(), 2, "one line per rule:\n{stdout}");
+    let rule_for = |cidr: &str| -> Vec<&str> {
+        let line = rules
+            .iter()
+            .find(|line| line.split_whitespace().next() == Some(cidr))
+            .unwrap_or_else(|| panic!("no rule for {cidr}:\n{stdout}"));
+        // `CIDR PORTS... # origins`
+        let mut ports: Vec<&str> = line
+            .split_whitespace()
+            .skip(1)
+            .take_while(|word| *word != "#")
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    assert_eq!(rule_for("203.0.113.10/32"), ["TCP:443", "UDP:53"]);
+    assert_eq!(rule_for("2001:db8:2::10/128"), ["TCP:443", "UDP:53"]);
+
+    let bad = TempFile::new(BAD_POLICY);
+    let bad_path = bad.path().to_str().expect("temp paths are UTF-8");
+    let out = agent_output(&["check", "--config", bad_path]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check accepted a bad policy: {stderr}"
+    );
+    assert!(
+        stderr.contains(bad_path) && stderr.contains("allow[0]"),
+        "the error should name {bad_path} and allow[0]: {stderr}"
+    );
+
+    // `run` rejects it the same way, before attaching anything.
+    let cgroup = TestCgroup::new();
+    let mut agent = Agent::spawn(&agent_bin(), &run_args(&bad, &cgroup));
+    let status = agent.wait_for_exit(EXIT_TIMEOUT);
+    let stderr = agent.stderr_lines().join("\n");
+    assert!(!status.success(), "run accepted a bad policy: {stderr}");
+    assert!(
+        stderr.contains(bad_path) && stderr.contains("allow[0]"),
+        "the error should name {bad_path} and allow[0]: {stderr}"
+    );
+    assert!(agent.events().is_empty(), "events from a rejected run");
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        Vec::<Value>::new(),
+        "a rejected run attached programs"
+    );
+}
