@@ -6,12 +6,15 @@
 use std::collections::{BTreeSet, HashMap};
 
 use egress_common::{
-    ALL_PORTS, CIDRS_MAX_ENTRIES, CidrKey, PORTS_MAX_ENTRIES, PortKey, V4_MAPPED_PREFIX, proto,
-    v4_mapped,
+    ALL_PORTS, CIDRS_MAX_ENTRIES, CidrKey, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey,
+    V4_MAPPED_PREFIX, proto, v4_mapped,
 };
 use ipnet::IpNet;
 
-use crate::policy::{Policy, Ports, Proto, Target};
+use crate::{
+    dns::names::{NameError, NameTable},
+    policy::{Policy, Ports, Proto, Target},
+};
 
 /// One `CIDRS` entry: prefix length over the 128-bit key, the key, and its port set id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,10 +24,11 @@ pub struct CidrEntry {
     pub port_set: u32,
 }
 
-/// Everything the kernel maps hold for a policy's static rules.
+/// Everything the kernel maps hold for a policy: CIDR rules, names, and their port sets.
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub cidrs: Vec<CidrEntry>,
+    pub names: NameTable,
     pub port_sets: PortSets,
 }
 
@@ -36,6 +40,10 @@ pub enum CompileError {
         "the policy's ports expand to {needed} (set, protocol, port) entries; the kernel map holds {max}"
     )]
     TooManyPorts { needed: usize, max: u32 },
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("the policy has {needed} names and zones; the kernel map holds {max}")]
+    TooManyNames { needed: usize, max: u32 },
 }
 
 /// Interned port sets: equal sets share one id, so the `PORTS` map holds each set once.
@@ -77,6 +85,12 @@ impl PortSets {
     /// The `PORTS` map's keys.
     pub fn entries(&self) -> impl ExactSizeIterator<Item = &PortKey> {
         self.entries.iter()
+    }
+
+    /// The `PORTS` keys of one set.
+    pub fn entries_of(&self, id: u32) -> impl Iterator<Item = &PortKey> {
+        self.entries
+            .range(PortKey::new(id, 0, 0)..=PortKey::new(id, u8::MAX, u16::MAX))
     }
 }
 
@@ -135,6 +149,14 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
                 addr: addr.to_be_bytes(),
             },
             port_set: out.port_sets.intern(&effective),
+        });
+    }
+    out.names = NameTable::new(policy, &mut out.port_sets)?;
+    let names = out.names.entries()?.len();
+    if names > NAMES_MAX_ENTRIES as usize {
+        return Err(CompileError::TooManyNames {
+            needed: names,
+            max: NAMES_MAX_ENTRIES,
         });
     }
     let ports = out.port_sets.entries().len();
@@ -253,9 +275,12 @@ mod tests {
     }
 
     #[test]
-    fn name_rules_add_no_cidr_entries() {
+    fn name_rules_add_no_cidr_entries_but_a_port_set() {
         let c = compiled("allow:\n  - fqdn: mcr.microsoft.com\n    ports: [HTTPS:443]\n");
         assert!(c.cidrs.is_empty());
+        let (_, set) = c.names.lookup("mcr.microsoft.com").expect("allowed name");
+        assert_eq!(ports_of(&c, *set), vec![(proto::TCP, 443)]);
+        assert_eq!(c.port_sets.entries_of(*set).count(), 1);
     }
 
     #[test]

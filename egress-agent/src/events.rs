@@ -33,10 +33,10 @@ pub fn proto_name(p: u8) -> String {
 
 /// Decodes one ring buffer record; `None` for a record of the wrong size (a kernel object
 /// built from another version of `egress-common`).
-pub fn decode(bytes: &[u8]) -> Option<Event> {
-    (bytes.len() == size_of::<Event>())
-        // SAFETY: the length matches and Event is plain old data of integers.
-        .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() == size_of::<T>())
+        // SAFETY: the length matches and T is plain old data.
+        .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// The JSON line for an event. `sender` adds what identifies the sending cgroup.
@@ -78,7 +78,7 @@ pub async fn forward(ring: RingBuf<MapData>, mut names: CgroupNames) -> anyhow::
         let mut guard = ring.readable_mut().await?;
         let mut out = std::io::stdout().lock();
         while let Some(item) = guard.get_inner_mut().next() {
-            match decode(&item) {
+            match decode::<Event>(&item) {
                 Some(event) => writeln!(out, "{}", render(&event, &mut names))?,
                 None => log::warn!("ignoring an event of {} bytes", item.len()),
             }
@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn records_of_the_wrong_size_are_rejected() {
-        assert!(decode(&[0u8; 3]).is_none());
+        assert!(decode::<Event>(&[0u8; 3]).is_none());
         let e = Event {
             cgroup_id: 7,
             dst: v4_mapped([198, 51, 100, 1]),

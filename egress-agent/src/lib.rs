@@ -2,6 +2,7 @@
 //! programs and reports what they deny.
 pub mod cgroup;
 pub mod compile;
+pub mod dns;
 pub mod events;
 pub mod loader;
 pub mod policy;

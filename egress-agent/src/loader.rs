@@ -2,7 +2,7 @@
 //!
 //! The `Ebpf` value owns every program and link: dropping the [`Enforcer`] detaches them all,
 //! so nothing stays in the kernel after the agent exits.
-use std::{fs::File, path::Path};
+use std::{fs::File, net::IpAddr, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
@@ -13,11 +13,19 @@ use aya::{
     },
 };
 use egress_common::{
-    CIDRS, CidrKey, CidrValue, EVENTS, PORTS, PortKey, SETTINGS, STAT_ALLOWED, STAT_AUDITED,
-    STAT_DROPPED, STAT_EVENTS_LOST, STATS, Settings,
+    Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, EVENTS, LEARNED, LearnedValue, NAMES, NameKey,
+    PORTS, PortKey, RESOLVERS, SETTINGS, STAT_ALLOWED, STAT_AUDITED, STAT_DNS_ANSWERS,
+    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
+    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED, STAT_EVENTS_LOST, STATS, Settings,
 };
 
-use crate::compile::Compiled;
+use crate::{
+    compile::Compiled,
+    dns::{
+        learner::{LearnedStore, to_key},
+        names::NameError,
+    },
+};
 
 /// The kernel object built by `build.rs` from the `egress-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
@@ -48,6 +56,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("the policy's names: {0}")]
+    Name(#[source] NameError),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: String,
@@ -56,13 +66,50 @@ pub enum LoadError {
     },
 }
 
-/// Per-packet counters, summed over CPUs.
+/// The kernel's counters, summed over CPUs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     pub allowed: u64,
     pub dropped: u64,
     pub audited: u64,
     pub events_lost: u64,
+    pub dns_answers: u64,
+    pub dns_learned: u64,
+    pub dns_untrusted: u64,
+    pub dns_unsolicited: u64,
+    pub dns_unmatched: u64,
+    pub dns_malformed: u64,
+    pub dns_events_lost: u64,
+}
+
+/// `LEARNED` and `PORTS`, owned by the DNS learner.
+pub struct KernelLearned {
+    learned: HashMap<MapData, Addr, LearnedValue>,
+    ports: HashMap<MapData, PortKey, u8>,
+}
+
+impl LearnedStore for KernelLearned {
+    fn get(&self, addr: &Addr) -> Option<LearnedValue> {
+        self.learned.get(addr, 0).ok()
+    }
+
+    fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()> {
+        Ok(self.learned.insert(addr, value, 0)?)
+    }
+
+    fn remove(&mut self, addr: &Addr) -> anyhow::Result<()> {
+        match self.learned.remove(addr) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+        for k in keys {
+            self.ports.insert(k, 1, 0)?;
+        }
+        Ok(())
+    }
 }
 
 pub struct Enforcer {
@@ -93,8 +140,11 @@ where
 impl Enforcer {
     /// Loads the object and its programs (so verifier errors surface before anything is
     /// attached) and writes the settings; nothing is attached yet.
-    pub fn load(settings: &Settings) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`).
+    pub fn load(settings: &Settings, max_learned: u32) -> Result<Self, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(LEARNED, max_learned)
+            .load(OBJECT)?;
         for name in [EGRESS_CGROUP, INGRESS_CGROUP] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(format!("loading {name}")))?;
@@ -120,8 +170,25 @@ impl Enforcer {
             .map_err(map_err("writing SETTINGS"))
     }
 
-    /// Fills `CIDRS` and `PORTS` with a compiled policy.
+    /// Fills `CIDRS`, `NAMES` and `PORTS` with a compiled policy.
     pub fn write_policy(&mut self, compiled: &Compiled) -> Result<(), LoadError> {
+        {
+            let map = self
+                .ebpf
+                .map_mut(NAMES)
+                .ok_or(LoadError::MissingMap(NAMES))?;
+            let mut names: HashMap<&mut MapData, NameKey, CidrValue> =
+                HashMap::try_from(map).map_err(map_err(NAMES))?;
+            let entries = compiled.names.entries().map_err(LoadError::Name)?;
+            for (key, port_set) in &entries {
+                let value = CidrValue {
+                    port_set: *port_set,
+                };
+                names
+                    .insert(key, value, 0)
+                    .map_err(map_err("writing NAMES"))?;
+            }
+        }
         {
             let map = self
                 .ebpf
@@ -189,6 +256,46 @@ impl Enforcer {
         Ok(())
     }
 
+    /// The trusted resolvers: DNS to them passes, and only their answers teach addresses.
+    pub fn write_resolvers(&mut self, resolvers: &[IpAddr]) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(RESOLVERS)
+            .ok_or(LoadError::MissingMap(RESOLVERS))?;
+        let mut map: HashMap<&mut MapData, Addr, u8> =
+            HashMap::try_from(map).map_err(map_err(RESOLVERS))?;
+        for r in resolvers {
+            map.insert(to_key(*r), 1, 0)
+                .map_err(map_err(format!("writing RESOLVERS ({r})")))?;
+        }
+        Ok(())
+    }
+
+    /// Takes `LEARNED` and `PORTS` for the DNS learner (after `write_policy`).
+    pub fn take_learned_store(&mut self) -> Result<KernelLearned, LoadError> {
+        let learned = self
+            .ebpf
+            .take_map(LEARNED)
+            .ok_or(LoadError::MissingMap(LEARNED))?;
+        let ports = self
+            .ebpf
+            .take_map(PORTS)
+            .ok_or(LoadError::MissingMap(PORTS))?;
+        Ok(KernelLearned {
+            learned: HashMap::try_from(learned).map_err(map_err(LEARNED))?,
+            ports: HashMap::try_from(ports).map_err(map_err(PORTS))?,
+        })
+    }
+
+    /// Takes the ring buffer of answers the kernel learned from.
+    pub fn take_dns_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(DNS_EVENTS)
+            .ok_or(LoadError::MissingMap(DNS_EVENTS))?;
+        RingBuf::try_from(map).map_err(map_err(DNS_EVENTS))
+    }
+
     /// Runs a program once per `repeat` on a crafted packet (`BPF_PROG_TEST_RUN`): how the
     /// tests check the verdict and how the benchmarks measure its cost. `frame` starts with
     /// an Ethernet header even for the cgroup programs: the kernel strips it for them.
@@ -236,6 +343,13 @@ impl Enforcer {
             dropped: sum(STAT_DROPPED)?,
             audited: sum(STAT_AUDITED)?,
             events_lost: sum(STAT_EVENTS_LOST)?,
+            dns_answers: sum(STAT_DNS_ANSWERS)?,
+            dns_learned: sum(STAT_DNS_LEARNED)?,
+            dns_untrusted: sum(STAT_DNS_UNTRUSTED)?,
+            dns_unsolicited: sum(STAT_DNS_UNSOLICITED)?,
+            dns_unmatched: sum(STAT_DNS_UNMATCHED)?,
+            dns_malformed: sum(STAT_DNS_MALFORMED)?,
+            dns_events_lost: sum(STAT_DNS_EVENTS_LOST)?,
         })
     }
 }

@@ -1,13 +1,17 @@
 //! `egress-agent run`: load, fill, attach, report, and detach on SIGTERM/SIGINT.
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
     compile::compile,
+    dns::{self, learner::Learner, resolvers},
     events,
     loader::Enforcer,
     policy::{self, DnsSettings, Mode},
@@ -47,6 +51,39 @@ pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
     }
 }
 
+/// Why a task that runs for the agent's lifetime ended early.
+fn task_failure(
+    what: &str,
+    joined: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match joined {
+        Ok(Ok(())) => anyhow::anyhow!("{what} stopped"),
+        Ok(Err(e)) => e.context(format!("{what} failed")),
+        Err(e) => anyhow::Error::from(e).context(format!("{what} panicked")),
+    }
+}
+
+/// The trusted resolvers; none found is an error only when the policy has names to learn.
+fn trusted_resolvers(dns: &DnsSettings, has_names: bool) -> anyhow::Result<Vec<IpAddr>> {
+    match resolvers::trusted(dns) {
+        Ok(list) => {
+            log::info!(
+                "trusted resolvers: {}",
+                list.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(list)
+        }
+        Err(e) if !has_names => {
+            log::warn!("{e:#}; DNS is then allowed only where a rule allows it");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let policy = policy::load(&opts.config)?;
     let compiled = compile(&policy).with_context(|| format!("{}", opts.config.display()))?;
@@ -54,13 +91,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
 
-    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns)).context("loading the kernel programs")?;
+    let resolvers = trusted_resolvers(&policy.dns, !compiled.names.is_empty())?;
+
+    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
+        .context("loading the kernel programs")?;
     enforcer
         .write_policy(&compiled)
         .context("writing the policy into the kernel maps")?;
+    enforcer
+        .write_resolvers(&resolvers)
+        .context("writing the trusted resolvers")?;
     let ring = enforcer
         .take_events()
         .context("opening the event ring buffer")?;
+    let dns_ring = enforcer
+        .take_dns_events()
+        .context("opening the DNS ring buffer")?;
+    let store = enforcer
+        .take_learned_store()
+        .context("opening the learned-address map")?;
+    let rules = policy.rules.len();
+    let learner = Learner::new(store, compiled.names, compiled.port_sets, policy.dns);
     enforcer
         .attach_cgroup(&cgroup)
         .context("attaching to the cgroup")?;
@@ -71,7 +122,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     log::info!(
         "attached: mode {mode}, {} rules ({} CIDR entries), cgroup {}{}",
-        policy.rules.len(),
+        rules,
         compiled.cidrs.len(),
         cgroup.display(),
         if opts.interfaces.is_empty() {
@@ -84,24 +135,42 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut dns = tokio::spawn(dns::task::run(dns_ring, learner, stop_rx));
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
-        r = reader => match r {
-            Ok(Ok(())) => Err(anyhow::anyhow!("the event reader stopped")),
-            Ok(Err(e)) => Err(e.context("reading events")),
-            Err(e) => Err(anyhow::Error::from(e).context("the event reader panicked")),
-        },
+        r = reader => Err(task_failure("the event reader", r)),
+        r = &mut dns => Err(task_failure("DNS learning", r.map(|r| r.map(|_| ())))),
     };
     let stats = enforcer.stats().context("reading counters")?;
     drop(enforcer);
     let signal = outcome?;
+    // The maps are gone with the enforcer; the task only has its counters left to give.
+    let _ = stop_tx.send(true);
+    let learned = dns.await.context("DNS learning panicked")??;
     log::info!(
         "{signal}: detached; allowed {} dropped {} audited {} events lost {}",
         stats.allowed,
         stats.dropped,
         stats.audited,
         stats.events_lost
+    );
+    log::info!(
+        "dns: answers {} learned {} (kernel: answers {} learned {} untrusted {} unsolicited {} unmatched {} malformed {} lost {}); agent: off-chain {} malformed {} evicted {} expired {}",
+        learned.answers,
+        learned.learned,
+        stats.dns_answers,
+        stats.dns_learned,
+        stats.dns_untrusted,
+        stats.dns_unsolicited,
+        stats.dns_unmatched,
+        stats.dns_malformed,
+        stats.dns_events_lost,
+        learned.off_chain,
+        learned.malformed,
+        learned.evicted,
+        learned.expired
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ use egress_agent::{
     policy::{DnsSettings, Mode, parse},
     run::settings,
 };
-use egress_common::{ACTION_AUDIT, ACTION_DENY, proto};
+use egress_common::{ACTION_AUDIT, ACTION_DENY, Event, proto};
 
 const PASS: u32 = 1;
 const DROP: u32 = 0;
@@ -43,7 +43,8 @@ fn privileged() -> bool {
 
 fn enforcer(mode: Mode) -> Enforcer {
     let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
-    let mut e = Enforcer::load(&settings(mode, &policy.dns)).expect("kernel object loads");
+    let mut e = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
+        .expect("kernel object loads");
     e.write_policy(&compile(&policy).expect("test policy compiles"))
         .expect("maps accept the policy");
     e
@@ -339,7 +340,7 @@ fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
     let mut ring = e.take_events().expect("ring buffer");
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
-        events.push(decode(&item).expect("event layout"));
+        events.push(decode::<Event>(&item).expect("event layout"));
     }
     assert_eq!(events.len(), 1, "one event per audited flow: {events:?}");
     assert_eq!(events[0].action, ACTION_AUDIT);
@@ -351,7 +352,7 @@ fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
             allowed: 1,
             dropped: 0,
             audited: 3,
-            events_lost: 0
+            ..Stats::default()
         }
     );
 }
@@ -372,7 +373,10 @@ fn enforce_mode_reports_drops_within_the_rate_limit() {
     let mut ring = e.take_events().expect("ring buffer");
     let mut delivered = 0u64;
     while let Some(item) = ring.next() {
-        assert_eq!(decode(&item).expect("event layout").action, ACTION_DENY);
+        assert_eq!(
+            decode::<Event>(&item).expect("event layout").action,
+            ACTION_DENY
+        );
         delivered += 1;
     }
     assert!(

@@ -1,0 +1,55 @@
+//! Which resolvers are trusted.
+use std::{fs, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, bail};
+
+use crate::policy::{DnsSettings, system_resolvers};
+
+/// Where systemd-resolved lists the upstream servers it forwards to. On nodes whose
+/// `/etc/resolv.conf` names only its loopback stub (127.0.0.53), those upstreams are what
+/// the kernel learns from: resolved's own queries leave from the host and are snooped.
+const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The trusted resolvers: the policy's `dns.resolvers`, else the node's nameservers (without
+/// loopback), else systemd-resolved's upstreams.
+pub fn trusted(dns: &DnsSettings) -> anyhow::Result<Vec<IpAddr>> {
+    if let Some(list) = &dns.resolvers {
+        return Ok(list.clone());
+    }
+    for file in [RESOLV_CONF, RESOLVED_UPSTREAMS] {
+        if let Some(found) = read(Path::new(file))?
+            && !found.is_empty()
+        {
+            return Ok(found);
+        }
+    }
+    bail!(
+        "no trusted DNS resolver: {RESOLV_CONF} and {RESOLVED_UPSTREAMS} name none that is not loopback; set dns.resolvers in the policy"
+    )
+}
+
+fn read(path: &Path) -> anyhow::Result<Option<Vec<IpAddr>>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(system_resolvers(&text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policys_resolvers_win() {
+        let dns = DnsSettings {
+            resolvers: Some(vec!["198.51.100.53".parse().expect("literal")]),
+            ..DnsSettings::default()
+        };
+        assert_eq!(
+            trusted(&dns).expect("resolvers"),
+            vec!["198.51.100.53".parse::<IpAddr>().expect("literal")]
+        );
+    }
+}
