@@ -2,7 +2,7 @@
 //!
 //! The `Ebpf` value owns every program and link: dropping the [`Enforcer`] detaches them all,
 //! so nothing stays in the kernel after the agent exits.
-use std::{fs::File, net::IpAddr, path::Path};
+use std::{fs::File, net::IpAddr, path::Path, time::Instant};
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
@@ -138,20 +138,20 @@ where
 }
 
 impl Enforcer {
-    /// Loads the object and its programs (so verifier errors surface before anything is
-    /// attached) and writes the settings; nothing is attached yet.
+    /// Loads the object and its cgroup programs (so verifier errors surface before anything
+    /// is attached) and writes the settings; nothing is attached yet. The TC programs are
+    /// loaded by the first `attach_interface`: verifying them costs start-up time (about a
+    /// second for the DNS parser) that a cgroup-only agent need not pay.
     /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`).
     pub fn load(settings: &Settings, max_learned: u32) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(LEARNED, max_learned)
             .load(OBJECT)?;
         for name in [EGRESS_CGROUP, INGRESS_CGROUP] {
+            let started = Instant::now();
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(format!("loading {name}")))?;
-        }
-        for name in [EGRESS_TC, INGRESS_TC] {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(format!("loading {name}")))?;
+            log::debug!("{name} verified and loaded in {:?}", started.elapsed());
         }
         let mut enforcer = Self { ebpf };
         enforcer.write_settings(settings)?;
@@ -237,9 +237,23 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Loads the TC programs, once.
+    pub fn load_tc(&mut self) -> Result<(), LoadError> {
+        for name in [EGRESS_TC, INGRESS_TC] {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            if prog.fd().is_err() {
+                let started = Instant::now();
+                prog.load().map_err(prog_err(format!("loading {name}")))?;
+                log::debug!("{name} verified and loaded in {:?}", started.elapsed());
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the TC programs to an interface: TCX on kernels >= 6.6, a clsact qdisc with
     /// netlink filters before that (the qdisc is created if missing and left in place).
     pub fn attach_interface(&mut self, interface: &str) -> Result<(), LoadError> {
+        self.load_tc()?;
         if let Err(e) = tc::qdisc_add_clsact(interface) {
             log::debug!(
                 "clsact qdisc on {interface}: {e} (TCX needs none; an existing one is reused)"

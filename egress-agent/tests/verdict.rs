@@ -179,7 +179,8 @@ fn the_tc_program_makes_the_same_decisions_and_passes_non_ip() {
     if !privileged() {
         return;
     }
-    let e = enforcer(Mode::Enforce);
+    let mut e = enforcer(Mode::Enforce);
+    e.load_tc().expect("TC programs load");
     assert_eq!(
         run(&e, EGRESS_TC, &tcp_to(ip("203.0.113.10"), 443)),
         TC_ACT_OK
