@@ -177,15 +177,15 @@ impl Enforcer {
                 .ebpf
                 .map_mut(NAMES)
                 .ok_or(LoadError::MissingMap(NAMES))?;
-            let mut names: HashMap<&mut MapData, NameKey, CidrValue> =
-                HashMap::try_from(map).map_err(map_err(NAMES))?;
+            let mut names: LpmTrie<&mut MapData, NameKey, CidrValue> =
+                LpmTrie::try_from(map).map_err(map_err(NAMES))?;
             let entries = compiled.names.entries().map_err(LoadError::Name)?;
-            for (key, port_set) in &entries {
+            for e in &entries {
                 let value = CidrValue {
-                    port_set: *port_set,
+                    port_set: e.port_set,
                 };
                 names
-                    .insert(key, value, 0)
+                    .insert(&Key::new(e.prefix_len, e.key), value, 0)
                     .map_err(map_err("writing NAMES"))?;
             }
         }

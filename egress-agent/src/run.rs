@@ -157,7 +157,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         stats.events_lost
     );
     log::info!(
-        "dns: answers {} learned {} (kernel: answers {} learned {} untrusted {} unsolicited {} unmatched {} malformed {} lost {}); agent: off-chain {} malformed {} evicted {} expired {}",
+        "dns: answers {} learned {} (kernel: answers {} learned {} untrusted {} unsolicited {} unmatched {} malformed {} lost {}); agent: off-chain {} unmatched {} malformed {} evicted {} expired {}",
         learned.answers,
         learned.learned,
         stats.dns_answers,
@@ -168,6 +168,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         stats.dns_malformed,
         stats.dns_events_lost,
         learned.off_chain,
+        learned.unmatched,
         learned.malformed,
         learned.evicted,
         learned.expired

@@ -165,30 +165,36 @@ pub const MODE_ENFORCE: u8 = 1;
 pub const RESOLVERS: &str = "RESOLVERS";
 pub const RESOLVERS_MAX_ENTRIES: u32 = 64;
 
-/// `NAMES`: `HashMap<NameKey, CidrValue>`. Allowed names and wildcard zones, with the port
-/// set that addresses learned through them get. Like `CIDRS`, every entry already carries
-/// the union of the ports of all wildcard zones that contain it, so the most specific match
-/// is the whole answer.
+/// `NAMES`: `LpmTrie<NameKey, CidrValue>`. Allowed names and wildcard zones, with the port
+/// set that addresses learned through them get.
+///
+/// A name is keyed by its labels in *reverse* order (`io`, `azmk8s`, `eastus`, `hcp`, ...),
+/// each as a length byte and the lowercase label, so that a zone is a prefix of every name
+/// inside it and one longest-prefix lookup finds the most specific rule:
+/// - an exact name is its reversed labels and a terminating zero byte;
+/// - a wildcard zone `*.zone` is `zone`'s reversed labels, without the zero, so it matches
+///   names strictly inside the zone at any depth;
+/// - each zone's apex (`zone` + zero) is stored too, so that the apex is not matched by its
+///   own wildcard: with the exact rule's port set if `zone` is also listed exactly, else the
+///   set of the next zone out, else [`NO_PORT_SET`] (not allowed).
+///
+/// Like `CIDRS`, every entry carries the union of the ports of all zones that contain it.
+/// Exact bytes, not a hash: a crafted name can never collide with an allowed zone.
 pub const NAMES: &str = "NAMES";
 pub const NAMES_MAX_ENTRIES: u32 = 16_384;
 
-/// Bytes of a [`NameKey`]: a kind byte, then at most 127 bytes of name.
+/// Bytes of a [`NameKey`].
 pub const NAME_KEY_LEN: usize = 128;
-/// The longest name (in wire format, without the root label) the kernel can match.
-pub const NAME_MAX_WIRE: usize = NAME_KEY_LEN - 1;
+/// Labels of a name the kernel keys (its last ones): deeper names still match zones of up
+/// to `NAME_MAX_LABELS - 1` labels, but cannot be listed exactly.
+pub const NAME_MAX_LABELS: usize = 16;
 
-/// `bytes[0]` is [`NAME_EXACT`] or [`NAME_WILDCARD`]; then the name in DNS wire format
-/// (length-prefixed labels), ASCII lowercase, without the terminating root label, and zeros.
-/// For a wildcard `*.zone` the name is `zone`. Exact bytes, not a hash: a crafted name must
-/// never collide with an allowed zone.
+/// Key data of `NAMES`; the trie key's prefix length counts bits of `bytes`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NameKey {
     pub bytes: [u8; NAME_KEY_LEN],
 }
-
-pub const NAME_EXACT: u8 = 1;
-pub const NAME_WILDCARD: u8 = 2;
 
 /// `DNS_QUERIES`: `LruHashMap<QueryKey, QueryValue>`. DNS queries seen leaving for a trusted
 /// resolver; an answer counts only when it matches one (resolver, client, port, id, name).

@@ -8,10 +8,10 @@
 //! bounds whatever the message says; the message's own lengths are checked against `len`.
 use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_EXACT, NAME_MAX_WIRE,
-    NAME_WILDCARD, NO_PORT_SET, NameKey, QueryKey, QueryValue, STAT_DNS_ANSWERS,
-    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
-    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
+    ALL_PORTS, Addr, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN, NAME_MAX_LABELS,
+    NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED,
+    STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings,
+    proto, v4_mapped,
 };
 
 use crate::{
@@ -23,9 +23,6 @@ use crate::{
 const DNS_PORT: u16 = 53;
 const MASK: usize = DNS_MAX_PAYLOAD - 1;
 const HEADER_LEN: usize = 12;
-/// The last this many label starts of the question name are kept: wildcard zones may have
-/// at most 15 labels (the agent rejects deeper ones).
-pub const TRACKED_LABELS: usize = 16;
 /// Answer records the kernel walks; later ones are left to the agent.
 const MAX_ANSWERS: usize = 16;
 /// Steps of the answer walk: a compressed owner name and its record take two.
@@ -173,7 +170,7 @@ fn lower(b: u8) -> u8 {
 
 /// The question name, walked once: its FNV-1a hash (over the lowercased wire form). Where
 /// it ends (the offset of its root label) goes into `work.end`, how many labels it has into
-/// `work.labels`, and the start of each of the last `TRACKED_LABELS` into `work.starts`.
+/// `work.labels`, and the start of each of the last `NAME_MAX_LABELS` into `work.starts`.
 struct Question {
     hash: u64,
 }
@@ -210,7 +207,7 @@ fn question(m: &DnsEvent, work: &mut DnsWork) -> Option<Question> {
                 return None;
             }
             let labels = get(&work.labels);
-            work.starts[labels as usize % TRACKED_LABELS] = pos as u16;
+            work.starts[labels as usize % NAME_MAX_LABELS] = pos as u16;
             put(&mut work.labels, labels + 1);
             put(&mut work.next, (pos + usize::from(b) + 1) as u32);
         }
@@ -363,62 +360,52 @@ fn record_address(m: &DnsEvent, rtype: u16, data: usize, rdlen: usize) -> Option
     }
 }
 
-/// The port set of the most specific rule that allows the question name: the exact name,
-/// else the longest wildcard zone that contains it.
+/// The port set of the most specific rule that allows the question name: one longest-prefix
+/// lookup of the name's labels in reverse order (see `egress_common::NAMES`).
 #[inline(always)]
 fn allowed_port_set(m: &DnsEvent, work: &mut DnsWork) -> Option<u32> {
-    let end = get(&work.end) as usize;
-    if let Some(set) = lookup_name(m, work, NAME_EXACT, HEADER_LEN, end) {
-        return Some(set);
-    }
-    let labels = get(&work.labels) as usize;
-    let first = if labels > TRACKED_LABELS {
-        labels - TRACKED_LABELS
-    } else {
-        1
-    };
-    for j in 0..TRACKED_LABELS {
-        let label = first + j;
-        if label >= labels {
-            break;
-        }
-        let start = usize::from(work.starts[label % TRACKED_LABELS]);
-        if let Some(set) = lookup_name(m, work, NAME_WILDCARD, start, end) {
-            return Some(set);
-        }
-    }
-    None
+    reversed_name(m, work);
+    let found = NAMES.get(&work.key).map(|v| v.port_set)?;
+    (found != NO_PORT_SET).then_some(found)
 }
 
+/// Writes the question name's last `NAME_MAX_LABELS` labels, last label first, into
+/// `work.key`, with a terminating zero when that is the whole name. One flat loop over the
+/// output bytes, its state in map memory (see `question`).
 #[inline(always)]
-fn lookup_name(
-    m: &DnsEvent,
-    work: &mut DnsWork,
-    kind: u8,
-    start: usize,
-    end: usize,
-) -> Option<u32> {
-    let n = end.checked_sub(start)?;
-    if n > NAME_MAX_WIRE {
-        return None;
-    }
-    // Through memory and re-read every iteration: comparing `i < n` in a register would
-    // narrow n's range differently on each branch and split the verifier's state at every
-    // one of the 127 iterations.
-    put(&mut work.copy_len, n as u32);
-    put(&mut work.copy_from, start as u32);
-    work.key.bytes[0] = kind;
-    for i in 0..NAME_MAX_WIRE {
-        let b = if i < get(&work.copy_len) as usize {
-            lower(byte(m, get(&work.copy_from) as usize + i))
+fn reversed_name(m: &DnsEvent, work: &mut DnsWork) {
+    let labels = get(&work.labels);
+    let first_kept = labels.saturating_sub(NAME_MAX_LABELS as u32);
+    put(&mut work.label, labels);
+    put(&mut work.left, 0);
+    let mut written = 0;
+    for i in 0..NAME_KEY_LEN {
+        let left = get(&work.left);
+        let b = if left == 0 {
+            let label = get(&work.label);
+            if label <= first_kept {
+                if first_kept == 0 {
+                    work.key.data.bytes[i] = 0;
+                    written = i + 1;
+                }
+                break;
+            }
+            put(&mut work.label, label - 1);
+            let start = usize::from(work.starts[(label - 1) as usize % NAME_MAX_LABELS]);
+            let len = byte(m, start);
+            put(&mut work.from, start as u32 + 1);
+            put(&mut work.left, u32::from(len));
+            len
         } else {
-            0
+            let from = get(&work.from);
+            put(&mut work.from, from + 1);
+            put(&mut work.left, left - 1);
+            lower(byte(m, from as usize))
         };
-        work.key.bytes[i + 1] = b;
+        work.key.data.bytes[i] = b;
+        written = i + 1;
     }
-    let key: &NameKey = &work.key;
-    // SAFETY: the value is copied out at once.
-    unsafe { NAMES.get(key) }.map(|v| v.port_set)
+    work.key.prefix_len = (written * 8) as u32;
 }
 
 /// Writes a learned address, keeping a second port set when the address is already allowed

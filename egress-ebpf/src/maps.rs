@@ -1,14 +1,13 @@
 //! The maps, sized and typed as documented in `egress_common::maps`.
-use crate::dns::TRACKED_LABELS;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use egress_common::{
     Addr, CIDRS_MAX_ENTRIES, CidrKey, CidrValue, DNS_EVENTS_BYTES, DNS_QUERIES_MAX_ENTRIES,
     DnsEvent, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FlowKey, FlowValue, LEARNED_MAX_ENTRIES,
-    LearnedValue, NAMES_MAX_ENTRIES, NameKey, PORTS_MAX_ENTRIES, PortKey, QueryKey, QueryValue,
-    RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN, Settings,
+    LearnedValue, NAME_MAX_LABELS, NAMES_MAX_ENTRIES, NameKey, PORTS_MAX_ENTRIES, PortKey,
+    QueryKey, QueryValue, RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN, Settings,
 };
 
 #[map]
@@ -43,8 +42,7 @@ pub static RESOLVERS: aya_ebpf::maps::HashMap<Addr, u8> =
     aya_ebpf::maps::HashMap::with_max_entries(RESOLVERS_MAX_ENTRIES, 0);
 
 #[map]
-pub static NAMES: aya_ebpf::maps::HashMap<NameKey, CidrValue> =
-    aya_ebpf::maps::HashMap::with_max_entries(NAMES_MAX_ENTRIES, 0);
+pub static NAMES: LpmTrie<NameKey, CidrValue> = LpmTrie::with_max_entries(NAMES_MAX_ENTRIES, 0);
 
 #[map]
 pub static DNS_QUERIES: LruHashMap<QueryKey, QueryValue> =
@@ -63,11 +61,12 @@ pub static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1,
 #[repr(C)]
 pub struct DnsWork {
     /// Offsets of the question name's last labels (a ring indexed by label number).
-    pub starts: [u16; TRACKED_LABELS],
-    /// The key `NAMES` is probed with, and the part of the message it is copied from.
-    pub key: NameKey,
-    pub copy_from: u32,
-    pub copy_len: u32,
+    pub starts: [u16; NAME_MAX_LABELS],
+    /// The key `NAMES` is probed with, built label by label (see `dns::reversed_name`).
+    pub key: Key<NameKey>,
+    pub label: u32,
+    pub left: u32,
+    pub from: u32,
     /// The answer's (resolver, client, port, proto), id still 0: the query it must match.
     pub query: QueryKey,
     /// Labels of the question name, the offset where the next one starts, and where the

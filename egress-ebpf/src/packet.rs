@@ -21,29 +21,24 @@ pub trait Skb: EbpfContext {
     }
 }
 
-impl Skb for SkBuffContext {
-    #[inline(always)]
-    fn read<T>(&self, offset: usize) -> Option<T> {
-        self.load(offset).ok()
-    }
+/// Both contexts have the same inherent `load` and `len`; one impl body serves both.
+macro_rules! impl_skb {
+    ($($ctx:ty),*) => {$(
+        impl Skb for $ctx {
+            #[inline(always)]
+            fn read<T>(&self, offset: usize) -> Option<T> {
+                self.load(offset).ok()
+            }
 
-    #[inline(always)]
-    fn skb_len(&self) -> u32 {
-        self.len()
-    }
+            #[inline(always)]
+            fn skb_len(&self) -> u32 {
+                self.len()
+            }
+        }
+    )*};
 }
 
-impl Skb for TcContext {
-    #[inline(always)]
-    fn read<T>(&self, offset: usize) -> Option<T> {
-        self.load(offset).ok()
-    }
-
-    #[inline(always)]
-    fn skb_len(&self) -> u32 {
-        self.len()
-    }
-}
+impl_skb!(SkBuffContext, TcContext);
 
 /// Offset of the IP header in the packet data.
 #[derive(Clone, Copy)]

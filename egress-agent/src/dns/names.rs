@@ -1,40 +1,53 @@
 //! The policy's names, as the kernel's `NAMES` map holds them and as the agent matches them.
 use std::collections::HashMap;
 
-use egress_common::{NAME_EXACT, NAME_KEY_LEN, NAME_MAX_WIRE, NAME_WILDCARD, NameKey};
+use egress_common::{NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, NameKey};
 
 use crate::{
     compile::PortSets,
     policy::{NamePattern, Policy, Ports, Target},
 };
 
-/// Labels of a wildcard zone the kernel can match (it tracks the last 16 labels of a name,
-/// and a name under the zone has at least one more).
-const MAX_ZONE_LABELS: usize = 15;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("{0}: longer than the {NAME_MAX_WIRE} bytes (in DNS wire form) the kernel can match")]
+    #[error("{0}: longer than the {NAME_KEY_LEN} bytes (in DNS wire form) the kernel can match")]
     TooLong(String),
-    #[error("*.{0}: a wildcard zone may have at most {MAX_ZONE_LABELS} labels")]
+    #[error(
+        "{0}: the kernel matches names of at most {NAME_MAX_LABELS} labels exactly, and wildcard zones of at most {max_zone} labels",
+        max_zone = NAME_MAX_LABELS - 1
+    )]
     TooDeep(String),
 }
 
-/// The `NAMES` key for a lowercase, dot-separated name without a trailing dot.
-pub fn name_key(kind: u8, name: &str) -> Result<NameKey, NameError> {
-    let mut bytes = [0u8; NAME_KEY_LEN];
-    bytes[0] = kind;
-    let mut at = 1;
-    for label in name.split('.') {
-        let end = at + 1 + label.len();
-        if end > NAME_KEY_LEN {
-            return Err(NameError::TooLong(name.to_owned()));
-        }
-        bytes[at] = label.len() as u8;
-        bytes[at + 1..end].copy_from_slice(label.as_bytes());
-        at = end;
+/// One `NAMES` entry: prefix length in bits, key data, port set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameEntry {
+    pub prefix_len: u32,
+    pub key: NameKey,
+    pub port_set: u32,
+}
+
+/// The `NAMES` key of a lowercase, dot-separated name without a trailing dot: its labels in
+/// reverse order, each length-prefixed, and a terminating zero for an exact name (`whole`).
+pub fn name_entry(name: &str, whole: bool, port_set: u32) -> Result<NameEntry, NameError> {
+    let mut data = Vec::with_capacity(name.len() + 2);
+    for label in name.rsplit('.') {
+        data.push(label.len() as u8);
+        data.extend_from_slice(label.as_bytes());
     }
-    Ok(NameKey { bytes })
+    if whole {
+        data.push(0);
+    }
+    if data.len() > NAME_KEY_LEN {
+        return Err(NameError::TooLong(name.to_owned()));
+    }
+    let mut bytes = [0u8; NAME_KEY_LEN];
+    bytes[..data.len()].copy_from_slice(&data);
+    Ok(NameEntry {
+        prefix_len: (data.len() * 8) as u32,
+        key: NameKey { bytes },
+        port_set,
+    })
 }
 
 /// The allowed names and zones, each with the union of its own ports and those of every
@@ -44,6 +57,9 @@ pub fn name_key(kind: u8, name: &str) -> Result<NameKey, NameError> {
 pub struct NameTable {
     exact: HashMap<String, (Ports, u32)>,
     zones: HashMap<String, (Ports, u32)>,
+    /// For each zone not also listed exactly: the port set its apex gets from the zones
+    /// strictly containing it, or `NO_PORT_SET`.
+    apexes: HashMap<String, u32>,
 }
 
 impl NameTable {
@@ -55,16 +71,14 @@ impl NameTable {
             let Target::Name(pattern) = &rule.target else {
                 continue;
             };
-            let (table, name) = match pattern {
-                NamePattern::Exact(n) => (&mut exact, n),
-                NamePattern::Wildcard(z) => {
-                    if z.split('.').count() > MAX_ZONE_LABELS {
-                        return Err(NameError::TooDeep(z.clone()));
-                    }
-                    (&mut zones, z)
-                }
+            let (table, name, max_labels) = match pattern {
+                NamePattern::Exact(n) => (&mut exact, n, NAME_MAX_LABELS),
+                NamePattern::Wildcard(z) => (&mut zones, z, NAME_MAX_LABELS - 1),
             };
-            name_key(NAME_EXACT, name)?;
+            if name.split('.').count() > max_labels {
+                return Err(NameError::TooDeep(pattern.to_string()));
+            }
+            name_entry(name, true, 0)?;
             let merged = match table.get(name) {
                 Some(p) => p.union(&rule.ports),
                 None => rule.ports.clone(),
@@ -88,21 +102,31 @@ impl NameTable {
             let all = with_containing_zones(zone, ports, true);
             let id = port_sets.intern(&all);
             table.zones.insert(zone.clone(), (all, id));
+            if !exact.contains_key(zone) {
+                let outer = suffixes(zone)
+                    .skip(1)
+                    .filter_map(|s| zones.get(s))
+                    .cloned()
+                    .reduce(|a, b| a.union(&b));
+                let apex = outer.map_or(NO_PORT_SET, |p| port_sets.intern(&p));
+                table.apexes.insert(zone.clone(), apex);
+            }
         }
         Ok(table)
     }
 
     /// The `NAMES` map's entries.
-    pub fn entries(&self) -> Result<Vec<(NameKey, u32)>, NameError> {
+    pub fn entries(&self) -> Result<Vec<NameEntry>, NameError> {
         let exact = self
             .exact
             .iter()
-            .map(|(n, (_, id))| Ok((name_key(NAME_EXACT, n)?, *id)));
+            .map(|(n, (_, id))| name_entry(n, true, *id));
         let zones = self
             .zones
             .iter()
-            .map(|(z, (_, id))| Ok((name_key(NAME_WILDCARD, z)?, *id)));
-        exact.chain(zones).collect()
+            .map(|(z, (_, id))| name_entry(z, false, *id));
+        let apexes = self.apexes.iter().map(|(z, id)| name_entry(z, true, *id));
+        exact.chain(zones).chain(apexes).collect()
     }
 
     /// The ports and port set of the most specific entry allowing `name` (lowercase, no
@@ -136,18 +160,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_wire_format_with_a_kind_byte() {
-        let k = name_key(NAME_WILDCARD, "hcp.eastus.azmk8s.io").expect("short name");
-        assert_eq!(k.bytes[0], NAME_WILDCARD);
-        assert_eq!(&k.bytes[1..22], b"\x03hcp\x06eastus\x06azmk8s\x02io");
-        assert!(k.bytes[22..].iter().all(|b| *b == 0));
+    fn keys_are_reversed_labels_and_exact_names_end_in_zero() {
+        let zone = name_entry("hcp.eastus.azmk8s.io", false, 3).expect("short name");
+        assert_eq!(&zone.key.bytes[..21], b"\x02io\x06azmk8s\x06eastus\x03hcp");
+        assert_eq!(zone.prefix_len, 21 * 8);
+        let exact = name_entry("a.b", true, 4).expect("short name");
+        assert_eq!(&exact.key.bytes[..5], b"\x01b\x01a\x00");
+        assert_eq!(exact.prefix_len, 5 * 8);
+        assert!(exact.key.bytes[5..].iter().all(|b| *b == 0));
     }
 
     #[test]
     fn names_longer_than_the_kernel_key_are_refused() {
         let long = ["a".repeat(60), "b".repeat(60), "c".repeat(10)].join(".");
         assert!(matches!(
-            name_key(NAME_EXACT, &long),
+            name_entry(&long, true, 0),
             Err(NameError::TooLong(_))
         ));
     }
@@ -180,23 +207,57 @@ mod tests {
         assert_eq!(ports("c.example.org"), "TCP:80");
     }
 
+    /// The kernel's lookup: the longest entry whose prefix the reversed name starts with.
+    fn kernel_lookup(t: &NameTable, name: &str) -> Option<u32> {
+        let key = name_entry(name, true, 0).expect("short name");
+        t.entries()
+            .expect("keys")
+            .into_iter()
+            .filter(|e| {
+                let n = (e.prefix_len / 8) as usize;
+                e.prefix_len <= key.prefix_len && e.key.bytes[..n] == key.key.bytes[..n]
+            })
+            .max_by_key(|e| e.prefix_len)
+            .map(|e| e.port_set)
+            .filter(|set| *set != NO_PORT_SET)
+    }
+
     #[test]
-    fn entries_cover_every_name_once() {
+    fn the_kernels_single_lookup_agrees_with_the_agent() {
         let (t, _) = table(
-            "allow:\n  - fqdn: a.example.org\n  - fqdn: \"*.example.net\"\n    ports: [UDP:53]\n",
+            "allow:\n  - fqdn: \"*.example.org\"\n    ports: [TCP:80]\n  - fqdn: \"*.a.example.org\"\n    ports: [TCP:81]\n  - fqdn: b.example.org\n    ports: [TCP:82]\n  - fqdn: \"*.c.example.net\"\n  - fqdn: c.example.net\n    ports: [TCP:83]\n",
         );
-        let entries = t.entries().expect("keys");
-        assert_eq!(entries.len(), 2);
+        for name in [
+            "example.org",
+            "x.example.org",
+            "a.example.org",
+            "x.a.example.org",
+            "y.x.a.example.org",
+            "b.example.org",
+            "x.b.example.org",
+            "c.example.net",
+            "x.c.example.net",
+            "example.net",
+            "xa.example.org.evil.test",
+        ] {
+            assert_eq!(
+                kernel_lookup(&t, name),
+                t.lookup(name).map(|(_, id)| *id),
+                "{name}"
+            );
+        }
         assert!(
-            entries
-                .iter()
-                .any(|(k, _)| k.bytes[0] == NAME_EXACT && k.bytes[1] == 1)
+            kernel_lookup(&t, "example.org").is_none(),
+            "apex of a wildcard"
         );
     }
 
     #[test]
     fn zones_deeper_than_the_kernel_tracks_are_refused() {
-        let deep = (0..16).map(|_| "a").collect::<Vec<_>>().join(".");
+        let deep = (0..NAME_MAX_LABELS)
+            .map(|_| "a")
+            .collect::<Vec<_>>()
+            .join(".");
         let policy =
             parse(&format!("allow:\n  - fqdn: \"*.{deep}\"\n"), "deep.yaml").expect("valid");
         assert!(matches!(
