@@ -37,6 +37,6 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
     --no-default-features --features llvm-22
 fi
 
-log "building egress-agent"
-cargo build --release -p egress-agent
-log "ready: target/release/egress-agent"
+log "building egress-agent and egress-probe"
+cargo build --release -p egress-agent -p egress-tests --bins
+log "ready: target/release/egress-agent, target/release/egress-probe"
