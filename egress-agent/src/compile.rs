@@ -3,7 +3,7 @@
 //! All the work that can be done once happens here, so the kernel does two lookups: the
 //! trie returns the longest matching prefix, and because every prefix carries the union of
 //! the ports of all rules that contain it, that one answer is complete.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use egress_common::{
     ALL_PORTS, CIDRS_MAX_ENTRIES, CidrKey, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey,
@@ -32,6 +32,19 @@ pub struct Compiled {
     pub port_sets: PortSets,
 }
 
+impl Compiled {
+    /// The port sets the policy's own entries refer to.
+    pub fn sets_in_use(&self) -> Result<HashSet<u32>, NameError> {
+        let names = self.names.entries()?;
+        Ok(self
+            .cidrs
+            .iter()
+            .map(|e| e.port_set)
+            .chain(names.iter().map(|e| e.port_set))
+            .collect())
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("the policy needs {needed} CIDR entries; the kernel map holds {max}")]
@@ -47,9 +60,13 @@ pub enum CompileError {
 }
 
 /// Interned port sets: equal sets share one id, so the `PORTS` map holds each set once.
-#[derive(Debug, Default)]
+///
+/// Ids are never reused while the agent runs: learned addresses refer to them, so a policy
+/// reload that keeps a set keeps its id, and a new set gets a new one.
+#[derive(Debug, Default, Clone)]
 pub struct PortSets {
     ids: HashMap<Ports, u32>,
+    next: u32,
     entries: BTreeSet<PortKey>,
 }
 
@@ -62,7 +79,8 @@ impl PortSets {
         if let Some(id) = self.ids.get(ports) {
             return *id;
         }
-        let id = u32::try_from(self.ids.len()).unwrap_or(ALL_PORTS - 1);
+        let id = self.next;
+        self.next += 1;
         for r in ranges {
             let proto = match r.proto {
                 Proto::Tcp => proto::TCP,
@@ -85,6 +103,16 @@ impl PortSets {
     /// The `PORTS` map's keys.
     pub fn entries(&self) -> impl ExactSizeIterator<Item = &PortKey> {
         self.entries.iter()
+    }
+
+    /// Forgets every set not in `keep`; returns the `PORTS` keys to delete.
+    pub fn retain(&mut self, keep: &HashSet<u32>) -> Vec<PortKey> {
+        self.ids.retain(|_, id| keep.contains(id));
+        let (kept, dropped) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|k| keep.contains(&k.port_set));
+        self.entries = kept;
+        dropped.into_iter().collect()
     }
 
     /// The `PORTS` keys of one set.
@@ -112,9 +140,14 @@ fn mask(addr: u128, prefix_len: u32) -> u128 {
     }
 }
 
-/// Compiles the policy's CIDR rules; name rules are learned from DNS and get port set ids
-/// from the same [`PortSets`] when they are.
+/// Compiles a policy with a fresh port set registry.
 pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
+    compile_with(policy, PortSets::default())
+}
+
+/// Compiles a policy, interning its port sets in `port_sets` (a running agent's registry,
+/// so that sets the new policy shares with the old keep their ids).
+pub fn compile_with(policy: &Policy, port_sets: PortSets) -> Result<Compiled, CompileError> {
     let mut rules: HashMap<(u32, u128), Ports> = HashMap::new();
     for rule in &policy.rules {
         if let Target::Cidr(net) = &rule.target {
@@ -133,7 +166,10 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
         });
     }
     let lengths: BTreeSet<u32> = rules.keys().map(|(l, _)| *l).collect();
-    let mut out = Compiled::default();
+    let mut out = Compiled {
+        port_sets,
+        ..Compiled::default()
+    };
     let mut ordered: Vec<_> = rules.iter().collect();
     ordered.sort_by_key(|((l, a), _)| (*l, *a));
     for ((len, addr), ports) in ordered {
@@ -271,6 +307,41 @@ mod tests {
         assert_eq!(
             ports_of(&c, c.cidrs[0].port_set),
             vec![(proto::ICMP, 0), (proto::UDP, 0)]
+        );
+    }
+
+    #[test]
+    fn a_recompile_keeps_the_ids_of_sets_it_shares_and_retain_drops_the_rest() {
+        let first = compiled(
+            "allow:\n  - cidr: 203.0.113.0/24\n    ports: [TCP:443]\n  - cidr: 198.51.100.0/24\n    ports: [TCP:80]\n",
+        );
+        let tcp443 = first.cidrs[1].port_set;
+        let policy = parse(
+            "allow:\n  - cidr: 203.0.113.0/24\n    ports: [TCP:443]\n  - cidr: 198.51.100.0/24\n    ports: [TCP:8080]\n",
+            "second.yaml",
+        )
+        .expect("valid");
+        let mut second = compile_with(&policy, first.port_sets.clone()).expect("compiles");
+        let by_prefix = |c: &Compiled, first_byte: u8| {
+            c.cidrs
+                .iter()
+                .find(|e| e.key.addr[12] == first_byte)
+                .expect("entry")
+                .port_set
+        };
+        assert_eq!(
+            by_prefix(&second, 203),
+            tcp443,
+            "unchanged set keeps its id"
+        );
+        let new = by_prefix(&second, 198);
+        assert!(new > tcp443, "a new set never reuses an id");
+        let keep = second.sets_in_use().expect("names");
+        let dropped = second.port_sets.retain(&keep);
+        assert_eq!(
+            dropped.iter().map(|k| k.port).collect::<Vec<_>>(),
+            vec![80],
+            "the set only the old policy used"
         );
     }
 

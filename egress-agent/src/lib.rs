@@ -2,9 +2,11 @@
 //! programs and reports what they deny.
 pub mod cgroup;
 pub mod compile;
+pub mod control;
 pub mod dns;
 pub mod events;
 pub mod loader;
 pub mod policy;
 pub mod presets;
+pub mod reload;
 pub mod run;

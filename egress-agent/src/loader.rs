@@ -2,10 +2,10 @@
 //!
 //! The `Ebpf` value owns every program and link: dropping the [`Enforcer`] detaches them all,
 //! so nothing stays in the kernel after the agent exits.
-use std::{fs::File, net::IpAddr, path::Path, time::Instant};
+use std::{collections::HashSet, fs::File, net::IpAddr, path::Path, time::Instant};
 
 use aya::{
-    Ebpf, EbpfLoader, TestRun as _, TestRunOptions, TestRunResult,
+    Ebpf, EbpfLoader, Pod, TestRun as _, TestRunOptions, TestRunResult,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, SchedClassifier, TcAttachType,
@@ -25,6 +25,7 @@ use crate::{
         learner::{LearnedStore, to_key},
         names::NameError,
     },
+    events::display_addr,
 };
 
 /// The kernel object built by `build.rs` from the `egress-ebpf` crate.
@@ -82,38 +83,17 @@ pub struct Stats {
     pub dns_events_lost: u64,
 }
 
-/// `LEARNED` and `PORTS`, owned by the DNS learner.
-pub struct KernelLearned {
-    learned: HashMap<MapData, Addr, LearnedValue>,
-    ports: HashMap<MapData, PortKey, u8>,
-}
-
-impl LearnedStore for KernelLearned {
-    fn get(&self, addr: &Addr) -> Option<LearnedValue> {
-        self.learned.get(addr, 0).ok()
-    }
-
-    fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()> {
-        Ok(self.learned.insert(addr, value, 0)?)
-    }
-
-    fn remove(&mut self, addr: &Addr) -> anyhow::Result<()> {
-        match self.learned.remove(addr) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
-        for k in keys {
-            self.ports.insert(k, 1, 0)?;
-        }
-        Ok(())
-    }
+/// What the policy maps hold, so that a new policy replaces it entry by entry.
+#[derive(Default)]
+struct Written {
+    cidrs: HashSet<(u32, CidrKey)>,
+    names: HashSet<(u32, NameKey)>,
+    resolvers: HashSet<Addr>,
 }
 
 pub struct Enforcer {
     ebpf: Ebpf,
+    written: Written,
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> LoadError {
@@ -137,6 +117,72 @@ where
         .map_err(prog_err(name))
 }
 
+/// Writes `(prefix, key, port set)` entries into a trie, then deletes the previously written
+/// entries that are not among them; returns what the trie now holds.
+fn replace_entries<K: Pod + Eq + std::hash::Hash>(
+    mut trie: LpmTrie<&mut MapData, K, CidrValue>,
+    name: &'static str,
+    entries: impl Iterator<Item = (u32, K, u32)>,
+    previous: &HashSet<(u32, K)>,
+) -> Result<HashSet<(u32, K)>, LoadError> {
+    let mut now = HashSet::new();
+    for (prefix_len, key, port_set) in entries {
+        trie.insert(&Key::new(prefix_len, key), CidrValue { port_set }, 0)
+            .map_err(map_err(format!("writing {name}")))?;
+        now.insert((prefix_len, key));
+    }
+    for (prefix_len, key) in previous.difference(&now) {
+        remove_if_present(trie.remove(&Key::new(*prefix_len, *key)))
+            .map_err(map_err(format!("deleting from {name}")))?;
+    }
+    Ok(now)
+}
+
+/// A delete of a key that is already gone (an LRU eviction, a race) is not an error.
+fn remove_if_present(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The agent's DNS learner reads and writes `LEARNED` and `PORTS` through the enforcer.
+impl LearnedStore for Enforcer {
+    fn get(&self, addr: &Addr) -> Option<LearnedValue> {
+        let map = self.ebpf.map(LEARNED)?;
+        let learned: HashMap<&MapData, Addr, LearnedValue> = HashMap::try_from(map).ok()?;
+        learned.get(addr, 0).ok()
+    }
+
+    fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()> {
+        Ok(self
+            .hash::<Addr, LearnedValue>(LEARNED)?
+            .insert(addr, value, 0)?)
+    }
+
+    fn remove(&mut self, addr: &Addr) -> anyhow::Result<()> {
+        Ok(remove_if_present(
+            self.hash::<Addr, LearnedValue>(LEARNED)?.remove(addr),
+        )?)
+    }
+
+    fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+        let mut ports = self.hash::<PortKey, u8>(PORTS)?;
+        for k in keys {
+            ports.insert(k, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    fn remove_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+        let mut ports = self.hash::<PortKey, u8>(PORTS)?;
+        for k in keys {
+            remove_if_present(ports.remove(k))?;
+        }
+        Ok(())
+    }
+}
+
 impl Enforcer {
     /// Loads the object and its cgroup programs (so verifier errors surface before anything
     /// is attached) and writes the settings; nothing is attached yet. The TC programs are
@@ -153,7 +199,10 @@ impl Enforcer {
             prog.load().map_err(prog_err(format!("loading {name}")))?;
             log::debug!("{name} verified and loaded in {:?}", started.elapsed());
         }
-        let mut enforcer = Self { ebpf };
+        let mut enforcer = Self {
+            ebpf,
+            written: Written::default(),
+        };
         enforcer.write_settings(settings)?;
         Ok(enforcer)
     }
@@ -170,51 +219,61 @@ impl Enforcer {
             .map_err(map_err("writing SETTINGS"))
     }
 
-    /// Fills `CIDRS`, `NAMES` and `PORTS` with a compiled policy.
+    /// Makes `CIDRS`, `NAMES` and `PORTS` hold a compiled policy. On a reload, each entry
+    /// is replaced in place and entries the new policy lacks are deleted last, so a
+    /// destination both policies allow is allowed throughout; what only the old policy
+    /// allowed is allowed until its entry goes, never less. Port sets are only added here
+    /// (the learner removes the ones nothing refers to).
     pub fn write_policy(&mut self, compiled: &Compiled) -> Result<(), LoadError> {
         {
-            let map = self
-                .ebpf
-                .map_mut(NAMES)
-                .ok_or(LoadError::MissingMap(NAMES))?;
-            let mut names: LpmTrie<&mut MapData, NameKey, CidrValue> =
-                LpmTrie::try_from(map).map_err(map_err(NAMES))?;
-            let entries = compiled.names.entries().map_err(LoadError::Name)?;
-            for e in &entries {
-                let value = CidrValue {
-                    port_set: e.port_set,
-                };
-                names
-                    .insert(&Key::new(e.prefix_len, e.key), value, 0)
-                    .map_err(map_err("writing NAMES"))?;
-            }
-        }
-        {
-            let map = self
-                .ebpf
-                .map_mut(PORTS)
-                .ok_or(LoadError::MissingMap(PORTS))?;
-            let mut ports: HashMap<&mut MapData, PortKey, u8> =
-                HashMap::try_from(map).map_err(map_err(PORTS))?;
+            let mut ports = self.hash::<PortKey, u8>(PORTS)?;
             for key in compiled.port_sets.entries() {
                 ports.insert(key, 1, 0).map_err(map_err("writing PORTS"))?;
             }
         }
-        let map = self
-            .ebpf
-            .map_mut(CIDRS)
-            .ok_or(LoadError::MissingMap(CIDRS))?;
-        let mut cidrs: LpmTrie<&mut MapData, CidrKey, CidrValue> =
-            LpmTrie::try_from(map).map_err(map_err(CIDRS))?;
-        for e in &compiled.cidrs {
-            let value = CidrValue {
-                port_set: e.port_set,
-            };
-            cidrs
-                .insert(&Key::new(e.prefix_len, e.key), value, 0)
-                .map_err(map_err("writing CIDRS"))?;
-        }
+        let previous = std::mem::take(&mut self.written.names);
+        let names: HashSet<(u32, NameKey)> = {
+            let entries = compiled.names.entries().map_err(LoadError::Name)?;
+            let trie = self.lpm::<NameKey>(NAMES)?;
+            replace_entries(
+                trie,
+                NAMES,
+                entries.iter().map(|e| (e.prefix_len, e.key, e.port_set)),
+                &previous,
+            )?
+        };
+        self.written.names = names;
+        let previous = std::mem::take(&mut self.written.cidrs);
+        let cidrs = {
+            let trie = self.lpm::<CidrKey>(CIDRS)?;
+            replace_entries(
+                trie,
+                CIDRS,
+                compiled
+                    .cidrs
+                    .iter()
+                    .map(|e| (e.prefix_len, e.key, e.port_set)),
+                &previous,
+            )?
+        };
+        self.written.cidrs = cidrs;
         Ok(())
+    }
+
+    fn lpm<K: Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, CidrValue>, LoadError> {
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(map_err(name))
+    }
+
+    fn hash<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, LoadError> {
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(map_err(name))
     }
 
     /// Attaches the egress verdict and the ingress flow recorder to a cgroup v2 directory:
@@ -272,33 +331,18 @@ impl Enforcer {
 
     /// The trusted resolvers: DNS to them passes, and only their answers teach addresses.
     pub fn write_resolvers(&mut self, resolvers: &[IpAddr]) -> Result<(), LoadError> {
-        let map = self
-            .ebpf
-            .map_mut(RESOLVERS)
-            .ok_or(LoadError::MissingMap(RESOLVERS))?;
-        let mut map: HashMap<&mut MapData, Addr, u8> =
-            HashMap::try_from(map).map_err(map_err(RESOLVERS))?;
-        for r in resolvers {
-            map.insert(to_key(*r), 1, 0)
-                .map_err(map_err(format!("writing RESOLVERS ({r})")))?;
+        let new: HashSet<Addr> = resolvers.iter().map(|r| to_key(*r)).collect();
+        let old = std::mem::take(&mut self.written.resolvers);
+        let mut map = self.hash::<Addr, u8>(RESOLVERS)?;
+        for r in &new {
+            map.insert(r, 1, 0)
+                .map_err(map_err(format!("writing RESOLVERS ({})", display_addr(r))))?;
         }
+        for r in old.difference(&new) {
+            remove_if_present(map.remove(r)).map_err(map_err("deleting from RESOLVERS"))?;
+        }
+        self.written.resolvers = new;
         Ok(())
-    }
-
-    /// Takes `LEARNED` and `PORTS` for the DNS learner (after `write_policy`).
-    pub fn take_learned_store(&mut self) -> Result<KernelLearned, LoadError> {
-        let learned = self
-            .ebpf
-            .take_map(LEARNED)
-            .ok_or(LoadError::MissingMap(LEARNED))?;
-        let ports = self
-            .ebpf
-            .take_map(PORTS)
-            .ok_or(LoadError::MissingMap(PORTS))?;
-        Ok(KernelLearned {
-            learned: HashMap::try_from(learned).map_err(map_err(LEARNED))?,
-            ports: HashMap::try_from(ports).map_err(map_err(PORTS))?,
-        })
     }
 
     /// Takes the ring buffer of answers the kernel learned from.

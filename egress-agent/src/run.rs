@@ -1,20 +1,23 @@
-//! `egress-agent run`: load, fill, attach, report, and detach on SIGTERM/SIGINT.
-use std::{net::IpAddr, path::PathBuf};
+//! `egress-agent run`: load, fill, attach, report, reload on change, and detach on
+//! SIGTERM/SIGINT.
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
     compile::compile,
-    dns::{self, learner::Learner, resolvers},
+    control::Control,
+    dns::{learner::Learner, resolvers},
     events,
     loader::Enforcer,
     policy::{self, DnsSettings, Mode},
+    reload,
 };
 
 /// What `run` needs, resolved from the command line.
@@ -63,35 +66,13 @@ fn task_failure(
     }
 }
 
-/// The trusted resolvers; none found is an error only when the policy has names to learn.
-fn trusted_resolvers(dns: &DnsSettings, has_names: bool) -> anyhow::Result<Vec<IpAddr>> {
-    match resolvers::trusted(dns) {
-        Ok(list) => {
-            log::info!(
-                "trusted resolvers: {}",
-                list.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            Ok(list)
-        }
-        Err(e) if !has_names => {
-            log::warn!("{e:#}; DNS is then allowed only where a rule allows it");
-            Ok(Vec::new())
-        }
-        Err(e) => Err(e),
-    }
-}
-
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let policy = policy::load(&opts.config)?;
     let compiled = compile(&policy).with_context(|| format!("{}", opts.config.display()))?;
     let mode = opts.mode.unwrap_or(policy.mode);
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
-
-    let resolvers = trusted_resolvers(&policy.dns, !compiled.names.is_empty())?;
+    let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
 
     let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
         .context("loading the kernel programs")?;
@@ -107,11 +88,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let dns_ring = enforcer
         .take_dns_events()
         .context("opening the DNS ring buffer")?;
-    let store = enforcer
-        .take_learned_store()
-        .context("opening the learned-address map")?;
-    let rules = policy.rules.len();
-    let learner = Learner::new(store, compiled.names, compiled.port_sets, policy.dns);
     enforcer
         .attach_cgroup(&cgroup)
         .context("attaching to the cgroup")?;
@@ -122,7 +98,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     log::info!(
         "attached: mode {mode}, {} rules ({} CIDR entries), cgroup {}{}",
-        rules,
+        policy.rules.len(),
         compiled.cidrs.len(),
         cgroup.display(),
         if opts.interfaces.is_empty() {
@@ -132,23 +108,37 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     );
 
+    let control = Control {
+        enforcer,
+        learner: Learner::new(compiled.names, compiled.port_sets, policy.dns.clone()),
+        mode_override: opts.mode,
+        learned_capacity: policy.dns.max_ips,
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
+    let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut dns = tokio::spawn(dns::task::run(dns_ring, learner, stop_rx));
+    let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
+    let watcher = tokio::spawn(reload::watch(opts.config.clone(), reload_tx));
+    let mut control = tokio::spawn(control.run(dns_ring, reload_rx, stop_rx));
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
         r = reader => Err(task_failure("the event reader", r)),
-        r = &mut dns => Err(task_failure("DNS learning", r.map(|r| r.map(|_| ())))),
+        r = watcher => Err(task_failure("the policy watcher", r)),
+        r = &mut control => {
+            return Err(match r {
+                Ok(Ok(_)) => anyhow::anyhow!("the control task stopped"),
+                Ok(Err(e)) => e.context("the control task failed"),
+                Err(e) => anyhow::Error::from(e).context("the control task panicked"),
+            });
+        }
     };
-    let stats = enforcer.stats().context("reading counters")?;
-    drop(enforcer);
-    let signal = outcome?;
-    // The maps are gone with the enforcer; the task only has its counters left to give.
+    // The control task owns the enforcer: stopping it detaches every program.
     let _ = stop_tx.send(true);
-    let learned = dns.await.context("DNS learning panicked")??;
+    let report = control.await.context("the control task panicked")??;
+    let signal = outcome?;
+    let (stats, learned) = (report.stats, report.learner);
     log::info!(
         "{signal}: detached; allowed {} dropped {} audited {} events lost {}",
         stats.allowed,

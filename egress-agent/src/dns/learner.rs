@@ -29,6 +29,7 @@ pub trait LearnedStore {
     fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()>;
     fn remove(&mut self, addr: &Addr) -> anyhow::Result<()>;
     fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()>;
+    fn remove_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()>;
 }
 
 /// Counters of what the agent did with the answers it was handed.
@@ -45,8 +46,9 @@ pub struct LearnerCounters {
     pub expired: u64,
 }
 
-pub struct Learner<S> {
-    store: S,
+/// The bookkeeping; the kernel maps are passed to each call, so one owner (the agent's
+/// control task) holds both them and this.
+pub struct Learner {
     names: NameTable,
     port_sets: PortSets,
     written_sets: HashSet<u32>,
@@ -54,6 +56,8 @@ pub struct Learner<S> {
     /// address -> (name it was learned through -> when that expires, boot-time ns)
     by_addr: HashMap<Addr, HashMap<String, u64>>,
     by_name: HashMap<String, HashSet<Addr>>,
+    /// The port set each address's kernel entry was last written with.
+    written: HashMap<Addr, u32>,
     pub counters: LearnerCounters,
 }
 
@@ -62,18 +66,65 @@ fn lower_name(n: &Name) -> String {
     s.strip_suffix('.').unwrap_or(&s).to_owned()
 }
 
-impl<S: LearnedStore> Learner<S> {
-    pub fn new(store: S, names: NameTable, port_sets: PortSets, limits: DnsSettings) -> Self {
+impl Learner {
+    pub fn new(names: NameTable, port_sets: PortSets, limits: DnsSettings) -> Self {
         Self {
-            store,
             names,
             port_sets,
             written_sets: HashSet::new(),
             limits,
             by_addr: HashMap::new(),
             by_name: HashMap::new(),
+            written: HashMap::new(),
             counters: LearnerCounters::default(),
         }
+    }
+
+    /// The port set registry, which a policy reload compiles into.
+    pub fn port_sets(&self) -> &PortSets {
+        &self.port_sets
+    }
+
+    /// Takes a reloaded policy's names, bounds and registry: addresses learned through names
+    /// it no longer allows are taken back, the others get the new ports, and port sets
+    /// nothing refers to any more leave the kernel.
+    pub fn reload(
+        &mut self,
+        store: &mut impl LearnedStore,
+        names: NameTable,
+        port_sets: PortSets,
+        limits: DnsSettings,
+        policy_sets: &HashSet<u32>,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        self.names = names;
+        self.port_sets = port_sets;
+        self.limits = limits;
+        let gone: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| self.names.lookup(n).is_none())
+            .cloned()
+            .collect();
+        let addrs: Vec<Addr> = self.by_addr.keys().copied().collect();
+        for name in &gone {
+            for addr in &addrs {
+                self.forget(name, addr);
+            }
+        }
+        for addr in addrs {
+            self.sync(store, &addr, now, true)?;
+        }
+        let names: Vec<String> = self.by_name.keys().cloned().collect();
+        for name in names {
+            self.bound_name(store, &name, now)?;
+        }
+        self.bound_total(store, now)?;
+        let mut keep: HashSet<u32> = self.written.values().copied().collect();
+        keep.extend(policy_sets);
+        let dropped = self.port_sets.retain(&keep);
+        self.written_sets.retain(|id| keep.contains(id));
+        store.remove_ports(&dropped)
     }
 
     /// Addresses currently learned, for `status` and tests.
@@ -87,7 +138,12 @@ impl<S: LearnedStore> Learner<S> {
     }
 
     /// Handles one answer the kernel learned from.
-    pub fn answer(&mut self, event: &DnsEvent, now: u64) -> anyhow::Result<()> {
+    pub fn answer(
+        &mut self,
+        store: &mut impl LearnedStore,
+        event: &DnsEvent,
+        now: u64,
+    ) -> anyhow::Result<()> {
         let len = usize::from(event.len).min(event.payload.len());
         let Ok(msg) = Message::from_vec(&event.payload[..len]) else {
             self.counters.malformed += 1;
@@ -119,7 +175,7 @@ impl<S: LearnedStore> Learner<S> {
             if !chain.contains(&lower_name(&record.name)) {
                 self.counters.off_chain += 1;
                 if !self.by_addr.contains_key(&key) {
-                    self.store.remove(&key)?;
+                    store.remove(&key)?;
                 }
                 continue;
             }
@@ -141,16 +197,16 @@ impl<S: LearnedStore> Learner<S> {
                 })
             );
         }
-        self.bound_name(&qname, now)?;
-        self.bound_total(now)?;
+        self.bound_name(store, &qname, now)?;
+        self.bound_total(store, now)?;
         for addr in changed {
-            self.sync(&addr, now, false)?;
+            self.sync(store, &addr, now, false)?;
         }
         Ok(())
     }
 
     /// Drops (name, address) pairs whose TTL has run out.
-    pub fn expire(&mut self, now: u64) -> anyhow::Result<()> {
+    pub fn expire(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
         let due: Vec<Addr> = self
             .by_addr
             .iter()
@@ -158,13 +214,18 @@ impl<S: LearnedStore> Learner<S> {
             .map(|(a, _)| *a)
             .collect();
         for addr in due {
-            self.sync(&addr, now, false)?;
+            self.sync(store, &addr, now, false)?;
         }
         Ok(())
     }
 
     /// At most `max_ips_per_name` addresses per name: the ones expiring first go.
-    fn bound_name(&mut self, name: &str, now: u64) -> anyhow::Result<()> {
+    fn bound_name(
+        &mut self,
+        store: &mut impl LearnedStore,
+        name: &str,
+        now: u64,
+    ) -> anyhow::Result<()> {
         let limit = self.limits.max_ips_per_name as usize;
         let Some(addrs) = self.by_name.get(name) else {
             return Ok(());
@@ -184,13 +245,13 @@ impl<S: LearnedStore> Learner<S> {
         for (_, addr) in ranked.into_iter().take(surplus) {
             self.forget(name, &addr);
             self.counters.evicted += 1;
-            self.sync(&addr, now, true)?;
+            self.sync(store, &addr, now, true)?;
         }
         Ok(())
     }
 
     /// At most `max_ips` addresses in all: the ones expiring first go.
-    fn bound_total(&mut self, now: u64) -> anyhow::Result<()> {
+    fn bound_total(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
         let limit = self.limits.max_ips as usize;
         if self.by_addr.len() <= limit {
             return Ok(());
@@ -215,7 +276,7 @@ impl<S: LearnedStore> Learner<S> {
                 self.forget(&name, &addr);
             }
             self.counters.evicted += 1;
-            self.sync(&addr, now, true)?;
+            self.sync(store, &addr, now, true)?;
         }
         Ok(())
     }
@@ -236,7 +297,13 @@ impl<S: LearnedStore> Learner<S> {
     /// of every name it is still valid for, until the last of them expires. `evicting`
     /// removes it outright when no name is left; otherwise a later expiry written by the
     /// kernel (from an answer still queued for the agent) is kept.
-    fn sync(&mut self, addr: &Addr, now: u64, evicting: bool) -> anyhow::Result<()> {
+    fn sync(
+        &mut self,
+        store: &mut impl LearnedStore,
+        addr: &Addr,
+        now: u64,
+        evicting: bool,
+    ) -> anyhow::Result<()> {
         let expired: Vec<String> = self
             .by_addr
             .get(addr)
@@ -251,13 +318,14 @@ impl<S: LearnedStore> Learner<S> {
             self.forget(name, addr);
             self.counters.expired += 1;
         }
-        let current = self.store.get(addr);
+        let current = store.get(addr);
         let live = self.by_addr.get(addr).filter(|n| !n.is_empty()).cloned();
         let Some(live) = live else {
             self.by_addr.remove(addr);
+            self.written.remove(addr);
             let kernel_knows_newer = current.is_some_and(|v| v.expires_ns > now) && !evicting;
             if !kernel_knows_newer {
-                self.store.remove(addr)?;
+                store.remove(addr)?;
             }
             return Ok(());
         };
@@ -266,7 +334,7 @@ impl<S: LearnedStore> Learner<S> {
             .filter_map(|n| self.names.lookup(n).map(|(p, _)| p.clone()))
             .reduce(|a, b| a.union(&b))
             .unwrap_or(Ports::Some(Vec::new()));
-        let port_set = self.port_set(&ports)?;
+        let port_set = self.port_set(store, &ports)?;
         let mut expires_ns = live.values().copied().max().unwrap_or(now);
         let mut extra_set = NO_PORT_SET;
         if let Some(cur) = current.filter(|v| v.expires_ns > now) {
@@ -276,7 +344,8 @@ impl<S: LearnedStore> Learner<S> {
                 extra_set = cur.extra_set;
             }
         }
-        self.store.put(
+        self.written.insert(*addr, port_set);
+        store.put(
             addr,
             &LearnedValue {
                 port_set,
@@ -287,11 +356,11 @@ impl<S: LearnedStore> Learner<S> {
     }
 
     /// The id of a port set, writing its entries to the kernel the first time.
-    fn port_set(&mut self, ports: &Ports) -> anyhow::Result<u32> {
+    fn port_set(&mut self, store: &mut impl LearnedStore, ports: &Ports) -> anyhow::Result<u32> {
         let id = self.port_sets.intern(ports);
         if self.written_sets.insert(id) {
             let keys: Vec<PortKey> = self.port_sets.entries_of(id).copied().collect();
-            self.store.add_ports(&keys)?;
+            store.add_ports(&keys)?;
         }
         Ok(id)
     }
@@ -347,7 +416,7 @@ mod tests {
         ports: HashSet<PortKey>,
     }
 
-    impl LearnedStore for &mut FakeStore {
+    impl LearnedStore for FakeStore {
         fn get(&self, addr: &Addr) -> Option<LearnedValue> {
             self.learned.get(addr).copied()
         }
@@ -361,6 +430,12 @@ mod tests {
         }
         fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
             self.ports.extend(keys);
+            Ok(())
+        }
+        fn remove_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+            for k in keys {
+                self.ports.remove(k);
+            }
             Ok(())
         }
     }
@@ -381,10 +456,10 @@ dns:
 ";
     const T0: u64 = 1_000 * NS_PER_SEC;
 
-    fn learner(store: &mut FakeStore) -> Learner<&mut FakeStore> {
+    fn learner() -> Learner {
         let policy = parse(POLICY, "learn.yaml").expect("policy");
         let compiled = compile(&policy).expect("compiles");
-        Learner::new(store, compiled.names, compiled.port_sets, policy.dns)
+        Learner::new(compiled.names, compiled.port_sets, policy.dns)
     }
 
     fn name(s: &str) -> Name {
@@ -436,7 +511,7 @@ dns:
     #[test]
     fn a_cname_chain_is_followed_to_its_addresses() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         let ev = answer(
             "mcr.microsoft.com.",
             vec![
@@ -446,9 +521,8 @@ dns:
                 aaaa("edge.example.", 60, "2001:db8::7"),
             ],
         );
-        l.answer(&ev, T0).expect("answer");
+        l.answer(&mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.learned, 2);
-        drop(l);
         let v = store.learned[&key("203.0.113.7")];
         assert_eq!(v.expires_ns, T0 + 60 * NS_PER_SEC);
         assert_eq!(v.extra_set, NO_PORT_SET);
@@ -473,7 +547,7 @@ dns:
                 expires_ns: T0 + NS_PER_SEC,
             },
         );
-        let mut l = learner(&mut store);
+        let mut l = learner();
         let ev = answer(
             "mcr.microsoft.com.",
             vec![
@@ -481,9 +555,8 @@ dns:
                 a("evil.example.", 60, "198.51.100.66"),
             ],
         );
-        l.answer(&ev, T0).expect("answer");
+        l.answer(&mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.off_chain, 1);
-        drop(l);
         assert!(!store.learned.contains_key(&key("198.51.100.66")));
         assert!(store.learned.contains_key(&key("203.0.113.7")));
     }
@@ -491,8 +564,9 @@ dns:
     #[test]
     fn ttls_are_floored_and_capped() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         l.answer(
+            &mut store,
             &answer(
                 "x.hcp.eastus.azmk8s.io.",
                 vec![a("x.hcp.eastus.azmk8s.io.", 0, "203.0.113.1")],
@@ -501,6 +575,7 @@ dns:
         )
         .expect("answer");
         l.answer(
+            &mut store,
             &answer(
                 "y.hcp.eastus.azmk8s.io.",
                 vec![a("y.hcp.eastus.azmk8s.io.", 999_999, "203.0.113.2")],
@@ -508,7 +583,6 @@ dns:
             T0,
         )
         .expect("answer");
-        drop(l);
         assert_eq!(
             store.learned[&key("203.0.113.1")].expires_ns,
             T0 + 10 * NS_PER_SEC
@@ -522,8 +596,9 @@ dns:
     #[test]
     fn an_address_of_two_names_gets_the_union_of_their_ports_until_each_expires() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         l.answer(
+            &mut store,
             &answer(
                 "mcr.microsoft.com.",
                 vec![a("mcr.microsoft.com.", 30, "203.0.113.9")],
@@ -532,6 +607,7 @@ dns:
         )
         .expect("answer");
         l.answer(
+            &mut store,
             &answer(
                 "ntp.example.org.",
                 vec![a("ntp.example.org.", 100, "203.0.113.9")],
@@ -539,9 +615,8 @@ dns:
             T0,
         )
         .expect("answer");
-        let both = l.store.learned[&key("203.0.113.9")].port_set;
-        let members: HashSet<(u8, u16)> = l
-            .store
+        let both = store.learned[&key("203.0.113.9")].port_set;
+        let members: HashSet<(u8, u16)> = store
             .ports
             .iter()
             .filter(|k| k.port_set == both)
@@ -549,27 +624,27 @@ dns:
             .collect();
         assert_eq!(members, HashSet::from([(6, 443), (17, 123)]));
         // mcr's 30 s run out: only NTP's port is left.
-        l.expire(T0 + 31 * NS_PER_SEC).expect("expire");
-        let left = l.store.learned[&key("203.0.113.9")].port_set;
+        l.expire(&mut store, T0 + 31 * NS_PER_SEC).expect("expire");
+        let left = store.learned[&key("203.0.113.9")].port_set;
         assert_ne!(left, both);
-        assert!(l.store.ports.contains(&PortKey::new(left, 17, 123)));
+        assert!(store.ports.contains(&PortKey::new(left, 17, 123)));
         // NTP's 100 s run out: the address is gone.
-        l.expire(T0 + 101 * NS_PER_SEC).expect("expire");
-        assert!(!l.store.learned.contains_key(&key("203.0.113.9")));
+        l.expire(&mut store, T0 + 101 * NS_PER_SEC).expect("expire");
+        assert!(!store.learned.contains_key(&key("203.0.113.9")));
         assert_eq!(l.counters.expired, 2);
     }
 
     #[test]
     fn per_name_and_total_bounds_evict_what_expires_first() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         let records = (1..=4)
             .map(|i| a("mcr.microsoft.com.", 10 * i, &format!("203.0.113.{i}")))
             .collect();
-        l.answer(&answer("mcr.microsoft.com.", records), T0)
+        l.answer(&mut store, &answer("mcr.microsoft.com.", records), T0)
             .expect("answer");
         assert_eq!(l.counters.evicted, 1, "max_ips_per_name is 3");
-        assert!(!l.store.learned.contains_key(&key("203.0.113.1")));
+        assert!(!store.learned.contains_key(&key("203.0.113.1")));
         let more = (5..=7)
             .map(|i| {
                 a(
@@ -581,11 +656,12 @@ dns:
             .collect::<Vec<_>>();
         for r in more {
             let owner = r.name.to_ascii();
-            l.answer(&answer(&owner, vec![r]), T0).expect("answer");
+            l.answer(&mut store, &answer(&owner, vec![r]), T0)
+                .expect("answer");
         }
         assert_eq!(l.learned().count(), 5, "max_ips is 5");
         assert!(
-            !l.store.learned.contains_key(&key("203.0.113.2")),
+            !store.learned.contains_key(&key("203.0.113.2")),
             "expired first"
         );
     }
@@ -593,7 +669,7 @@ dns:
     #[test]
     fn hostile_answers_never_panic_and_never_learn() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         let good = answer(
             "mcr.microsoft.com.",
             vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
@@ -601,15 +677,16 @@ dns:
         let bytes = &good.payload[..usize::from(good.len)];
         // Every truncation, and a compression pointer loop in the question.
         for cut in 0..bytes.len() {
-            l.answer(&event(&bytes[..cut]), T0).expect("no error");
+            l.answer(&mut store, &event(&bytes[..cut]), T0)
+                .expect("no error");
         }
         let mut looped = bytes.to_vec();
         looped[12] = 0xc0;
         looped[13] = 12;
-        l.answer(&event(&looped), T0).expect("no error");
+        l.answer(&mut store, &event(&looped), T0).expect("no error");
         let mut wrong_len = event(bytes);
         wrong_len.len = u16::MAX;
-        l.answer(&wrong_len, T0).expect("no error");
+        l.answer(&mut store, &wrong_len, T0).expect("no error");
         assert!(l.counters.malformed > 0);
         assert_eq!(
             l.counters.learned, 1,
@@ -618,10 +695,54 @@ dns:
     }
 
     #[test]
+    fn a_reload_takes_back_names_no_longer_allowed_and_repaints_the_rest() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        for (name, ip) in [
+            ("mcr.microsoft.com.", "203.0.113.1"),
+            ("ntp.example.org.", "203.0.113.2"),
+        ] {
+            l.answer(&mut store, &answer(name, vec![a(name, 300, ip)]), T0)
+                .expect("answer");
+        }
+        let old_mcr_set = store.learned[&key("203.0.113.1")].port_set;
+        // mcr now on 8443 only; NTP gone.
+        let policy = parse(
+            "allow:\n  - fqdn: mcr.microsoft.com\n    ports: [TCP:8443]\n",
+            "reload.yaml",
+        )
+        .expect("policy");
+        let compiled =
+            crate::compile::compile_with(&policy, l.port_sets().clone()).expect("compiles");
+        let sets = compiled.sets_in_use().expect("names");
+        l.reload(
+            &mut store,
+            compiled.names,
+            compiled.port_sets,
+            policy.dns,
+            &sets,
+            T0 + NS_PER_SEC,
+        )
+        .expect("reload");
+        assert!(
+            !store.learned.contains_key(&key("203.0.113.2")),
+            "NTP taken back"
+        );
+        let mcr = store.learned[&key("203.0.113.1")];
+        assert_ne!(mcr.port_set, old_mcr_set);
+        assert!(store.ports.contains(&PortKey::new(mcr.port_set, 6, 8443)));
+        assert!(
+            !store.ports.iter().any(|k| k.port == 123),
+            "the NTP set is referenced by nothing and left the kernel"
+        );
+    }
+
+    #[test]
     fn answers_for_names_no_rule_allows_teach_nothing() {
         let mut store = FakeStore::default();
-        let mut l = learner(&mut store);
+        let mut l = learner();
         l.answer(
+            &mut store,
             &answer(
                 "hcp.eastus.azmk8s.io.",
                 vec![a("hcp.eastus.azmk8s.io.", 60, "203.0.113.8")],
@@ -630,11 +751,12 @@ dns:
         )
         .expect("answer");
         l.answer(
+            &mut store,
             &answer("evil.example.", vec![a("evil.example.", 60, "203.0.113.9")]),
             T0,
         )
         .expect("answer");
         assert_eq!(l.counters.unmatched, 2);
-        assert!(l.store.learned.is_empty());
+        assert!(store.learned.is_empty());
     }
 }

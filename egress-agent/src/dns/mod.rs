@@ -8,4 +8,3 @@
 pub mod learner;
 pub mod names;
 pub mod resolvers;
-pub mod task;

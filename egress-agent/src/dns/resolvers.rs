@@ -29,6 +29,28 @@ pub fn trusted(dns: &DnsSettings) -> anyhow::Result<Vec<IpAddr>> {
     )
 }
 
+/// The trusted resolvers for a policy; none found is an error only when the policy has
+/// names to learn.
+pub fn for_policy(dns: &DnsSettings, has_names: bool) -> anyhow::Result<Vec<IpAddr>> {
+    match trusted(dns) {
+        Ok(list) => {
+            log::info!(
+                "trusted resolvers: {}",
+                list.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(list)
+        }
+        Err(e) if !has_names => {
+            log::warn!("{e:#}; DNS is then allowed only where a rule allows it");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn read(path: &Path) -> anyhow::Result<Option<Vec<IpAddr>>> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(system_resolvers(&text))),

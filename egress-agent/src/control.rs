@@ -1,0 +1,138 @@
+//! The agent's control task: the one owner of the kernel state (the enforcer and its maps)
+//! and of the DNS learner. It applies DNS answers, expires learned addresses once a second,
+//! applies policy reloads, and on stop detaches everything and reports the counters.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use egress_common::DnsEvent;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    compile::compile_with,
+    dns::{
+        learner::{Learner, LearnerCounters},
+        resolvers,
+    },
+    events::decode,
+    loader::{Enforcer, Stats},
+    policy::{Mode, Policy},
+    run::settings,
+};
+
+const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+
+/// Nanoseconds on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub struct Control {
+    pub enforcer: Enforcer,
+    pub learner: Learner,
+    /// `--mode`, which wins over the policy's `mode` on every reload too.
+    pub mode_override: Option<Mode>,
+    /// The size `LEARNED` was created with; `dns.max_ips` cannot grow past it until a restart.
+    pub learned_capacity: u32,
+}
+
+/// What the agent did, for its last log lines.
+pub struct Report {
+    pub stats: Stats,
+    pub learner: LearnerCounters,
+}
+
+impl Control {
+    /// Applies a reloaded policy; on error the running policy stays in force (a compile
+    /// error changes nothing; a kernel map error mid-way is logged as such).
+    fn reload(&mut self, policy: Policy) -> anyhow::Result<()> {
+        let compiled = compile_with(&policy, self.learner.port_sets().clone())?;
+        let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
+        let policy_sets = compiled.sets_in_use()?;
+        let mode = self.mode_override.unwrap_or(policy.mode);
+        let mut dns = policy.dns.clone();
+        if dns.max_ips > self.learned_capacity {
+            log::warn!(
+                "dns.max_ips {} exceeds the learned-address map's size {}; it takes effect on restart",
+                dns.max_ips,
+                self.learned_capacity
+            );
+            dns.max_ips = self.learned_capacity;
+        }
+        self.enforcer
+            .write_policy(&compiled)
+            .context("writing the new policy")?;
+        self.enforcer
+            .write_resolvers(&resolvers)
+            .context("writing the trusted resolvers")?;
+        self.enforcer
+            .write_settings(&settings(mode, &dns))
+            .context("writing the settings")?;
+        self.learner.reload(
+            &mut self.enforcer,
+            compiled.names,
+            compiled.port_sets,
+            dns,
+            &policy_sets,
+            boot_time_ns(),
+        )?;
+        log::info!(
+            "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
+            policy.rules.len(),
+            compiled.cidrs.len()
+        );
+        Ok(())
+    }
+
+    /// Runs until `stop` turns true, then drops the enforcer (detaching every program) and
+    /// returns the counters.
+    pub async fn run(
+        mut self,
+        dns_ring: RingBuf<MapData>,
+        mut reloads: mpsc::Receiver<Policy>,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Report> {
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
+        let mut ring = unsafe { AsyncFd::register_with_interest(dns_ring, Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        let mut tick = tokio::time::interval(EXPIRY_PERIOD);
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        match decode::<DnsEvent>(&item) {
+                            Some(event) => {
+                                self.learner.answer(&mut self.enforcer, &event, boot_time_ns())?;
+                            }
+                            None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
+                        }
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => self.learner.expire(&mut self.enforcer, boot_time_ns())?,
+                Some(policy) = reloads.recv() => {
+                    if let Err(e) = self.reload(policy) {
+                        log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        let stats = self.enforcer.stats().context("reading counters")?;
+        drop(self.enforcer);
+        Ok(Report {
+            stats,
+            learner: self.learner.counters,
+        })
+    }
+}
