@@ -1,11 +1,13 @@
 //! Fixtures for the end-to-end tests: network namespaces, cgroups, probe clients and
-//! servers, and the agent process.
+//! servers, the agent process and checks on what it reported; DNS servers and clients
+//! in [`dns`].
 //!
 //! Every fixture is a guard that removes what it created in `Drop`, also when a test
 //! panics, and every kernel object gets a name unique to this process and fixture, so
 //! tests can run in parallel and repeated runs never meet each other's leftovers.
 
-use std::ffi::OsStr;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -19,6 +21,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub mod dns;
 
 /// Client end of the veth pair.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -216,6 +220,17 @@ impl Topology {
             client_veth,
             server_veth,
         }
+    }
+
+    /// Adds another off-link destination address on the server's `lo`, like the
+    /// `REMOTE_*` ones (IPv6 without duplicate address detection, usable at once).
+    pub fn add_remote(&self, addr: impl Into<IpAddr>) {
+        match addr.into() {
+            IpAddr::V4(v4) => self.server.ip(&format!("addr add {v4}/32 dev lo")),
+            IpAddr::V6(v6) => self
+                .server
+                .ip(&format!("-6 addr add {v6}/128 dev lo nodad")),
+        };
     }
 }
 
@@ -447,7 +462,11 @@ fn target_binary(name: &str, env_var: &str, hint: &str) -> PathBuf {
 }
 
 /// `ip netns exec <ns> egress-probe [--cgroup /proc/self/fd/N] ARGS...`.
-fn probe_command(netns: &Netns, cgroup: Option<&TestCgroup>, args: &[&str]) -> Command {
+fn probe_command<S: AsRef<OsStr>>(
+    netns: &Netns,
+    cgroup: Option<&TestCgroup>,
+    args: &[S],
+) -> Command {
     let mut cmd = netns.exec(&[egress_probe_bin()]);
     if let Some(cgroup) = cgroup {
         let dir = cgroup.inherit_into(&mut cmd);
@@ -554,35 +573,42 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
-    /// Parses the probe's JSON line; panics if the probe itself broke (no JSON, exit
-    /// status not matching `ok`), which is a harness bug rather than a result.
+    /// Parses a finished probe's result line; see [`ProbeResult::parse`].
     fn from_output(output: &Output) -> ProbeResult {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
+        ProbeResult::parse(output.status, &stdout, &stderr).0
+    }
+
+    /// Parses the probe's result line (its last JSON line) and returns it whole as well;
+    /// panics if the probe itself broke (no JSON, exit status not matching `ok`), which
+    /// is a harness bug rather than a result.
+    fn parse(status: ExitStatus, stdout: &str, stderr: &str) -> (ProbeResult, Value) {
         let broken = |what: &str| -> ! {
             panic!(
-                "egress-probe {what} ({}); stdout: {:?}, stderr: {:?}",
-                output.status,
+                "egress-probe {what} ({status}); stdout: {:?}, stderr: {:?}",
                 stdout.trim(),
                 stderr.trim()
             )
         };
-        let Ok(value) = serde_json::from_str::<Value>(stdout.trim()) else {
+        let last = stdout.lines().last().unwrap_or_default();
+        let Ok(value) = serde_json::from_str::<Value>(last.trim()) else {
             broken("printed no JSON result")
         };
         let Some(ok) = value["ok"].as_bool() else {
             broken("printed no \"ok\"")
         };
-        if output.status.success() != ok {
+        if status.success() != ok {
             broken("exit status disagrees with its result");
         }
-        ProbeResult {
+        let result = ProbeResult {
             ok,
             errno: value["errno"]
                 .as_i64()
                 .and_then(|errno| i32::try_from(errno).ok()),
             error: value["error"].as_str().map(str::to_owned),
-        }
+        };
+        (result, value)
     }
 }
 
@@ -854,4 +880,169 @@ impl Drop for Agent {
             );
         }
     }
+}
+
+/// Loading and attaching the programs; generous for a loaded 2-core machine.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an event may lag behind the packet that caused it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent's log filter: its own debug lines include one per learned address.
+const AGENT_LOG: &str = "info,egress_agent=debug";
+
+/// A file under the temp directory, unique to this process and call, removed on drop.
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    /// Writes `contents` to a fresh policy file.
+    pub fn new(contents: &str) -> TempFile {
+        let name = format!("egress-e2e-policy-{}.yaml", unique_suffix());
+        let path = std::env::temp_dir().join(name);
+        fs::write(&path, contents)
+            .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+        TempFile { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_file(&self.path) {
+            eprintln!("cannot remove {}: {err}", self.path.display());
+        }
+    }
+}
+
+/// Starts `egress-agent run` on `cgroup` (in the host namespace) and waits until it
+/// reports that it enforces. `mode` overrides the policy's mode.
+pub fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -> Agent {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(run_args(policy, cgroup))
+        .env("RUST_LOG", AGENT_LOG);
+    if let Some(mode) = mode {
+        cmd.args(["--mode", mode]);
+    }
+    let agent = Agent::spawn_command(cmd);
+    let line = agent.wait_for_stderr("attached: mode", ATTACH_TIMEOUT);
+    let expected = format!("attached: mode {}", mode.unwrap_or("enforce"));
+    assert!(
+        line.contains(&expected),
+        "expected {expected:?} in {line:?}"
+    );
+    agent
+}
+
+/// `run --config POLICY --cgroup CGROUP`.
+pub fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
+    vec![
+        "run".into(),
+        "--config".into(),
+        policy.path().into(),
+        "--cgroup".into(),
+        cgroup.path().into(),
+    ]
+}
+
+/// The cgroup's path as events name it: relative to the cgroup2 mount, which the test
+/// cgroup sits directly below.
+fn event_cgroup(cgroup: &TestCgroup) -> String {
+    let name = cgroup
+        .path()
+        .file_name()
+        .expect("the test cgroup has a name");
+    format!("/{}", name.to_string_lossy())
+}
+
+/// What identifies an event: destination address, destination port, protocol.
+pub type Flow = (String, u16, &'static str);
+
+pub fn tcp(addr: impl Into<IpAddr>, port: u16) -> Flow {
+    (addr.into().to_string(), port, "tcp")
+}
+
+pub fn udp(addr: impl Into<IpAddr>, port: u16) -> Flow {
+    (addr.into().to_string(), port, "udp")
+}
+
+fn flow_of(event: &Value) -> Option<Flow> {
+    let proto = match event["proto"].as_str()? {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        _ => "other",
+    };
+    let port = u16::try_from(event["dport"].as_u64()?).ok()?;
+    Some((event["dst"].as_str()?.to_owned(), port, proto))
+}
+
+/// Waits until the agent has reported each of `flows`.
+pub fn wait_for_flows(agent: &Agent, flows: &[Flow]) {
+    for flow in flows {
+        agent.wait_for_event(|event| flow_of(event).as_ref() == Some(flow), EVENT_TIMEOUT);
+    }
+}
+
+/// Stops the agent (which drains its output), checks it exited cleanly, and returns how
+/// often each flow was reported. Every event must carry `action` and the test cgroup.
+pub fn stop_and_collect(
+    agent: &mut Agent,
+    action: &str,
+    cgroup: &TestCgroup,
+) -> BTreeMap<Flow, usize> {
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "agent exited with {status}; stderr:\n{}",
+        agent.stderr_lines().join("\n")
+    );
+    let expected_cgroup = event_cgroup(cgroup);
+    let mut flows = BTreeMap::new();
+    for event in agent.events() {
+        assert_eq!(event["action"], action, "{event}");
+        assert_eq!(event["cgroup"], expected_cgroup.as_str(), "{event}");
+        assert!(
+            event["cgroup_id"].as_u64().is_some_and(|id| id > 0),
+            "{event}"
+        );
+        let flow = flow_of(&event).unwrap_or_else(|| panic!("event without a flow: {event}"));
+        *flows.entry(flow).or_insert(0) += 1;
+    }
+    flows
+}
+
+/// Asserts that exactly `expected` were reported (each at least once).
+pub fn assert_reported_exactly(reported: &BTreeMap<Flow, usize>, expected: &[Flow]) {
+    let mut got: Vec<&Flow> = reported.keys().collect();
+    let mut want: Vec<&Flow> = expected.iter().collect();
+    got.sort();
+    want.sort();
+    want.dedup();
+    assert_eq!(got, want, "reported flows (with counts: {reported:?})");
+}
+
+pub fn assert_ok(result: &ProbeResult, what: &str) {
+    assert!(result.ok, "{what} should pass: {result:?}");
+}
+
+/// A dropped SYN is silence: the connect times out.
+pub fn assert_timeout(result: &ProbeResult, what: &str) {
+    assert!(!result.ok, "{what} should be dropped: {result:?}");
+    assert_eq!(
+        result.errno,
+        Some(libc::ETIMEDOUT),
+        "{what} should time out: {result:?}"
+    );
+}
+
+/// A dropped datagram fails the `sendto` itself.
+pub fn assert_eperm(result: &ProbeResult, what: &str) {
+    assert!(!result.ok, "{what} should be dropped: {result:?}");
+    assert_eq!(
+        result.errno,
+        Some(libc::EPERM),
+        "{what} should fail with EPERM: {result:?}"
+    );
 }

@@ -9,18 +9,16 @@
 //! hidden) and is attached only to a fresh [`TestCgroup`], never to the cgroup2 root:
 //! only the probes placed in that cgroup are enforced.
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use egress_tests::{
-    Agent, CLIENT_V4, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4,
-    Server, TestCgroup, Topology, agent_bin, probe_tcp, probe_udp, require_root,
+    Agent, CLIENT_V4, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4, Server,
+    TempFile, TestCgroup, Topology, agent_bin, assert_eperm, assert_ok, assert_reported_exactly,
+    assert_timeout, probe_tcp, probe_udp, require_root, run_args, start_agent, stop_and_collect,
+    tcp, udp, wait_for_flows,
 };
 use serde_json::Value;
 
@@ -43,172 +41,12 @@ allow:
     ports: [HTTPS:443]
 ";
 
-/// Loading and attaching the programs; generous for a loaded 2-core machine.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an event may lag behind the packet that caused it.
-const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a rejected `run` may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const HTTPS: u16 = 443;
 const ALT_HTTPS: u16 = 8443;
 const DNS: u16 = 53;
-
-/// What identifies an event: destination address, destination port, protocol.
-type Flow = (String, u16, &'static str);
-
-fn tcp(addr: impl Into<IpAddr>, port: u16) -> Flow {
-    (addr.into().to_string(), port, "tcp")
-}
-
-fn udp(addr: impl Into<IpAddr>, port: u16) -> Flow {
-    (addr.into().to_string(), port, "udp")
-}
-
-/// A file under the temp directory, unique to this process and call, removed on drop.
-struct TempFile {
-    path: PathBuf,
-}
-
-impl TempFile {
-    fn new(contents: &str) -> TempFile {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "egress-e2e-policy-{}-{}.yaml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(name);
-        fs::write(&path, contents)
-            .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
-        TempFile { path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Err(err) = fs::remove_file(&self.path) {
-            eprintln!("cannot remove {}: {err}", self.path.display());
-        }
-    }
-}
-
-/// Starts `egress-agent run` on `cgroup` (in the host namespace) and waits until it
-/// reports that it enforces. `mode` overrides the policy's mode.
-fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -> Agent {
-    let mut args = run_args(policy, cgroup);
-    if let Some(mode) = mode {
-        args.extend(["--mode".into(), mode.into()]);
-    }
-    let agent = Agent::spawn(&agent_bin(), &args);
-    let line = agent.wait_for_stderr("attached: mode", ATTACH_TIMEOUT);
-    let expected = format!("attached: mode {}", mode.unwrap_or("enforce"));
-    assert!(
-        line.contains(&expected),
-        "expected {expected:?} in {line:?}"
-    );
-    agent
-}
-
-/// `run --config POLICY --cgroup CGROUP`.
-fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
-    vec![
-        "run".into(),
-        "--config".into(),
-        policy.path().into(),
-        "--cgroup".into(),
-        cgroup.path().into(),
-    ]
-}
-
-/// The cgroup's path as events name it: relative to the cgroup2 mount, which the test
-/// cgroup sits directly below.
-fn event_cgroup(cgroup: &TestCgroup) -> String {
-    let name = cgroup
-        .path()
-        .file_name()
-        .expect("the test cgroup has a name");
-    format!("/{}", name.to_string_lossy())
-}
-
-fn flow_of(event: &Value) -> Option<Flow> {
-    let proto = match event["proto"].as_str()? {
-        "tcp" => "tcp",
-        "udp" => "udp",
-        _ => "other",
-    };
-    let port = u16::try_from(event["dport"].as_u64()?).ok()?;
-    Some((event["dst"].as_str()?.to_owned(), port, proto))
-}
-
-/// Waits until the agent has reported each of `flows`.
-fn wait_for_flows(agent: &Agent, flows: &[Flow]) {
-    for flow in flows {
-        agent.wait_for_event(|event| flow_of(event).as_ref() == Some(flow), EVENT_TIMEOUT);
-    }
-}
-
-/// Stops the agent (which drains its output), checks it exited cleanly, and returns how
-/// often each flow was reported. Every event must carry `action` and the test cgroup.
-fn stop_and_collect(agent: &mut Agent, action: &str, cgroup: &TestCgroup) -> BTreeMap<Flow, usize> {
-    let status = agent.terminate();
-    assert!(
-        status.success(),
-        "agent exited with {status}; stderr:\n{}",
-        agent.stderr_lines().join("\n")
-    );
-    let expected_cgroup = event_cgroup(cgroup);
-    let mut flows = BTreeMap::new();
-    for event in agent.events() {
-        assert_eq!(event["action"], action, "{event}");
-        assert_eq!(event["cgroup"], expected_cgroup.as_str(), "{event}");
-        assert!(
-            event["cgroup_id"].as_u64().is_some_and(|id| id > 0),
-            "{event}"
-        );
-        let flow = flow_of(&event).unwrap_or_else(|| panic!("event without a flow: {event}"));
-        *flows.entry(flow).or_insert(0) += 1;
-    }
-    flows
-}
-
-/// Asserts that exactly `expected` were reported (each at least once).
-fn assert_reported_exactly(reported: &BTreeMap<Flow, usize>, expected: &[Flow]) {
-    let mut got: Vec<&Flow> = reported.keys().collect();
-    let mut want: Vec<&Flow> = expected.iter().collect();
-    got.sort();
-    want.sort();
-    want.dedup();
-    assert_eq!(got, want, "reported flows (with counts: {reported:?})");
-}
-
-fn assert_ok(result: &ProbeResult, what: &str) {
-    assert!(result.ok, "{what} should pass: {result:?}");
-}
-
-/// A dropped SYN is silence: the connect times out.
-fn assert_timeout(result: &ProbeResult, what: &str) {
-    assert!(!result.ok, "{what} should be dropped: {result:?}");
-    assert_eq!(
-        result.errno,
-        Some(libc::ETIMEDOUT),
-        "{what} should time out: {result:?}"
-    );
-}
-
-/// A dropped datagram fails the `sendto` itself.
-fn assert_eperm(result: &ProbeResult, what: &str) {
-    assert!(!result.ok, "{what} should be dropped: {result:?}");
-    assert_eq!(
-        result.errno,
-        Some(libc::EPERM),
-        "{what} should fail with EPERM: {result:?}"
-    );
-}
 
 /// The programs attached to `path`, as `bpftool -j cgroup show` lists them (bpftool
 /// prints nothing at all when there are none).

@@ -1,38 +1,103 @@
-//! Client and echo server that the end-to-end tests run inside network namespaces.
+//! Client, echo server, DNS client and DNS forger that the end-to-end tests run inside
+//! network namespaces.
 //!
-//! Clients print exactly one JSON line (`{"ok":true}` or
-//! `{"ok":false,"errno":N,"error":"..."}`) and exit 0 or 1, so a test can tell "blocked"
-//! from "broken" without scraping error text. Usage errors and a failure to join the
+//! Clients print one JSON line with `"ok"` (`{"ok":true}` or
+//! `{"ok":false,"errno":N,"error":"..."}`, plus fields of their own) as their last line and
+//! exit 0 or 1 accordingly, so a test can tell "blocked" from "broken" without scraping
+//! error text. `tcp-hold` and `query-wait` print progress lines before it (each without
+//! `"ok"`), so a test can act while they run. Usage errors and a failure to join the
 //! cgroup exit 2: those are harness bugs, not probe results.
 
+use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const USAGE: &str =
-    "usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms N]
-       egress-probe [--cgroup DIR] serve-tcp|serve-udp ADDR PORT";
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+use serde_json::{Value, json};
+
+const USAGE: &str = "\
+usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms N]
+       egress-probe [--cgroup DIR] serve-tcp|serve-udp ADDR PORT
+       egress-probe [--cgroup DIR] resolve-connect NAME PORT --server ADDR
+                    [--type A|AAAA] [--tcp-dns] [--timeout-ms N]
+       egress-probe [--cgroup DIR] resolve-connect --names-file FILE PORT --server ADDR [...]
+       egress-probe [--cgroup DIR] tcp-hold ADDR PORT --seconds N --interval-ms M
+       egress-probe [--cgroup DIR] query-wait NAME --server ADDR --id ID [--count N]
+                    [--timeout-ms N]
+       egress-probe forge-answer --src ADDR --dst ADDR --dport PORT --id ID --name NAME
+                    --a ADDR";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Per step of `resolve-connect` (DNS, connect, echo): long enough that a first SYN lost to
+/// the enforcer is retransmitted (after 1 s) and the connect's duration shows it.
+const RESOLVE_TIMEOUT: Duration = Duration::from_millis(3000);
+/// How long `query-wait` waits for its datagrams.
+const QUERY_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect and per-echo timeout of `tcp-hold`.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(3);
+const DNS_PORT: u16 = 53;
+/// TTL of forged records: far beyond any test.
+const FORGED_TTL: u32 = 300;
 
 /// What the clients send and expect back; the newline makes it "a line".
 const PAYLOAD: &[u8] = b"egress-probe ping\n";
 
 enum Mode {
-    TcpConnect,
-    UdpSend,
-    ServeTcp,
-    ServeUdp,
+    TcpConnect(SocketAddr, Duration),
+    UdpSend(SocketAddr, Duration),
+    ServeTcp(SocketAddr),
+    ServeUdp(SocketAddr),
+    ResolveConnect(ResolveConnect),
+    TcpHold(TcpHold),
+    QueryWait(QueryWait),
+    ForgeAnswer(Forgery),
 }
 
-struct Args {
-    cgroup: Option<PathBuf>,
-    mode: Mode,
-    addr: SocketAddr,
+/// `resolve-connect`: one name, or each name of a file in turn.
+struct ResolveConnect {
+    names: Vec<String>,
+    /// One result line per name and exit 0, instead of one result and its exit status.
+    each: bool,
+    port: u16,
+    lookup: Lookup,
     timeout: Duration,
+}
+
+/// How to ask the DNS server.
+struct Lookup {
+    server: SocketAddr,
+    rtype: RecordType,
+    tcp: bool,
+}
+
+struct TcpHold {
+    addr: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+}
+
+struct QueryWait {
+    name: String,
+    server: SocketAddr,
+    id: u16,
+    count: usize,
+    timeout: Duration,
+}
+
+/// A DNS answer sent from any source address, over a raw socket.
+struct Forgery {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    id: u16,
+    name: String,
+    a: Ipv4Addr,
 }
 
 /// Why a client probe failed, in the shape it is reported.
@@ -55,6 +120,16 @@ impl From<io::Error> for Failure {
     }
 }
 
+impl Failure {
+    /// The same failure, its description prefixed with the step that failed.
+    fn during(self, step: &str) -> Failure {
+        Failure {
+            errno: self.errno,
+            error: format!("{step}: {}", self.error),
+        }
+    }
+}
+
 fn timeout() -> Failure {
     Failure {
         errno: libc::ETIMEDOUT,
@@ -62,7 +137,7 @@ fn timeout() -> Failure {
     }
 }
 
-/// A peer that answered, but not with our payload.
+/// A peer that answered, but not with what was expected.
 fn protocol_error(error: String) -> Failure {
     Failure {
         errno: libc::EPROTO,
@@ -71,77 +146,235 @@ fn protocol_error(error: String) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let mut args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
-        Err(msg) => {
-            eprintln!("egress-probe: {msg}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(msg) => return usage_error(&msg),
     };
-    if let Some(dir) = &args.cgroup
+    let cgroup = args.take("--cgroup").map(PathBuf::from);
+    let mode = match parse_mode(&mut args).and_then(|mode| args.finish().map(|()| mode)) {
+        Ok(mode) => mode,
+        Err(msg) => return usage_error(&msg),
+    };
+    if let Some(dir) = &cgroup
         && let Err(err) = join_cgroup(dir)
     {
         eprintln!("egress-probe: cannot join cgroup {}: {err}", dir.display());
         return ExitCode::from(2);
     }
-    match args.mode {
-        Mode::TcpConnect => report(tcp_connect(args.addr, args.timeout)),
-        Mode::UdpSend => report(udp_send(args.addr, args.timeout)),
-        Mode::ServeTcp => exit_on_error(serve_tcp(args.addr)),
-        Mode::ServeUdp => exit_on_error(serve_udp(args.addr)),
+    match mode {
+        Mode::TcpConnect(addr, t) => report(tcp_connect(addr, t).map(|()| json!({}))),
+        Mode::UdpSend(addr, t) => report(udp_send(addr, t).map(|()| json!({}))),
+        Mode::ServeTcp(addr) => exit_on_error(serve_tcp(addr)),
+        Mode::ServeUdp(addr) => exit_on_error(serve_udp(addr)),
+        Mode::ResolveConnect(rc) => resolve_connect_all(&rc),
+        Mode::TcpHold(hold) => report_with(tcp_hold(&hold)),
+        Mode::QueryWait(qw) => report_with(query_wait(&qw)),
+        Mode::ForgeAnswer(forgery) => report(forge_answer(&forgery).map(|()| json!({}))),
     }
 }
 
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut cgroup = None;
-    let mut timeout = DEFAULT_TIMEOUT;
-    let mut positional = Vec::new();
-    let mut args = args;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--cgroup" => cgroup = Some(PathBuf::from(args.next().ok_or("--cgroup needs a DIR")?)),
-            "--timeout-ms" => {
-                let ms = args.next().ok_or("--timeout-ms needs a number")?;
-                let ms = ms.parse().map_err(|_| format!("bad --timeout-ms {ms:?}"))?;
-                timeout = Duration::from_millis(ms);
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("egress-probe: {msg}\n{USAGE}");
+    ExitCode::from(2)
+}
+
+/// The command line: positional arguments, and `--option value` pairs (or bare flags).
+struct Args {
+    positional: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+/// Options that take no value.
+const FLAGS: &[&str] = &["--tcp-dns"];
+
+impl Args {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut positional = Vec::new();
+        let mut options = Vec::new();
+        let mut args = args;
+        while let Some(arg) = args.next() {
+            if !arg.starts_with("--") {
+                positional.push(arg);
+            } else if FLAGS.contains(&arg.as_str()) {
+                options.push((arg, None));
+            } else {
+                let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
+                options.push((arg, Some(value)));
             }
-            _ => positional.push(arg),
+        }
+        Ok(Args {
+            positional,
+            options,
+        })
+    }
+
+    /// Removes and returns the value of `--name`, if given.
+    fn take(&mut self, name: &str) -> Option<String> {
+        let at = self.options.iter().position(|(n, _)| n == name)?;
+        self.options.remove(at).1
+    }
+
+    fn flag(&mut self, name: &str) -> bool {
+        let at = self.options.iter().position(|(n, _)| n == name);
+        at.map(|at| self.options.remove(at)).is_some()
+    }
+
+    fn parsed<T: FromStr>(&mut self, name: &str) -> Result<Option<T>, String> {
+        self.take(name)
+            .map(|v| v.parse().map_err(|_| format!("bad {name} {v:?}")))
+            .transpose()
+    }
+
+    fn required<T: FromStr>(&mut self, name: &str) -> Result<T, String> {
+        self.parsed(name)?
+            .ok_or_else(|| format!("{name} is required"))
+    }
+
+    fn timeout(&mut self, default: Duration) -> Result<Duration, String> {
+        Ok(self
+            .parsed("--timeout-ms")?
+            .map_or(default, Duration::from_millis))
+    }
+
+    /// Fails on anything a subcommand did not take.
+    fn finish(self) -> Result<(), String> {
+        match self.options.first() {
+            Some((name, _)) => Err(format!("unexpected option {name}")),
+            None => Ok(()),
         }
     }
-    let [mode, addr, port] = <[String; 3]>::try_from(positional)
-        .map_err(|_| "expected a subcommand, ADDR and PORT".to_owned())?;
-    let mode = match mode.as_str() {
-        "tcp-connect" => Mode::TcpConnect,
-        "udp-send" => Mode::UdpSend,
-        "serve-tcp" => Mode::ServeTcp,
-        "serve-udp" => Mode::ServeUdp,
+}
+
+fn parse_mode(args: &mut Args) -> Result<Mode, String> {
+    if args.positional.is_empty() {
+        return Err("expected a subcommand".to_owned());
+    }
+    let mode = args.positional.remove(0);
+    let positional = std::mem::take(&mut args.positional);
+    let endpoint = |what: &str| -> Result<SocketAddr, String> {
+        let [addr, port] = <[String; 2]>::try_from(positional.clone())
+            .map_err(|_| format!("{what} takes ADDR and PORT"))?;
+        Ok(SocketAddr::new(
+            parse(&addr, "address")?,
+            parse(&port, "port")?,
+        ))
+    };
+    let parsed = match mode.as_str() {
+        "tcp-connect" => Mode::TcpConnect(endpoint(&mode)?, args.timeout(DEFAULT_TIMEOUT)?),
+        "udp-send" => Mode::UdpSend(endpoint(&mode)?, args.timeout(DEFAULT_TIMEOUT)?),
+        "serve-tcp" => Mode::ServeTcp(endpoint(&mode)?),
+        "serve-udp" => Mode::ServeUdp(endpoint(&mode)?),
+        "resolve-connect" => Mode::ResolveConnect(parse_resolve_connect(args, positional)?),
+        "tcp-hold" => Mode::TcpHold(TcpHold {
+            addr: endpoint(&mode)?,
+            duration: Duration::from_secs(args.required("--seconds")?),
+            interval: Duration::from_millis(args.required("--interval-ms")?),
+        }),
+        "query-wait" => {
+            let [name] = <[String; 1]>::try_from(positional)
+                .map_err(|_| "query-wait takes a NAME".to_owned())?;
+            Mode::QueryWait(QueryWait {
+                name,
+                server: dns_server(args.required("--server")?),
+                id: args.required("--id")?,
+                count: args.parsed("--count")?.unwrap_or(1),
+                timeout: args.timeout(QUERY_WAIT_TIMEOUT)?,
+            })
+        }
+        "forge-answer" => {
+            if !positional.is_empty() {
+                return Err("forge-answer takes options only".to_owned());
+            }
+            Mode::ForgeAnswer(Forgery {
+                src: args.required("--src")?,
+                dst: args.required("--dst")?,
+                dport: args.required("--dport")?,
+                id: args.required("--id")?,
+                name: args.required("--name")?,
+                a: args.required("--a")?,
+            })
+        }
         _ => return Err(format!("unknown subcommand {mode:?}")),
     };
-    let ip: IpAddr = addr.parse().map_err(|_| format!("bad address {addr:?}"))?;
-    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
-    Ok(Args {
-        cgroup,
-        mode,
-        addr: SocketAddr::new(ip, port),
-        timeout,
+    Ok(parsed)
+}
+
+fn parse_resolve_connect(
+    args: &mut Args,
+    positional: Vec<String>,
+) -> Result<ResolveConnect, String> {
+    let file = args.take("--names-file");
+    let each = file.is_some();
+    let (names, port) = match (file, positional.as_slice()) {
+        (None, [name, port]) => (vec![name.clone()], port),
+        (Some(file), [port]) => {
+            let text = fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+            (text.split_whitespace().map(str::to_owned).collect(), port)
+        }
+        _ => return Err("resolve-connect takes NAME PORT, or PORT with --names-file".to_owned()),
+    };
+    let rtype = match args.take("--type").as_deref() {
+        None | Some("A") => RecordType::A,
+        Some("AAAA") => RecordType::AAAA,
+        Some(other) => return Err(format!("bad --type {other:?}")),
+    };
+    Ok(ResolveConnect {
+        each,
+        names,
+        port: parse(port, "port")?,
+        lookup: Lookup {
+            server: dns_server(args.required("--server")?),
+            rtype,
+            tcp: args.flag("--tcp-dns"),
+        },
+        timeout: args.timeout(RESOLVE_TIMEOUT)?,
     })
+}
+
+fn parse<T: FromStr>(value: &str, what: &str) -> Result<T, String> {
+    value.parse().map_err(|_| format!("bad {what} {value:?}"))
+}
+
+fn dns_server(addr: IpAddr) -> SocketAddr {
+    SocketAddr::new(addr, DNS_PORT)
 }
 
 /// Moves this process (and so every socket it opens afterwards) into the cgroup.
 fn join_cgroup(dir: &Path) -> io::Result<()> {
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
 }
 
-fn report(result: Result<(), Failure>) -> ExitCode {
-    let (line, code) = match result {
-        Ok(()) => (serde_json::json!({ "ok": true }), 0),
-        Err(f) => (
-            serde_json::json!({ "ok": false, "errno": f.errno, "error": f.error }),
-            1,
-        ),
+/// Prints one JSON line to stdout, at once (tests wait for it while the probe runs on).
+fn emit(line: &Value) {
+    let mut stdout = io::stdout().lock();
+    // A test that stopped reading is gone; nothing useful is left to do with the error.
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+/// The result line: `fields` plus `"ok"`, and `"errno"`/`"error"` on failure.
+fn result_line(result: Result<Value, (Failure, Value)>) -> (Value, bool) {
+    let (mut line, ok) = match result {
+        Ok(fields) => (fields, true),
+        Err((f, mut fields)) => {
+            fields["errno"] = f.errno.into();
+            fields["error"] = f.error.into();
+            (fields, false)
+        }
     };
-    println!("{line}");
-    ExitCode::from(code)
+    line["ok"] = ok.into();
+    (line, ok)
+}
+
+fn report(result: Result<Value, Failure>) -> ExitCode {
+    report_with(result.map_err(|f| (f, json!({}))))
+}
+
+/// Like `report`, for failures that still carry fields (what was done before failing).
+fn report_with(result: Result<Value, (Failure, Value)>) -> ExitCode {
+    let (line, ok) = result_line(result);
+    emit(&line);
+    ExitCode::from(if ok { 0 } else { 1 })
 }
 
 fn exit_on_error(result: io::Result<()>) -> ExitCode {
@@ -168,29 +401,44 @@ fn remaining(deadline: Instant) -> Result<Duration, Failure> {
 fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<(), Failure> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    echo(&mut stream, deadline)
+}
+
+/// Sends the payload on `stream` and checks that it comes back before `deadline`.
+fn echo(stream: &mut TcpStream, deadline: Instant) -> Result<(), Failure> {
     stream.set_write_timeout(Some(remaining(deadline)?))?;
     stream.write_all(PAYLOAD)?;
     stream.set_read_timeout(Some(remaining(deadline)?))?;
-    let mut echo = [0; PAYLOAD.len()];
-    stream.read_exact(&mut echo).map_err(|err| {
+    let mut reply = [0; PAYLOAD.len()];
+    read_exact(stream, &mut reply, "connection closed before the echo")?;
+    check_echo(&reply)
+}
+
+/// `read_exact`, with an early end reported as a protocol error.
+fn read_exact(stream: &mut TcpStream, buf: &mut [u8], eof: &str) -> Result<(), Failure> {
+    stream.read_exact(buf).map_err(|err| {
         if err.kind() == io::ErrorKind::UnexpectedEof {
-            protocol_error("connection closed before the echo".to_owned())
+            protocol_error(eof.to_owned())
         } else {
             Failure::from(err)
         }
-    })?;
-    check_echo(&echo)
+    })
+}
+
+/// An unbound UDP socket of `addr`'s family.
+fn udp_socket_for(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let unspecified = match addr {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    UdpSocket::bind((unspecified, 0))
 }
 
 /// Uses an unconnected socket and `sendto`, so a cgroup egress drop surfaces as the
 /// `sendto` error (EPERM) and the reply is matched by its source address.
 fn udp_send(addr: SocketAddr, timeout: Duration) -> Result<(), Failure> {
     let deadline = Instant::now() + timeout;
-    let unspecified = match addr {
-        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
-    let socket = UdpSocket::bind((unspecified, 0))?;
+    let socket = udp_socket_for(addr)?;
     socket.send_to(PAYLOAD, addr)?;
     let mut buf = [0; 2 * PAYLOAD.len()];
     loop {
@@ -214,15 +462,13 @@ fn check_echo(echo: &[u8]) -> Result<(), Failure> {
 }
 
 /// Tells the test that the socket is bound, so it never races the server.
-fn announce_listening() -> io::Result<()> {
-    let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{}", serde_json::json!({ "listening": true }))?;
-    stdout.flush()
+fn announce_listening() {
+    emit(&json!({ "listening": true }));
 }
 
 fn serve_tcp(addr: SocketAddr) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    announce_listening()?;
+    announce_listening();
     // Per-connection failures (resets, a client that gives up) must not stop the server.
     for stream in listener.incoming().flatten() {
         thread::spawn(move || echo_tcp(stream));
@@ -238,11 +484,328 @@ fn echo_tcp(stream: TcpStream) -> io::Result<u64> {
 
 fn serve_udp(addr: SocketAddr) -> io::Result<()> {
     let socket = UdpSocket::bind(addr)?;
-    announce_listening()?;
+    announce_listening();
     let mut buf = [0; 65536];
     loop {
         let (len, peer) = socket.recv_from(&mut buf)?;
         // A reply that cannot be sent is the client's timeout to report, not a server error.
         let _ = socket.send_to(&buf[..len], peer);
     }
+}
+
+/// Runs `resolve-connect` for each name. With one name, the exit status is its result;
+/// with `--names-file`, every name gets a result line and the exit status is 0.
+fn resolve_connect_all(rc: &ResolveConnect) -> ExitCode {
+    let mut last = ExitCode::SUCCESS;
+    for name in &rc.names {
+        last = report_with(resolve_connect(rc, name));
+    }
+    if rc.each { ExitCode::SUCCESS } else { last }
+}
+
+/// Resolves `name`, then at once connects to its first address and checks an echo.
+/// Reports `addr`, `resolve_us` (query sent to answer parsed) and `connect_us` (the
+/// `connect` call alone).
+fn resolve_connect(rc: &ResolveConnect, name: &str) -> Result<Value, (Failure, Value)> {
+    let mut fields = json!({ "name": name, "addr": null });
+    let started = Instant::now();
+    let answer = lookup(name, &rc.lookup, rc.timeout);
+    fields["resolve_us"] = micros(started.elapsed()).into();
+    let addr = match answer.and_then(|msg| first_address(&msg, rc.lookup.rtype)) {
+        Ok(addr) => addr,
+        Err(f) => return Err((f.during("dns"), fields)),
+    };
+    fields["addr"] = addr.to_string().into();
+    let target = SocketAddr::new(addr, rc.port);
+    let started = Instant::now();
+    let connected = TcpStream::connect_timeout(&target, rc.timeout);
+    fields["connect_us"] = micros(started.elapsed()).into();
+    let result = connected
+        .map_err(|e| Failure::from(e).during("connect"))
+        .and_then(|mut stream| {
+            echo(&mut stream, Instant::now() + rc.timeout).map_err(|f| f.during("echo"))
+        });
+    match result {
+        Ok(()) => Ok(fields),
+        Err(f) => Err((f, fields)),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A random query id, as a stub resolver picks one.
+fn random_id() -> u16 {
+    let mut id = [0u8; 2];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n == 2 {
+        u16::from_ne_bytes(id)
+    } else {
+        std::process::id() as u16
+    }
+}
+
+/// A standard recursive query for `name` (its case kept as given).
+fn query_message(name: &str, rtype: RecordType, id: u16) -> Result<Vec<u8>, Failure> {
+    let name = Name::from_ascii(name).map_err(|e| protocol_error(format!("bad name: {e}")))?;
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name, rtype));
+    msg.to_vec()
+        .map_err(|e| protocol_error(format!("cannot encode the query: {e}")))
+}
+
+/// Sends one query and returns the matching answer.
+fn lookup(name: &str, how: &Lookup, timeout: Duration) -> Result<Message, Failure> {
+    let id = random_id();
+    let query = query_message(name, how.rtype, id)?;
+    let deadline = Instant::now() + timeout;
+    let answer = if how.tcp {
+        exchange_tcp(how.server, &query, deadline)?
+    } else {
+        exchange_udp(how.server, &query, id, deadline)?
+    };
+    let msg = parse_answer(&answer)?;
+    if msg.metadata.id != id {
+        return Err(protocol_error(format!(
+            "answer id {} for query {id}",
+            msg.metadata.id
+        )));
+    }
+    Ok(msg)
+}
+
+fn parse_answer(bytes: &[u8]) -> Result<Message, Failure> {
+    let msg = Message::from_vec(bytes).map_err(|e| protocol_error(format!("bad answer: {e}")))?;
+    if msg.metadata.message_type != MessageType::Response {
+        return Err(protocol_error("a query where an answer was due".to_owned()));
+    }
+    Ok(msg)
+}
+
+/// Over UDP: the first datagram from the server carrying our id.
+fn exchange_udp(
+    server: SocketAddr,
+    query: &[u8],
+    id: u16,
+    deadline: Instant,
+) -> Result<Vec<u8>, Failure> {
+    let socket = udp_socket_for(server)?;
+    socket.connect(server)?;
+    socket.send(query)?;
+    let mut buf = [0; 65535];
+    loop {
+        socket.set_read_timeout(Some(remaining(deadline)?))?;
+        let len = socket.recv(&mut buf)?;
+        if len >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+            return Ok(buf[..len].to_vec());
+        }
+    }
+}
+
+/// Over TCP: each message behind its 2-byte length.
+fn exchange_tcp(server: SocketAddr, query: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure> {
+    let mut stream = TcpStream::connect_timeout(&server, remaining(deadline)?)?;
+    let len = u16::try_from(query.len()).map_err(|_| protocol_error("query too long".into()))?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    stream.write_all(&framed)?;
+    stream.set_read_timeout(Some(remaining(deadline)?))?;
+    let mut len = [0; 2];
+    read_exact(&mut stream, &mut len, "connection closed before the answer")?;
+    let mut answer = vec![0; usize::from(u16::from_be_bytes(len))];
+    read_exact(
+        &mut stream,
+        &mut answer,
+        "connection closed inside the answer",
+    )?;
+    Ok(answer)
+}
+
+/// The first address of the answer section (of the type asked for).
+fn first_address(msg: &Message, rtype: RecordType) -> Result<IpAddr, Failure> {
+    addresses(msg)
+        .into_iter()
+        .find(|a| a.is_ipv4() == (rtype == RecordType::A))
+        .ok_or_else(|| {
+            protocol_error(format!(
+                "no {rtype} record in the answer (rcode {})",
+                msg.metadata.response_code
+            ))
+        })
+}
+
+/// Every A and AAAA record of the answer section, in order.
+fn addresses(msg: &Message) -> Vec<IpAddr> {
+    msg.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connects, prints `{"connected":true}`, then exchanges a line every `interval` until
+/// `duration` has passed. Fails at the first echo that does not come back.
+/// Reports how many exchanges succeeded, also on failure.
+fn tcp_hold(hold: &TcpHold) -> Result<Value, (Failure, Value)> {
+    let mut stream = TcpStream::connect_timeout(&hold.addr, HOLD_TIMEOUT).map_err(|e| {
+        (
+            Failure::from(e).during("connect"),
+            json!({ "exchanges": 0 }),
+        )
+    })?;
+    emit(&json!({ "connected": true }));
+    let end = Instant::now() + hold.duration;
+    let mut exchanges = 0u64;
+    loop {
+        if let Err(f) = echo(&mut stream, Instant::now() + HOLD_TIMEOUT) {
+            return Err((f.during("echo"), json!({ "exchanges": exchanges })));
+        }
+        exchanges += 1;
+        if Instant::now() + hold.interval > end {
+            return Ok(json!({ "exchanges": exchanges }));
+        }
+        thread::sleep(hold.interval);
+    }
+}
+
+/// Sends a query with a chosen id from a fresh port, prints `{"sent":true,"port":P}`, then
+/// one line per datagram that comes back to that port (`from`, `id`, `addrs`), until
+/// `count` have come. Reports how many came, also on failure.
+fn query_wait(qw: &QueryWait) -> Result<Value, (Failure, Value)> {
+    let received = |n: usize| move |f: Failure| (f, json!({ "received": n }));
+    let socket = udp_socket_for(qw.server).map_err(|e| received(0)(e.into()))?;
+    let port = send_query(&socket, qw).map_err(received(0))?;
+    emit(&json!({ "sent": true, "port": port }));
+    let deadline = Instant::now() + qw.timeout;
+    let mut buf = [0; 65535];
+    for n in 0..qw.count {
+        let (len, from) = recv_until(&socket, &mut buf, deadline).map_err(received(n))?;
+        let mut line = json!({ "from": from.to_string() });
+        match Message::from_vec(&buf[..len]) {
+            Ok(msg) => {
+                line["id"] = msg.metadata.id.into();
+                line["addrs"] = addresses(&msg).iter().map(ToString::to_string).collect();
+            }
+            Err(e) => line["malformed"] = e.to_string().into(),
+        }
+        emit(&line);
+    }
+    Ok(json!({ "received": qw.count }))
+}
+
+/// Sends `qw`'s query; returns the local port it left from.
+fn send_query(socket: &UdpSocket, qw: &QueryWait) -> Result<u16, Failure> {
+    let query = query_message(&qw.name, RecordType::A, qw.id)?;
+    socket.send_to(&query, qw.server)?;
+    Ok(socket.local_addr()?.port())
+}
+
+fn recv_until(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(usize, SocketAddr), Failure> {
+    socket.set_read_timeout(Some(remaining(deadline)?))?;
+    Ok(socket.recv_from(buf)?)
+}
+
+/// Sends an answer claiming `name` is at `a`, from `src` port 53 to `dst:dport`, whatever
+/// `src` is: the IP header is written here (a raw socket with IP_HDRINCL).
+fn forge_answer(f: &Forgery) -> Result<(), Failure> {
+    let name = Name::from_ascii(&f.name).map_err(|e| protocol_error(format!("bad name: {e}")))?;
+    let mut msg = Message::new(f.id, MessageType::Response, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.metadata.recursion_available = true;
+    msg.add_query(Query::query(name.clone(), RecordType::A));
+    msg.add_answer(Record::from_rdata(name, FORGED_TTL, RData::A(A(f.a))));
+    let dns = msg
+        .to_vec()
+        .map_err(|e| protocol_error(format!("cannot encode the answer: {e}")))?;
+    let packet = ipv4_udp_packet(f.src, f.dst, DNS_PORT, f.dport, &dns);
+    send_raw(f.dst, &packet)
+}
+
+/// An IPv4 header (checksum and id left to the kernel) and a UDP header with its checksum.
+fn ipv4_udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    const IPV4_HEADER: usize = 20;
+    const UDP_HEADER: usize = 8;
+    let udp_len = (UDP_HEADER + data.len()) as u16;
+    let total = (IPV4_HEADER + usize::from(udp_len)) as u16;
+    let mut p = Vec::with_capacity(usize::from(total));
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let mut udp = Vec::with_capacity(usize::from(udp_len));
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(data);
+    let mut pseudo = Vec::with_capacity(12 + udp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_UDP as u8]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    pseudo.extend_from_slice(&udp);
+    // 0 means "no checksum" in UDP over IPv4; a sum of 0 is sent as all ones.
+    let sum = match internet_checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&udp);
+    p
+}
+
+/// RFC 1071.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn send_raw(dst: Ipv4Addr, packet: &[u8]) -> Result<(), Failure> {
+    // SAFETY: plain socket creation; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `packet` and `to` are valid for the lengths passed; IPPROTO_RAW implies
+    // IP_HDRINCL, so the kernel sends `packet` as the whole IP datagram.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::close(fd) };
+    if sent < 0 { Err(err.into()) } else { Ok(()) }
 }
