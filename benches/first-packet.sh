@@ -154,7 +154,7 @@ dns:
   resolvers: [$SERVER_V6]
 EOF
 mkdir "$CGROUP"
-RUST_LOG=info "$agent_bin" run --config "$work/policy.yaml" --cgroup "$CGROUP" \
+RUST_LOG=info "$agent_bin" run --config "$work/policy.yaml" --cgroup "$CGROUP" --listen 127.0.0.1:0 \
     >"$work/events.jsonl" 2>"$work/agent.log" &
 agent_pid=$!
 pids+=("$agent_pid")

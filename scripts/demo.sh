@@ -251,7 +251,7 @@ if [ -n "$config" ]; then
   # also keeps a copy to tell when it has attached. tee ignores Ctrl-C, so that it still
   # passes on the counters the agent logs when Ctrl-C stops it; it ends with the agent.
   log "starting egress-agent (audit mode, cgroup $cg)"
-  "$agent" run --config "$config" --mode audit --cgroup "$cg" \
+  "$agent" run --config "$config" --mode audit --cgroup "$cg" --listen 127.0.0.1:0 \
     2> >(trap '' INT && exec tee "$agent_log" >&2) &
   agent_pid=$!
   wait_attached
@@ -313,7 +313,7 @@ start_server serve-udp 203.0.113.10 123
 
 # Not under ip netns exec: that mounts a fresh /sys, hiding the cgroup2 mount from the agent.
 log "starting egress-agent (audit mode, cgroup $cg)"
-"$agent" run --config scripts/demo-policy.yaml --mode audit --cgroup "$cg" \
+"$agent" run --config scripts/demo-policy.yaml --mode audit --cgroup "$cg" --listen 127.0.0.1:0 \
   >"$events" 2>"$agent_log" &
 agent_pid=$!
 wait_attached

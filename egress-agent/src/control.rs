@@ -1,6 +1,7 @@
 //! The agent's control task: the one owner of the kernel state (the enforcer and its maps)
 //! and of the DNS learner. It applies DNS answers, expires learned addresses once a second,
-//! applies policy reloads, and on stop detaches everything and reports the counters.
+//! applies policy reloads, publishes the counters for `/metrics` once a second, and on stop
+//! detaches everything and reports the counters.
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,6 +20,7 @@ use crate::{
     },
     events::decode,
     loader::{Enforcer, Stats},
+    metrics::Snapshot,
     policy::{Mode, Policy},
     run::settings,
 };
@@ -52,6 +54,21 @@ pub struct Report {
 }
 
 impl Control {
+    /// The counters for `/metrics`; a failed read only skips this publication.
+    fn publish(&self, snapshots: &watch::Sender<Option<Snapshot>>) {
+        match self.enforcer.stats() {
+            Ok(stats) => {
+                let _ = snapshots.send(Some(Snapshot {
+                    stats,
+                    learner: self.learner.counters,
+                    learned: self.learner.learned().count(),
+                    learned_capacity: self.learned_capacity,
+                }));
+            }
+            Err(e) => log::warn!("reading counters for /metrics: {e}"),
+        }
+    }
+
     /// Applies a reloaded policy; on error the running policy stays in force (a compile
     /// error changes nothing; a kernel map error mid-way is logged as such).
     fn reload(&mut self, policy: Policy) -> anyhow::Result<()> {
@@ -99,8 +116,10 @@ impl Control {
         mut self,
         dns_ring: RingBuf<MapData>,
         mut reloads: mpsc::Receiver<Policy>,
+        snapshots: watch::Sender<Option<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Report> {
+        self.publish(&snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register_with_interest(dns_ring, Interest::READABLE) }
             .map_err(std::io::Error::from)?;
@@ -119,7 +138,10 @@ impl Control {
                     }
                     guard.clear_ready();
                 }
-                _ = tick.tick() => self.learner.expire(&mut self.enforcer, boot_time_ns())?,
+                _ = tick.tick() => {
+                    self.learner.expire(&mut self.enforcer, boot_time_ns())?;
+                    self.publish(&snapshots);
+                }
                 Some(policy) = reloads.recv() => {
                     if let Err(e) = self.reload(policy) {
                         log::error!("policy reload failed: {e:#}; the running policy stays in force");
@@ -129,6 +151,7 @@ impl Control {
             }
         }
         let stats = self.enforcer.stats().context("reading counters")?;
+        let _ = snapshots.send(None);
         drop(self.enforcer);
         Ok(Report {
             stats,

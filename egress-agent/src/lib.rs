@@ -6,6 +6,7 @@ pub mod control;
 pub mod dns;
 pub mod events;
 pub mod loader;
+pub mod metrics;
 pub mod policy;
 pub mod presets;
 pub mod reload;

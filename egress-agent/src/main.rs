@@ -1,5 +1,5 @@
 //! `egress-agent`: the command line.
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use egress_agent::{
@@ -33,6 +33,9 @@ enum Command {
         /// Also enforce traffic leaving this interface (TC), e.g. forwarded pod traffic.
         #[arg(long = "interface")]
         interfaces: Vec<String>,
+        /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one.
+        #[arg(long, env = "EGRESS_LISTEN", default_value = "127.0.0.1:9977")]
+        listen: SocketAddr,
     },
     /// Validate a policy and print its effective rules, one per line.
     Check {
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
             mode,
             cgroup,
             interfaces,
+            listen,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
                     mode,
                     cgroup,
                     interfaces,
+                    listen,
                 }))
             }),
     };

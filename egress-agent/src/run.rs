@@ -1,6 +1,6 @@
 //! `egress-agent run`: load, fill, attach, report, reload on change, and detach on
 //! SIGTERM/SIGINT.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
@@ -16,6 +16,7 @@ use crate::{
     dns::{learner::Learner, resolvers},
     events,
     loader::Enforcer,
+    metrics,
     policy::{self, DnsSettings, Mode},
     reload,
 };
@@ -26,6 +27,7 @@ pub struct RunOptions {
     pub mode: Option<Mode>,
     pub cgroup: Option<PathBuf>,
     pub interfaces: Vec<String>,
+    pub listen: SocketAddr,
 }
 
 /// Events each CPU may emit per second, and in a burst: enough to see every distinct
@@ -73,6 +75,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
+    let listener = metrics::bind(opts.listen).await?;
+    log::info!(
+        "serving /metrics, /healthz and /readyz on http://{}",
+        listener.local_addr()?
+    );
 
     let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
         .context("loading the kernel programs")?;
@@ -118,14 +125,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let server = tokio::spawn(metrics::serve(listener, snapshot_rx));
     let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), reload_tx));
-    let mut control = tokio::spawn(control.run(dns_ring, reload_rx, stop_rx));
+    let mut control = tokio::spawn(control.run(dns_ring, reload_rx, snapshot_tx, stop_rx));
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
         r = reader => Err(task_failure("the event reader", r)),
         r = watcher => Err(task_failure("the policy watcher", r)),
+        r = server => Err(task_failure("the metrics server", r)),
         r = &mut control => {
             return Err(match r {
                 Ok(Ok(_)) => anyhow::anyhow!("the control task stopped"),

@@ -936,7 +936,8 @@ pub fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -
     agent
 }
 
-/// `run --config POLICY --cgroup CGROUP`.
+/// `run --config POLICY --cgroup CGROUP --listen 127.0.0.1:0` (a free port: tests run
+/// agents side by side).
 pub fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
     vec![
         "run".into(),
@@ -944,6 +945,8 @@ pub fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
         policy.path().into(),
         "--cgroup".into(),
         cgroup.path().into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
     ]
 }
 

@@ -87,3 +87,79 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     let held = held.finish();
     assert_ok(&held, "the connection established before the reload");
 }
+
+/// `GET path` on the agent's metrics listener: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// The value of one sample (`name{labels}`) in a Prometheus text exposition.
+fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_and_health_endpoints_answer() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(&allow_only(&REMOTE_V4_A.to_string()));
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let _servers = [
+        Server::tcp(&topo.server, None, REMOTE_V4_A, HTTPS),
+        Server::tcp(&topo.server, None, REMOTE_V4_B, HTTPS),
+    ];
+    let agent = start_agent(&policy, &cgroup, None);
+    let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .expect("the listener's address")
+        .trim()
+        .to_owned();
+
+    assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
+    assert!(http_get(&addr, "/nope").0.contains("404"));
+
+    let cg = Some(&cgroup);
+    assert_ok(&probe_tcp(&topo.client, cg, REMOTE_V4_A, HTTPS), "allowed");
+    assert_timeout(&probe_tcp(&topo.client, cg, REMOTE_V4_B, HTTPS), "denied");
+    // Counters are published once a second.
+    let deadline = std::time::Instant::now() + RELOAD_TIMEOUT;
+    let body = loop {
+        let (status, body) = http_get(&addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        if sample(&body, "egress_packets_total{verdict=\"dropped\"}").is_some_and(|v| v >= 1) {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drop counted in /metrics:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sample(&body, "egress_ready"), Some(1));
+    assert!(sample(&body, "egress_packets_total{verdict=\"allowed\"}").is_some_and(|v| v >= 1));
+    assert_eq!(sample(&body, "egress_learned_addresses"), Some(0));
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').expect("`series value`");
+        assert!(value.parse::<u64>().is_ok(), "{line}");
+        assert!(name.starts_with("egress_"), "{line}");
+    }
+}
