@@ -5,6 +5,7 @@ use std::{
     io::{self, BufRead as _},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 /// The mount point of the cgroup2 hierarchy, from `/proc/self/mounts`.
@@ -62,22 +63,30 @@ fn octal_escape(b: &[u8]) -> Option<u8> {
 pub struct CgroupNames {
     root: PathBuf,
     known: HashMap<u64, PathBuf>,
+    /// When the hierarchy was last walked: an unknown id (a cgroup already gone, or 0 for
+    /// forwarded traffic) re-walks it at most once per `REWALK_PERIOD`, so a flood of
+    /// events cannot turn into a flood of directory walks.
+    walked: Option<Instant>,
 }
+
+const REWALK_PERIOD: Duration = Duration::from_secs(1);
 
 impl CgroupNames {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
             known: HashMap::new(),
+            walked: None,
         }
     }
 
-    /// The cgroup's path relative to the hierarchy root (`/` for the root itself), or `None`
-    /// when no cgroup has this id (any more).
+    /// The cgroup's directory, or `None` when no cgroup has this id (any more).
     pub fn path_of(&mut self, id: u64) -> Option<&Path> {
-        if !self.known.contains_key(&id) {
+        let stale = self.walked.is_none_or(|at| at.elapsed() >= REWALK_PERIOD);
+        if !self.known.contains_key(&id) && stale {
             self.known.clear();
             walk(&self.root, &mut self.known);
+            self.walked = Some(Instant::now());
         }
         self.known.get(&id).map(PathBuf::as_path)
     }
@@ -114,6 +123,26 @@ pub fn first_process(cgroup_dir: &Path) -> Option<(u32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_resolve_to_directories_and_new_ones_after_the_rewalk_period() {
+        let root = std::env::temp_dir().join(format!("egress-cgroup-names-{}", std::process::id()));
+        let first = root.join("kubepods/pod-a");
+        fs::create_dir_all(&first).expect("temp tree");
+        let ino = |p: &Path| fs::metadata(p).expect("stat").ino();
+        let mut names = CgroupNames::new(root.clone());
+        assert_eq!(names.path_of(ino(&first)), Some(first.as_path()));
+        let second = root.join("kubepods/pod-b");
+        fs::create_dir_all(&second).expect("temp tree");
+        assert_eq!(
+            names.path_of(ino(&second)),
+            None,
+            "no re-walk within the period"
+        );
+        std::thread::sleep(REWALK_PERIOD);
+        assert_eq!(names.path_of(ino(&second)), Some(second.as_path()));
+        fs::remove_dir_all(&root).expect("clean up");
+    }
 
     #[test]
     fn mount_paths_are_unescaped() {
