@@ -75,10 +75,15 @@ impl NameTable {
                 NamePattern::Exact(n) => (&mut exact, n, NAME_MAX_LABELS),
                 NamePattern::Wildcard(z) => (&mut zones, z, NAME_MAX_LABELS - 1),
             };
+            // Name the entry in the file, as the policy parser's messages do.
+            let at = || {
+                let origins: Vec<String> = rule.origins.iter().map(ToString::to_string).collect();
+                format!("{} (fqdn {pattern})", origins.join(", "))
+            };
             if name.split('.').count() > max_labels {
-                return Err(NameError::TooDeep(pattern.to_string()));
+                return Err(NameError::TooDeep(at()));
             }
-            name_entry(name, true, 0)?;
+            name_entry(name, true, 0).map_err(|_| NameError::TooLong(at()))?;
             let merged = match table.get(name) {
                 Some(p) => p.union(&rule.ports),
                 None => rule.ports.clone(),
