@@ -1026,11 +1026,13 @@ pub fn assert_reported_exactly(reported: &BTreeMap<Flow, usize>, expected: &[Flo
     assert_eq!(got, want, "reported flows (with counts: {reported:?})");
 }
 
+#[track_caller]
 pub fn assert_ok(result: &ProbeResult, what: &str) {
     assert!(result.ok, "{what} should pass: {result:?}");
 }
 
 /// A dropped SYN is silence: the connect times out.
+#[track_caller]
 pub fn assert_timeout(result: &ProbeResult, what: &str) {
     assert!(!result.ok, "{what} should be dropped: {result:?}");
     assert_eq!(
@@ -1041,6 +1043,7 @@ pub fn assert_timeout(result: &ProbeResult, what: &str) {
 }
 
 /// A dropped datagram fails the `sendto` itself.
+#[track_caller]
 pub fn assert_eperm(result: &ProbeResult, what: &str) {
     assert!(!result.ok, "{what} should be dropped: {result:?}");
     assert_eq!(
