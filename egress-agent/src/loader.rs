@@ -385,6 +385,20 @@ impl Enforcer {
         RingBuf::try_from(map).map_err(map_err(EVENTS))
     }
 
+    /// Every address in `LEARNED`.
+    pub fn learned_addresses(&self) -> Result<Vec<Addr>, LoadError> {
+        let map = self
+            .ebpf
+            .map(LEARNED)
+            .ok_or(LoadError::MissingMap(LEARNED))?;
+        let learned: HashMap<&MapData, Addr, LearnedValue> =
+            HashMap::try_from(map).map_err(map_err(LEARNED))?;
+        learned
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading LEARNED"))
+    }
+
     pub fn stats(&self) -> Result<Stats, LoadError> {
         let map = self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?;
         let stats: PerCpuArray<&MapData, u64> =
