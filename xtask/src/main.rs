@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask build-ebpf` builds the kernel object exactly as
 //! `egress-agent/build.rs` (aya-build) does, and copies it to `target/ebpf/egress` for
-//! inspection with `bpftool`, `llvm-objdump` or `readelf`.
+//! inspection with `bpftool`, `llvm-objdump` or `readelf`. `cargo xtask bench [ARGS]` runs
+//! the benchmark harness, `benches/run.sh [ARGS]` (see BENCHMARKS.md).
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -52,12 +53,30 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `benches/run.sh` with `args`; its exit status becomes ours.
+fn bench(args: Vec<String>) -> anyhow::Result<()> {
+    let script = workspace_root().join("benches/run.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .args(&args)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let task = env::args().nth(1);
+    let mut args = env::args().skip(1);
+    let task = args.next();
     let result = match task.as_deref() {
         Some("build-ebpf") => build_ebpf(),
+        Some("bench") => bench(args.collect()),
         _ => {
-            eprintln!("usage: cargo xtask build-ebpf");
+            eprintln!(
+                "usage: cargo xtask build-ebpf | cargo xtask bench [--quick] [benches/run.sh options]"
+            );
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,784 @@
+#!/usr/bin/env bash
+# The enforcer against what a platform team would run instead, in one run on one machine:
+# TCP throughput (iperf3) and connection rate from a client namespace, inside a cgroup of
+# the benchmark's own, to a server namespace, with no filter (the baseline, measured again
+# at every size), with egress-agent enforcing N allowed addresses, and with nftables (a
+# set), iptables + ipset and iptables with one rule per address holding the same N
+# addresses. Every figure is also given as a ratio to the baseline of the same size
+# (part "network"). Then the per-packet cost of the kernel program alone, through
+# BPF_PROG_TEST_RUN (`egress-bench verdict`, part "verdict"), and the agent itself: time
+# from start to enforcing, RSS and CPU idle with 1k name patterns and 65,536 learned
+# addresses, and DNS answers per second learned under a flood (part "agent").
+#
+# Everything it creates (namespaces, cgroup, processes, files) is removed when it ends,
+# also on errors and Ctrl-C. Documentation addresses only; traffic never leaves the two
+# namespaces; the agent is attached to the benchmark's child cgroup, never to the root.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: benches/run.sh [--quick] [--parts "network verdict agent"] [--sizes "10 1000 ..."]
+                      [--seconds S] [--reps R] [--idle S] [--out FILE] [--keep DIR]
+                      [--profile] [--no-build]
+
+  --quick        smoke run: sizes 10 and 1000, 2 s per measurement, idle 3 s, a short verdict run
+                 (under 2 minutes on a warm machine)
+  --sizes LIST   allowed-address counts (default: 10 1000 65536 100000 1000000; 65536 is
+                 the most the agent's CIDR map holds)
+  --seconds S    length of each iperf3 run and each connection-rate run (default 5)
+  --reps R       iperf3 runs per measurement; the median is reported (default 3)
+  --parts LIST   which parts to run (default: network verdict agent)
+  --idle S       seconds over which the agent's idle CPU is measured (default 30)
+  --out FILE     also write the report (Markdown) to FILE
+  --no-build     use the binaries in target/release as they are
+  --keep DIR     keep the work files (policies, logs, raw results) in DIR
+  --profile      record the agent with \`perf record -g\` during the fastest DNS flood and add
+                 the top of \`perf report\` to the report (needs perf)
+
+Needs root. Installs iperf3, nftables, ipset, iptables and jq with apt if missing.
+EOF
+}
+
+quick=0
+sizes="10 1000 65536 100000 1000000"
+seconds=5
+reps=3
+idle=30
+parts="network verdict agent"
+out=""
+keep_dir=""
+sizes_given=0
+profile=0
+build=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --quick) quick=1 ;;
+    --sizes)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      sizes=$2
+      sizes_given=1
+      shift
+      ;;
+    --seconds)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      seconds=$2
+      shift
+      ;;
+    --reps)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      reps=$2
+      shift
+      ;;
+    --out)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      out=$(realpath -m -- "$2")
+      shift
+      ;;
+    --parts)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      parts=$2
+      shift
+      ;;
+    --idle)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      idle=$2
+      shift
+      ;;
+    --no-build) build=0 ;;
+    --profile) profile=1 ;;
+    --keep)
+      [ $# -ge 2 ] || { usage >&2; exit 2; }
+      keep_dir=$(realpath -m -- "$2")
+      shift
+      ;;
+    *)
+      echo "run.sh: unknown argument: $1" >&2
+      usage >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+omit=1
+if [ "$quick" = 1 ]; then
+  [ "$sizes_given" = 1 ] || sizes="10 1000"
+  seconds=2
+  reps=1
+  omit=0
+  idle=3
+fi
+for p in $parts; do
+  case $p in network | verdict | agent) ;; *) echo "run.sh: unknown part $p" >&2; exit 2 ;; esac
+done
+has_part() { case " $parts " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+case $idle in '' | *[!0-9]* | 0) echo "run.sh: --idle must be a positive number" >&2; exit 2 ;; esac
+[ "$idle" -le 300 ] || { echo "run.sh: --idle must be at most 300" >&2; exit 2; }
+case $seconds in '' | *[!0-9]*) echo "run.sh: --seconds must be a whole number" >&2; exit 2 ;; esac
+case $reps in '' | *[!0-9]* | 0) echo "run.sh: --reps must be a positive number" >&2; exit 2 ;; esac
+if [ "$seconds" -lt 1 ] || [ "$seconds" -gt 60 ]; then
+  echo "run.sh: --seconds must be 1..60" >&2
+  exit 2
+fi
+for n in $sizes; do
+  case $n in '' | *[!0-9]* | 0) echo "run.sh: bad size $n" >&2; exit 2 ;; esac
+  [ "$n" -le 2000000 ] || { echo "run.sh: sizes above 2000000 are not supported" >&2; exit 2; }
+done
+
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*" >&2; }
+die() {
+  printf 'run.sh: %s\n' "$*" >&2
+  exit 1
+}
+now_ns() {
+  local t=${EPOCHREALTIME/./}
+  echo "${t}000"
+}
+ms_since() { echo $((($(now_ns) - $1) / 1000000)); }
+
+[ "$(id -u)" = 0 ] || die "run as root (namespaces, cgroups, eBPF, nftables)"
+
+# --- What the benchmark needs ---------------------------------------------------------------
+
+packages=(iperf3 nftables ipset iptables jq iproute2)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if [ "$build" = 1 ]; then
+  log "building egress-agent and egress-bench (release)"
+  cargo build --release -p egress-agent -p egress-bench
+fi
+agent=$PWD/target/release/egress-agent
+bench=$PWD/target/release/egress-bench
+if [ ! -x "$agent" ] || [ ! -x "$bench" ]; then
+  die "missing $agent or $bench (drop --no-build)"
+fi
+
+cgroot=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+if [ -z "$cgroot" ] || [ ! -d "$cgroot" ]; then
+  die "no cgroup2 mount in /proc/mounts"
+fi
+
+# --- Names, addresses, and the guard that removes everything -----------------------------
+
+id=$$
+ns_c=egb-c-$id
+ns_s=egb-s-$id
+cg=$cgroot/egress-bench-$id
+work=$(mktemp -d /tmp/egress-bench.XXXXXX)
+# The topology's link, then the traffic target: the LAST address of every allowed list
+# (`egress-bench addresses N` ends with it), so a rule list is walked to its end.
+link_c=2001:db8:ffff::1
+link_s=2001:db8:ffff::2
+target=2001:db8::10
+# On the server too, but in no allowed list: checks that each filter really filters.
+denied=2001:db8:ffff:1::20
+iperf_port=5201
+conn_port=5301
+conn_ports=8
+pids=()
+
+running() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
+# Stops our child $1: SIGTERM, SIGKILL after $2 seconds (default 3), then reaps it.
+stop_pid() {
+  local pid=$1 grace=${2:-3} i
+  running "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < grace * 20; i++)); do
+    running "$pid" || break
+    sleep 0.05
+  done
+  running "$pid" && kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
+}
+
+# Forgets a child that has been stopped and reaped, so its pid, once reused by an
+# unrelated process, is never signalled.
+forget_pid() {
+  local keep=() pid
+  for pid in "${pids[@]}"; do [ "$pid" = "$1" ] || keep+=("$pid"); done
+  pids=("${keep[@]}")
+}
+
+cleanup() {
+  local rc=$? pid i
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do stop_pid "$pid" 2; done
+  if [ -d "$cg" ]; then
+    echo 1 >"$cg/cgroup.kill" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+      [ -z "$(cat "$cg/cgroup.procs" 2>/dev/null)" ] && break
+      sleep 0.05
+    done
+    for ((i = 0; i < 100; i++)); do
+      rmdir "$cg" 2>/dev/null && break
+      sleep 0.05
+    done
+    [ -d "$cg" ] && echo "run.sh: could not remove cgroup $cg" >&2
+  fi
+  ip netns delete "$ns_c" 2>/dev/null || true
+  ip netns delete "$ns_s" 2>/dev/null || true
+  if [ -n "$keep_dir" ]; then
+    mkdir -p "$keep_dir" && cp -r "$work/." "$keep_dir/" || echo "run.sh: could not keep $work in $keep_dir" >&2
+  fi
+  rm -rf -- "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+case $cg in "$cgroot"/egress-bench-*) ;; *) die "refusing cgroup $cg" ;; esac
+mkdir "$cg"
+
+# Runs a command in the client namespace, inside the benchmark cgroup (joined before
+# `ip netns exec`, which hides the cgroup2 mount behind a fresh /sys).
+in_client() {
+  # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
+  sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec ip netns exec "$@"' sh "$cg" "$ns_c" "$@"
+}
+
+log "topology: $ns_c ($link_c) <-> $ns_s ($link_s, $target), cgroup $cg"
+ip netns add "$ns_c"
+ip netns add "$ns_s"
+ip -n "$ns_c" link set lo up
+ip -n "$ns_s" link set lo up
+ip link add egbc$id netns "$ns_c" type veth peer name egbs$id netns "$ns_s"
+ip -n "$ns_c" link set "egbc$id" up
+ip -n "$ns_s" link set "egbs$id" up
+ip -n "$ns_c" -6 addr add "$link_c/64" dev "egbc$id" nodad
+ip -n "$ns_s" -6 addr add "$link_s/64" dev "egbs$id" nodad
+ip -n "$ns_s" -6 addr add "$target/128" dev lo nodad
+ip -n "$ns_s" -6 addr add "$denied/128" dev lo nodad
+ip -n "$ns_c" -6 route add default via "$link_s"
+ip netns exec "$ns_s" iperf3 -s -B "$target" -p "$iperf_port" >"$work/iperf3-server.log" 2>&1 &
+pids+=($!)
+ip netns exec "$ns_s" "$bench" serve "$target" "$conn_port" "$conn_ports" >"$work/serve.log" 2>&1 &
+pids+=($!)
+ip netns exec "$ns_s" "$bench" serve "$denied" "$conn_port" 1 >"$work/serve-denied.log" 2>&1 &
+pids+=($!)
+for ((i = 0; i < 100; i++)); do
+  grep -q listening "$work/serve.log" && grep -q listening "$work/serve-denied.log" &&
+    ip netns exec "$ns_s" ss -Hltn "sport = :$iperf_port" | grep -q . && break
+  sleep 0.05
+done
+# The link carries traffic once a connection from the client gets through (carrier and
+# neighbour discovery settle asynchronously).
+reachable() {
+  ip netns exec "$ns_c" "$bench" conn-rate "$1" "$conn_port" 1 --seconds 0.2 --threads 1 \
+    --timeout-ms 200 2>/dev/null | jq -e '.connections > 0' >/dev/null
+}
+for ((i = 0; i < 50; i++)); do
+  reachable "$target" && reachable "$denied" && break
+  sleep 0.1
+done
+if ! reachable "$target" || ! reachable "$denied"; then
+  die "the topology carries no traffic"
+fi
+
+# --- Measurements ----------------------------------------------------------------------------
+
+# One line per (size, peer): size peer load_ms gbit conn_per_s conn_failed enforced spread note
+results=$work/results.tsv
+: >"$results"
+
+median() {
+  sort -g | awk '{ v[NR] = $1 } END { if (!NR) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Throughput (Gbit/s, median of $reps iperf3 runs), connection rate (conn/s) and whether a
+# connection to the denied address fails; prints "gbit conn failed enforced".
+measure() {
+  local r json gbits=() gbit spread conn enforced
+  for ((r = 0; r < reps; r++)); do
+    if json=$(in_client timeout $((seconds + 20)) iperf3 -6 -c "$target" -p "$iperf_port" \
+      -t "$seconds" -O "$omit" -J 2>/dev/null); then
+      gbits+=("$(jq -r '.end.sum_received.bits_per_second / 1e9' <<<"$json")")
+    else
+      gbits+=(0)
+    fi
+  done
+  gbit=$(printf '%s\n' "${gbits[@]}" | median)
+  # The spread of the runs, for the report: min-max.
+  spread=$(printf '%s\n' "${gbits[@]}" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }')
+  conn=$(in_client timeout $((seconds + 20)) "$bench" conn-rate "$target" "$conn_port" \
+    "$conn_ports" --seconds "$seconds" --threads 2 --timeout-ms 1000 2>>"$work/conn.err") ||
+    conn='{"per_sec":0,"failed":-1}'
+  # The denied address: a filter that filters lets no connection through.
+  enforced=$(in_client timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
+    --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end') ||
+    enforced=error
+  printf '%s %s %s %s %s\n' "$gbit" "$(jq -r .per_sec <<<"$conn")" "$(jq -r .failed <<<"$conn")" "$enforced" "$spread"
+}
+
+record() { # size peer load_ms "measure output" note...
+  local size=$1 peer=$2 load=$3 m=$4
+  shift 4
+  printf '%s\t%s\t%s\t%s\t%s\n' "$size" "$peer" "$load" "${m// /$'\t'}" "$*" >>"$results"
+  log "$size $peer: load ${load} ms, $m ${*}"
+}
+
+# Unusable peers are not tried at larger sizes.
+declare -A unusable=()
+# Loading longer than this makes a peer unusable.
+load_limit=60
+
+# Starts the agent on policy $1; sets agent_pid, and attach_ms (start to the `attached:`
+# line) or agent_error. Stderr lines are stamped with the time they arrived.
+start_agent() {
+  local policy=$1 log_file=$2 t0 i line
+  agent_error=""
+  attach_ms=""
+  t0=$(now_ns)
+  RUST_LOG=info,egress_agent::loader=debug "$agent" run --config "$policy" --mode enforce --cgroup "$cg" \
+    >"$work/agent.out" 2> >(while IFS= read -r line; do printf '%s000 %s\n' "${EPOCHREALTIME/./}" "$line"; done >"$log_file") &
+  agent_pid=$!
+  pids+=("$agent_pid")
+  for ((i = 0; i < load_limit * 50; i++)); do
+    if line=$(grep -m1 ' attached: ' "$log_file" 2>/dev/null); then
+      attach_ms=$(((${line%% *} - t0) / 1000000))
+      start_phases "$log_file" "$t0"
+      return 0
+    fi
+    if ! running "$agent_pid"; then
+      wait "$agent_pid" 2>/dev/null || true
+      forget_pid "$agent_pid"
+      sleep 0.2 # let the stamping reader drain
+      agent_error=$(grep -m1 'egress-agent:' "$log_file" | cut -d' ' -f2- || true)
+      agent_error="${agent_error:-exited} after $(ms_since "$t0") ms"
+      return 1
+    fi
+    sleep 0.02
+  done
+  agent_error="not attached after ${load_limit} s"
+  stop_pid "$agent_pid" 5
+  forget_pid "$agent_pid"
+  return 1
+}
+
+# Milliseconds in a Rust Duration's Debug form (1.2s, 228.3ms, 950µs).
+duration_ms() {
+  awk '{ v = $1; if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 } else if (v ~ /µs$/) { sub(/µs$/, "", v); print v / 1000 } else if (v ~ /ns$/) { print 0 } else { sub(/s$/, "", v); print v * 1000 } }'
+}
+
+# From a stamped agent log: verify_eg, verify_in (verifier ms), pre_ms (start to the first
+# program's verification: reading, parsing and compiling the policy, parsing the object),
+# post_ms (the last verification to `attached:`: filling the maps and attaching).
+start_phases() {
+  local log_file=$1 t0=$2 le li la
+  le=$(grep -m1 'egress_cgroup verified and loaded in' "$log_file" || true)
+  li=$(grep -m1 'ingress_cgroup verified and loaded in' "$log_file" || true)
+  la=$(grep -m1 ' attached: ' "$log_file" || true)
+  verify_eg=$(duration_ms <<<"${le##* loaded in }")
+  verify_in=$(duration_ms <<<"${li##* loaded in }")
+  pre_ms=nan
+  post_ms=nan
+  if [ -n "$le" ] && [ -n "$li" ] && [ -n "$la" ]; then
+    pre_ms=$(awk -v t="${le%% *}" -v t0="$t0" -v v="$verify_eg" 'BEGIN { printf "%.0f", (t - t0) / 1e6 - v }')
+    post_ms=$(awk -v a="${la%% *}" -v i="${li%% *}" 'BEGIN { printf "%.0f", (a - i) / 1e6 }')
+  fi
+}
+
+agent_rss() { # pid -> "VmRSS VmHWM" in KiB
+  awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } END { print r + 0, h + 0 }' "/proc/$1/status" 2>/dev/null || echo "0 0"
+}
+
+nft_clean() { ip netns exec "$ns_c" nft flush ruleset 2>/dev/null || true; }
+ipt_clean() {
+  ip netns exec "$ns_c" ip6tables -P OUTPUT ACCEPT 2>/dev/null || true
+  ip netns exec "$ns_c" ip6tables -F OUTPUT 2>/dev/null || true
+  ip netns exec "$ns_c" ipset destroy 2>/dev/null || true
+  nft_clean
+}
+
+uptime_before=$(uptime)
+run_started=$(now_ns)
+if has_part network; then
+  for n in $sizes; do
+    addrs=$work/addrs-$n
+    "$bench" addresses "$n" >"$addrs"
+    [ "$(tail -n1 "$addrs")" = "$target" ] || die "the address list does not end with $target"
+
+    # Baseline: no filter at all.
+    record "$n" baseline 0 "$(measure)"
+
+    # The enforcer: the agent with a policy of N single-host CIDR entries, every port.
+    policy=$work/policy-$n.yaml
+    { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$policy"
+    if [ -n "${unusable[agent]:-}" ]; then
+      record "$n" agent - "- - - - -" "not tried: ${unusable[agent]}"
+    elif start_agent "$policy" "$work/agent-$n.log"; then
+      read -r rss hwm < <(agent_rss "$agent_pid")
+      record "$n" agent "$attach_ms" "$(measure)" \
+        "start: policy+object ${pre_ms} ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps+attach ${post_ms} ms; RSS $((rss / 1024)) MiB, peak $((hwm / 1024)) MiB"
+      stop_pid "$agent_pid" 10
+      forget_pid "$agent_pid"
+    else
+      record "$n" agent - "- - - - -" "refused: $agent_error"
+    fi
+
+    # nftables: an output chain in the client namespace, the addresses in a set.
+    if [ -n "${unusable[nft]:-}" ]; then
+      record "$n" nft - "- - - - -" "not tried: ${unusable[nft]}"
+    else
+      f=$work/nft-$n.nft
+      {
+        echo "table inet egbench {"
+        echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
+        echo "  chain out {"
+        echo "    type filter hook output priority 0; policy drop;"
+        echo "    ct state established,related accept"
+        echo "    oifname \"lo\" accept"
+        echo "    meta l4proto ipv6-icmp accept"
+        echo "    ip6 daddr @allowed accept"
+        echo "  }"
+        echo "}"
+        awk -v chunk=10000 '
+          (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
+          { printf "%s%s", sep, $1; sep = ", " }
+          END { if (NR) print " }" }' "$addrs"
+      } >"$f"
+      t0=$(now_ns)
+      if timeout "$load_limit" ip netns exec "$ns_c" nft -f "$f" 2>"$work/nft.err"; then
+        load=$(ms_since "$t0")
+        record "$n" nft "$load" "$(measure)"
+      else
+        unusable[nft]="loading $n elements failed or took over ${load_limit} s ($(head -c 200 "$work/nft.err"))"
+        record "$n" nft - "- - - - -" "${unusable[nft]}"
+      fi
+      nft_clean
+    fi
+
+    # iptables + ipset: one hash:ip set, one rule that matches it.
+    if [ -n "${unusable[ipset]:-}" ]; then
+      record "$n" ipset - "- - - - -" "not tried: ${unusable[ipset]}"
+    else
+      f=$work/ipset-$n
+      hashsize=1024
+      while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
+      {
+        echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
+        sed 's/^/add egbench /' "$addrs"
+      } >"$f"
+      {
+        echo "*filter"
+        echo ":OUTPUT DROP [0:0]"
+        echo "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        echo "-A OUTPUT -o lo -j ACCEPT"
+        echo "-A OUTPUT -p ipv6-icmp -j ACCEPT"
+        echo "-A OUTPUT -m set --match-set egbench dst -j ACCEPT"
+        echo "COMMIT"
+      } >"$f.rules"
+      t0=$(now_ns)
+      if timeout "$load_limit" ip netns exec "$ns_c" ipset restore -f "$f" 2>"$work/ipset.err" &&
+        timeout "$load_limit" ip netns exec "$ns_c" ip6tables-restore "$f.rules" 2>>"$work/ipset.err"; then
+        load=$(ms_since "$t0")
+        record "$n" ipset "$load" "$(measure)"
+      else
+        unusable[ipset]="loading $n elements failed or took over ${load_limit} s ($(head -c 200 "$work/ipset.err"))"
+        record "$n" ipset - "- - - - -" "${unusable[ipset]}"
+      fi
+      ipt_clean
+    fi
+
+    # iptables with one rule per address, the traffic's address last.
+    if [ -n "${unusable[iptables]:-}" ]; then
+      record "$n" iptables - "- - - - -" "not tried: ${unusable[iptables]}"
+    else
+      f=$work/ip6tables-$n
+      {
+        echo "*filter"
+        echo ":OUTPUT DROP [0:0]"
+        echo "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        echo "-A OUTPUT -o lo -j ACCEPT"
+        echo "-A OUTPUT -p ipv6-icmp -j ACCEPT"
+        sed 's|^\(.*\)$|-A OUTPUT -d \1/128 -j ACCEPT|' "$addrs"
+        echo "COMMIT"
+      } >"$f"
+      t0=$(now_ns)
+      if timeout "$load_limit" ip netns exec "$ns_c" ip6tables-restore "$f" 2>"$work/ipt.err"; then
+        load=$(ms_since "$t0")
+        m=$(measure)
+        record "$n" iptables "$load" "$m"
+        # A connection rate under 1% of the baseline's is unusable: larger sizes only get worse.
+        base_conn=$(awk -F'\t' -v n="$n" '$1 == n && $2 == "baseline" { print $5 }' "$results")
+        read -r _ conn _ _ _ <<<"$m"
+        if awk -v c="$conn" -v b="$base_conn" 'BEGIN { exit !(c < b / 100) }'; then
+          unusable[iptables]="at $n rules the connection rate fell below 1 % of the baseline"
+        fi
+      else
+        unusable[iptables]="loading $n rules failed or took over ${load_limit} s ($(head -c 200 "$work/ipt.err"))"
+        record "$n" iptables - "- - - - -" "${unusable[iptables]}"
+      fi
+      ipt_clean
+    fi
+  done
+fi
+# --- The agent: start to enforcing, resources, DNS learning --------------------------------
+
+agent_md=$work/agent.md
+: >"$agent_md"
+
+cpu_ticks() { # pid -> utime + stime, in clock ticks
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  # shellcheck disable=SC2086 # split the fields on purpose
+  set -- $stat
+  echo $((${12} + ${13}))
+}
+clk_tck=$(getconf CLK_TCK)
+
+# "cpu% rss_MiB hwm_MiB" of the agent over $2 seconds.
+agent_usage() {
+  local pid=$1 secs=$2 t0 c0 c1 t1 rss hwm
+  t0=$(now_ns)
+  c0=$(cpu_ticks "$pid")
+  sleep "$secs"
+  c1=$(cpu_ticks "$pid")
+  t1=$(now_ns)
+  read -r rss hwm < <(agent_rss "$pid")
+  awk -v c=$((c1 - c0)) -v hz="$clk_tck" -v ns=$((t1 - t0)) -v r="$rss" -v h="$hwm" \
+    'BEGIN { printf "%.2f %.1f %.1f\n", 100 * c / hz / (ns / 1e9), r / 1024, h / 1024 }'
+}
+
+# Stops the agent and prints its DNS counters: agent answers, agent learned, kernel
+# answers, kernel learned, kernel unmatched, kernel ring lost, agent evicted.
+stop_agent_counters() {
+  local log_file=$1 line i
+  stop_pid "$agent_pid" 10
+  forget_pid "$agent_pid"
+  for ((i = 0; i < 50; i++)); do
+    line=$(grep -m1 ' dns: answers ' "$log_file" 2>/dev/null) && break
+    sleep 0.1
+  done
+  sed -E 's/.*dns: answers ([0-9]+) learned ([0-9]+) \(kernel: answers ([0-9]+) learned ([0-9]+) untrusted [0-9]+ unsolicited [0-9]+ unmatched ([0-9]+) malformed [0-9]+ lost ([0-9]+)\).* evicted ([0-9]+).*/\1 \2 \3 \4 \5 \6 \7/' <<<"${line:-}"
+}
+
+if has_part agent; then
+  log "the agent: start to enforcing, resources, DNS learning"
+  ip netns exec "$ns_s" "$bench" dns-serve "$link_s" 53 >"$work/dns-serve.log" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 100; i++)); do
+    grep -q listening "$work/dns-serve.log" && break
+    sleep 0.05
+  done
+  grep -q listening "$work/dns-serve.log" || die "the DNS server did not start: $(cat "$work/dns-serve.log")"
+
+  names=4096 # answers of 16 addresses each: 65,536 learned addresses, the most LEARNED holds
+  zones=1000
+  dns_policy=$work/policy-dns.yaml
+  {
+    echo "mode: enforce"
+    echo "dns:"
+    echo "  resolvers: [$link_s]"
+    echo "  max_ips: 65536"
+    echo "  max_ips_per_name: 65536"
+    echo "allow:"
+    for ((z = 0; z < zones; z++)); do
+      echo "  - fqdn: \"*.z$z.bench.test\""
+      echo "    ports: [HTTPS:443]"
+    done
+  } >"$dns_policy"
+  cidr_policy=$work/policy-cidr-65536.yaml
+  { echo "mode: enforce"; echo "allow:"; "$bench" addresses 65536 | sed 's/^/  - cidr: /'; } >"$cidr_policy"
+
+  # Start to enforcing: repeated starts of the 1k-pattern policy.
+  starts=5
+  [ "$quick" = 1 ] && starts=2
+  : >"$work/starts"
+  for ((k = 0; k < starts; k++)); do
+    start_agent "$dns_policy" "$work/agent-start-$k.log" || die "the agent did not start: $agent_error"
+    echo "$attach_ms $pre_ms ${verify_eg:-nan} ${verify_in:-nan} $post_ms" >>"$work/starts"
+    stop_pid "$agent_pid" 10
+    forget_pid "$agent_pid"
+  done
+  # Idle with the largest CIDR policy the agent takes.
+  start_agent "$cidr_policy" "$work/agent-start-cidr.log" || die "the agent did not start: $agent_error"
+  cidr_start="$attach_ms ms (policy and object $pre_ms ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps and attach $post_ms ms)"
+  read -r cidr_cpu cidr_rss cidr_hwm < <(agent_usage "$agent_pid" "$idle")
+  stop_pid "$agent_pid" 10
+  forget_pid "$agent_pid"
+
+  # Idle with 1k patterns, nothing learned; then with 65,536 learned addresses.
+  start_agent "$dns_policy" "$work/agent-idle.log" || die "the agent did not start: $agent_error"
+  read -r idle0_cpu idle0_rss idle0_hwm < <(agent_usage "$agent_pid" "$idle")
+  fill=$(in_client timeout 60 "$bench" dns-flood "$link_s" 53 --names "$names" --zones "$zones" \
+    --count "$names" --rate 2000 --seconds 30)
+  sleep 2
+  read -r idle1_cpu idle1_rss idle1_hwm < <(agent_usage "$agent_pid" "$idle")
+  read -r fa_ans fa_learned fk_ans fk_learned _ fk_lost fa_evicted < <(stop_agent_counters "$work/agent-idle.log")
+
+  # The flood: answers for allowed names at a given rate (0: as fast as the client and
+  # server go), through the real path; the agent's CPU over the flood.
+  if [ "$quick" = 1 ]; then rates="5000 0"; else rates="2000 3000 5000 10000 25000 50000 0"; fi
+  : >"$work/flood"
+  for rate in $rates; do
+    start_agent "$dns_policy" "$work/agent-flood-$rate.log" || die "the agent did not start: $agent_error"
+    c0=$(cpu_ticks "$agent_pid")
+    t0=$(now_ns)
+    perf_pid=""
+    if [ "$profile" = 1 ] && [ "$rate" = 0 ] && command -v perf >/dev/null; then
+      perf record -q -F 997 -g -p "$agent_pid" -o "$work/perf-flood.data" -- sleep "$seconds" \
+        >/dev/null 2>&1 &
+      perf_pid=$!
+      pids+=("$perf_pid")
+    fi
+    f=$(in_client timeout $((seconds + 30)) "$bench" dns-flood "$link_s" 53 --names "$names" \
+      --zones "$zones" --rate "$rate" --seconds "$seconds" --window 512)
+    if [ -n "$perf_pid" ]; then
+      wait "$perf_pid" 2>/dev/null || true
+      forget_pid "$perf_pid"
+    fi
+    c1=$(cpu_ticks "$agent_pid")
+    t1=$(now_ns)
+    read -r _ rss hwm < <(agent_usage "$agent_pid" 0)
+    cpu=$(awk -v c=$((c1 - c0)) -v hz="$clk_tck" -v ns=$((t1 - t0)) 'BEGIN { printf "%.1f", 100 * c / hz / (ns / 1e9) }')
+    cpu_ms=$(((c1 - c0) * 1000 / clk_tck))
+    counters=$(stop_agent_counters "$work/agent-flood-$rate.log")
+    echo "$rate $(jq -r '"\(.sent_per_sec) \(.answers_per_sec) \(.answers)"' <<<"$f") $counters $cpu $rss $hwm $cpu_ms" >>"$work/flood"
+    log "flood $rate: $f / $counters / cpu $cpu%"
+  done
+
+  {
+    echo
+    echo "### The agent"
+    echo
+    echo "Policy: $zones wildcard name patterns (\`*.z<i>.bench.test\`, TCP 443), trusted resolver $link_s;"
+    echo "answers carry 16 AAAA records each, for $names names: $((names * 16)) distinct addresses."
+    echo
+    echo "Start to enforcing (process start to the \`attached:\` line), 1k patterns, $starts starts:"
+    echo
+    echo "| | median | min | max |"
+    echo "|---|---:|---:|---:|"
+    for col in 1 2 3 4 5; do
+      case $col in
+        1) what="start to attached (ms)" ;;
+        2) what="… reading and compiling the policy, parsing the object (ms)" ;;
+        3) what="… egress_cgroup verifier (ms)" ;;
+        4) what="… ingress_cgroup verifier (ms)" ;;
+        5) what="… filling the maps and attaching (ms)" ;;
+      esac
+      awk -v c="$col" '{ print $c }' "$work/starts" | sort -g | awk -v w="$what" '{ v[NR] = $1 } END { printf "| %s | %.0f | %.0f | %.0f |\n", w, v[int((NR + 1) / 2)], v[1], v[NR] }'
+    done
+    echo
+    echo "With 65,536 CIDR entries instead: start to attached $cidr_start."
+    echo
+    echo "Resources (CPU in % of one core over the interval; RSS and peak RSS in MiB):"
+    echo
+    echo "| state | CPU % | RSS | HWM |"
+    echo "|---|---:|---:|---:|"
+    echo "| idle ${idle} s, 1k patterns, nothing learned | $idle0_cpu | $idle0_rss | $idle0_hwm |"
+    echo "| idle ${idle} s, 1k patterns, after learning (agent: ${fa_learned:-?} addresses from ${fa_ans:-?} answers; kernel: ${fk_learned:-?} from ${fk_ans:-?}, ring lost ${fk_lost:-?}, agent evicted ${fa_evicted:-?}) | $idle1_cpu | $idle1_rss | $idle1_hwm |"
+    echo "| idle ${idle} s, 65,536 CIDR entries | $cidr_cpu | $cidr_rss | $cidr_hwm |"
+    while read -r rate _ aps _ _ _ _ _ _ _ _ cpu rss hwm _; do
+      echo "| DNS flood at $([ "$rate" = 0 ] && echo "full speed" || echo "$rate/s") ($aps answers/s) | $cpu | $rss | $hwm |"
+    done <"$work/flood"
+    echo
+    echo "Fill: \`$(tr -d '\n' <<<"$fill")\`"
+    echo
+    echo "DNS flood ($seconds s each; an agent started afresh for each rate; counters from its exit log):"
+    echo
+    echo "| offered /s | sent /s | answers /s (client) | answers (client) | kernel answers | kernel learned | kernel unmatched | ring lost | agent answers | agent learned | agent evicted | agent CPU µs / answer | none lost |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    while read -r rate sps aps answers a_ans a_learned k_ans k_learned k_unm k_lost a_ev _ _ _ cpu_ms; do
+      ok=no
+      if [ "${k_lost:-1}" = 0 ] && [ "${a_ans:-0}" = "$((k_ans - k_unm))" ] && [ "$k_ans" -ge "$answers" ]; then ok=yes; fi
+      per=$(awk -v c="$cpu_ms" -v a="$a_ans" 'BEGIN { if (a > 0) printf "%.0f", c * 1000 / a; else print "-" }')
+      echo "| $([ "$rate" = 0 ] && echo "max" || echo "$rate") | $sps | $aps | $answers | $k_ans | $k_learned | $k_unm | $k_lost | $a_ans | $a_learned | $a_ev | $per | $ok |"
+    done <"$work/flood"
+    if [ -f "$work/perf-flood.data" ]; then
+      echo
+      echo "Profile of the agent during the fastest flood (\`perf report --no-children\`, top entries):"
+      echo
+      echo '```text'
+      perf report -i "$work/perf-flood.data" --no-children --stdio --percent-limit 1.5 -g none \
+        2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+      echo '```'
+    fi
+  } >>"$agent_md"
+fi
+run_ms=$(ms_since "$run_started")
+uptime_after=$(uptime)
+
+# --- Report ------------------------------------------------------------------------------
+
+report=$work/report.md
+{
+  echo "## Run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "- machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
+  if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
+  else
+    commit=${EGRESS_BENCH_COMMIT:-unknown}
+  fi
+  echo "- commit: $commit"
+  echo "- peers: $(iperf3 --version | head -n1 | cut -d' ' -f1-2), $(nft --version), $(ipset --version | head -n1), $(ip6tables --version)"
+  echo "- load before: ${uptime_before#*load average: }; after: ${uptime_after#*load average: }"
+  echo "- settings: parts $parts; sizes $sizes; iperf3 -t $seconds -O $omit (median of $reps); connection rate $seconds s, 2 threads, $conn_ports server ports; idle $idle s; network and agent parts took $((run_ms / 1000)) s"
+  echo
+  if has_part network; then
+    echo "### Throughput and connection rate"
+    echo
+    echo "| N | peer | load (ms) | Gbit/s | runs (Gbit/s) | × baseline | conn/s | × baseline | failed | filters | note |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    awk -F'\t' '
+      $2 == "baseline" { bg[$1] = $4; bc[$1] = $5 }
+      { row[NR] = $0 }
+      END {
+        for (i = 1; i <= NR; i++) {
+          split(row[i], f, "\t")
+          g = f[4]; c = f[5]
+          rg = (g ~ /^[0-9.]+$/ && bg[f[1]] > 0) ? sprintf("%.3f", g / bg[f[1]]) : "-"
+          rc = (c ~ /^[0-9.]+$/ && bc[f[1]] > 0) ? sprintf("%.3f", c / bc[f[1]]) : "-"
+          gs = (g ~ /^[0-9.]+$/) ? sprintf("%.2f", g) : g
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], gs, f[8], rg, c, rc, f[6], f[7], f[9]
+        }
+      }' "$results"
+    echo
+    echo "\"filters\": a connection to an address on the server that is in no allowed list failed (yes),"
+    echo "as it must under every filter and must not under the baseline."
+  fi
+} >"$report"
+
+if has_part verdict; then
+  log "per-packet cost (BPF_PROG_TEST_RUN)"
+  if [ "$quick" = 1 ]; then
+    vargs=(--sizes "10,1000" --raised-sizes "10,100000" --repeat 200000 --flows 5000 --trials 3)
+  else
+    vargs=(--sizes "$(echo "$sizes" | tr ' ' ',')" --raised-sizes "$(echo "$sizes" | tr ' ' ',')"
+      --repeat 1000000 --flows 20000 --trials 5)
+  fi
+  {
+    echo
+    echo "### Per-packet cost: \`egress-bench verdict ${vargs[*]}\`"
+    echo
+    "$bench" verdict "${vargs[@]}"
+  } >>"$report"
+fi
+
+cat "$agent_md" >>"$report"
+
+cat "$report"
+if [ -n "$out" ]; then
+  cp "$report" "$out"
+  log "report written to $out"
+fi
