@@ -3,6 +3,10 @@
 //! (`ingress_cgroup`), and `LEARNED` and the counters show what the kernel made of it.
 //! Needs root (CAP_BPF); in CI (`CI=true`) a missing privilege fails the test instead of
 //! skipping it.
+
+mod common;
+
+use common::privileged;
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -43,19 +47,6 @@ const APP: &str = "app.example.com";
 const ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const ID: u16 = 0x1234;
 const TTL: u32 = 300;
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "BPF tests need root and CI=true forbids skipping them"
-    );
-    eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-    false
-}
 
 // ---- DNS messages ---------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
 //! The kernel verdict on crafted packets, through `BPF_PROG_TEST_RUN`: the real object, the
 //! real verifier, the maps as the agent fills them. Needs root (CAP_BPF); in CI (`CI=true`)
 //! a missing privilege fails the test instead of skipping it.
+
+mod common;
+
+use common::privileged;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{
@@ -27,19 +31,6 @@ allow:
     ports: [TCP:443]
   - cidr: 198.51.100.200
 ";
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "BPF tests need root and CI=true forbids skipping them"
-    );
-    eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-    false
-}
 
 fn enforcer(mode: Mode) -> Enforcer {
     let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
