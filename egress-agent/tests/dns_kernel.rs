@@ -26,6 +26,17 @@ use egress_common::{DNS_MAX_PAYLOAD, DnsEvent, proto};
 
 const PASS: u32 = 1;
 
+/// One event reached the agent, naming the one address the kernel learned (`ADDR`).
+fn assert_learned_reported(events: &[DnsEvent], what: &str) {
+    assert_eq!(events.len(), 1, "{what}: one event");
+    assert_eq!(events[0].learned, 1, "{what}");
+    assert_eq!(
+        events[0].addrs[0],
+        ADDR.to_ipv6_mapped().octets(),
+        "{what}: the event names the learned address"
+    );
+}
+
 const POLICY: &str = "
 allow:
   - fqdn: app.example.com
@@ -741,7 +752,8 @@ fn hostile_answer_records_teach_nothing_else() {
     }
 
     // The kernel learns while it walks: records before the one that breaks stay learned,
-    // and no event tells the agent about them.
+    // and the event names them, so that the agent (whose parser refuses the answer) takes
+    // them back.
     let mut many = app_answer();
     set16(&mut many, ANCOUNT_AT, 0xffff);
     let malformed_after_one = Stats {
@@ -750,11 +762,11 @@ fn hostile_answer_records_teach_nothing_else() {
     };
     assert_eq!(dns.reply(&many), malformed_after_one, "ancount 0xffff");
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
-    assert!(dns.events().is_empty(), "ancount 0xffff");
+    assert_learned_reported(&dns.events(), "ancount 0xffff");
 
     // The kernel never follows an owner's compression pointer, so a loop cannot trap it;
     // it attributes the record to the question, as it does every A record. (The agent's
-    // parser rejects the loop, so the agent cannot take the address back.)
+    // parser rejects the loop, and takes the address, named in the event, back.)
     let start = Message::response(ID, APP);
     let itself = pointer(start.len());
     let looped = start.answer(&itself, TYPE_A, &ADDR.octets()).bytes();
@@ -805,6 +817,7 @@ fn only_records_in_the_first_2048_bytes_are_learned() {
     };
     assert_eq!(dns.reply(&straddling), malformed_after_one);
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
+    assert_learned_reported(&dns.events(), "a record straddling byte 2048");
 
     // All answers are within the first 2048 bytes; the additional section is not.
     let head = Message::response(ID, APP)

@@ -236,12 +236,18 @@ pub struct DnsEvent {
     pub client: Addr,
     /// Bytes of `payload` in use.
     pub len: u16,
-    /// Addresses the kernel learned from this answer.
+    /// Addresses the kernel learned from this answer: the first `learned` of `addrs`.
     pub learned: u16,
     pub _pad: u32,
+    /// What the kernel wrote into `LEARNED`, so that the agent can take back every address
+    /// its own parse of the answer does not justify (also when it cannot parse it at all).
+    pub addrs: [Addr; DNS_MAX_LEARNED],
     /// The DNS message (for TCP, without its length prefix).
     pub payload: [u8; DNS_MAX_PAYLOAD],
 }
+
+/// Answer records the kernel walks and may learn from, at most.
+pub const DNS_MAX_LEARNED: usize = 16;
 
 /// `EVENTS`: `RingBuf` of [`Event`]s, one per dropped or audited packet, rate limited.
 pub const EVENTS: &str = "EVENTS";
@@ -338,7 +344,10 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 40);
         assert_eq!(size_of::<NameKey>(), 128);
         assert_eq!(size_of::<QueryKey>(), 40);
-        assert_eq!(size_of::<DnsEvent>(), 40 + DNS_MAX_PAYLOAD);
+        assert_eq!(
+            size_of::<DnsEvent>(),
+            40 + 16 * DNS_MAX_LEARNED + DNS_MAX_PAYLOAD
+        );
         assert_eq!(size_of::<Event>(), 32);
         assert_eq!(align_of::<Event>(), 8);
     }

@@ -8,10 +8,10 @@
 //! bounds whatever the message says; the message's own lengths are checked against `len`.
 use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN, NAME_MAX_LABELS,
-    NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED,
-    STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings,
-    proto, v4_mapped,
+    ALL_PORTS, Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
+    NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
+    STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
+    STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
 };
 
 use crate::{
@@ -24,7 +24,7 @@ const DNS_PORT: u16 = 53;
 const MASK: usize = DNS_MAX_PAYLOAD - 1;
 const HEADER_LEN: usize = 12;
 /// Answer records the kernel walks; later ones are left to the agent.
-const MAX_ANSWERS: usize = 16;
+const MAX_ANSWERS: usize = DNS_MAX_LEARNED;
 /// Steps of the answer walk: a compressed owner name and its record take two.
 const MAX_ANSWER_STEPS: usize = 2 * MAX_ANSWERS + 8;
 const TYPE_A: u16 = 1;
@@ -94,7 +94,11 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, settings: &Settings, now: u64) {
     };
     if let Err(stat) = learn(msg, work, settings, now) {
         count(stat);
-        return;
+        // Addresses learned before the error still go to the agent, which takes back
+        // whatever its own parse does not justify.
+        if msg.learned == 0 {
+            return;
+        }
     }
     // SAFETY: as above.
     let asked = unsafe { core::ptr::read_volatile(&work.query) };
@@ -329,7 +333,9 @@ fn learn(m: &mut DnsEvent, work: &mut DnsWork, settings: &Settings, now: u64) ->
                 byte(m, pos + 7),
             ]);
             remember_address(&addr, port_set, ttl, settings, now);
-            m.learned += 1;
+            let n = get16(&m.learned);
+            m.addrs[usize::from(n) % DNS_MAX_LEARNED] = addr;
+            m.learned = n + 1;
             count(STAT_DNS_LEARNED);
         }
         put(&mut work.pos, (pos + 10 + rdlen) as u32);

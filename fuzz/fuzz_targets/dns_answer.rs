@@ -22,7 +22,9 @@ use egress_agent::{
     dns::learner::{LearnedStore, Learner},
     policy::{Policy, parse},
 };
-use egress_common::{Addr, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET, PortKey, proto};
+use egress_common::{
+    Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET, PortKey, proto,
+};
 use libfuzzer_sys::fuzz_target;
 
 const POLICY: &str = "
@@ -187,6 +189,7 @@ fn event(msg: &[u8]) -> DnsEvent {
         len: u16::try_from(msg.len()).expect("at most DNS_MAX_PAYLOAD"),
         learned: 0,
         _pad: 0,
+        addrs: [[0; 16]; DNS_MAX_LEARNED],
         payload,
     }
 }

@@ -137,48 +137,65 @@ impl Learner {
         now + u64::from(secs) * NS_PER_SEC
     }
 
-    /// Handles one answer the kernel learned from.
+    /// Handles one answer the kernel learned from. Every address the kernel wrote that this
+    /// answer does not justify (off the CNAME chain, or in an answer the agent cannot parse)
+    /// is taken back, unless another answer justifies it.
     pub fn answer(
         &mut self,
         store: &mut impl LearnedStore,
         event: &DnsEvent,
         now: u64,
     ) -> anyhow::Result<()> {
+        let justified = self.justify(store, event, now)?;
+        let kernel = &event.addrs[..usize::from(event.learned).min(event.addrs.len())];
+        for addr in kernel.iter().filter(|a| !justified.contains(*a)) {
+            // Rewrites a tracked address without this answer's ports; removes the rest.
+            self.sync(store, addr, now, true)?;
+        }
+        Ok(())
+    }
+
+    /// Learns what the answer justifies; returns those addresses.
+    fn justify(
+        &mut self,
+        store: &mut impl LearnedStore,
+        event: &DnsEvent,
+        now: u64,
+    ) -> anyhow::Result<HashSet<Addr>> {
+        let mut changed = HashSet::new();
         let len = usize::from(event.len).min(event.payload.len());
         let Ok(msg) = Message::from_vec(&event.payload[..len]) else {
             self.counters.malformed += 1;
-            return Ok(());
+            return Ok(changed);
         };
         let [query] = msg.queries.as_slice() else {
             self.counters.malformed += 1;
-            return Ok(());
+            return Ok(changed);
         };
         if msg.metadata.message_type != MessageType::Response {
             self.counters.malformed += 1;
-            return Ok(());
+            return Ok(changed);
         }
         let qname = lower_name(&query.name);
-        if self.names.lookup(&qname).is_none() {
+        // A label holding a dot (`x\.zone`) is one label to DNS but would split into two
+        // here; the kernel never matches such a name, and neither does the agent.
+        if qname.contains('\\') || self.names.lookup(&qname).is_none() {
             self.counters.unmatched += 1;
-            return Ok(());
+            return Ok(changed);
         }
         self.counters.answers += 1;
         let chain = cname_chain(&msg, &qname);
-        let mut changed = HashSet::new();
         for record in &msg.answers {
             let addr: IpAddr = match &record.data {
                 RData::A(a) => a.0.into(),
                 RData::AAAA(a) => a.0.into(),
                 _ => continue,
             };
-            let key = to_key(addr);
             if !chain.contains(&lower_name(&record.name)) {
                 self.counters.off_chain += 1;
-                if !self.by_addr.contains_key(&key) {
-                    store.remove(&key)?;
-                }
                 continue;
             }
+            let key = to_key(addr);
             let expires = self.expiry(record.ttl, now);
             let entry = self.by_addr.entry(key).or_default();
             let at = entry.entry(qname.clone()).or_insert(0);
@@ -199,10 +216,10 @@ impl Learner {
         }
         self.bound_name(store, &qname, now)?;
         self.bound_total(store, now)?;
-        for addr in changed {
-            self.sync(store, &addr, now, false)?;
+        for addr in &changed {
+            self.sync(store, addr, now, false)?;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Drops (name, address) pairs whose TTL has run out.
@@ -294,9 +311,10 @@ impl Learner {
     }
 
     /// Makes the kernel's entry for `addr` what the bookkeeping says: the union of the ports
-    /// of every name it is still valid for, until the last of them expires. `evicting`
-    /// removes it outright when no name is left; otherwise a later expiry written by the
-    /// kernel (from an answer still queued for the agent) is kept.
+    /// of every name it is still valid for, until the last of them expires. Otherwise a
+    /// later expiry and a second port set written by the kernel (from an answer still queued
+    /// for the agent) are kept; `evicting` (taking something back) drops them, and removes
+    /// the entry outright when no name is left.
     fn sync(
         &mut self,
         store: &mut impl LearnedStore,
@@ -337,7 +355,8 @@ impl Learner {
         let port_set = self.port_set(store, &ports)?;
         let mut expires_ns = live.values().copied().max().unwrap_or(now);
         let mut extra_set = NO_PORT_SET;
-        if let Some(cur) = current.filter(|v| v.expires_ns > now) {
+        // When taking something back, what the kernel wrote is exactly what must go.
+        if let Some(cur) = current.filter(|v| v.expires_ns > now && !evicting) {
             expires_ns = expires_ns.max(cur.expires_ns);
             // A name the kernel learned this address through, whose answer is still queued.
             if cur.extra_set != NO_PORT_SET && cur.extra_set != port_set {
@@ -397,7 +416,7 @@ pub fn to_key(addr: IpAddr) -> Addr {
 mod tests {
     use std::str::FromStr as _;
 
-    use egress_common::DNS_MAX_PAYLOAD;
+    use egress_common::{DNS_MAX_LEARNED, DNS_MAX_PAYLOAD};
     use hickory_proto::{
         op::{Message, MessageType, OpCode, Query},
         rr::{
@@ -482,6 +501,7 @@ dns:
             len: bytes.len() as u16,
             learned: 0,
             _pad: 0,
+            addrs: [[0; 16]; DNS_MAX_LEARNED],
             payload,
         }
     }
@@ -535,30 +555,83 @@ dns:
         );
     }
 
+    /// What the kernel did with an answer: wrote each of `addrs` for the question's name.
+    fn kernel_wrote(store: &mut FakeStore, event: &mut DnsEvent, addrs: &[&str]) {
+        for (i, ip) in addrs.iter().enumerate() {
+            let k = key(ip);
+            store.learned.insert(
+                k,
+                LearnedValue {
+                    port_set: 0,
+                    extra_set: NO_PORT_SET,
+                    expires_ns: T0 + 86_400 * NS_PER_SEC,
+                },
+            );
+            event.addrs[i] = k;
+        }
+        event.learned = addrs.len() as u16;
+    }
+
     #[test]
     fn records_off_the_chain_are_taken_back() {
         let mut store = FakeStore::default();
-        // What the kernel wrote: it attributes every A record of the answer to the name.
-        store.learned.insert(
-            key("198.51.100.66"),
-            LearnedValue {
-                port_set: 0,
-                extra_set: NO_PORT_SET,
-                expires_ns: T0 + NS_PER_SEC,
-            },
-        );
         let mut l = learner();
-        let ev = answer(
+        let mut ev = answer(
             "mcr.microsoft.com.",
             vec![
                 a("mcr.microsoft.com.", 60, "203.0.113.7"),
                 a("evil.example.", 60, "198.51.100.66"),
             ],
         );
+        // The kernel attributes every A record of the answer to the question's name.
+        kernel_wrote(&mut store, &mut ev, &["203.0.113.7", "198.51.100.66"]);
         l.answer(&mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.off_chain, 1);
         assert!(!store.learned.contains_key(&key("198.51.100.66")));
         assert!(store.learned.contains_key(&key("203.0.113.7")));
+    }
+
+    #[test]
+    fn what_the_kernel_learned_from_an_answer_the_agent_cannot_parse_is_taken_back() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        let good = answer(
+            "mcr.microsoft.com.",
+            vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
+        );
+        // A broken record after the good ones: the kernel learned, hickory refuses.
+        let mut bytes = good.payload[..usize::from(good.len)].to_vec();
+        bytes[11] = 1; // arcount 1, and no additional record follows
+        let mut ev = event(&bytes);
+        kernel_wrote(&mut store, &mut ev, &["203.0.113.7"]);
+        l.answer(&mut store, &ev, T0).expect("answer");
+        assert_eq!(l.counters.malformed, 1);
+        assert!(store.learned.is_empty());
+    }
+
+    #[test]
+    fn a_label_holding_a_dot_never_matches_a_zone() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        let name = Name::from_labels(vec![
+            b"x.hcp".to_vec(),
+            b"eastus".to_vec(),
+            b"azmk8s".to_vec(),
+            b"io".to_vec(),
+        ])
+        .expect("name");
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            name,
+            60,
+            RData::A(A::from_str("203.0.113.9").expect("ipv4")),
+        ));
+        let mut ev = event(&m.to_vec().expect("encodes"));
+        kernel_wrote(&mut store, &mut ev, &["203.0.113.9"]);
+        l.answer(&mut store, &ev, T0).expect("answer");
+        assert_eq!(l.counters.unmatched, 1);
+        assert!(store.learned.is_empty());
     }
 
     #[test]
