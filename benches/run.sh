@@ -145,16 +145,9 @@ ms_since() { echo $((($(now_ns) - $1) / 1000000)); }
 
 # --- What the benchmark needs ---------------------------------------------------------------
 
-packages=(iperf3 nftables ipset iptables jq iproute2)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
+ensure_packages iperf3 nftables ipset iptables jq iproute2
 if [ "$build" = 1 ]; then
   log "building egress-agent and egress-bench (release)"
   cargo build --release -p egress-agent -p egress-bench

@@ -13,16 +13,9 @@ fi
 
 # Debian packages: LLVM 22 for bpf-linker (the nightly's LLVM major), iproute2/bpftool for
 # namespaces and inspection, and the real peers the tests use (dnsmasq, dig, curl).
-packages=(llvm-22-dev iproute2 bpftool dnsmasq-base dnsutils curl iperf3 nftables)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
+ensure_packages llvm-22-dev iproute2 bpftool dnsmasq-base dnsutils curl iperf3 nftables
 
 # The kernel side builds with the nightly toolchain and needs core's source.
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
