@@ -14,9 +14,7 @@ use aya::{
 };
 use egress_common::{
     Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, EVENTS, LEARNED, LearnedValue, NAMES, NameKey,
-    PORTS, PortKey, RESOLVERS, SETTINGS, STAT_ALLOWED, STAT_AUDITED, STAT_DNS_ANSWERS,
-    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
-    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED, STAT_EVENTS_LOST, STATS, Settings,
+    PORTS, PortKey, RESOLVERS, SETTINGS, Settings,
 };
 
 use crate::{
@@ -70,9 +68,11 @@ pub enum LoadError {
 /// The kernel's counters, summed over CPUs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
-    pub allowed: u64,
-    pub dropped: u64,
-    pub audited: u64,
+    /// Packets allowed, dropped (enforce mode) and audited (audit mode: passed, would have
+    /// been dropped), by protocol. Each packet a program decides is in exactly one of them.
+    pub allowed: ByProto,
+    pub dropped: ByProto,
+    pub audited: ByProto,
     pub events_lost: u64,
     pub dns_answers: u64,
     pub dns_learned: u64,
@@ -81,6 +81,48 @@ pub struct Stats {
     pub dns_unmatched: u64,
     pub dns_malformed: u64,
     pub dns_events_lost: u64,
+}
+
+/// One verdict's packets by protocol (`egress_common::STAT_PROTO_*`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ByProto {
+    pub tcp: u64,
+    pub udp: u64,
+    /// ICMP and ICMPv6.
+    pub icmp: u64,
+    /// Other protocols, and packets whose headers could not be read.
+    pub other: u64,
+}
+
+impl ByProto {
+    pub fn total(&self) -> u64 {
+        self.tcp + self.udp + self.icmp + self.other
+    }
+
+    /// `(protocol, packets)`, in the `STAT_PROTO_*` order, named as in `/metrics`.
+    pub fn by_name(&self) -> [(&'static str, u64); 4] {
+        [
+            ("tcp", self.tcp),
+            ("udp", self.udp),
+            ("icmp", self.icmp),
+            ("other", self.other),
+        ]
+    }
+}
+
+/// `total (tcp N udp N icmp N other N)`, for log lines.
+impl std::fmt::Display for ByProto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (tcp {} udp {} icmp {} other {})",
+            self.total(),
+            self.tcp,
+            self.udp,
+            self.icmp,
+            self.other
+        )
+    }
 }
 
 /// What the policy maps hold, so that a new policy replaces it entry by entry.
@@ -400,6 +442,12 @@ impl Enforcer {
     }
 
     pub fn stats(&self) -> Result<Stats, LoadError> {
+        use egress_common::{
+            STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
+            STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
+            STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE, STAT_EVENTS_LOST, STAT_PROTO_ICMP,
+            STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS,
+        };
         let map = self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?;
         let stats: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(map_err(STATS))?;
@@ -410,10 +458,18 @@ impl Enforcer {
                 .iter()
                 .sum())
         };
+        let by_proto = |base: u32| -> Result<ByProto, LoadError> {
+            Ok(ByProto {
+                tcp: sum(base + STAT_PROTO_TCP)?,
+                udp: sum(base + STAT_PROTO_UDP)?,
+                icmp: sum(base + STAT_PROTO_ICMP)?,
+                other: sum(base + STAT_PROTO_OTHER)?,
+            })
+        };
         Ok(Stats {
-            allowed: sum(STAT_ALLOWED)?,
-            dropped: sum(STAT_DROPPED)?,
-            audited: sum(STAT_AUDITED)?,
+            allowed: by_proto(STAT_ALLOWED_BASE)?,
+            dropped: by_proto(STAT_DROPPED_BASE)?,
+            audited: by_proto(STAT_AUDITED_BASE)?,
             events_lost: sum(STAT_EVENTS_LOST)?,
             dns_answers: sum(STAT_DNS_ANSWERS)?,
             dns_learned: sum(STAT_DNS_LEARNED)?,

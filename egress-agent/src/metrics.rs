@@ -65,10 +65,26 @@ async fn answer(mut stream: TcpStream, snapshot: Option<Snapshot>) -> std::io::R
     stream.shutdown().await
 }
 
-/// The Prometheus text exposition of a snapshot.
+/// One sample: its labels (`{k="v",...}`, or empty) and value.
+type Sample = (String, u64);
+
+fn unlabelled(value: u64) -> Vec<Sample> {
+    vec![(String::new(), value)]
+}
+
+/// One sample per value, labelled `{label="name"}`.
+fn labelled<'a>(label: &str, values: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<Sample> {
+    values
+        .into_iter()
+        .map(|(name, value)| (format!("{{{label}=\"{name}\"}}"), value))
+        .collect()
+}
+
+/// The Prometheus text exposition (format 0.0.4) of a snapshot: every family is a `# HELP`
+/// and a `# TYPE` line followed by its samples.
 pub fn render(snapshot: Option<&Snapshot>) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<Sample>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{labels} {value}");
@@ -78,116 +94,283 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
         "egress_ready",
         "gauge",
         "1 once the programs are attached with the policy loaded.",
-        &[("", u64::from(snapshot.is_some()))],
+        unlabelled(u64::from(snapshot.is_some())),
     );
     let Some(s) = snapshot else {
         return out;
     };
     let (k, l) = (&s.stats, &s.learner);
+    let mut packets = Vec::new();
+    for (verdict, by_proto) in [
+        ("allowed", &k.allowed),
+        ("dropped", &k.dropped),
+        ("audited", &k.audited),
+    ] {
+        for (proto, value) in by_proto.by_name() {
+            packets.push((
+                format!("{{verdict=\"{verdict}\",proto=\"{proto}\"}}"),
+                value,
+            ));
+        }
+    }
     metric(
         "egress_packets_total",
         "counter",
-        "Packets decided, by verdict.",
-        &[
-            ("{verdict=\"allowed\"}", k.allowed),
-            ("{verdict=\"dropped\"}", k.dropped),
-            ("{verdict=\"audited\"}", k.audited),
-        ],
+        "Packets decided, by verdict (audited: passed in audit mode, would have been dropped) and protocol (icmp includes ICMPv6; other includes unreadable headers).",
+        packets,
     );
     metric(
         "egress_events_lost_total",
         "counter",
         "Deny/audit events not delivered (rate limit or full ring buffer).",
-        &[("", k.events_lost)],
+        unlabelled(k.events_lost),
     );
     metric(
         "egress_dns_answers_total",
         "counter",
         "Trusted answers to queries seen leaving.",
-        &[("", k.dns_answers)],
+        unlabelled(k.dns_answers),
     );
     metric(
         "egress_dns_ignored_total",
         "counter",
         "DNS answers that taught nothing, by reason.",
-        &[
-            ("{reason=\"untrusted\"}", k.dns_untrusted),
-            ("{reason=\"unsolicited\"}", k.dns_unsolicited),
-            ("{reason=\"unmatched\"}", k.dns_unmatched),
-            ("{reason=\"malformed\"}", k.dns_malformed),
-            ("{reason=\"off_chain\"}", l.off_chain),
-        ],
+        labelled(
+            "reason",
+            [
+                ("untrusted", k.dns_untrusted),
+                ("unsolicited", k.dns_unsolicited),
+                ("unmatched", k.dns_unmatched),
+                ("malformed", k.dns_malformed),
+                ("off_chain", l.off_chain),
+            ],
+        ),
     );
     metric(
         "egress_dns_learned_total",
         "counter",
         "Addresses learned from DNS answers, by the kernel (before delivery) and the agent.",
-        &[
-            ("{by=\"kernel\"}", k.dns_learned),
-            ("{by=\"agent\"}", l.learned),
-        ],
+        labelled("by", [("kernel", k.dns_learned), ("agent", l.learned)]),
     );
     metric(
         "egress_dns_removed_total",
         "counter",
         "Learned addresses removed, by reason.",
-        &[
-            ("{reason=\"evicted\"}", l.evicted),
-            ("{reason=\"expired\"}", l.expired),
-        ],
+        labelled("reason", [("evicted", l.evicted), ("expired", l.expired)]),
     );
     metric(
         "egress_dns_events_lost_total",
         "counter",
         "Learned-from answers the agent did not receive (full ring buffer).",
-        &[("", k.dns_events_lost)],
+        unlabelled(k.dns_events_lost),
     );
     metric(
         "egress_learned_addresses",
         "gauge",
         "Addresses currently learned.",
-        &[("", s.learned as u64)],
+        unlabelled(s.learned as u64),
     );
     metric(
         "egress_learned_addresses_capacity",
         "gauge",
         "Size of the learned-address map.",
-        &[("", u64::from(s.learned_capacity))],
+        unlabelled(u64::from(s.learned_capacity)),
     );
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
 
-    #[test]
-    fn not_ready_exposes_only_readiness() {
-        let text = render(None);
-        assert!(text.contains("egress_ready 0"));
-        assert!(!text.contains("egress_packets_total"));
+    use super::*;
+    use crate::loader::ByProto;
+
+    /// A sample's labels, sorted by name.
+    type Labels = BTreeMap<String, String>;
+
+    /// Parses an exposition strictly: every family is `# HELP`, `# TYPE` (counter or gauge),
+    /// then at least one sample of that name; no family or series twice; integer values.
+    fn parse(text: &str) -> BTreeMap<(String, Labels), u64> {
+        let mut samples = BTreeMap::new();
+        let mut families = Vec::<String>::new();
+        let mut lines = text.lines().peekable();
+        while let Some(help) = lines.next() {
+            let (name, doc) = help
+                .strip_prefix("# HELP ")
+                .and_then(|h| h.split_once(' '))
+                .unwrap_or_else(|| panic!("not a HELP line: {help:?}"));
+            assert!(!doc.trim().is_empty(), "empty HELP for {name}");
+            assert!(!families.contains(&name.to_owned()), "{name} twice");
+            families.push(name.to_owned());
+            let kind = lines
+                .next()
+                .and_then(|t| t.strip_prefix(&format!("# TYPE {name} ")))
+                .unwrap_or_else(|| panic!("no TYPE line after the HELP of {name}"));
+            assert!(matches!(kind, "counter" | "gauge"), "{name}: {kind}");
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name}: counters, and only they, end in _total"
+            );
+            let mut count = 0;
+            while let Some(line) = lines.next_if(|l| !l.starts_with('#')) {
+                let (series, value) = line.rsplit_once(' ').expect("`series value`");
+                let value: u64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+                let (sample_name, labels) = match series.split_once('{') {
+                    None => (series, Labels::new()),
+                    Some((n, rest)) => {
+                        let body = rest.strip_suffix('}').expect("labels end with }");
+                        let labels = body
+                            .split(',')
+                            .map(|pair| {
+                                let (k, v) = pair.split_once('=').expect("label=value");
+                                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                                (k.to_owned(), v.expect("quoted value").to_owned())
+                            })
+                            .collect();
+                        (n, labels)
+                    }
+                };
+                assert_eq!(sample_name, name, "sample outside its family: {line}");
+                let key = (name.to_owned(), labels);
+                assert!(samples.insert(key, value).is_none(), "{line} twice");
+                count += 1;
+            }
+            assert!(count > 0, "{name} has no samples");
+        }
+        samples
+    }
+
+    fn get(samples: &BTreeMap<(String, Labels), u64>, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        samples[&(name.to_owned(), labels)]
     }
 
     #[test]
-    fn every_sample_line_parses_as_name_labels_value() {
+    fn not_ready_exposes_only_readiness() {
+        let samples = parse(&render(None));
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert_eq!(get(&samples, "egress_ready", &[]), 0);
+    }
+
+    #[test]
+    fn packets_are_split_by_verdict_and_protocol() {
         let snapshot = Snapshot {
             stats: Stats {
-                allowed: 5,
-                dropped: 2,
+                allowed: ByProto {
+                    tcp: 1,
+                    udp: 2,
+                    icmp: 3,
+                    other: 4,
+                },
+                dropped: ByProto {
+                    tcp: 5,
+                    udp: 6,
+                    icmp: 7,
+                    other: 8,
+                },
+                audited: ByProto {
+                    tcp: 9,
+                    udp: 10,
+                    icmp: 11,
+                    other: 12,
+                },
                 ..Stats::default()
             },
-            learned: 3,
-            learned_capacity: 10,
             ..Snapshot::default()
         };
         let text = render(Some(&snapshot));
-        assert!(text.contains("egress_ready 1"));
-        assert!(text.contains("egress_packets_total{verdict=\"allowed\"} 5"));
-        assert!(text.contains("egress_learned_addresses 3"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (name, value) = line.rsplit_once(' ').expect("name and value");
-            assert!(value.parse::<u64>().is_ok(), "{line}");
-            assert!(name.starts_with("egress_"), "{line}");
+        let block = "\
+# HELP egress_packets_total Packets decided, by verdict (audited: passed in audit mode, would have been dropped) and protocol (icmp includes ICMPv6; other includes unreadable headers).
+# TYPE egress_packets_total counter
+egress_packets_total{verdict=\"allowed\",proto=\"tcp\"} 1
+egress_packets_total{verdict=\"allowed\",proto=\"udp\"} 2
+egress_packets_total{verdict=\"allowed\",proto=\"icmp\"} 3
+egress_packets_total{verdict=\"allowed\",proto=\"other\"} 4
+egress_packets_total{verdict=\"dropped\",proto=\"tcp\"} 5
+egress_packets_total{verdict=\"dropped\",proto=\"udp\"} 6
+egress_packets_total{verdict=\"dropped\",proto=\"icmp\"} 7
+egress_packets_total{verdict=\"dropped\",proto=\"other\"} 8
+egress_packets_total{verdict=\"audited\",proto=\"tcp\"} 9
+egress_packets_total{verdict=\"audited\",proto=\"udp\"} 10
+egress_packets_total{verdict=\"audited\",proto=\"icmp\"} 11
+egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
+";
+        assert!(text.contains(block), "{text}");
+        let samples = parse(&text);
+        let packets: Vec<_> = samples
+            .iter()
+            .filter(|((name, _), _)| name == "egress_packets_total")
+            .collect();
+        assert_eq!(packets.len(), 12);
+        assert_eq!(
+            packets.iter().map(|(_, v)| **v).sum::<u64>(),
+            (1..=12).sum::<u64>()
+        );
+        assert_eq!(snapshot.stats.dropped.total(), 5 + 6 + 7 + 8);
+    }
+
+    #[test]
+    fn every_family_has_help_type_and_samples() {
+        let snapshot = Snapshot {
+            stats: Stats {
+                events_lost: 7,
+                dns_answers: 4,
+                dns_learned: 3,
+                dns_untrusted: 2,
+                dns_malformed: 1,
+                ..Stats::default()
+            },
+            learner: LearnerCounters {
+                learned: 3,
+                off_chain: 2,
+                expired: 1,
+                ..LearnerCounters::default()
+            },
+            learned: 2,
+            learned_capacity: 10,
+        };
+        let samples = parse(&render(Some(&snapshot)));
+        let get = |name: &str, labels: &[(&str, &str)]| get(&samples, name, labels);
+        assert_eq!(get("egress_ready", &[]), 1);
+        assert_eq!(get("egress_events_lost_total", &[]), 7);
+        assert_eq!(get("egress_dns_answers_total", &[]), 4);
+        assert_eq!(get("egress_dns_learned_total", &[("by", "kernel")]), 3);
+        assert_eq!(get("egress_dns_learned_total", &[("by", "agent")]), 3);
+        for (reason, n) in [
+            ("untrusted", 2),
+            ("unsolicited", 0),
+            ("unmatched", 0),
+            ("malformed", 1),
+            ("off_chain", 2),
+        ] {
+            assert_eq!(get("egress_dns_ignored_total", &[("reason", reason)]), n);
         }
+        assert_eq!(get("egress_dns_removed_total", &[("reason", "expired")]), 1);
+        assert_eq!(get("egress_dns_events_lost_total", &[]), 0);
+        assert_eq!(get("egress_learned_addresses", &[]), 2);
+        assert_eq!(get("egress_learned_addresses_capacity", &[]), 10);
+        for verdict in ["allowed", "dropped", "audited"] {
+            for proto in ["tcp", "udp", "icmp", "other"] {
+                let labels = [("verdict", verdict), ("proto", proto)];
+                assert_eq!(get("egress_packets_total", &labels), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn by_proto_totals_and_log_form() {
+        let p = ByProto {
+            tcp: 10,
+            udp: 1,
+            icmp: 2,
+            other: 0,
+        };
+        assert_eq!(p.total(), 13);
+        assert_eq!(p.to_string(), "13 (tcp 10 udp 1 icmp 2 other 0)");
     }
 }

@@ -18,7 +18,7 @@ use egress_agent::{
     control::boot_time_ns,
     dns::learner::{LearnedStore as _, to_key},
     events::{decode, display_addr},
-    loader::{EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
+    loader::{ByProto, EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
     policy::{Mode, parse},
     run::settings,
 };
@@ -377,9 +377,9 @@ impl Dns {
 
 fn delta(after: &Stats, before: &Stats) -> Stats {
     Stats {
-        allowed: after.allowed - before.allowed,
-        dropped: after.dropped - before.dropped,
-        audited: after.audited - before.audited,
+        allowed: delta_by_proto(&after.allowed, &before.allowed),
+        dropped: delta_by_proto(&after.dropped, &before.dropped),
+        audited: delta_by_proto(&after.audited, &before.audited),
         events_lost: after.events_lost - before.events_lost,
         dns_answers: after.dns_answers - before.dns_answers,
         dns_learned: after.dns_learned - before.dns_learned,
@@ -388,6 +388,15 @@ fn delta(after: &Stats, before: &Stats) -> Stats {
         dns_unmatched: after.dns_unmatched - before.dns_unmatched,
         dns_malformed: after.dns_malformed - before.dns_malformed,
         dns_events_lost: after.dns_events_lost - before.dns_events_lost,
+    }
+}
+
+fn delta_by_proto(after: &ByProto, before: &ByProto) -> ByProto {
+    ByProto {
+        tcp: after.tcp - before.tcp,
+        udp: after.udp - before.udp,
+        icmp: after.icmp - before.icmp,
+        other: after.other - before.other,
     }
 }
 

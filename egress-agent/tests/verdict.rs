@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use egress_agent::{
     compile::compile,
     events::decode,
-    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, Stats},
+    loader::{ByProto, EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, Stats},
     policy::{DnsSettings, Mode, parse},
     run::settings,
 };
@@ -162,7 +162,98 @@ fn allowed_cidr_and_port_pass_and_everything_else_drops() {
         "UDP:123 does not allow TCP:123"
     );
     let stats = e.stats().expect("counters");
-    assert_eq!((stats.allowed, stats.dropped, stats.audited), (6, 6, 0));
+    assert_eq!(
+        (stats.allowed, stats.dropped, stats.audited),
+        (
+            ByProto {
+                tcp: 5,
+                udp: 1,
+                ..ByProto::default()
+            },
+            ByProto {
+                tcp: 6,
+                ..ByProto::default()
+            },
+            ByProto::default()
+        )
+    );
+}
+
+const GRE: u8 = 47;
+
+/// Every decided packet is counted once, under its verdict and protocol: ICMPv6 with ICMP,
+/// anything else (and an unreadable packet) as other, also for the flow-table fast path.
+#[test]
+fn verdict_counters_are_split_by_protocol() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let all_ports = Ipv4Addr::new(198, 51, 100, 200);
+    let tcp_only: Ipv6Addr = "2001:db8:2::10".parse().expect("literal");
+    let ns_dst: Ipv6Addr = "ff02::1:ff00:2".parse().expect("literal");
+    let mut truncated = tcp_to(ip("203.0.113.10"), 443);
+    truncated.truncate(14 + 20 + 2);
+    let cases = [
+        (tcp_to(ip("203.0.113.10"), 443), PASS),
+        (tcp_to(ip("203.0.113.10"), 443), PASS), // the same flow, from FLOWS
+        (tcp_to(ip("203.0.113.10"), 80), DROP),
+        (v4_frame(all_ports, proto::UDP, &udp(40000, 9)), PASS),
+        (v4_frame(all_ports, proto::ICMP, &icmp(8, 0, &[])), PASS),
+        (
+            v6_frame(ns_dst, proto::ICMPV6, &icmp(135, 0, &[0; 16])),
+            PASS,
+        ),
+        (v6_frame(tcp_only, proto::ICMPV6, &icmp(128, 0, &[])), DROP),
+        (v6_frame(tcp_only, proto::ICMPV6, &icmp(128, 0, &[])), DROP),
+        (v4_frame(all_ports, GRE, &[0; 8]), PASS),
+        (v4_frame(Ipv4Addr::new(203, 0, 113, 10), GRE, &[0; 8]), DROP),
+        (truncated, DROP),
+    ];
+    for (i, (frame, want)) in cases.iter().enumerate() {
+        assert_eq!(run(&e, EGRESS_CGROUP, frame), *want, "case {i}");
+    }
+    assert_eq!(
+        e.stats().expect("counters"),
+        Stats {
+            allowed: ByProto {
+                tcp: 2,
+                udp: 1,
+                icmp: 2,
+                other: 1,
+            },
+            dropped: ByProto {
+                tcp: 1,
+                udp: 0,
+                icmp: 2,
+                other: 2,
+            },
+            events_lost: 0,
+            ..Stats::default()
+        }
+    );
+
+    // Audit mode, through `deny` and then the audited flow's fast path.
+    let e = enforcer(Mode::Audit);
+    let denied_udp = v4_frame(Ipv4Addr::new(203, 0, 113, 10), proto::UDP, &udp(40000, 9));
+    let denied_ping = v6_frame(tcp_only, proto::ICMPV6, &icmp(128, 0, &[]));
+    for frame in [&denied_udp, &denied_udp, &denied_ping, &cases[10].0] {
+        assert_eq!(run(&e, EGRESS_CGROUP, frame), PASS);
+    }
+    let stats = e.stats().expect("counters");
+    assert_eq!(
+        (stats.allowed, stats.dropped),
+        (ByProto::default(), ByProto::default())
+    );
+    assert_eq!(
+        stats.audited,
+        ByProto {
+            tcp: 0,
+            udp: 2,
+            icmp: 1,
+            other: 1,
+        }
+    );
 }
 
 #[test]
@@ -341,9 +432,14 @@ fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
     assert_eq!(
         e.stats().expect("counters"),
         Stats {
-            allowed: 1,
-            dropped: 0,
-            audited: 3,
+            allowed: ByProto {
+                tcp: 1,
+                ..ByProto::default()
+            },
+            audited: ByProto {
+                tcp: 3,
+                ..ByProto::default()
+            },
             ..Stats::default()
         }
     );
@@ -361,7 +457,13 @@ fn enforce_mode_reports_drops_within_the_rate_limit() {
     let r = e.test_run(EGRESS_CGROUP, &denied, flood).expect("test run");
     assert_eq!(r.return_value, DROP);
     let stats = e.stats().expect("counters");
-    assert_eq!(stats.dropped, u64::from(flood));
+    assert_eq!(
+        stats.dropped,
+        ByProto {
+            tcp: u64::from(flood),
+            ..ByProto::default()
+        }
+    );
     let mut ring = e.take_events().expect("ring buffer");
     let mut delivered = 0u64;
     while let Some(item) = ring.next() {

@@ -282,27 +282,59 @@ pub struct RateState {
     pub last_ns: u64,
 }
 
-/// `STATS`: `PerCpuArray<u64>` indexed by these constants.
+/// `STATS`: `PerCpuArray<u64>` indexed by these constants; the agent sums the CPUs.
+///
+/// | index | counter |
+/// |---|---|
+/// | 0..=3 | packets allowed, by protocol: `STAT_ALLOWED_BASE + STAT_PROTO_*` |
+/// | 4..=7 | packets dropped (enforce mode), by protocol: `STAT_DROPPED_BASE + STAT_PROTO_*` |
+/// | 8..=11 | packets audited (passed, would be dropped), by protocol: `STAT_AUDITED_BASE + STAT_PROTO_*` |
+/// | 12 | [`STAT_EVENTS_LOST`] |
+/// | 13..=19 | the DNS counters, [`STAT_DNS_ANSWERS`] to [`STAT_DNS_EVENTS_LOST`] |
+///
+/// Every packet the egress programs decide is counted once, in exactly one of the verdict
+/// slots; [`stat_proto`] picks the protocol slot.
 pub const STATS: &str = "STATS";
-pub const STAT_ALLOWED: u32 = 0;
-pub const STAT_DROPPED: u32 = 1;
-pub const STAT_AUDITED: u32 = 2;
-pub const STAT_EVENTS_LOST: u32 = 3;
+/// Protocol slots of each verdict's counters, in this order.
+pub const STAT_PROTO_TCP: u32 = 0;
+pub const STAT_PROTO_UDP: u32 = 1;
+/// ICMP and ICMPv6, every message type.
+pub const STAT_PROTO_ICMP: u32 = 2;
+/// Any other protocol, and packets whose IP or transport header cannot be read.
+pub const STAT_PROTO_OTHER: u32 = 3;
+/// Protocol slots per verdict.
+pub const STAT_PROTOS: u32 = 4;
+pub const STAT_ALLOWED_BASE: u32 = 0;
+pub const STAT_DROPPED_BASE: u32 = STAT_ALLOWED_BASE + STAT_PROTOS;
+pub const STAT_AUDITED_BASE: u32 = STAT_DROPPED_BASE + STAT_PROTOS;
+/// Deny/audit events not delivered (rate limit or full `EVENTS` ring buffer).
+pub const STAT_EVENTS_LOST: u32 = STAT_AUDITED_BASE + STAT_PROTOS;
 /// Answers from a trusted resolver to a query seen leaving.
-pub const STAT_DNS_ANSWERS: u32 = 4;
+pub const STAT_DNS_ANSWERS: u32 = STAT_EVENTS_LOST + 1;
 /// Addresses written into `LEARNED` by the kernel.
-pub const STAT_DNS_LEARNED: u32 = 5;
+pub const STAT_DNS_LEARNED: u32 = STAT_EVENTS_LOST + 2;
 /// Answers (source port 53) from an address that is not a trusted resolver.
-pub const STAT_DNS_UNTRUSTED: u32 = 6;
+pub const STAT_DNS_UNTRUSTED: u32 = STAT_EVENTS_LOST + 3;
 /// Answers from a trusted resolver that match no query seen leaving.
-pub const STAT_DNS_UNSOLICITED: u32 = 7;
+pub const STAT_DNS_UNSOLICITED: u32 = STAT_EVENTS_LOST + 4;
 /// Trusted, solicited answers for a name no rule allows.
-pub const STAT_DNS_UNMATCHED: u32 = 8;
+pub const STAT_DNS_UNMATCHED: u32 = STAT_EVENTS_LOST + 5;
 /// Answers the kernel could not parse (or that do not fit `DNS_MAX_PAYLOAD`).
-pub const STAT_DNS_MALFORMED: u32 = 9;
+pub const STAT_DNS_MALFORMED: u32 = STAT_EVENTS_LOST + 6;
 /// `DNS_EVENTS` records lost because the ring buffer was full.
-pub const STAT_DNS_EVENTS_LOST: u32 = 10;
-pub const STATS_LEN: u32 = 11;
+pub const STAT_DNS_EVENTS_LOST: u32 = STAT_EVENTS_LOST + 7;
+pub const STATS_LEN: u32 = STAT_DNS_EVENTS_LOST + 1;
+
+/// The protocol slot of a verdict counter for an IP protocol number.
+#[inline(always)]
+pub const fn stat_proto(ip_proto: u8) -> u32 {
+    match ip_proto {
+        proto::TCP => STAT_PROTO_TCP,
+        proto::UDP => STAT_PROTO_UDP,
+        proto::ICMP | proto::ICMPV6 => STAT_PROTO_ICMP,
+        _ => STAT_PROTO_OTHER,
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -359,6 +391,47 @@ mod tests {
             std::net::Ipv6Addr::from(a),
             std::net::Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped()
         );
+    }
+
+    /// The documented table: the verdict blocks, then the events and DNS counters, each
+    /// index used once.
+    #[test]
+    fn stats_layout_is_the_documented_table() {
+        assert_eq!(
+            (STAT_ALLOWED_BASE, STAT_DROPPED_BASE, STAT_AUDITED_BASE),
+            (0, 4, 8)
+        );
+        assert_eq!((STAT_EVENTS_LOST, STAT_DNS_ANSWERS), (12, 13));
+        assert_eq!((STAT_DNS_EVENTS_LOST, STATS_LEN), (19, 20));
+        let protos = [
+            STAT_PROTO_TCP,
+            STAT_PROTO_UDP,
+            STAT_PROTO_ICMP,
+            STAT_PROTO_OTHER,
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for base in [STAT_ALLOWED_BASE, STAT_DROPPED_BASE, STAT_AUDITED_BASE] {
+            for p in protos {
+                assert!(p < STAT_PROTOS);
+                assert!(seen.insert(base + p));
+            }
+        }
+        for i in STAT_EVENTS_LOST..STATS_LEN {
+            assert!(seen.insert(i));
+        }
+        assert_eq!(seen.len(), STATS_LEN as usize);
+        assert_eq!(seen.last(), Some(&(STATS_LEN - 1)));
+    }
+
+    #[test]
+    fn stat_proto_folds_icmpv6_into_icmp_and_the_rest_into_other() {
+        assert_eq!(stat_proto(proto::TCP), STAT_PROTO_TCP);
+        assert_eq!(stat_proto(proto::UDP), STAT_PROTO_UDP);
+        assert_eq!(stat_proto(proto::ICMP), STAT_PROTO_ICMP);
+        assert_eq!(stat_proto(proto::ICMPV6), STAT_PROTO_ICMP);
+        for other in [0u8, 2, 41, 47, 50, 132, 136, 255] {
+            assert_eq!(stat_proto(other), STAT_PROTO_OTHER, "protocol {other}");
+        }
     }
 
     #[test]

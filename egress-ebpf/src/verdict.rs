@@ -12,8 +12,8 @@ use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgrou
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, ALL_PORTS, Addr, CidrKey, Event, FLOW_ALLOWED, FLOW_AUDITED,
-    FlowKey, FlowValue, MODE_ENFORCE, NO_PORT_SET, PortKey, STAT_ALLOWED, STAT_AUDITED,
-    STAT_DROPPED, Settings, proto,
+    FlowKey, FlowValue, MODE_ENFORCE, NO_PORT_SET, PortKey, STAT_ALLOWED_BASE, STAT_AUDITED_BASE,
+    STAT_DROPPED_BASE, STAT_PROTO_OTHER, Settings, proto, stat_proto,
 };
 
 use crate::{
@@ -38,9 +38,11 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
     let Some(p) = parse(ctx, l3) else {
         return deny(ctx, settings, None, now);
     };
+    // The protocol slot of this packet's verdict counter (see `egress_common::STATS`).
+    let slot = stat_proto(p.proto);
     // Before the flow lookup: every query must be seen, also on a socket already in FLOWS.
     if dns::query(ctx, &p) {
-        count(STAT_ALLOWED);
+        count(STAT_ALLOWED_BASE + slot);
         return true;
     }
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
@@ -56,11 +58,12 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
                 if age > REFRESH_NS {
                     flow.last_seen_ns = now;
                 }
-                count(if flow.state == FLOW_ALLOWED {
-                    STAT_ALLOWED
+                let verdict = if flow.state == FLOW_ALLOWED {
+                    STAT_ALLOWED_BASE
                 } else {
-                    STAT_AUDITED
-                });
+                    STAT_AUDITED_BASE
+                };
+                count(verdict + slot);
                 return true;
             }
         }
@@ -68,12 +71,12 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
     // Not remembered as a flow: the flow key has no ICMP type, so an allowed neighbour
     // solicitation must not open the address to every ICMPv6 message.
     if always_allowed(ctx, &p) {
-        count(STAT_ALLOWED);
+        count(STAT_ALLOWED_BASE + slot);
         return true;
     }
     if policy_allows(&p, now) {
         remember(&key, FLOW_ALLOWED, now);
-        count(STAT_ALLOWED);
+        count(STAT_ALLOWED_BASE + slot);
         return true;
     }
     deny(ctx, settings, Some((&p, &key)), now)
@@ -263,7 +266,12 @@ fn deny<C: Skb>(
 ) -> bool {
     let enforce = settings.mode == MODE_ENFORCE;
     let action = if enforce { ACTION_DENY } else { ACTION_AUDIT };
-    count(if enforce { STAT_DROPPED } else { STAT_AUDITED });
+    let verdict = if enforce {
+        STAT_DROPPED_BASE
+    } else {
+        STAT_AUDITED_BASE
+    };
+    count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _)| stat_proto(p.proto)));
     // SAFETY: both helpers only read the skb the program was called with.
     let (cgroup_id, uid) = unsafe { (bpf_skb_cgroup_id(ctx.skb()), bpf_get_socket_uid(ctx.skb())) };
     let mut event = Event {

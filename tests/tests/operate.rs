@@ -1,11 +1,17 @@
 //! Operating a running agent: policy reloads (a rename over the file, SIGHUP, a bad
 //! policy) apply atomically without dropping established flows, and the metrics and
 //! health endpoints answer.
-use std::{fs, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::IpAddr,
+    time::Duration,
+};
 
 use egress_tests::{
-    REMOTE_V4_A, REMOTE_V4_B, Server, TempFile, TestCgroup, Topology, assert_ok, assert_timeout,
-    dns::tcp_hold, probe_tcp, require_root, start_agent,
+    Netns, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile, TestCgroup, Topology,
+    assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, probe_tcp, probe_udp, require_root,
+    start_agent,
 };
 
 const HTTPS: u16 = 443;
@@ -105,24 +111,213 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
     (status, body.to_owned())
 }
 
-/// The value of one sample (`name{labels}`) in a Prometheus text exposition.
-fn sample(body: &str, series: &str) -> Option<u64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+/// A sample's labels, sorted by name.
+type Labels = BTreeMap<String, String>;
+
+/// A Prometheus text exposition (format 0.0.4), parsed strictly: every family is a
+/// `# HELP` line, a `# TYPE` line (counter or gauge) and at least one sample of that name;
+/// no family or series appears twice; every value is an integer. Panics otherwise.
+struct Exposition {
+    samples: BTreeMap<(String, Labels), u64>,
 }
 
+impl Exposition {
+    fn parse(text: &str) -> Exposition {
+        let mut samples = BTreeMap::new();
+        let mut families = BTreeSet::new();
+        let mut lines = text.lines().peekable();
+        while let Some(help) = lines.next() {
+            let (name, doc) = help
+                .strip_prefix("# HELP ")
+                .and_then(|h| h.split_once(' '))
+                .unwrap_or_else(|| panic!("expected a HELP line, got {help:?} in:\n{text}"));
+            assert!(!doc.trim().is_empty(), "{name} has an empty HELP");
+            assert!(families.insert(name.to_owned()), "{name} twice:\n{text}");
+            let kind = lines
+                .next()
+                .and_then(|t| t.strip_prefix(&format!("# TYPE {name} ")))
+                .unwrap_or_else(|| panic!("no TYPE line after the HELP of {name}:\n{text}"));
+            assert!(matches!(kind, "counter" | "gauge"), "{name} is a {kind}");
+            let mut count = 0;
+            while let Some(line) = lines.next_if(|l| !l.starts_with('#')) {
+                let (series, value) = line.rsplit_once(' ').expect("`series value`");
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("not an integer: {line}"));
+                let (sample_name, labels) = match series.split_once('{') {
+                    None => (series, Labels::new()),
+                    Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}').expect("`}`"))),
+                };
+                assert_eq!(sample_name, name, "a sample outside its family: {line}");
+                let key = (name.to_owned(), labels);
+                assert!(samples.insert(key, value).is_none(), "{line} twice");
+                count += 1;
+            }
+            assert!(count > 0, "{name} has no samples");
+        }
+        Exposition { samples }
+    }
+
+    /// The sample with exactly these labels, if present.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.samples.get(&(name.to_owned(), labels)).copied()
+    }
+
+    /// `egress_packets_total{verdict, proto}`, which must be there.
+    fn packets(&self, verdict: &str, proto: &str) -> u64 {
+        self.get(
+            "egress_packets_total",
+            &[("verdict", verdict), ("proto", proto)],
+        )
+        .unwrap_or_else(|| panic!("no egress_packets_total for {verdict} {proto}"))
+    }
+}
+
+/// `a="x",b="y"` (no commas or quotes inside values: the agent writes none).
+fn parse_labels(body: &str) -> Labels {
+    body.split(',')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').expect("`label=value`");
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+            (k.to_owned(), v.expect("a quoted label value").to_owned())
+        })
+        .collect()
+}
+
+/// Sends one ICMP (or ICMPv6) echo request to `dst` from `netns`, inside `cgroup`, and
+/// returns `sendto`'s errno (0: sent). No reply is awaited.
+///
+/// The probe binary has no ICMP mode and `ping` is not among the test dependencies, so a
+/// forked child does it between fork and exec (`pre_exec`), with plain system calls: join
+/// the cgroup (the socket's cgroup is its creator's), enter the namespace, open a raw socket,
+/// send, and `_exit` with the errno. It never execs.
+fn ping(netns: &Netns, cgroup: &TestCgroup, dst: IpAddr) -> i32 {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let ns = fs::File::open(format!("/run/netns/{}", netns.name())).expect("open the netns");
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.path().join("cgroup.procs"))
+        .expect("open cgroup.procs");
+    let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
+    // Echo request, id 0x4567, sequence 1, a short payload.
+    let mut packet = vec![0, 0, 0, 0, 0x45, 0x67, 0, 1];
+    packet.extend_from_slice(b"egress-metrics");
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (family, protocol, addr_len) = match dst {
+        IpAddr::V4(v4) => {
+            packet[0] = 8;
+            let sum = internet_checksum(&packet);
+            packet[2..4].copy_from_slice(&sum.to_be_bytes());
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut addr).cast(), sin) };
+            (
+                libc::AF_INET,
+                libc::IPPROTO_ICMP,
+                size_of::<libc::sockaddr_in>(),
+            )
+        }
+        IpAddr::V6(v6) => {
+            // The kernel fills in the ICMPv6 checksum of raw ICMPv6 sockets.
+            packet[0] = 128;
+            // SAFETY: all-zero is a valid sockaddr_in6.
+            let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = v6.octets();
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut addr).cast(), sin6) };
+            (
+                libc::AF_INET6,
+                libc::IPPROTO_ICMPV6,
+                size_of::<libc::sockaddr_in6>(),
+            )
+        }
+    };
+    let mut cmd = std::process::Command::new("/bin/true");
+    // SAFETY: the hook runs in the forked child and makes only async-signal-safe system
+    // calls on memory prepared before the fork (no allocation, no locks); `ns` and `procs`
+    // stay open until the child is reaped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return fail();
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return fail();
+            }
+            let fd = libc::socket(family, libc::SOCK_RAW, protocol);
+            if fd < 0 {
+                return fail();
+            }
+            let sent = libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const addr).cast(),
+                addr_len as libc::socklen_t,
+            );
+            libc::_exit(if sent < 0 {
+                *libc::__errno_location()
+            } else {
+                0
+            })
+        });
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|err| panic!("ICMP echo to {dst}: the child failed to set up: {err}"));
+    drop((ns, procs));
+    status
+        .code()
+        .unwrap_or_else(|| panic!("ICMP echo to {dst}: the child died: {status}"))
+}
+
+/// RFC 1071 checksum (ICMPv4 has no pseudo-header).
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+const METRICS_UDP_PORT: u16 = 5353;
+
+/// Per-protocol verdict counters for traffic this test makes, in enforce mode: A is allowed
+/// on TCP 443, UDP 5353 and ICMP, REMOTE_V6_A on ICMP only, B on nothing.
 #[test]
 fn metrics_and_health_endpoints_answer() {
     if !require_root() {
         return;
     }
-    let policy = TempFile::new(&allow_only(&REMOTE_V4_A.to_string()));
+    let (a, b, a6) = (REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A);
+    let policy = TempFile::new(&format!(
+        "mode: enforce\nallow:\n  - cidr: {a}/32\n    ports: [HTTPS:443, UDP:{METRICS_UDP_PORT}, ICMP]\n  - cidr: {a6}/128\n    ports: [ICMP]\n"
+    ));
     let topo = Topology::new();
     let cgroup = TestCgroup::new();
     let _servers = [
-        Server::tcp(&topo.server, None, REMOTE_V4_A, HTTPS),
-        Server::tcp(&topo.server, None, REMOTE_V4_B, HTTPS),
+        Server::tcp(&topo.server, None, a, HTTPS),
+        Server::tcp(&topo.server, None, b, HTTPS),
+        Server::udp(&topo.server, None, a, METRICS_UDP_PORT),
+        Server::udp(&topo.server, None, b, METRICS_UDP_PORT),
     ];
     let agent = start_agent(&policy, &cgroup, None);
     let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
@@ -136,30 +331,79 @@ fn metrics_and_health_endpoints_answer() {
     assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
     assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
     assert!(http_get(&addr, "/nope").0.contains("404"));
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let before = Exposition::parse(&body);
+    for verdict in ["allowed", "dropped", "audited"] {
+        for proto in ["tcp", "udp", "icmp", "other"] {
+            assert_eq!(before.packets(verdict, proto), 0, "{verdict} {proto}");
+        }
+    }
 
     let cg = Some(&cgroup);
-    assert_ok(&probe_tcp(&topo.client, cg, REMOTE_V4_A, HTTPS), "allowed");
-    assert_timeout(&probe_tcp(&topo.client, cg, REMOTE_V4_B, HTTPS), "denied");
+    assert_ok(&probe_tcp(&topo.client, cg, a, HTTPS), "tcp to a");
+    assert_timeout(&probe_tcp(&topo.client, cg, b, HTTPS), "tcp to b");
+    assert_ok(
+        &probe_udp(&topo.client, cg, a, METRICS_UDP_PORT),
+        "udp to a",
+    );
+    assert_eperm(
+        &probe_udp(&topo.client, cg, b, METRICS_UDP_PORT),
+        "udp to b",
+    );
+    assert_eq!(ping(&topo.client, &cgroup, a.into()), 0, "ping a");
+    assert_eq!(ping(&topo.client, &cgroup, a6.into()), 0, "ping a (IPv6)");
+    assert_eq!(
+        ping(&topo.client, &cgroup, b.into()),
+        libc::EPERM,
+        "ping b is dropped"
+    );
+
+    // Exact where the traffic is: one datagram each way of UDP, three echo requests. A TCP
+    // connection is at least SYN, ACK, the line and FIN; a dropped connect is its SYN and
+    // however many retransmissions fit in the probe's timeout.
+    let exact = [
+        (("allowed", "udp"), 1),
+        (("dropped", "udp"), 1),
+        (("allowed", "icmp"), 2),
+        (("dropped", "icmp"), 1),
+        (("allowed", "other"), 0),
+        (("dropped", "other"), 0),
+    ];
     // Counters are published once a second.
     let deadline = std::time::Instant::now() + RELOAD_TIMEOUT;
-    let body = loop {
+    let metrics = loop {
         let (status, body) = http_get(&addr, "/metrics");
         assert_eq!(status, "HTTP/1.1 200 OK");
-        if sample(&body, "egress_packets_total{verdict=\"dropped\"}").is_some_and(|v| v >= 1) {
-            break body;
+        let m = Exposition::parse(&body);
+        let settled = m.packets("allowed", "tcp") >= 4
+            && m.packets("dropped", "tcp") >= 1
+            && exact.iter().all(|((v, p), n)| m.packets(v, p) >= *n);
+        if settled {
+            break m;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no drop counted in /metrics:\n{body}"
+            "the counters never reached the traffic:\n{body}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(sample(&body, "egress_ready"), Some(1));
-    assert!(sample(&body, "egress_packets_total{verdict=\"allowed\"}").is_some_and(|v| v >= 1));
-    assert_eq!(sample(&body, "egress_learned_addresses"), Some(0));
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let (name, value) = line.rsplit_once(' ').expect("`series value`");
-        assert!(value.parse::<u64>().is_ok(), "{line}");
-        assert!(name.starts_with("egress_"), "{line}");
+    for ((verdict, proto), n) in exact {
+        assert_eq!(metrics.packets(verdict, proto), n, "{verdict} {proto}");
+    }
+    for proto in ["tcp", "udp", "icmp", "other"] {
+        assert_eq!(metrics.packets("audited", proto), 0, "audited {proto}");
+    }
+    assert_eq!(metrics.get("egress_ready", &[]), Some(1));
+    assert_eq!(metrics.get("egress_learned_addresses", &[]), Some(0));
+    assert!(
+        metrics
+            .get("egress_learned_addresses_capacity", &[])
+            .is_some_and(|c| c > 0)
+    );
+    // A handful of drops is far within the event rate limit: every one was reported.
+    assert_eq!(metrics.get("egress_events_lost_total", &[]), Some(0));
+    for name in ["egress_dns_answers_total", "egress_dns_events_lost_total"] {
+        assert_eq!(metrics.get(name, &[]), Some(0), "{name}");
     }
 }
