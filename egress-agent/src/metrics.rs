@@ -134,7 +134,7 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
     metric(
         "egress_dns_ignored_total",
         "counter",
-        "DNS answers that taught nothing, by reason.",
+        "DNS answers that taught nothing, by reason: refused by the kernel (untrusted, unsolicited, unmatched, malformed) or, after it learned from them, by the agent (agent_unmatched, agent_malformed; their addresses are taken back). off_chain counts A/AAAA records off the question's CNAME chain, not answers.",
         labelled(
             "reason",
             [
@@ -142,6 +142,8 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
                 ("unsolicited", k.dns_unsolicited),
                 ("unmatched", k.dns_unmatched),
                 ("malformed", k.dns_malformed),
+                ("agent_unmatched", l.unmatched),
+                ("agent_malformed", l.malformed),
                 ("off_chain", l.off_chain),
             ],
         ),
@@ -327,6 +329,7 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             },
             learner: LearnerCounters {
                 learned: 3,
+                malformed: 1,
                 off_chain: 2,
                 expired: 1,
                 ..LearnerCounters::default()
@@ -346,6 +349,8 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             ("unsolicited", 0),
             ("unmatched", 0),
             ("malformed", 1),
+            ("agent_unmatched", 0),
+            ("agent_malformed", 1),
             ("off_chain", 2),
         ] {
             assert_eq!(get("egress_dns_ignored_total", &[("reason", reason)]), n);
