@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
+echo "== deploy/ manifests (kustomize, Kubernetes schemas, the shipped policy)" >&2
+scripts/validate-manifests.sh
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== clippy (userspace)" >&2
