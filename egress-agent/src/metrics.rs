@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, net::SocketAddr};
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -45,10 +45,36 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))
 }
 
+/// Bytes of a request head read at most; the rest is ignored.
+const MAX_HEAD: usize = 1024;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads a request head, up to its blank line: a client may send it in several segments
+/// (one `write` per piece, as `write!` on an unbuffered stream does), and answering and
+/// closing before the rest has arrived would reset the connection under the client.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(MAX_HEAD);
+    let mut buf = [0u8; MAX_HEAD];
+    let read = async {
+        while head.len() < MAX_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf[..MAX_HEAD - head.len()]).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(HEAD_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(head)
+}
+
 async fn answer(mut stream: TcpStream, snapshot: Option<Snapshot>) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let n = stream.read(&mut buf).await?;
-    let request = String::from_utf8_lossy(&buf[..n]);
+    let head = read_head(&mut stream).await?;
+    let request = String::from_utf8_lossy(&head);
     let path = request.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match (path, snapshot) {
         ("/healthz", _) => ("200 OK", "ok\n".to_owned()),
@@ -250,6 +276,28 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         samples[&(name.to_owned(), labels)]
+    }
+
+    /// A head sent in pieces is read whole; reading stops at the blank line and at the
+    /// size bound.
+    #[tokio::test]
+    async fn a_request_head_in_pieces_is_read_whole() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move { read_head(&mut server).await });
+        for piece in ["GET ", "/metrics", " HTTP/1.1\r\nHost: x\r\n", "\r\n"] {
+            client.write_all(piece.as_bytes()).await.expect("write");
+            tokio::task::yield_now().await;
+        }
+        let head = reader.await.expect("join").expect("read");
+        assert_eq!(head, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+
+        let (mut client, mut server) = tokio::io::duplex(4 * MAX_HEAD);
+        client
+            .write_all(&[b'a'; 2 * MAX_HEAD])
+            .await
+            .expect("write");
+        let head = read_head(&mut server).await.expect("read");
+        assert_eq!(head.len(), MAX_HEAD);
     }
 
     #[test]

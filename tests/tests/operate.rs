@@ -101,7 +101,11 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("set a read timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    // One write: `write!` on the unbuffered stream would send each piece as a segment.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
