@@ -136,6 +136,7 @@ impl Control {
                             None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
                         }
                     }
+                    self.learner.drained();
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {

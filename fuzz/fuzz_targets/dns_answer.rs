@@ -216,7 +216,9 @@ fn producible() -> Vec<Ports> {
 /// Every address in `LEARNED` has exactly the ports of the allowed names it was learned
 /// through, or, when the learner no longer accounts for it, ports that some names give.
 fn check(learner: &Learner, maps: &Maps, producible: &[Ports]) {
-    let names_of: HashMap<&Addr, &HashMap<String, u64>> = learner.learned().collect();
+    let names_of: HashMap<&Addr, Vec<(&str, u64)>> = (learner.learned())
+        .map(|(addr, names)| (addr, names.collect()))
+        .collect();
     for (addr, value) in &maps.learned {
         assert_eq!(
             value.extra_set, NO_PORT_SET,
@@ -228,7 +230,7 @@ fn check(learner: &Learner, maps: &Maps, producible: &[Ports]) {
             continue;
         };
         let mut want = Ports::new();
-        for name in names.keys() {
+        for (name, _) in names {
             let ports = allowed_ports(&labels(name))
                 .unwrap_or_else(|| panic!("{addr:?} learned through {name}, which no rule allows"));
             want.extend(ports);

@@ -1,15 +1,24 @@
 //! The agent's side of DNS learning: bookkeeping per (name, address), CNAME chains, port
 //! unions, bounds and expiry. The kernel has usually written an answer's addresses already;
 //! this makes `LEARNED` exactly what the answers justify.
+//!
+//! Answers come by the thousand per second and the kernel has almost always written what
+//! the agent would write, so the agent keeps what `LEARNED` holds for each address it
+//! tracks (its port sets, as last written or read) and touches the map only when that
+//! differs from what the answer justifies: a refreshed address costs no system call, a new
+//! one a lookup. An address's TTL thus counts from when the kernel saw the answer, a
+//! moment before the agent. Names are interned (a 4-byte id per address, not a string),
+//! and each address takes one slot of a dense table.
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
-use egress_common::{Addr, DnsEvent, LearnedValue, NO_PORT_SET, PortKey};
+use egress_common::{Addr, DNS_MAX_LEARNED, DnsEvent, LearnedValue, NO_PORT_SET, PortKey};
 use hickory_proto::{
     op::{Message, MessageType},
-    rr::{Name, RData},
+    rr::{DNSClass, Name, RData},
 };
 use serde::Serialize;
 
@@ -22,6 +31,12 @@ use crate::{
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// CNAME links followed from the question name; longer chains are cut (and counted).
 const MAX_CHAIN: usize = 16;
+/// An entry whose ports are right is not rewritten only to end at most this much later:
+/// the kernel counted the answer's TTL from when it saw the answer, a moment before the
+/// agent, and a caching resolver's TTLs count down in whole seconds.
+const EXPIRY_SLACK_NS: u64 = NS_PER_SEC;
+/// Marks an unused [`Held`].
+const NO_NAME: u32 = u32::MAX;
 
 /// What the learner needs of the kernel maps (a trait, so the logic is tested without BPF).
 pub trait LearnedStore {
@@ -46,6 +61,162 @@ pub struct LearnerCounters {
     pub expired: u64,
 }
 
+/// One (name, address) pair, kept with the address.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// The name's id in [`NameIds`].
+    name: u32,
+    /// Where the address sits in the name's list of addresses.
+    at: u32,
+    /// When the pair expires, boot-time ns.
+    expires: u64,
+}
+
+const UNUSED: Held = Held {
+    name: NO_NAME,
+    at: 0,
+    expires: 0,
+};
+
+/// One tracked address.
+struct Slot {
+    addr: Addr,
+    /// The first name it was learned through (`UNUSED` in a free slot); `more` holds the
+    /// others, which few addresses have.
+    first: Held,
+    #[expect(
+        clippy::box_collection,
+        reason = "a thin pointer: 8 bytes in every slot where a Vec takes 24"
+    )]
+    more: Option<Box<Vec<Held>>>,
+    /// `LEARNED`'s port sets for the address as the agent last wrote or read them
+    /// (`port_set` is `NO_PORT_SET` until then: no entry ever holds that).
+    port_set: u32,
+    extra_set: u32,
+}
+
+impl Slot {
+    fn new(addr: Addr) -> Self {
+        Self {
+            addr,
+            first: UNUSED,
+            more: None,
+            port_set: NO_PORT_SET,
+            extra_set: NO_PORT_SET,
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &Held> {
+        (self.first.name != NO_NAME)
+            .then_some(&self.first)
+            .into_iter()
+            .chain(self.more.iter().flat_map(|m| m.iter()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.name == NO_NAME
+    }
+
+    /// A name whose pair has expired at `now`, if any.
+    fn expired_name(&self, now: u64) -> Option<u32> {
+        self.names().find(|h| h.expires <= now).map(|h| h.name)
+    }
+
+    fn held_mut(&mut self, name: u32) -> Option<&mut Held> {
+        if self.first.name == name {
+            return Some(&mut self.first);
+        }
+        self.more.as_mut()?.iter_mut().find(|h| h.name == name)
+    }
+
+    fn add(&mut self, held: Held) {
+        if self.is_empty() {
+            self.first = held;
+        } else {
+            self.more.get_or_insert_default().push(held);
+        }
+    }
+
+    /// Removes the pair with `name`, keeping `first` in use while any pair is left.
+    fn take(&mut self, name: u32) -> Option<Held> {
+        let more = self.more.as_mut();
+        let held = if self.first.name == name {
+            let replacement = more.and_then(|m| m.pop()).unwrap_or(UNUSED);
+            std::mem::replace(&mut self.first, replacement)
+        } else {
+            let more = more?;
+            let i = more.iter().position(|h| h.name == name)?;
+            more.swap_remove(i)
+        };
+        if self.more.as_ref().is_some_and(|m| m.is_empty()) {
+            self.more = None;
+        }
+        Some(held)
+    }
+}
+
+/// A question name addresses were learned through.
+struct NameSlot {
+    name: Arc<str>,
+    /// Its port set in the policy (its `NAMES` entry's).
+    set: u32,
+    /// The slots of the addresses learned through it.
+    addrs: Vec<u32>,
+}
+
+/// Interned question names: ids are reused once a name holds no address.
+#[derive(Default)]
+struct NameIds {
+    ids: HashMap<Arc<str>, u32>,
+    slots: Vec<Option<NameSlot>>,
+    free: Vec<u32>,
+}
+
+impl NameIds {
+    fn intern(&mut self, name: &str, set: u32) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let name: Arc<str> = name.into();
+        let slot = NameSlot {
+            name: name.clone(),
+            set,
+            addrs: Vec::new(),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(slot);
+                id
+            }
+            None => {
+                self.slots.push(Some(slot));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.ids.insert(name, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> &NameSlot {
+        self.slots[id as usize].as_ref().expect("a live name id")
+    }
+
+    fn get_mut(&mut self, id: u32) -> &mut NameSlot {
+        self.slots[id as usize].as_mut().expect("a live name id")
+    }
+
+    fn release(&mut self, id: u32) {
+        if let Some(slot) = self.slots[id as usize].take() {
+            self.ids.remove(&slot.name);
+            self.free.push(id);
+        }
+    }
+
+    fn live(&self) -> Vec<u32> {
+        self.ids.values().copied().collect()
+    }
+}
+
 /// The bookkeeping; the kernel maps are passed to each call, so one owner (the agent's
 /// control task) holds both them and this.
 pub struct Learner {
@@ -53,30 +224,44 @@ pub struct Learner {
     port_sets: PortSets,
     written_sets: HashSet<u32>,
     limits: DnsSettings,
-    /// address -> (name it was learned through -> when that expires, boot-time ns)
-    by_addr: HashMap<Addr, HashMap<String, u64>>,
-    by_name: HashMap<String, HashSet<Addr>>,
-    /// The port set each address's kernel entry was last written with.
-    written: HashMap<Addr, u32>,
+    name_ids: NameIds,
+    /// address -> its slot in `slots`
+    index: HashMap<Addr, u32>,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    /// No pair expires before this (boot-time ns), so most expiry passes scan nothing.
+    next_due: u64,
+    /// Slots (bits) whose entry the agent wrote since the ring of answers was last found
+    /// empty: such a write may have replaced what the kernel wrote for an answer still
+    /// queued, so the kernel's write is not taken as standing (see `sync`).
+    unsettled: Vec<u64>,
     pub counters: LearnerCounters,
-}
-
-fn lower_name(n: &Name) -> String {
-    let s = n.to_lowercase().to_ascii();
-    s.strip_suffix('.').unwrap_or(&s).to_owned()
+    /// Buffers reused from answer to answer.
+    qname: String,
+    justified: Vec<Addr>,
+    kernel_wrote: Vec<(Addr, u64)>,
 }
 
 impl Learner {
     pub fn new(names: NameTable, port_sets: PortSets, limits: DnsSettings) -> Self {
+        // Sized for the bound up front: growing by doubling would leave the outgrown
+        // tables behind in the heap. Pages are only touched as addresses come.
+        let room = limits.max_ips as usize;
         Self {
             names,
             port_sets,
             written_sets: HashSet::new(),
             limits,
-            by_addr: HashMap::new(),
-            by_name: HashMap::new(),
-            written: HashMap::new(),
+            name_ids: NameIds::default(),
+            index: HashMap::with_capacity(room),
+            slots: Vec::with_capacity(room),
+            free_slots: Vec::new(),
+            next_due: u64::MAX,
+            unsettled: Vec::new(),
             counters: LearnerCounters::default(),
+            qname: String::new(),
+            justified: Vec::new(),
+            kernel_wrote: Vec::new(),
         }
     }
 
@@ -100,36 +285,67 @@ impl Learner {
         self.names = names;
         self.port_sets = port_sets;
         self.limits = limits;
-        let gone: Vec<String> = self
-            .by_name
-            .keys()
-            .filter(|n| self.names.lookup(n).is_none())
-            .cloned()
-            .collect();
-        let addrs: Vec<Addr> = self.by_addr.keys().copied().collect();
-        for name in &gone {
-            for addr in &addrs {
-                self.forget(name, addr);
+        let addrs: Vec<Addr> = self.index.keys().copied().collect();
+        for id in self.name_ids.live() {
+            let slot = self.name_ids.get_mut(id);
+            match self.names.lookup(&slot.name) {
+                Some((_, set)) => slot.set = *set,
+                None => {
+                    for s in std::mem::take(&mut slot.addrs) {
+                        self.slots[s as usize].take(id);
+                    }
+                    self.name_ids.release(id);
+                }
             }
         }
         for addr in addrs {
-            self.sync(store, &addr, now, true)?;
+            self.sync(store, &addr, now, true, None)?;
         }
-        let names: Vec<String> = self.by_name.keys().cloned().collect();
-        for name in names {
-            self.bound_name(store, &name, now)?;
+        for id in self.name_ids.live() {
+            self.bound_name(store, id, now)?;
         }
         self.bound_total(store, now)?;
-        let mut keep: HashSet<u32> = self.written.values().copied().collect();
+        let mut keep: HashSet<u32> = self
+            .index
+            .values()
+            .map(|s| self.slots[*s as usize].port_set)
+            .collect();
         keep.extend(policy_sets);
         let dropped = self.port_sets.retain(&keep);
         self.written_sets.retain(|id| keep.contains(id));
         store.remove_ports(&dropped)
     }
 
-    /// Addresses currently learned, for `status` and tests.
-    pub fn learned(&self) -> impl Iterator<Item = (&Addr, &HashMap<String, u64>)> {
-        self.by_addr.iter()
+    /// Addresses currently learned, each with the names it was learned through and when
+    /// each expires, for `status` and tests.
+    pub fn learned(
+        &self,
+    ) -> impl Iterator<Item = (&Addr, impl Iterator<Item = (&str, u64)> + '_)> + '_ {
+        self.index.iter().map(|(addr, s)| {
+            let names = self.slots[*s as usize]
+                .names()
+                .map(|h| (&*self.name_ids.get(h.name).name, h.expires));
+            (addr, names)
+        })
+    }
+
+    /// The ring of answers was found empty: every answer handed over from now on was
+    /// handled by the kernel after the agent's writes so far.
+    pub fn drained(&mut self) {
+        self.unsettled.fill(0);
+    }
+
+    fn settled(&self, s: u32) -> bool {
+        let word = self.unsettled.get(s as usize / 64).copied().unwrap_or(0);
+        word & (1 << (s % 64)) == 0
+    }
+
+    fn unsettle(&mut self, s: u32) {
+        let i = s as usize / 64;
+        if i >= self.unsettled.len() {
+            self.unsettled.resize(i + 1, 0);
+        }
+        self.unsettled[i] |= 1 << (s % 64);
     }
 
     fn expiry(&self, ttl: u32, now: u64) -> u64 {
@@ -146,93 +362,210 @@ impl Learner {
         event: &DnsEvent,
         now: u64,
     ) -> anyhow::Result<()> {
-        let justified = self.justify(store, event, now)?;
+        self.justify(store, event, now)?;
         let kernel = &event.addrs[..usize::from(event.learned).min(event.addrs.len())];
-        for addr in kernel.iter().filter(|a| !justified.contains(*a)) {
-            // Rewrites a tracked address without this answer's ports; removes the rest.
-            self.sync(store, addr, now, true)?;
+        for addr in kernel {
+            if !self.justified.contains(addr) {
+                // Rewrites a tracked address without this answer's ports; removes the rest.
+                self.sync(store, addr, now, true, None)?;
+            }
         }
         Ok(())
     }
 
-    /// Learns what the answer justifies; returns those addresses.
+    /// Learns what the answer justifies, into `self.justified`.
     fn justify(
         &mut self,
         store: &mut impl LearnedStore,
         event: &DnsEvent,
         now: u64,
-    ) -> anyhow::Result<HashSet<Addr>> {
-        let mut changed = HashSet::new();
+    ) -> anyhow::Result<()> {
+        self.justified.clear();
+        self.kernel_wrote.clear();
         let len = usize::from(event.len).min(event.payload.len());
         let Ok(msg) = Message::from_vec(&event.payload[..len]) else {
             self.counters.malformed += 1;
-            return Ok(changed);
+            return Ok(());
         };
         let [query] = msg.queries.as_slice() else {
             self.counters.malformed += 1;
-            return Ok(changed);
+            return Ok(());
         };
         if msg.metadata.message_type != MessageType::Response {
             self.counters.malformed += 1;
-            return Ok(changed);
+            return Ok(());
         }
-        let qname = lower_name(&query.name);
         // A label holding a dot (`x\.zone`) is one label to DNS but would split into two
         // here; the kernel never matches such a name, and neither does the agent.
-        if qname.contains('\\') || self.names.lookup(&qname).is_none() {
+        let allowed = qname_key(&query.name, &mut self.qname)
+            .then(|| self.names.lookup(&self.qname))
+            .flatten();
+        let Some((_, set)) = allowed else {
             self.counters.unmatched += 1;
-            return Ok(changed);
-        }
+            return Ok(());
+        };
+        let set = *set;
         self.counters.answers += 1;
-        let chain = cname_chain(&msg, &qname);
+        self.model_kernel(&msg, event, now);
+        let chain = cname_chain(&msg, &query.name);
+        // Checked once: with debug on for any module, `log::debug!` alone would still build
+        // each record's JSON before the logger drops it.
+        let debug = log::log_enabled!(log::Level::Debug);
+        let mut name = None;
         for record in &msg.answers {
             let addr: IpAddr = match &record.data {
                 RData::A(a) => a.0.into(),
                 RData::AAAA(a) => a.0.into(),
                 _ => continue,
             };
-            if !chain.contains(&lower_name(&record.name)) {
+            if !chain.contains(&&record.name) {
                 self.counters.off_chain += 1;
                 continue;
             }
             let key = to_key(addr);
             let expires = self.expiry(record.ttl, now);
-            let entry = self.by_addr.entry(key).or_default();
-            let at = entry.entry(qname.clone()).or_insert(0);
-            *at = (*at).max(expires);
-            self.by_name.entry(qname.clone()).or_default().insert(key);
+            let id = *name.get_or_insert_with(|| self.name_ids.intern(&self.qname, set));
+            self.hold(id, key, expires);
             self.counters.learned += 1;
-            changed.insert(key);
-            log::debug!(
-                "{}",
-                serde_json::json!({
-                    "event": "learned",
-                    "name": qname,
-                    "addr": addr.to_string(),
-                    "ttl": record.ttl,
-                    "ports": self.names.lookup(&qname).map(|(p, _)| p.to_string()),
-                })
-            );
+            if !self.justified.contains(&key) {
+                self.justified.push(key);
+            }
+            if debug {
+                log::debug!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "learned",
+                        "name": self.qname,
+                        "addr": addr.to_string(),
+                        "ttl": record.ttl,
+                        "ports": self.names.lookup(&self.qname).map(|(p, _)| p.to_string()),
+                    })
+                );
+            }
         }
-        self.bound_name(store, &qname, now)?;
+        if let Some(id) = name {
+            self.bound_name(store, id, now)?;
+        }
         self.bound_total(store, now)?;
-        for addr in &changed {
-            self.sync(store, addr, now, false)?;
+        for i in 0..self.justified.len() {
+            let addr = self.justified[i];
+            // Not tracked any more: a bound just evicted it, and took it back.
+            if !self.index.contains_key(&addr) {
+                continue;
+            }
+            let kernel_wrote = (self.kernel_wrote.iter())
+                .find(|(a, _)| *a == addr)
+                .map(|(_, until)| (set, *until));
+            self.sync(store, &addr, now, false, kernel_wrote)?;
         }
-        Ok(changed)
+        Ok(())
+    }
+
+    /// What the kernel wrote from this answer: it walks the first `DNS_MAX_LEARNED` answer
+    /// records and writes every class IN A/AAAA address (whatever its owner) with the
+    /// question name's port set, until the TTL runs out. Filled into `self.kernel_wrote`
+    /// (with the expiry counted from `now`) only when that agrees address for address with
+    /// the list the kernel handed over; otherwise nothing is assumed.
+    fn model_kernel(&mut self, msg: &Message, event: &DnsEvent, now: u64) {
+        let kernel = &event.addrs[..usize::from(event.learned).min(DNS_MAX_LEARNED)];
+        let mut n = 0;
+        for record in msg.answers.iter().take(DNS_MAX_LEARNED) {
+            let addr = match (&record.data, record.dns_class) {
+                (RData::A(a), DNSClass::IN) => to_key(a.0.into()),
+                (RData::AAAA(a), DNSClass::IN) => to_key(a.0.into()),
+                _ => continue,
+            };
+            if kernel.get(n) != Some(&addr) {
+                self.kernel_wrote.clear();
+                return;
+            }
+            n += 1;
+            let until = self.expiry(record.ttl, now);
+            match self.kernel_wrote.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, u)) => *u = (*u).max(until),
+                None => self.kernel_wrote.push((addr, until)),
+            }
+        }
+        if n != kernel.len() {
+            self.kernel_wrote.clear();
+        }
+    }
+
+    /// Records that `addr` was learned through `name` until `expires` (or later, if it
+    /// already was).
+    fn hold(&mut self, name: u32, addr: Addr, expires: u64) {
+        let s = match self.index.get(&addr) {
+            Some(s) => *s,
+            None => {
+                let s = match self.free_slots.pop() {
+                    Some(s) => {
+                        self.slots[s as usize] = Slot::new(addr);
+                        s
+                    }
+                    None => {
+                        self.slots.push(Slot::new(addr));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.index.insert(addr, s);
+                s
+            }
+        };
+        let slot = &mut self.slots[s as usize];
+        if let Some(held) = slot.held_mut(name) {
+            held.expires = held.expires.max(expires);
+            return;
+        }
+        let addrs = &mut self.name_ids.get_mut(name).addrs;
+        slot.add(Held {
+            name,
+            at: addrs.len() as u32,
+            expires,
+        });
+        addrs.push(s);
+        self.next_due = self.next_due.min(expires);
+    }
+
+    /// Forgets one (name, address) pair, and the name once it holds no address.
+    fn forget(&mut self, name: u32, s: u32) {
+        let Some(held) = self.slots[s as usize].take(name) else {
+            return;
+        };
+        let addrs = &mut self.name_ids.get_mut(name).addrs;
+        addrs.swap_remove(held.at as usize);
+        if let Some(moved) = addrs.get(held.at as usize) {
+            if let Some(h) = self.slots[*moved as usize].held_mut(name) {
+                h.at = held.at;
+            }
+        } else if addrs.is_empty() {
+            self.name_ids.release(name);
+        }
     }
 
     /// Drops (name, address) pairs whose TTL has run out.
     pub fn expire(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
-        let due: Vec<Addr> = self
-            .by_addr
-            .iter()
-            .filter(|(_, names)| names.values().any(|e| *e <= now))
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in due {
-            self.sync(store, &addr, now, false)?;
+        if now < self.next_due {
+            return Ok(());
         }
+        let mut next = u64::MAX;
+        let mut due = Vec::new();
+        for (addr, s) in &self.index {
+            let mut is_due = false;
+            for held in self.slots[*s as usize].names() {
+                if held.expires <= now {
+                    is_due = true;
+                } else {
+                    next = next.min(held.expires);
+                }
+            }
+            if is_due {
+                due.push(*addr);
+            }
+        }
+        for addr in due {
+            self.sync(store, &addr, now, false, None)?;
+        }
+        self.next_due = next;
         Ok(())
     }
 
@@ -240,29 +573,34 @@ impl Learner {
     fn bound_name(
         &mut self,
         store: &mut impl LearnedStore,
-        name: &str,
+        name: u32,
         now: u64,
     ) -> anyhow::Result<()> {
         let limit = self.limits.max_ips_per_name as usize;
-        let Some(addrs) = self.by_name.get(name) else {
-            return Ok(());
-        };
-        if addrs.len() <= limit {
+        let held = self.name_ids.get(name);
+        if held.addrs.len() <= limit {
             return Ok(());
         }
-        let mut ranked: Vec<(u64, Addr)> = addrs
-            .iter()
-            .map(|a| (self.by_addr[a].get(name).copied().unwrap_or(0), *a))
+        let ranked: Vec<(u64, Addr, u32)> = (held.addrs.iter())
+            .map(|s| {
+                let slot = &self.slots[*s as usize];
+                let expires = slot
+                    .names()
+                    .find(|h| h.name == name)
+                    .map_or(0, |h| h.expires);
+                (expires, slot.addr, *s)
+            })
             .collect();
-        ranked.sort_unstable();
-        let surplus = ranked.len() - limit;
+        let victims = first_expiring(ranked, limit);
         log::warn!(
-            "{name}: more than {limit} addresses (dns.max_ips_per_name); evicting the {surplus} expiring first"
+            "{}: more than {limit} addresses (dns.max_ips_per_name); evicting the {} expiring first",
+            held.name,
+            victims.len()
         );
-        for (_, addr) in ranked.into_iter().take(surplus) {
-            self.forget(name, &addr);
+        for (_, addr, s) in victims {
+            self.forget(name, s);
             self.counters.evicted += 1;
-            self.sync(store, &addr, now, true)?;
+            self.sync(store, &addr, now, true, None)?;
         }
         Ok(())
     }
@@ -270,44 +608,29 @@ impl Learner {
     /// At most `max_ips` addresses in all: the ones expiring first go.
     fn bound_total(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
         let limit = self.limits.max_ips as usize;
-        if self.by_addr.len() <= limit {
+        if self.index.len() <= limit {
             return Ok(());
         }
-        let mut ranked: Vec<(u64, Addr)> = self
-            .by_addr
-            .iter()
-            .map(|(a, names)| (names.values().copied().max().unwrap_or(0), *a))
+        let ranked: Vec<(u64, Addr, u32)> = (self.index.iter())
+            .map(|(addr, s)| {
+                let slot = &self.slots[*s as usize];
+                let expires = slot.names().map(|h| h.expires).max().unwrap_or(0);
+                (expires, *addr, *s)
+            })
             .collect();
-        ranked.sort_unstable();
-        let surplus = ranked.len() - limit;
+        let victims = first_expiring(ranked, limit);
         log::warn!(
-            "more than {limit} learned addresses (dns.max_ips); evicting the {surplus} expiring first"
+            "more than {limit} learned addresses (dns.max_ips); evicting the {} expiring first",
+            victims.len()
         );
-        for (_, addr) in ranked.into_iter().take(surplus) {
-            let names: Vec<String> = self
-                .by_addr
-                .get(&addr)
-                .map(|n| n.keys().cloned().collect())
-                .unwrap_or_default();
-            for name in names {
-                self.forget(&name, &addr);
+        for (_, addr, s) in victims {
+            while !self.slots[s as usize].is_empty() {
+                self.forget(self.slots[s as usize].first.name, s);
             }
             self.counters.evicted += 1;
-            self.sync(store, &addr, now, true)?;
+            self.sync(store, &addr, now, true, None)?;
         }
         Ok(())
-    }
-
-    fn forget(&mut self, name: &str, addr: &Addr) {
-        if let Some(names) = self.by_addr.get_mut(addr) {
-            names.remove(name);
-        }
-        if let Some(addrs) = self.by_name.get_mut(name) {
-            addrs.remove(addr);
-            if addrs.is_empty() {
-                self.by_name.remove(name);
-            }
-        }
     }
 
     /// Makes the kernel's entry for `addr` what the bookkeeping says: the union of the ports
@@ -315,68 +638,93 @@ impl Learner {
     /// later expiry and a second port set written by the kernel (from an answer still queued
     /// for the agent) are kept; `evicting` (taking something back) drops them, and removes
     /// the entry outright when no name is left.
+    ///
+    /// `kernel_wrote`: the port set and expiry the kernel wrote the address with from the
+    /// answer being handled. When the entry held that port set alone as the agent last saw
+    /// it, the agent has not written it since the kernel handled the answer, and the agent
+    /// wants exactly that, the kernel's write stands: whatever the entry held before, it
+    /// now holds that set until that expiry, plus what answers still queued added.
     fn sync(
         &mut self,
         store: &mut impl LearnedStore,
         addr: &Addr,
         now: u64,
         evicting: bool,
+        kernel_wrote: Option<(u32, u64)>,
     ) -> anyhow::Result<()> {
-        let expired: Vec<String> = self
-            .by_addr
-            .get(addr)
-            .map(|n| {
-                n.iter()
-                    .filter(|(_, e)| **e <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for name in &expired {
-            self.forget(name, addr);
+        let Some(s) = self.index.get(addr).copied() else {
+            return take_back(store, addr, now, evicting);
+        };
+        while let Some(name) = self.slots[s as usize].expired_name(now) {
+            self.forget(name, s);
             self.counters.expired += 1;
         }
-        let current = store.get(addr);
-        let live = self.by_addr.get(addr).filter(|n| !n.is_empty()).cloned();
-        let Some(live) = live else {
-            self.by_addr.remove(addr);
-            self.written.remove(addr);
-            let kernel_knows_newer = current.is_some_and(|v| v.expires_ns > now) && !evicting;
-            if !kernel_knows_newer {
-                store.remove(addr)?;
-            }
+        if self.slots[s as usize].is_empty() {
+            self.index.remove(addr);
+            self.free_slots.push(s);
+            return take_back(store, addr, now, evicting);
+        }
+        let port_set = self.live_port_set(store, s)?;
+        let slot = &self.slots[s as usize];
+        let expires_ns = slot.names().map(|h| h.expires).max().unwrap_or(now);
+        if !evicting
+            && let Some((set, until)) = kernel_wrote
+            && self.settled(s)
+            && port_set == set
+            && slot.port_set == set
+            && slot.extra_set == NO_PORT_SET
+            && expires_ns <= until.saturating_add(EXPIRY_SLACK_NS)
+        {
             return Ok(());
+        }
+        let current = store.get(addr);
+        let mut value = LearnedValue {
+            port_set,
+            extra_set: NO_PORT_SET,
+            expires_ns,
         };
-        let ports = live
-            .keys()
-            .filter_map(|n| self.names.lookup(n).map(|(p, _)| p.clone()))
-            .reduce(|a, b| a.union(&b))
-            .unwrap_or(Ports::Some(Vec::new()));
-        let port_set = self.port_set(store, &ports)?;
-        let mut expires_ns = live.values().copied().max().unwrap_or(now);
-        let mut extra_set = NO_PORT_SET;
         // When taking something back, what the kernel wrote is exactly what must go.
-        if let Some(cur) = current.filter(|v| v.expires_ns > now && !evicting) {
-            expires_ns = expires_ns.max(cur.expires_ns);
+        let live = current.filter(|v| v.expires_ns > now && !evicting);
+        if let Some(cur) = live {
+            value.expires_ns = value.expires_ns.max(cur.expires_ns);
             // A name the kernel learned this address through, whose answer is still queued.
             if cur.extra_set != NO_PORT_SET && cur.extra_set != port_set {
-                extra_set = cur.extra_set;
+                value.extra_set = cur.extra_set;
             }
         }
-        self.written.insert(*addr, port_set);
-        store.put(
-            addr,
-            &LearnedValue {
-                port_set,
-                extra_set,
-                expires_ns,
-            },
-        )
+        let holds = current == Some(value)
+            || live.is_some_and(|cur| {
+                cur.port_set == value.port_set
+                    && cur.extra_set == value.extra_set
+                    && value.expires_ns - cur.expires_ns <= EXPIRY_SLACK_NS
+            });
+        if !holds {
+            store.put(addr, &value)?;
+            self.unsettle(s);
+        }
+        let slot = &mut self.slots[s as usize];
+        slot.port_set = value.port_set;
+        slot.extra_set = value.extra_set;
+        Ok(())
     }
 
-    /// The id of a port set, writing its entries to the kernel the first time.
-    fn port_set(&mut self, store: &mut impl LearnedStore, ports: &Ports) -> anyhow::Result<u32> {
-        let id = self.port_sets.intern(ports);
+    /// The port set of the union of the ports of the names `slot` holds, written to the
+    /// kernel the first time.
+    fn live_port_set(&mut self, store: &mut impl LearnedStore, s: u32) -> anyhow::Result<u32> {
+        let slot = &self.slots[s as usize];
+        let first = self.name_ids.get(slot.first.name).set;
+        let id = if slot.names().all(|h| self.name_ids.get(h.name).set == first) {
+            first
+        } else {
+            let ports = (slot.names())
+                .filter_map(|h| {
+                    let name = &self.name_ids.get(h.name).name;
+                    self.names.lookup(name).map(|(p, _)| p.clone())
+                })
+                .reduce(|a, b| a.union(&b))
+                .unwrap_or(Ports::Some(Vec::new()));
+            self.port_sets.intern(&ports)
+        };
         if self.written_sets.insert(id) {
             let keys: Vec<PortKey> = self.port_sets.entries_of(id).copied().collect();
             store.add_ports(&keys)?;
@@ -385,16 +733,69 @@ impl Learner {
     }
 }
 
-/// The question name and every name a CNAME chain from it reaches.
-fn cname_chain(msg: &Message, qname: &str) -> HashSet<String> {
-    let mut chain = HashSet::from([qname.to_owned()]);
+/// Takes back an address the learner no longer tracks: removes its entry, unless (when not
+/// `evicting`) the kernel holds a later expiry from an answer still queued.
+fn take_back(
+    store: &mut impl LearnedStore,
+    addr: &Addr,
+    now: u64,
+    evicting: bool,
+) -> anyhow::Result<()> {
+    if !evicting && store.get(addr).is_some_and(|v| v.expires_ns > now) {
+        return Ok(());
+    }
+    store.remove(addr)
+}
+
+/// The entries of `ranked` (expiry, address, slot) beyond the `keep` expiring last,
+/// expiring first first.
+fn first_expiring(mut ranked: Vec<(u64, Addr, u32)>, keep: usize) -> Vec<(u64, Addr, u32)> {
+    let surplus = ranked.len().saturating_sub(keep);
+    if surplus == 0 {
+        return Vec::new();
+    }
+    ranked.select_nth_unstable(surplus - 1);
+    ranked.truncate(surplus);
+    ranked.sort_unstable();
+    ranked
+}
+
+/// The question name as the policy matches it: lowercase labels joined by dots, no
+/// trailing dot. False when a label holds a byte a name's text would escape (a dot, a
+/// backslash, a leading hyphen, ...): no rule can match such a name.
+fn qname_key(name: &Name, out: &mut String) -> bool {
+    out.clear();
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for (j, b) in label.iter().enumerate() {
+            let c = b.to_ascii_lowercase();
+            let plain = c.is_ascii_alphanumeric()
+                || c == b'_'
+                || (c == b'-' && j > 0)
+                || (c == b'*' && j == 0);
+            if !plain {
+                return false;
+            }
+            out.push(char::from(c));
+        }
+    }
+    true
+}
+
+/// The question name and every name a CNAME chain from it reaches (names compare without
+/// regard to case).
+fn cname_chain<'m>(msg: &'m Message, qname: &'m Name) -> Vec<&'m Name> {
+    let mut chain = vec![qname];
     for _ in 0..MAX_CHAIN {
         let before = chain.len();
         for r in &msg.answers {
             if let RData::CNAME(target) = &r.data
-                && chain.contains(&lower_name(&r.name))
+                && chain.contains(&&r.name)
+                && !chain.contains(&&target.0)
             {
-                chain.insert(lower_name(&target.0));
+                chain.push(&target.0);
             }
         }
         if chain.len() == before {
@@ -831,5 +1232,383 @@ dns:
         .expect("answer");
         assert_eq!(l.counters.unmatched, 2);
         assert!(store.learned.is_empty());
+    }
+
+    /// The kernel maps, counting the learner's lookups and writes.
+    #[derive(Default)]
+    struct Counting {
+        maps: FakeStore,
+        gets: std::cell::Cell<usize>,
+        puts: usize,
+    }
+
+    impl LearnedStore for Counting {
+        fn get(&self, addr: &Addr) -> Option<LearnedValue> {
+            self.gets.set(self.gets.get() + 1);
+            self.maps.get(addr)
+        }
+        fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()> {
+            self.puts += 1;
+            self.maps.put(addr, value)
+        }
+        fn remove(&mut self, addr: &Addr) -> anyhow::Result<()> {
+            self.maps.remove(addr)
+        }
+        fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+            self.maps.add_ports(keys)
+        }
+        fn remove_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
+            self.maps.remove_ports(keys)
+        }
+    }
+
+    /// What the kernel does with an answer before the agent sees it (`egress-ebpf/src/dns.rs`):
+    /// every class IN A/AAAA address among the first records goes into `LEARNED` with the
+    /// question name's port set (a second set next to another name's), until its TTL runs
+    /// out (or later, if it already was). `None` when no rule allows the question.
+    fn kernel_handles(
+        l: &Learner,
+        maps: &mut FakeStore,
+        m: &Message,
+        now: u64,
+    ) -> Option<DnsEvent> {
+        let text = m.queries[0].name.to_lowercase().to_ascii();
+        let q = text.strip_suffix('.').unwrap_or(&text);
+        if q.contains('\\') {
+            return None;
+        }
+        let set = l.names.lookup(q)?.1;
+        let mut ev = event(&m.to_vec().expect("encodes"));
+        for r in m.answers.iter().take(DNS_MAX_LEARNED) {
+            let addr = match &r.data {
+                RData::A(a) => to_key(a.0.into()),
+                RData::AAAA(a) => to_key(a.0.into()),
+                _ => continue,
+            };
+            let secs = r.ttl.max(l.limits.min_ttl).min(l.limits.max_ttl);
+            let expires_ns = now + u64::from(secs) * NS_PER_SEC;
+            match maps.learned.get_mut(&addr) {
+                Some(v) if v.expires_ns > now => {
+                    if v.port_set != set
+                        && v.port_set != egress_common::ALL_PORTS
+                        && v.extra_set != set
+                    {
+                        v.extra_set = set;
+                    }
+                    v.expires_ns = v.expires_ns.max(expires_ns);
+                }
+                _ => {
+                    let fresh = LearnedValue {
+                        port_set: set,
+                        extra_set: NO_PORT_SET,
+                        expires_ns,
+                    };
+                    maps.learned.insert(addr, fresh);
+                }
+            }
+            ev.addrs[usize::from(ev.learned)] = addr;
+            ev.learned += 1;
+        }
+        Some(ev)
+    }
+
+    fn message(qname: &str, records: Vec<Record>) -> Message {
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(name(qname), RecordType::A));
+        m.add_answers(records);
+        m
+    }
+
+    #[test]
+    fn a_refreshed_address_costs_no_map_call_and_a_new_one_a_lookup() {
+        let mut store = Counting::default();
+        let mut l = learner();
+        let records = |ttl| {
+            (1..=3)
+                .map(|i| a("x.hcp.eastus.azmk8s.io.", ttl, &format!("203.0.113.{i}")))
+                .collect()
+        };
+        let m = message("x.hcp.eastus.azmk8s.io.", records(60));
+        let ev = kernel_handles(&l, &mut store.maps, &m, T0).expect("allowed");
+        l.answer(&mut store, &ev, T0).expect("answer");
+        l.drained();
+        assert_eq!(
+            (store.gets.get(), store.puts),
+            (3, 0),
+            "what the kernel wrote stands"
+        );
+        // The same answer later, with a longer TTL: the kernel's write stands again.
+        let t1 = T0 + 30 * NS_PER_SEC;
+        let m = message("x.hcp.eastus.azmk8s.io.", records(300));
+        let ev = kernel_handles(&l, &mut store.maps, &m, t1).expect("allowed");
+        l.answer(&mut store, &ev, t1).expect("answer");
+        assert_eq!((store.gets.get(), store.puts), (3, 0), "no map call");
+        assert_eq!(
+            store.maps.learned[&key("203.0.113.2")].expires_ns,
+            t1 + 300 * NS_PER_SEC
+        );
+        assert_eq!(l.learned().count(), 3);
+    }
+
+    #[test]
+    fn an_answer_queued_behind_a_write_of_the_agent_is_not_taken_as_standing() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        let mcr = |ttl| {
+            message(
+                "mcr.microsoft.com.",
+                vec![a("mcr.microsoft.com.", ttl, "203.0.113.7")],
+            )
+        };
+        let ev = kernel_handles(&l, &mut store, &mcr(60), T0).expect("allowed");
+        l.answer(&mut store, &ev, T0).expect("answer");
+        l.drained();
+        // The kernel handles two answers before the agent reads either: NTP's, where the
+        // address is off the chain, then a refresh of mcr's with a longer TTL.
+        let t1 = T0 + NS_PER_SEC;
+        let ntp = message(
+            "ntp.example.org.",
+            vec![a("elsewhere.example.", 60, "203.0.113.7")],
+        );
+        let taken_back = kernel_handles(&l, &mut store, &ntp, t1).expect("allowed");
+        let refresh = kernel_handles(&l, &mut store, &mcr(600), t1).expect("allowed");
+        // Taking NTP's ports back rewrites the entry with mcr's first expiry, replacing the
+        // kernel's write for the refresh; the refresh must then be written again.
+        l.answer(&mut store, &taken_back, t1).expect("answer");
+        l.answer(&mut store, &refresh, t1).expect("answer");
+        let v = store.learned[&key("203.0.113.7")];
+        assert_eq!(v.extra_set, NO_PORT_SET, "NTP's ports taken back");
+        assert_eq!(v.expires_ns, t1 + 600 * NS_PER_SEC, "the refresh's expiry");
+    }
+
+    #[test]
+    fn a_kernel_list_that_disagrees_with_the_answer_is_checked_address_by_address() {
+        let mut store = Counting::default();
+        let mut l = learner();
+        let m = message(
+            "mcr.microsoft.com.",
+            vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
+        );
+        let mut ev = kernel_handles(&l, &mut store.maps, &m, T0).expect("allowed");
+        l.answer(&mut store, &ev, T0).expect("answer");
+        l.drained();
+        let gets = store.gets.get();
+        // A list naming another address: nothing is assumed about what the kernel wrote.
+        ev.addrs[0] = key("198.51.100.1");
+        l.answer(&mut store, &ev, T0).expect("answer");
+        assert!(store.gets.get() > gets, "looked up");
+        assert!(store.maps.learned.contains_key(&key("203.0.113.7")));
+        assert!(!store.maps.learned.contains_key(&key("198.51.100.1")));
+    }
+
+    #[test]
+    fn question_names_match_as_their_text_would() {
+        let labels: [&[u8]; 13] = [
+            b"abc",
+            b"ABC",
+            b"-a",
+            b"a-",
+            b"*",
+            b"a*",
+            b"_x",
+            b"x.y",
+            b"x\\y",
+            b"\xc3\xa9",
+            b"a b",
+            b"0",
+            b"Z9",
+        ];
+        let mut out = String::new();
+        for first in labels {
+            for second in labels {
+                for third in [&b"io"[..], b"Example"] {
+                    let n = Name::from_labels(vec![first, second, third]).expect("name");
+                    // The text form the policy's names are compared with.
+                    let text = n.to_lowercase().to_ascii();
+                    let text = text.strip_suffix('.').unwrap_or(&text);
+                    let want = (!text.contains('\\')).then_some(text);
+                    let got = qname_key(&n, &mut out).then_some(out.as_str());
+                    assert_eq!(got, want, "{n:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_cname_chain_is_followed_whatever_the_case_of_its_names() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        let ev = answer(
+            "MCR.microsoft.com.",
+            vec![
+                cname("mcr.Microsoft.com.", "Edge.Example."),
+                a("eDGE.example.", 60, "203.0.113.7"),
+                a("edge.example.org.", 60, "203.0.113.8"),
+            ],
+        );
+        l.answer(&mut store, &ev, T0).expect("answer");
+        assert_eq!((l.counters.learned, l.counters.off_chain), (1, 1));
+        assert!(store.learned.contains_key(&key("203.0.113.7")));
+    }
+
+    /// xorshift64: a fixed sequence of pseudo-random numbers.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// A random answer: a name of the policy (or not), maybe a CNAME, addresses from a
+    /// small pool (so that names share them), some off the chain, various TTLs.
+    fn random_answer(rng: &mut Rng) -> Message {
+        const QUESTIONS: [&str; 8] = [
+            "mcr.microsoft.com.",
+            "MCR.microsoft.com.",
+            "a.hcp.eastus.azmk8s.io.",
+            "b.HCP.eastus.azmk8s.io.",
+            "ntp.example.org.",
+            "hcp.eastus.azmk8s.io.",
+            "evil.example.",
+            "c.d.hcp.eastus.azmk8s.io.",
+        ];
+        const TTLS: [u32; 6] = [0, 5, 30, 60, 300, 3600];
+        let q = QUESTIONS[rng.below(QUESTIONS.len())];
+        let mut records = Vec::new();
+        let mut owner = q;
+        if rng.below(3) == 0 {
+            records.push(cname(q, "Edge.example."));
+            owner = "edge.EXAMPLE.";
+        }
+        for _ in 0..=rng.below(5) {
+            let owner = if rng.below(6) == 0 {
+                "other.example."
+            } else {
+                owner
+            };
+            let ttl = TTLS[rng.below(TTLS.len())];
+            let i = 1 + rng.below(8);
+            records.push(if rng.below(4) == 0 {
+                aaaa(owner, ttl, &format!("2001:db8::{i}"))
+            } else {
+                a(owner, ttl, &format!("203.0.113.{i}"))
+            });
+        }
+        message(q, records)
+    }
+
+    /// What must hold whenever the agent has caught up with the kernel: `LEARNED` holds
+    /// every tracked address with the port sets the learner keeps for it, those are the
+    /// union of its names' ports, and each name's list and each address's names agree.
+    /// `now`: an expiry pass has just run at this time (`None`: none has).
+    fn check_view(l: &Learner, store: &FakeStore, now: Option<u64>, at: &str) {
+        for (addr, s) in &l.index {
+            let slot = &l.slots[*s as usize];
+            let v = store
+                .learned
+                .get(addr)
+                .unwrap_or_else(|| panic!("{at}: {addr:?} missing"));
+            assert_eq!(
+                (v.port_set, v.extra_set),
+                (slot.port_set, slot.extra_set),
+                "{at}: view of {addr:?}"
+            );
+            let want = (slot.names())
+                .map(|h| {
+                    l.names
+                        .lookup(&l.name_ids.get(h.name).name)
+                        .expect("allowed")
+                        .0
+                        .clone()
+                })
+                .reduce(|a, b| a.union(&b))
+                .expect("a name");
+            let mut registry = l.port_sets.clone();
+            assert_eq!(
+                registry.intern(&want),
+                v.port_set,
+                "{at}: ports of {addr:?}"
+            );
+            for h in slot.names() {
+                let expired = now.is_some_and(|now| h.expires <= now);
+                assert!(!expired, "{at}: {addr:?} kept past its expiry");
+                assert_eq!(
+                    l.name_ids.get(h.name).addrs[h.at as usize],
+                    *s,
+                    "{at}: list of {}",
+                    h.name
+                );
+            }
+        }
+        for id in l.name_ids.live() {
+            for (at, s) in l.name_ids.get(id).addrs.iter().enumerate() {
+                let held = l.slots[*s as usize].names().find(|h| h.name == id);
+                assert_eq!(held.map(|h| h.at as usize), Some(at), "{at}: name {id}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_view_of_learned_stays_what_the_store_holds() {
+        for seed in 1..=24u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut store = FakeStore::default();
+            let mut l = learner();
+            store.ports.extend(l.port_sets.entries().copied());
+            let mut queue = std::collections::VecDeque::new();
+            let mut now = T0;
+            for step in 0..300 {
+                let at = format!("seed {seed} step {step}");
+                for _ in 0..=rng.below(3) {
+                    now += rng.below(100) as u64 * 1_000_000;
+                    if let Some(ev) = kernel_handles(&l, &mut store, &random_answer(&mut rng), now)
+                    {
+                        queue.push_back(ev);
+                    }
+                }
+                // The agent reads the ring a moment later, and not always all of it.
+                now += rng.below(100) as u64 * 1_000_000;
+                let keep = if rng.below(3) == 0 { rng.below(3) } else { 0 };
+                while queue.len() > keep {
+                    let ev = queue.pop_front().expect("queued");
+                    l.answer(&mut store, &ev, now).expect("answer");
+                }
+                if !queue.is_empty() {
+                    continue;
+                }
+                l.drained();
+                check_view(&l, &store, None, &at);
+                if rng.below(4) == 0 {
+                    now += rng.below(40) as u64 * NS_PER_SEC;
+                }
+                l.expire(&mut store, now).expect("expire");
+                check_view(&l, &store, Some(now), &at);
+                if step == 150 {
+                    let policy = parse(
+                        "allow:\n  - fqdn: mcr.microsoft.com\n    ports: [TCP:8443]\n  - fqdn: \"*.hcp.eastus.azmk8s.io\"\n    ports: [HTTPS:443]\ndns:\n  min_ttl: 10\n  max_ttl: 600\n  max_ips_per_name: 2\n  max_ips: 4\n",
+                        "reload.yaml",
+                    )
+                    .expect("policy");
+                    let compiled = crate::compile::compile_with(&policy, l.port_sets().clone())
+                        .expect("compiles");
+                    let sets = compiled.sets_in_use().expect("names");
+                    store.ports.extend(compiled.port_sets.entries().copied());
+                    l.reload(
+                        &mut store,
+                        compiled.names,
+                        compiled.port_sets,
+                        policy.dns,
+                        &sets,
+                        now,
+                    )
+                    .expect("reload");
+                    check_view(&l, &store, Some(now), &at);
+                }
+            }
+        }
     }
 }
