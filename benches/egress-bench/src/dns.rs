@@ -28,7 +28,7 @@ pub fn answer_addr(k: u16, r: u16) -> Ipv6Addr {
 }
 
 /// A query for `n<k>.z<zone>.bench.test` AAAA with message id `id`.
-fn query(id: u16, k: u32, zone: u32) -> Vec<u8> {
+pub fn query(id: u16, k: u32, zone: u32) -> Vec<u8> {
     let mut q = Vec::with_capacity(48);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -48,7 +48,7 @@ fn query(id: u16, k: u32, zone: u32) -> Vec<u8> {
 }
 
 /// The answer to `msg`, if it is a query this server understands.
-fn answer(msg: &[u8]) -> Option<Vec<u8>> {
+pub fn answer(msg: &[u8]) -> Option<Vec<u8>> {
     if msg.len() < 12 || msg[2] & 0x80 != 0 || msg[4..6] != [0, 1] {
         return None;
     }

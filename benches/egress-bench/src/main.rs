@@ -8,6 +8,7 @@
 //! egress-bench conn-rate ADDR FIRST_PORT PORTS [--seconds 5] [--threads 2] [--timeout-ms 1000] [--cgroup DIR]
 //! egress-bench dns-serve ADDR PORT
 //! egress-bench dns-flood SERVER PORT [--names 4096] [--zones 1000] [--rate 0] [--count N] [--seconds 5] [--window 256] [--cgroup DIR]
+//! egress-bench learn [--names 4096] [--zones 1000] [--rounds 3]
 //! ```
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
 
@@ -17,6 +18,7 @@ mod addrs;
 mod conn;
 mod dns;
 mod frames;
+mod learn;
 mod verdict;
 mod whatif;
 
@@ -36,7 +38,10 @@ const USAGE: &str = "usage:
   egress-bench dns-flood SERVER PORT [--names 4096] [--zones 1000] [--rate 0] [--count N]
                          [--seconds 5] [--window 256] [--cgroup DIR]
       queries for names n<k>.z<k % zones>.bench.test, paced (--rate per second, or 0: at
-      most --window outstanding); prints one JSON line";
+      most --window outstanding); prints one JSON line
+  egress-bench learn [--names 4096] [--zones 1000] [--rounds 3]
+      dns-serve's answers through the kernel program (BPF_PROG_TEST_RUN) and the agent's
+      learner on the real maps: the learner's CPU time per answer, as a Markdown table";
 
 /// Splits `args` into positionals and `--flag value` pairs.
 struct Args {
@@ -196,6 +201,15 @@ fn main_inner() -> Result<()> {
                 bail!("--seconds must be in (0, 600]");
             }
             dns::flood(&opts)
+        }
+        "learn" => {
+            let opts = learn::Options {
+                names: args.flag("names", 4096)?,
+                zones: args.flag("zones", 1000)?,
+                rounds: args.flag("rounds", 3)?,
+            };
+            args.done(0)?;
+            learn::run(&opts)
         }
         other => bail!("unknown command {other:?}"),
     }
