@@ -37,6 +37,9 @@ const MAX_CHAIN: usize = 16;
 const EXPIRY_SLACK_NS: u64 = NS_PER_SEC;
 /// Marks an unused [`Held`].
 const NO_NAME: u32 = u32::MAX;
+/// An address is looked for in the list of the name it comes with, when that has at most
+/// this many, before the index: a refresh then touches adjacent slots, not a hash table.
+const SCAN_LIMIT: usize = 32;
 
 /// What the learner needs of the kernel maps (a trait, so the logic is tested without BPF).
 pub trait LearnedStore {
@@ -238,7 +241,8 @@ pub struct Learner {
     pub counters: LearnerCounters,
     /// Buffers reused from answer to answer.
     qname: String,
-    justified: Vec<Addr>,
+    /// The addresses the answer justifies, with their slots.
+    justified: Vec<(Addr, u32)>,
     kernel_wrote: Vec<(Addr, u64)>,
 }
 
@@ -365,7 +369,7 @@ impl Learner {
         self.justify(store, event, now)?;
         let kernel = &event.addrs[..usize::from(event.learned).min(event.addrs.len())];
         for addr in kernel {
-            if !self.justified.contains(addr) {
+            if !self.justified.iter().any(|(a, _)| a == addr) {
                 // Rewrites a tracked address without this answer's ports; removes the rest.
                 self.sync(store, addr, now, true, None)?;
             }
@@ -425,10 +429,10 @@ impl Learner {
             let key = to_key(addr);
             let expires = self.expiry(record.ttl, now);
             let id = *name.get_or_insert_with(|| self.name_ids.intern(&self.qname, set));
-            self.hold(id, key, expires);
+            let s = self.hold(id, key, expires);
             self.counters.learned += 1;
-            if !self.justified.contains(&key) {
-                self.justified.push(key);
+            if !self.justified.iter().any(|(a, _)| *a == key) {
+                self.justified.push((key, s));
             }
             if debug {
                 log::debug!(
@@ -448,15 +452,15 @@ impl Learner {
         }
         self.bound_total(store, now)?;
         for i in 0..self.justified.len() {
-            let addr = self.justified[i];
+            let (addr, s) = self.justified[i];
             // Not tracked any more: a bound just evicted it, and took it back.
-            if !self.index.contains_key(&addr) {
+            if self.slots[s as usize].is_empty() {
                 continue;
             }
             let kernel_wrote = (self.kernel_wrote.iter())
                 .find(|(a, _)| *a == addr)
                 .map(|(_, until)| (set, *until));
-            self.sync(store, &addr, now, false, kernel_wrote)?;
+            self.sync_slot(store, s, now, false, kernel_wrote)?;
         }
         Ok(())
     }
@@ -492,9 +496,13 @@ impl Learner {
     }
 
     /// Records that `addr` was learned through `name` until `expires` (or later, if it
-    /// already was).
-    fn hold(&mut self, name: u32, addr: Addr, expires: u64) {
-        let s = match self.index.get(&addr) {
+    /// already was); returns its slot.
+    fn hold(&mut self, name: u32, addr: Addr, expires: u64) -> u32 {
+        let list = &self.name_ids.get(name).addrs;
+        let listed = (list.len() <= SCAN_LIMIT)
+            .then(|| (list.iter()).find(|s| self.slots[**s as usize].addr == addr))
+            .flatten();
+        let s = match listed.or_else(|| self.index.get(&addr)) {
             Some(s) => *s,
             None => {
                 let s = match self.free_slots.pop() {
@@ -514,7 +522,7 @@ impl Learner {
         let slot = &mut self.slots[s as usize];
         if let Some(held) = slot.held_mut(name) {
             held.expires = held.expires.max(expires);
-            return;
+            return s;
         }
         let addrs = &mut self.name_ids.get_mut(name).addrs;
         slot.add(Held {
@@ -524,6 +532,7 @@ impl Learner {
         });
         addrs.push(s);
         self.next_due = self.next_due.min(expires);
+        s
     }
 
     /// Forgets one (name, address) pair, and the name once it holds no address.
@@ -652,17 +661,30 @@ impl Learner {
         evicting: bool,
         kernel_wrote: Option<(u32, u64)>,
     ) -> anyhow::Result<()> {
-        let Some(s) = self.index.get(addr).copied() else {
-            return take_back(store, addr, now, evicting);
-        };
+        match self.index.get(addr) {
+            Some(s) => self.sync_slot(store, *s, now, evicting, kernel_wrote),
+            None => take_back(store, addr, now, evicting),
+        }
+    }
+
+    /// [`Self::sync`] for the address in slot `s`.
+    fn sync_slot(
+        &mut self,
+        store: &mut impl LearnedStore,
+        s: u32,
+        now: u64,
+        evicting: bool,
+        kernel_wrote: Option<(u32, u64)>,
+    ) -> anyhow::Result<()> {
+        let addr = self.slots[s as usize].addr;
         while let Some(name) = self.slots[s as usize].expired_name(now) {
             self.forget(name, s);
             self.counters.expired += 1;
         }
         if self.slots[s as usize].is_empty() {
-            self.index.remove(addr);
+            self.index.remove(&addr);
             self.free_slots.push(s);
-            return take_back(store, addr, now, evicting);
+            return take_back(store, &addr, now, evicting);
         }
         let port_set = self.live_port_set(store, s)?;
         let slot = &self.slots[s as usize];
@@ -677,7 +699,7 @@ impl Learner {
         {
             return Ok(());
         }
-        let current = store.get(addr);
+        let current = store.get(&addr);
         let mut value = LearnedValue {
             port_set,
             extra_set: NO_PORT_SET,
@@ -699,7 +721,7 @@ impl Learner {
                     && value.expires_ns - cur.expires_ns <= EXPIRY_SLACK_NS
             });
         if !holds {
-            store.put(addr, &value)?;
+            store.put(&addr, &value)?;
             self.unsettle(s);
         }
         let slot = &mut self.slots[s as usize];
