@@ -23,8 +23,8 @@ usage: benches/run.sh [--quick] [--parts "network verdict agent"] [--sizes "10 1
 
   --quick        smoke run: sizes 10 and 1000, 2 s per measurement, idle 3 s, a short verdict run
                  (under 2 minutes on a warm machine)
-  --sizes LIST   allowed-address counts (default: 10 1000 65536 100000 1000000; 65536 is
-                 the most the agent's CIDR map holds)
+  --sizes LIST   allowed-address counts (default: 10 1000 65536 100000 1000000; the agent's
+                 CIDR map holds 2097152)
   --seconds S    length of each iperf3 run and each connection-rate run (default 5)
   --reps R       iperf3 runs per measurement; the median is reported (default 3)
   --parts LIST   which parts to run (default: network verdict agent)
@@ -389,8 +389,8 @@ start_phases() {
   fi
 }
 
-agent_rss() { # pid -> "VmRSS VmHWM" in KiB
-  awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } END { print r + 0, h + 0 }' "/proc/$1/status" 2>/dev/null || echo "0 0"
+agent_rss() { # pid -> "VmRSS VmHWM RssAnon" in KiB
+  awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } /^RssAnon:/ { a = $2 } END { print r + 0, h + 0, a + 0 }' "/proc/$1/status" 2>/dev/null || echo "0 0 0"
 }
 
 nft_clean() { ip netns exec "$ns_c" nft flush ruleset 2>/dev/null || true; }
@@ -418,7 +418,7 @@ if has_part network; then
     if [ -n "${unusable[agent]:-}" ]; then
       record "$n" agent - "- - - - -" "not tried: ${unusable[agent]}"
     elif start_agent "$policy" "$work/agent-$n.log"; then
-      read -r rss hwm < <(agent_rss "$agent_pid")
+      read -r rss hwm _ < <(agent_rss "$agent_pid")
       record "$n" agent "$attach_ms" "$(measure)" \
         "start: policy+object ${pre_ms} ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps+attach ${post_ms} ms; RSS $((rss / 1024)) MiB, peak $((hwm / 1024)) MiB"
       stop_pid "$agent_pid" 10
@@ -539,17 +539,17 @@ cpu_ticks() { # pid -> utime + stime, in clock ticks
 }
 clk_tck=$(getconf CLK_TCK)
 
-# "cpu% rss_MiB hwm_MiB" of the agent over $2 seconds.
+# "cpu% rss_MiB hwm_MiB anon_MiB" of the agent over $2 seconds.
 agent_usage() {
-  local pid=$1 secs=$2 t0 c0 c1 t1 rss hwm
+  local pid=$1 secs=$2 t0 c0 c1 t1 rss hwm anon
   t0=$(now_ns)
   c0=$(cpu_ticks "$pid")
   sleep "$secs"
   c1=$(cpu_ticks "$pid")
   t1=$(now_ns)
-  read -r rss hwm < <(agent_rss "$pid")
-  awk -v c=$((c1 - c0)) -v hz="$clk_tck" -v ns=$((t1 - t0)) -v r="$rss" -v h="$hwm" \
-    'BEGIN { printf "%.2f %.1f %.1f\n", 100 * c / hz / (ns / 1e9), r / 1024, h / 1024 }'
+  read -r rss hwm anon < <(agent_rss "$pid")
+  awk -v c=$((c1 - c0)) -v hz="$clk_tck" -v ns=$((t1 - t0)) -v r="$rss" -v h="$hwm" -v a="$anon" \
+    'BEGIN { printf "%.2f %.1f %.1f %.1f\n", 100 * c / hz / (ns / 1e9), r / 1024, h / 1024, a / 1024 }'
 }
 
 # Stops the agent and prints its DNS counters: agent answers, agent learned, kernel
@@ -606,17 +606,17 @@ if has_part agent; then
   # Idle with the largest CIDR policy the agent takes.
   start_agent "$cidr_policy" "$work/agent-start-cidr.log" || die "the agent did not start: $agent_error"
   cidr_start="$attach_ms ms (policy and object $pre_ms ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps and attach $post_ms ms)"
-  read -r cidr_cpu cidr_rss cidr_hwm < <(agent_usage "$agent_pid" "$idle")
+  read -r cidr_cpu cidr_rss cidr_hwm cidr_anon < <(agent_usage "$agent_pid" "$idle")
   stop_pid "$agent_pid" 10
   forget_pid "$agent_pid"
 
   # Idle with 1k patterns, nothing learned; then with 65,536 learned addresses.
   start_agent "$dns_policy" "$work/agent-idle.log" || die "the agent did not start: $agent_error"
-  read -r idle0_cpu idle0_rss idle0_hwm < <(agent_usage "$agent_pid" "$idle")
+  read -r idle0_cpu idle0_rss idle0_hwm idle0_anon < <(agent_usage "$agent_pid" "$idle")
   fill=$(in_client timeout 60 "$bench" dns-flood "$link_s" 53 --names "$names" --zones "$zones" \
     --count "$names" --rate 2000 --seconds 30)
   sleep 2
-  read -r idle1_cpu idle1_rss idle1_hwm < <(agent_usage "$agent_pid" "$idle")
+  read -r idle1_cpu idle1_rss idle1_hwm idle1_anon < <(agent_usage "$agent_pid" "$idle")
   read -r fa_ans fa_learned fk_ans fk_learned _ fk_lost fa_evicted < <(stop_agent_counters "$work/agent-idle.log")
 
   # The flood: answers for allowed names at a given rate (0: as fast as the client and
@@ -642,11 +642,11 @@ if has_part agent; then
     fi
     c1=$(cpu_ticks "$agent_pid")
     t1=$(now_ns)
-    read -r _ rss hwm < <(agent_usage "$agent_pid" 0)
+    read -r _ rss hwm anon < <(agent_usage "$agent_pid" 0)
     cpu=$(awk -v c=$((c1 - c0)) -v hz="$clk_tck" -v ns=$((t1 - t0)) 'BEGIN { printf "%.1f", 100 * c / hz / (ns / 1e9) }')
     cpu_ms=$(((c1 - c0) * 1000 / clk_tck))
     counters=$(stop_agent_counters "$work/agent-flood-$rate.log")
-    echo "$rate $(jq -r '"\(.sent_per_sec) \(.answers_per_sec) \(.answers)"' <<<"$f") $counters $cpu $rss $hwm $cpu_ms" >>"$work/flood"
+    echo "$rate $(jq -r '"\(.sent_per_sec) \(.answers_per_sec) \(.answers)"' <<<"$f") $counters $cpu $rss $hwm $anon $cpu_ms" >>"$work/flood"
     log "flood $rate: $f / $counters / cpu $cpu%"
   done
 
@@ -674,15 +674,16 @@ if has_part agent; then
     echo
     echo "With 65,536 CIDR entries instead: start to attached $cidr_start."
     echo
-    echo "Resources (CPU in % of one core over the interval; RSS and peak RSS in MiB):"
+    echo "Resources (CPU in % of one core over the interval; RSS, peak RSS and anonymous RSS in MiB;"
+    echo "RSS also counts the binary and the ring buffers, which the agent maps twice each):"
     echo
-    echo "| state | CPU % | RSS | HWM |"
-    echo "|---|---:|---:|---:|"
-    echo "| idle ${idle} s, 1k patterns, nothing learned | $idle0_cpu | $idle0_rss | $idle0_hwm |"
-    echo "| idle ${idle} s, 1k patterns, after learning (agent: ${fa_learned:-?} addresses from ${fa_ans:-?} answers; kernel: ${fk_learned:-?} from ${fk_ans:-?}, ring lost ${fk_lost:-?}, agent evicted ${fa_evicted:-?}) | $idle1_cpu | $idle1_rss | $idle1_hwm |"
-    echo "| idle ${idle} s, 65,536 CIDR entries | $cidr_cpu | $cidr_rss | $cidr_hwm |"
-    while read -r rate _ aps _ _ _ _ _ _ _ _ cpu rss hwm _; do
-      echo "| DNS flood at $([ "$rate" = 0 ] && echo "full speed" || echo "$rate/s") ($aps answers/s) | $cpu | $rss | $hwm |"
+    echo "| state | CPU % | RSS | HWM | anon |"
+    echo "|---|---:|---:|---:|---:|"
+    echo "| idle ${idle} s, 1k patterns, nothing learned | $idle0_cpu | $idle0_rss | $idle0_hwm | $idle0_anon |"
+    echo "| idle ${idle} s, 1k patterns, after learning (agent: ${fa_learned:-?} addresses from ${fa_ans:-?} answers; kernel: ${fk_learned:-?} from ${fk_ans:-?}, ring lost ${fk_lost:-?}, agent evicted ${fa_evicted:-?}) | $idle1_cpu | $idle1_rss | $idle1_hwm | $idle1_anon |"
+    echo "| idle ${idle} s, 65,536 CIDR entries | $cidr_cpu | $cidr_rss | $cidr_hwm | $cidr_anon |"
+    while read -r rate _ aps _ _ _ _ _ _ _ _ cpu rss hwm anon _; do
+      echo "| DNS flood at $([ "$rate" = 0 ] && echo "full speed" || echo "$rate/s") ($aps answers/s) | $cpu | $rss | $hwm | $anon |"
     done <"$work/flood"
     echo
     echo "Fill: \`$(tr -d '\n' <<<"$fill")\`"
@@ -691,12 +692,17 @@ if has_part agent; then
     echo
     echo "| offered /s | sent /s | answers /s (client) | answers (client) | kernel answers | kernel learned | kernel unmatched | ring lost | agent answers | agent learned | agent evicted | agent CPU µs / answer | none lost |"
     echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    while read -r rate sps aps answers a_ans a_learned k_ans k_learned k_unm k_lost a_ev _ _ _ cpu_ms; do
+    while read -r rate sps aps answers a_ans a_learned k_ans k_learned k_unm k_lost a_ev _ _ _ _ cpu_ms; do
       ok=no
       if [ "${k_lost:-1}" = 0 ] && [ "${a_ans:-0}" = "$((k_ans - k_unm))" ] && [ "$k_ans" -ge "$answers" ]; then ok=yes; fi
       per=$(awk -v c="$cpu_ms" -v a="$a_ans" 'BEGIN { if (a > 0) printf "%.0f", c * 1000 / a; else print "-" }')
       echo "| $([ "$rate" = 0 ] && echo "max" || echo "$rate") | $sps | $aps | $answers | $k_ans | $k_learned | $k_unm | $k_lost | $a_ans | $a_learned | $a_ev | $per | $ok |"
     done <"$work/flood"
+    echo
+    echo "The learner alone, on the real maps, without the network (\`egress-bench learn\`: the same"
+    echo "answers through BPF_PROG_TEST_RUN of the kernel program, then the learner; its thread's CPU time):"
+    echo
+    "$bench" learn --names "$names" --zones "$zones" --rounds 3
     if [ -f "$work/perf-flood.data" ]; then
       echo
       echo "Profile of the agent during the fastest flood (\`perf report --no-children\`, top entries):"
@@ -755,10 +761,9 @@ report=$work/report.md
 if has_part verdict; then
   log "per-packet cost (BPF_PROG_TEST_RUN)"
   if [ "$quick" = 1 ]; then
-    vargs=(--sizes "10,1000" --raised-sizes "10,100000" --repeat 200000 --flows 5000 --trials 3)
+    vargs=(--sizes "10,1000" --repeat 200000 --flows 5000 --trials 3)
   else
-    vargs=(--sizes "$(echo "$sizes" | tr ' ' ',')" --raised-sizes "$(echo "$sizes" | tr ' ' ',')"
-      --repeat 1000000 --flows 20000 --trials 5)
+    vargs=(--sizes "$(echo "$sizes" | tr ' ' ',')" --repeat 1000000 --flows 20000 --trials 5)
   fi
   {
     echo

@@ -2,7 +2,6 @@
 //!
 //! ```text
 //! egress-bench verdict [--sizes ...] [--repeat 1000000] [--flows 20000] [--trials 3]
-//!                      [--raised-sizes ...|none] [--object PATH]
 //! egress-bench addresses N
 //! egress-bench serve ADDR FIRST_PORT PORTS
 //! egress-bench conn-rate ADDR FIRST_PORT PORTS [--seconds 5] [--threads 2] [--timeout-ms 1000] [--cgroup DIR]
@@ -18,13 +17,13 @@ mod addrs;
 mod conn;
 mod dns;
 mod frames;
+mod harness;
 mod learn;
 mod verdict;
-mod whatif;
 
 const USAGE: &str = "usage:
   egress-bench verdict [--sizes 10,1000,65536,100000,1000000] [--repeat 1000000] [--flows 20000]
-                       [--trials 3] [--raised-sizes 10,...|none] [--object PATH]
+                       [--trials 3]
       per-packet cost of the egress program (BPF_PROG_TEST_RUN), as Markdown tables
   egress-bench addresses N
       the N allowed IPv6 addresses every benchmark uses, the traffic target last
@@ -114,16 +113,6 @@ fn main_inner() -> Result<()> {
         "verdict" => {
             let opts = verdict::Options {
                 sizes: sizes(&args.flag("sizes", "10,1000,65536,100000,1000000".to_owned())?)?,
-                whatif_sizes: match args
-                    .flag("raised-sizes", "10,1000,65536,100000,1000000".to_owned())?
-                {
-                    s if s == "none" => Vec::new(),
-                    s => sizes(&s)?,
-                },
-                object: match args.flag("object", String::new())? {
-                    s if s.is_empty() => None,
-                    s => Some(PathBuf::from(s)),
-                },
                 repeat: args.flag("repeat", 1_000_000)?,
                 flows: args.flag("flows", 20_000)?,
                 trials: args.flag("trials", 3)?,

@@ -36,7 +36,7 @@ use egress_agent::{
 use crate::{
     addrs::{V4_MAX, V4_MISS, V6_MISS, V6_TARGET, v4_list, v6_list},
     frames::syn,
-    whatif,
+    harness,
 };
 
 const PASS: u32 = 1;
@@ -46,10 +46,6 @@ const SPORT: u16 = 40000;
 
 pub struct Options {
     pub sizes: Vec<usize>,
-    /// Sizes for the raised-`CIDRS` measurement (see `whatif`); empty: skipped.
-    pub whatif_sizes: Vec<usize>,
-    /// The kernel object for it; default: the one next to this binary.
-    pub object: Option<std::path::PathBuf>,
     pub repeat: u32,
     /// Distinct flows for the single-run first-packet figure.
     pub flows: u16,
@@ -248,37 +244,16 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    let harness4 = whatif::harness_ns(
+    let harness4 = harness::harness_ns(
         &syn(IpAddr::V4(V4_MISS), SPORT, DPORT),
         opts.repeat,
         opts.trials,
     )?;
-    let harness6 = whatif::harness_ns(
+    let harness6 = harness::harness_ns(
         &syn(IpAddr::V6(V6_MISS), SPORT, DPORT),
         opts.repeat,
         opts.trials,
     )?;
-    let mut raised = String::new();
-    if !opts.whatif_sizes.is_empty() {
-        let object = match &opts.object {
-            Some(p) => p.clone(),
-            None => whatif::find_object()?,
-        };
-        let _ = writeln!(
-            raised,
-            "Object: `{}`\n\n| N | fill CIDRS (ms) | flow-cache hit | first packet (repeat, idle 0) | denied |\n|---:|---:|---:|---:|---:|",
-            object.display()
-        );
-        for &n in &opts.whatif_sizes {
-            eprintln!("verdict: raised CIDRS, N={n}");
-            let w = whatif::raised_cidrs(&object, n, opts.repeat, opts.trials)?;
-            let _ = writeln!(
-                raised,
-                "| {} | {:.0} | {} | {} | {} |",
-                w.n, w.fill_ms, w.cached, w.first_repeat, w.denied
-            );
-        }
-    }
     println!(
         "Test-run harness (an empty cgroup_skb program, same frames and repeat): IPv4 {harness4} ns, IPv6 {harness6} ns per run\n"
     );
@@ -291,11 +266,5 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.repeat, opts.trials, opts.flows
     );
     println!("{cost}");
-    if !raised.is_empty() {
-        println!(
-            "What if CIDRS held more (not what the agent can do today: the same object loaded with CIDRS's max_entries raised to N, filled with N IPv6 single hosts, every port; IPv6 only; ns per packet)\n"
-        );
-        println!("{raised}");
-    }
     Ok(())
 }
