@@ -344,6 +344,55 @@ pub const fn stat_proto(ip_proto: u8) -> u32 {
     }
 }
 
+/// The version of the pinned layout: the agent pins its maps and links under
+/// `<pin root>/v<LAYOUT_VERSION>/`. Bump it when a map's meaning changes in a way its type,
+/// key and value sizes do not show (a reordered field, a new flag value): the agent checks
+/// those itself and replaces a map that differs, but it cannot see a change of meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `LEARNED_NAMES`: `HashMap<LearnedNameKey, u64>`, created and read by the agent only (no
+/// program uses it). Which names each learned address was learned through, and when each
+/// expires (`bpf_ktime_get_boot_ns` time), so that a restarted agent takes over its
+/// predecessor's bookkeeping and `egress-agent status` can show names while no agent runs.
+/// Written once a second with what changed.
+pub const LEARNED_NAMES: &str = "LEARNED_NAMES";
+/// Room for a DNS name in text form (at most 253 bytes), zero-padded.
+pub const LEARNED_NAME_LEN: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LearnedNameKey {
+    pub addr: Addr,
+    /// Lowercase, without the trailing dot, zero-padded.
+    pub name: [u8; LEARNED_NAME_LEN],
+}
+
+impl LearnedNameKey {
+    /// `None` for a name longer than a DNS name can be.
+    pub fn new(addr: Addr, name: &str) -> Option<Self> {
+        let bytes = name.as_bytes();
+        if bytes.len() >= LEARNED_NAME_LEN {
+            return None;
+        }
+        let mut key = Self {
+            addr,
+            name: [0; LEARNED_NAME_LEN],
+        };
+        key.name[..bytes.len()].copy_from_slice(bytes);
+        Some(key)
+    }
+
+    /// The name, up to its first zero byte.
+    pub fn name_bytes(&self) -> &[u8] {
+        let len = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(LEARNED_NAME_LEN);
+        &self.name[..len]
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -363,6 +412,7 @@ mod pod {
     unsafe impl aya::Pod for QueryKey {}
     unsafe impl aya::Pod for QueryValue {}
     unsafe impl aya::Pod for DnsEvent {}
+    unsafe impl aya::Pod for LearnedNameKey {}
 }
 
 #[cfg(test)]
@@ -389,6 +439,7 @@ mod tests {
             40 + 16 * DNS_MAX_LEARNED + DNS_MAX_PAYLOAD
         );
         assert_eq!(size_of::<Event>(), 32);
+        assert_eq!(size_of::<LearnedNameKey>(), 16 + LEARNED_NAME_LEN);
         assert_eq!(align_of::<Event>(), 8);
     }
 
@@ -440,6 +491,14 @@ mod tests {
         for other in [0u8, 2, 41, 47, 50, 132, 136, 255] {
             assert_eq!(stat_proto(other), STAT_PROTO_OTHER, "protocol {other}");
         }
+    }
+
+    #[test]
+    fn learned_name_keys_round_trip_and_refuse_what_no_dns_name_is() {
+        let k = LearnedNameKey::new([1; 16], "api.example.com").unwrap();
+        assert_eq!(k.name_bytes(), b"api.example.com");
+        assert!(LearnedNameKey::new([1; 16], &"a".repeat(255)).is_some());
+        assert!(LearnedNameKey::new([1; 16], &"a".repeat(256)).is_none());
     }
 
     #[test]
