@@ -71,6 +71,15 @@ pub struct PortSets {
 }
 
 impl PortSets {
+    /// An empty registry whose ids all come after `taken`: a previous agent's sets, which
+    /// its learned addresses still refer to.
+    pub fn after(taken: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            next: taken.into_iter().max().map_or(0, |id| id + 1),
+            ..Self::default()
+        }
+    }
+
     /// The id of `ports` (`ALL_PORTS` for every port and protocol), adding it if new.
     pub fn intern(&mut self, ports: &Ports) -> u32 {
         let Ports::Some(ranges) = ports else {

@@ -1,7 +1,8 @@
 //! The agent's control task: the one owner of the kernel state (the enforcer and its maps)
 //! and of the DNS learner. It applies DNS answers, expires learned addresses once a second,
-//! applies policy reloads, publishes the counters for `/metrics` once a second, and on stop
-//! detaches everything and reports the counters.
+//! applies policy reloads, keeps the pinned name records and a previous agent's port sets
+//! up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
+//! pinned state in place or removes it (`--on-exit`) and reports the counters.
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,12 +14,14 @@ use tokio::{
 };
 
 use crate::{
+    adopt::LegacySets,
     compile::compile_with,
     dns::{
-        learner::{Learner, LearnerCounters},
+        learner::{LearnedStore as _, Learner, LearnerCounters},
         resolvers,
     },
     events::decode,
+    journal::NameJournal,
     loader::{Enforcer, Stats},
     metrics::Snapshot,
     policy::{Mode, Policy},
@@ -45,6 +48,14 @@ pub struct Control {
     pub mode_override: Option<Mode>,
     /// The size `LEARNED` was created with; `dns.max_ips` cannot grow past it until a restart.
     pub learned_capacity: u32,
+    /// `--on-exit keep`: leave the pinned programs enforcing when the agent stops.
+    pub keep_on_exit: bool,
+    /// A previous agent's port sets still in use (empty on a first start).
+    pub legacy: LegacySets,
+    pub journal: NameJournal,
+    /// The learner's counters at the last journal flush: unchanged counters mean unchanged
+    /// bookkeeping, so an idle agent does no work. `None` forces the next flush.
+    pub journaled: Option<LearnerCounters>,
 }
 
 /// What the agent did, for its last log lines.
@@ -54,6 +65,36 @@ pub struct Report {
 }
 
 impl Control {
+    /// Writes what changed in the learner's bookkeeping to the pinned name records.
+    fn flush_journal(&mut self) -> anyhow::Result<()> {
+        if self.journaled == Some(self.learner.counters) {
+            return Ok(());
+        }
+        let (put, delete) = self.journal.changes(
+            self.learner
+                .learned()
+                .flat_map(|(addr, names)| names.map(move |(n, e)| (addr, n, e))),
+        );
+        self.enforcer
+            .update_learned_names(&put, &delete)
+            .context("writing the learned names' records")?;
+        self.journaled = Some(self.learner.counters);
+        Ok(())
+    }
+
+    /// Once a second: expiry, a previous agent's port sets nothing refers to any more, the
+    /// name records.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        let now = boot_time_ns();
+        self.learner.expire(&mut self.enforcer, now)?;
+        let gone = self.legacy.expire(now);
+        if !gone.is_empty() {
+            self.enforcer.remove_ports(&gone)?;
+            log::debug!("removed {} port entries of the previous agent", gone.len());
+        }
+        self.flush_journal()
+    }
+
     /// The counters for `/metrics`; a failed read only skips this publication.
     fn publish(&self, snapshots: &watch::Sender<Option<Snapshot>>) {
         match self.enforcer.stats() {
@@ -102,6 +143,7 @@ impl Control {
             &policy_sets,
             boot_time_ns(),
         )?;
+        self.journaled = None;
         log::info!(
             "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
             policy.rules.len(),
@@ -110,7 +152,7 @@ impl Control {
         Ok(())
     }
 
-    /// Runs until `stop` turns true, then drops the enforcer (detaching every program) and
+    /// Runs until `stop` turns true, then releases the enforcer (see `keep_on_exit`) and
     /// returns the counters.
     pub async fn run(
         mut self,
@@ -140,7 +182,7 @@ impl Control {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
-                    self.learner.expire(&mut self.enforcer, boot_time_ns())?;
+                    self.tick()?;
                     self.publish(&snapshots);
                 }
                 Some(policy) = reloads.recv() => {
@@ -153,7 +195,12 @@ impl Control {
         }
         let stats = self.enforcer.stats().context("reading counters")?;
         let _ = snapshots.send(None);
-        drop(self.enforcer);
+        if self.keep_on_exit {
+            self.flush_journal()?;
+        }
+        self.enforcer
+            .release(self.keep_on_exit)
+            .context("releasing the kernel state")?;
         Ok(Report {
             stats,
             learner: self.learner.counters,

@@ -1,20 +1,40 @@
 //! Loads the kernel object, fills its maps and attaches its programs.
 //!
-//! The `Ebpf` value owns every program and link: dropping the [`Enforcer`] detaches them all,
-//! so nothing stays in the kernel after the agent exits.
-use std::{collections::HashSet, fs::File, net::IpAddr, path::Path, time::Instant};
+//! Without a pin root (tests, benchmarks) the `Ebpf` value owns every program and link, and
+//! dropping the [`Enforcer`] detaches them all. With one, the shared maps and every link are
+//! pinned (see [`crate::pin`]): a new enforcer reuses the pinned maps whose layout matches,
+//! replaces the others (carrying their entries over where they are state), attaches its own
+//! programs beside its predecessor's and only then removes the old links, so the cgroup is
+//! never without a program. Programs on one cgroup all have to pass a packet, and both sets
+//! read the same maps, so the overlap changes no verdict.
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use aya::{
     Ebpf, EbpfLoader, Pod, TestRun as _, TestRunOptions, TestRunResult,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
         tc,
     },
 };
 use egress_common::{
-    Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, EVENTS, LEARNED, LearnedValue, NAMES, NameKey,
-    PORTS, PortKey, RESOLVERS, SETTINGS, Settings,
+    Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue,
+    LEARNED, LEARNED_NAMES, LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS, PortKey, QueryKey,
+    QueryValue, RATE, RESOLVERS, SETTINGS, STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DNS_ANSWERS,
+    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
+    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE, STAT_EVENTS_LOST, STAT_PROTO_ICMP,
+    STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS, Settings,
 };
 
 use crate::{
@@ -24,10 +44,32 @@ use crate::{
         names::NameError,
     },
     events::display_addr,
+    pin::{self, PinRoot},
 };
 
 /// The kernel object built by `build.rs` from the `egress-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// The maps a pin root shares between successive agents: all the policy and state the
+/// programs read and write. The per-CPU scratch maps of the DNS parser are left out; each
+/// program set may have its own.
+pub const PINNED_MAPS: [&str; 12] = [
+    CIDRS,
+    PORTS,
+    NAMES,
+    RESOLVERS,
+    SETTINGS,
+    LEARNED,
+    FLOWS,
+    DNS_QUERIES,
+    STATS,
+    RATE,
+    EVENTS,
+    DNS_EVENTS,
+];
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated as they are inserted.
+const NO_PREALLOC: u32 = 1;
 
 /// Program names in the object (the functions in `egress-ebpf/src/main.rs`).
 pub const EGRESS_CGROUP: &str = "egress_cgroup";
@@ -62,6 +104,22 @@ pub enum LoadError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("reading the BPF object's map definitions: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("pinning {what}: {source}")]
+    Pin {
+        what: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(transparent)]
+    PinRoot(#[from] pin::PinError),
+    #[error("{what}: {source}")]
+    Link {
+        what: String,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
 }
 
@@ -136,6 +194,78 @@ struct Written {
 pub struct Enforcer {
     ebpf: Ebpf,
     written: Written,
+    pinned: Option<Pinned>,
+}
+
+/// What an enforcer with a pin root found there and added to it.
+struct Pinned {
+    root: PinRoot,
+    /// Shared maps whose pinned copy had another layout: this enforcer made new ones, which
+    /// replace the pins once its programs are attached.
+    replaced: Vec<&'static str>,
+    /// The links this enforcer attached and pinned, with their pins' paths.
+    links: Vec<(PathBuf, PinnedLink)>,
+    learned_names: HashMap<MapData, LearnedNameKey, u64>,
+    /// Whether the maps were pinned already (an agent ran before and left its state).
+    adopted: bool,
+}
+
+/// Why a pinned map cannot serve this agent's programs, if it cannot.
+fn layout_difference(
+    pinned: &MapInfo,
+    def: &aya_obj::Map,
+    max_entries: u32,
+) -> Result<Option<String>, LoadError> {
+    let wanted = aya_obj::generated::bpf_map_type::try_from(def.map_type())
+        .ok()
+        .and_then(|t| MapType::try_from(t).ok());
+    let have = pinned
+        .map_type()
+        .map_err(map_err("reading a pinned map's type"))?;
+    Ok(if wanted != Some(have) {
+        Some(format!("type {have:?}, wanted {wanted:?}"))
+    } else if (pinned.key_size(), pinned.value_size()) != (def.key_size(), def.value_size()) {
+        Some(format!(
+            "key/value {}/{} bytes, wanted {}/{}",
+            pinned.key_size(),
+            pinned.value_size(),
+            def.key_size(),
+            def.value_size()
+        ))
+    } else if pinned.max_entries() != max_entries {
+        Some(format!(
+            "{} entries, wanted {max_entries}",
+            pinned.max_entries()
+        ))
+    } else if pinned.map_flags() != def.map_flags() {
+        Some(format!(
+            "flags {:#x}, wanted {:#x}",
+            pinned.map_flags(),
+            def.map_flags()
+        ))
+    } else {
+        None
+    })
+}
+
+/// Copies the entries of a replaced state map into its successor; an LRU successor that is
+/// smaller keeps the most recently copied.
+fn carry_over<K: Pod, V: Pod>(
+    from: MapData,
+    to: &mut Map,
+    name: &'static str,
+) -> Result<usize, LoadError> {
+    let old: HashMap<MapData, K, V> =
+        HashMap::try_from(Map::HashMap(from)).map_err(map_err(name))?;
+    let mut new: HashMap<&mut MapData, K, V> = HashMap::try_from(to).map_err(map_err(name))?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let Ok((k, v)) = entry else { continue };
+        new.insert(k, v, 0)
+            .map_err(map_err(format!("carrying {name} over")))?;
+        copied += 1;
+    }
+    Ok(copied)
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> LoadError {
@@ -188,6 +318,51 @@ fn remove_if_present(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps
     }
 }
 
+/// `LEARNED_NAMES`, pinned: the one a previous agent left if it has the size this one needs,
+/// else a new one holding the old one's entries. Two records per learned address on average
+/// (an address is usually learned through one or two names); entries are allocated as
+/// written, so the size costs nothing until used.
+fn learned_names_map(
+    pins: &PinRoot,
+    max_learned: u32,
+) -> Result<HashMap<MapData, LearnedNameKey, u64>, LoadError> {
+    let path = pins.map_path(LEARNED_NAMES);
+    let max_entries = max_learned.saturating_mul(2);
+    let old = match MapData::from_pin(&path) {
+        Ok(data) => {
+            let info = data.info().map_err(map_err("reading LEARNED_NAMES"))?;
+            let fits = (info.key_size(), info.value_size(), info.max_entries())
+                == (
+                    size_of::<LearnedNameKey>() as u32,
+                    size_of::<u64>() as u32,
+                    max_entries,
+                );
+            if fits {
+                return HashMap::try_from(Map::HashMap(data)).map_err(map_err(LEARNED_NAMES));
+            }
+            Some(data)
+        }
+        Err(_) => None,
+    };
+    let mut new: HashMap<MapData, LearnedNameKey, u64> =
+        HashMap::create(max_entries, NO_PREALLOC).map_err(map_err("creating LEARNED_NAMES"))?;
+    if let Some(old) = old {
+        if let Ok(old) = HashMap::<MapData, LearnedNameKey, u64>::try_from(Map::HashMap(old)) {
+            for (k, v) in old.iter().flatten() {
+                new.insert(k, v, 0)
+                    .map_err(map_err("carrying LEARNED_NAMES over"))?;
+            }
+        }
+        pin::remove_file(&path)?;
+    }
+    new.pin(&path).map_err(|source| LoadError::Pin {
+        what: path.display().to_string(),
+        source,
+    })?;
+    let data = MapData::from_pin(&path).map_err(map_err("opening LEARNED_NAMES"))?;
+    HashMap::try_from(Map::HashMap(data)).map_err(map_err(LEARNED_NAMES))
+}
+
 /// The agent's DNS learner reads and writes `LEARNED` and `PORTS` through the enforcer.
 impl LearnedStore for Enforcer {
     fn get(&self, addr: &Addr) -> Option<LearnedValue> {
@@ -230,21 +405,79 @@ impl Enforcer {
     /// is attached) and writes the settings; nothing is attached yet. The TC programs are
     /// loaded by the first `attach_interface`: verifying them costs start-up time (about a
     /// second for the DNS parser) that a cgroup-only agent need not pay.
-    /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`).
-    pub fn load(settings: &Settings, max_learned: u32) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(LEARNED, max_learned)
-            .load(OBJECT)?;
+    /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`). With `pins` (prepared and
+    /// locked), the shared maps are pinned there or taken over from a previous agent (see the
+    /// module's doc).
+    pub fn load(
+        settings: &Settings,
+        max_learned: u32,
+        pins: Option<&PinRoot>,
+    ) -> Result<Self, LoadError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(LEARNED, max_learned);
+        let mut replaced: Vec<(&'static str, MapData)> = Vec::new();
+        let mut adopted = false;
+        if let Some(pins) = pins {
+            let object = aya_obj::Object::parse(OBJECT)?;
+            for name in PINNED_MAPS {
+                let def = object.maps.get(name).ok_or(LoadError::MissingMap(name))?;
+                let max_entries = if name == LEARNED {
+                    max_learned
+                } else {
+                    def.max_entries()
+                };
+                let path = pins.map_path(name);
+                if path.exists() {
+                    adopted = true;
+                    let data = MapData::from_pin(&path)
+                        .map_err(map_err(format!("opening {}", path.display())))?;
+                    let info = data.info().map_err(map_err(format!("reading {name}")))?;
+                    if let Some(why) = layout_difference(&info, def, max_entries)? {
+                        log::warn!("pinned map {name} differs ({why}): replacing it");
+                        replaced.push((name, data));
+                        continue;
+                    }
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let mut replaced_names = Vec::new();
+        for (name, old) in replaced {
+            replaced_names.push(name);
+            let new = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+            let copied = match name {
+                LEARNED => carry_over::<Addr, LearnedValue>(old, new, name)?,
+                FLOWS => carry_over::<FlowKey, FlowValue>(old, new, name)?,
+                DNS_QUERIES => carry_over::<QueryKey, QueryValue>(old, new, name)?,
+                _ => 0,
+            };
+            if copied > 0 {
+                log::info!("carried {copied} entries of {name} over to its replacement");
+            }
+        }
         for name in [EGRESS_CGROUP, INGRESS_CGROUP] {
             let started = Instant::now();
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(format!("loading {name}")))?;
             log::debug!("{name} verified and loaded in {:?}", started.elapsed());
         }
+        let pinned = match pins {
+            Some(pins) => Some(Pinned {
+                root: pins.clone(),
+                replaced: replaced_names,
+                links: Vec::new(),
+                learned_names: learned_names_map(pins, max_learned)?,
+                adopted,
+            }),
+            None => None,
+        };
         let mut enforcer = Self {
             ebpf,
             written: Written::default(),
+            pinned,
         };
+        enforcer.read_written()?;
         enforcer.write_settings(settings)?;
         Ok(enforcer)
     }
@@ -321,20 +554,53 @@ impl Enforcer {
     /// Attaches the egress verdict and the ingress flow recorder to a cgroup v2 directory:
     /// every socket of every process below it is covered, whatever its network namespace.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), LoadError> {
-        let cgroup = File::open(path).map_err(|source| LoadError::Cgroup {
+        let cgroup_err = |source| LoadError::Cgroup {
             path: path.display().to_string(),
             source,
-        })?;
-        for (name, attach_type) in [
-            (INGRESS_CGROUP, CgroupSkbAttachType::Ingress),
-            (EGRESS_CGROUP, CgroupSkbAttachType::Egress),
+        };
+        let cgroup = File::open(path).map_err(cgroup_err)?;
+        let inode = cgroup.metadata().map_err(cgroup_err)?.ino();
+        for (name, attach_type, direction) in [
+            (INGRESS_CGROUP, CgroupSkbAttachType::Ingress, "ingress"),
+            (EGRESS_CGROUP, CgroupSkbAttachType::Egress, "egress"),
         ] {
+            let what = || format!("attaching {name} to {}", path.display());
             let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
             // Links (kernel >= 5.7) are always multi-attach; `Single` is the only mode the
             // kernel accepts for them and leaves other programs on the cgroup alone.
-            prog.attach(&cgroup, attach_type, CgroupAttachMode::Single)
-                .map_err(prog_err(format!("attaching {name} to {}", path.display())))?;
+            let id = prog
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(prog_err(what()))?;
+            if self.pinned.is_some() {
+                let link = prog.take_link(id).map_err(prog_err(what()))?;
+                let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+                    what: what(),
+                    source,
+                })?;
+                self.pin_link(link, &format!("cgroup-{inode}-{direction}"))?;
+            }
         }
+        Ok(())
+    }
+
+    /// Pins a link this enforcer attached, beside any its predecessor left.
+    fn pin_link(&mut self, link: FdLink, point: &str) -> Result<(), LoadError> {
+        let Some(pinned) = &mut self.pinned else {
+            return Ok(());
+        };
+        let id = link
+            .info()
+            .map_err(|source| LoadError::Link {
+                what: format!("reading the link of {point}"),
+                source,
+            })?
+            .id();
+        let path = pinned.root.link_path(point, id);
+        let link = link.pin(&path).map_err(|source| LoadError::Pin {
+            what: path.display().to_string(),
+            source,
+        })?;
+        pinned.links.push((path, link));
         Ok(())
     }
 
@@ -353,6 +619,8 @@ impl Enforcer {
 
     /// Attaches the TC programs to an interface: TCX on kernels >= 6.6, a clsact qdisc with
     /// netlink filters before that (the qdisc is created if missing and left in place).
+    /// With a pin root, TCX links are pinned like cgroup links. Netlink filters are not
+    /// links: they cannot be pinned, and end with the agent (logged when it starts).
     pub fn attach_interface(&mut self, interface: &str) -> Result<(), LoadError> {
         self.load_tc()?;
         if let Err(e) = tc::qdisc_add_clsact(interface) {
@@ -360,15 +628,86 @@ impl Enforcer {
                 "clsact qdisc on {interface}: {e} (TCX needs none; an existing one is reused)"
             );
         }
-        for (name, attach_type) in [
-            (INGRESS_TC, TcAttachType::Ingress),
-            (EGRESS_TC, TcAttachType::Egress),
+        for (name, attach_type, direction) in [
+            (INGRESS_TC, TcAttachType::Ingress, "ingress"),
+            (EGRESS_TC, TcAttachType::Egress, "egress"),
         ] {
+            let what = || format!("attaching {name} to {interface}");
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            prog.attach(interface, attach_type)
-                .map_err(prog_err(format!("attaching {name} to {interface}")))?;
+            let id = prog
+                .attach(interface, attach_type)
+                .map_err(prog_err(what()))?;
+            if self.pinned.is_some() {
+                let link = prog.take_link(id).map_err(prog_err(what()))?;
+                match FdLink::try_from(link) {
+                    Ok(link) => self.pin_link(link, &format!("tc-{interface}-{direction}"))?,
+                    Err(_) => log::warn!(
+                        "{name} on {interface} is a netlink filter (no TCX before kernel 6.6): \
+                         it ends with this agent and is not kept by --on-exit keep"
+                    ),
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Whether the pin root held a previous agent's maps, which this enforcer took over.
+    pub fn adopted(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.adopted)
+    }
+
+    /// Once this enforcer's links are attached: removes every other link pin (detaching the
+    /// predecessor's programs), other layout versions, and puts this enforcer's replacement
+    /// maps where the old pins were. Returns the links removed.
+    pub fn retire_predecessors(&mut self) -> Result<Vec<pin::LinkPin>, LoadError> {
+        let Some(pinned) = &mut self.pinned else {
+            return Ok(Vec::new());
+        };
+        let ours: HashSet<&Path> = pinned.links.iter().map(|(p, _)| p.as_path()).collect();
+        let mut retired = Vec::new();
+        for link in pinned.root.links()? {
+            if !ours.contains(link.path.as_path()) {
+                pin::remove_file(&link.path)?;
+                retired.push(link);
+            }
+        }
+        pinned.root.remove_other_versions()?;
+        for name in std::mem::take(&mut pinned.replaced) {
+            let path = pinned.root.map_path(name);
+            pin::remove_file(&path)?;
+            let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+            map.pin(&path).map_err(|source| LoadError::Pin {
+                what: path.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(retired)
+    }
+
+    /// Ends this enforcer. `keep` leaves every pin (and so every attachment) in place for the
+    /// next agent; otherwise the links are unpinned, which detaches the programs, and the pin
+    /// root is removed.
+    pub fn release(mut self, keep: bool) -> Result<(), LoadError> {
+        let Some(pinned) = self.pinned.take() else {
+            return Ok(());
+        };
+        if keep {
+            return Ok(());
+        }
+        for (path, link) in pinned.links {
+            link.unpin()
+                .map_err(|source| LoadError::PinRoot(pin::PinError::Io { path, source }))?;
+        }
+        pinned.root.remove_all()?;
+        Ok(())
+    }
+
+    /// The pinned attachments this enforcer made.
+    pub fn link_pins(&self) -> Vec<PathBuf> {
+        self.pinned
+            .iter()
+            .flat_map(|p| p.links.iter().map(|(path, _)| path.clone()))
+            .collect()
     }
 
     /// The trusted resolvers: DNS to them passes, and only their answers teach addresses.
@@ -427,6 +766,95 @@ impl Enforcer {
         RingBuf::try_from(map).map_err(map_err(EVENTS))
     }
 
+    /// What the policy maps hold already (a previous agent's policy, when adopting), so that
+    /// writing a policy replaces it entry by entry.
+    fn read_written(&mut self) -> Result<(), LoadError> {
+        fn trie_keys<K: Pod + Eq + std::hash::Hash>(
+            ebpf: &Ebpf,
+            name: &'static str,
+        ) -> Result<HashSet<(u32, K)>, LoadError> {
+            let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+            let trie: LpmTrie<&MapData, K, CidrValue> =
+                LpmTrie::try_from(map).map_err(map_err(name))?;
+            trie.keys()
+                .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(format!("reading {name}")))
+        }
+        self.written.cidrs = trie_keys(&self.ebpf, CIDRS)?;
+        self.written.names = trie_keys(&self.ebpf, NAMES)?;
+        let map = self
+            .ebpf
+            .map(RESOLVERS)
+            .ok_or(LoadError::MissingMap(RESOLVERS))?;
+        let resolvers: HashMap<&MapData, Addr, u8> =
+            HashMap::try_from(map).map_err(map_err(RESOLVERS))?;
+        self.written.resolvers = resolvers
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading RESOLVERS"))?;
+        Ok(())
+    }
+
+    /// Every key in `PORTS`: a previous agent's port sets, when adopting.
+    pub fn port_keys(&self) -> Result<Vec<PortKey>, LoadError> {
+        let map = self.ebpf.map(PORTS).ok_or(LoadError::MissingMap(PORTS))?;
+        let ports: HashMap<&MapData, PortKey, u8> =
+            HashMap::try_from(map).map_err(map_err(PORTS))?;
+        ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading PORTS"))
+    }
+
+    /// Every entry of `LEARNED`.
+    pub fn learned_entries(&self) -> Result<Vec<(Addr, LearnedValue)>, LoadError> {
+        let map = self
+            .ebpf
+            .map(LEARNED)
+            .ok_or(LoadError::MissingMap(LEARNED))?;
+        let learned: HashMap<&MapData, Addr, LearnedValue> =
+            HashMap::try_from(map).map_err(map_err(LEARNED))?;
+        learned
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading LEARNED"))
+    }
+
+    /// The pinned (address, name) records and their expiry; empty without a pin root.
+    pub fn learned_names(&self) -> Result<Vec<(LearnedNameKey, u64)>, LoadError> {
+        let Some(pinned) = &self.pinned else {
+            return Ok(Vec::new());
+        };
+        pinned
+            .learned_names
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("reading LEARNED_NAMES"))
+    }
+
+    /// Writes (address, name) records and deletes others; nothing without a pin root.
+    pub fn update_learned_names(
+        &mut self,
+        put: &[(LearnedNameKey, u64)],
+        delete: &[LearnedNameKey],
+    ) -> Result<(), LoadError> {
+        let Some(pinned) = &mut self.pinned else {
+            return Ok(());
+        };
+        for (key, expires_ns) in put {
+            pinned
+                .learned_names
+                .insert(key, expires_ns, 0)
+                .map_err(map_err("writing LEARNED_NAMES"))?;
+        }
+        for key in delete {
+            remove_if_present(pinned.learned_names.remove(key))
+                .map_err(map_err("deleting from LEARNED_NAMES"))?;
+        }
+        Ok(())
+    }
+
     /// Every address in `LEARNED`.
     pub fn learned_addresses(&self) -> Result<Vec<Addr>, LoadError> {
         let map = self
@@ -442,42 +870,39 @@ impl Enforcer {
     }
 
     pub fn stats(&self) -> Result<Stats, LoadError> {
-        use egress_common::{
-            STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
-            STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
-            STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE, STAT_EVENTS_LOST, STAT_PROTO_ICMP,
-            STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS,
-        };
-        let map = self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?;
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(map_err(STATS))?;
-        let sum = |i: u32| -> Result<u64, LoadError> {
-            Ok(stats
-                .get(&i, 0)
-                .map_err(map_err("reading STATS"))?
-                .iter()
-                .sum())
-        };
-        let by_proto = |base: u32| -> Result<ByProto, LoadError> {
-            Ok(ByProto {
-                tcp: sum(base + STAT_PROTO_TCP)?,
-                udp: sum(base + STAT_PROTO_UDP)?,
-                icmp: sum(base + STAT_PROTO_ICMP)?,
-                other: sum(base + STAT_PROTO_OTHER)?,
-            })
-        };
-        Ok(Stats {
-            allowed: by_proto(STAT_ALLOWED_BASE)?,
-            dropped: by_proto(STAT_DROPPED_BASE)?,
-            audited: by_proto(STAT_AUDITED_BASE)?,
-            events_lost: sum(STAT_EVENTS_LOST)?,
-            dns_answers: sum(STAT_DNS_ANSWERS)?,
-            dns_learned: sum(STAT_DNS_LEARNED)?,
-            dns_untrusted: sum(STAT_DNS_UNTRUSTED)?,
-            dns_unsolicited: sum(STAT_DNS_UNSOLICITED)?,
-            dns_unmatched: sum(STAT_DNS_UNMATCHED)?,
-            dns_malformed: sum(STAT_DNS_MALFORMED)?,
-            dns_events_lost: sum(STAT_DNS_EVENTS_LOST)?,
-        })
+        read_stats(self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?)
     }
+}
+
+/// The counters of a `STATS` map, this agent's or a pinned one.
+pub fn read_stats(map: &Map) -> Result<Stats, LoadError> {
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(STATS))?;
+    let sum = |i: u32| -> Result<u64, LoadError> {
+        Ok(stats
+            .get(&i, 0)
+            .map_err(map_err("reading STATS"))?
+            .iter()
+            .sum())
+    };
+    let by_proto = |base: u32| -> Result<ByProto, LoadError> {
+        Ok(ByProto {
+            tcp: sum(base + STAT_PROTO_TCP)?,
+            udp: sum(base + STAT_PROTO_UDP)?,
+            icmp: sum(base + STAT_PROTO_ICMP)?,
+            other: sum(base + STAT_PROTO_OTHER)?,
+        })
+    };
+    Ok(Stats {
+        allowed: by_proto(STAT_ALLOWED_BASE)?,
+        dropped: by_proto(STAT_DROPPED_BASE)?,
+        audited: by_proto(STAT_AUDITED_BASE)?,
+        events_lost: sum(STAT_EVENTS_LOST)?,
+        dns_answers: sum(STAT_DNS_ANSWERS)?,
+        dns_learned: sum(STAT_DNS_LEARNED)?,
+        dns_untrusted: sum(STAT_DNS_UNTRUSTED)?,
+        dns_unsolicited: sum(STAT_DNS_UNSOLICITED)?,
+        dns_unmatched: sum(STAT_DNS_UNMATCHED)?,
+        dns_malformed: sum(STAT_DNS_MALFORMED)?,
+        dns_events_lost: sum(STAT_DNS_EVENTS_LOST)?,
+    })
 }

@@ -4,9 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress_agent::{
     compile::compile,
+    pin::{DEFAULT_PIN_ROOT, PinRoot},
     policy::{self, Mode, Rule},
     presets::{PRESETS, Params},
-    run::{RunOptions, run},
+    run::{OnExit, RunOptions, run},
+    status,
 };
 
 #[derive(Parser)]
@@ -36,6 +38,26 @@ enum Command {
         /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one.
         #[arg(long, env = "EGRESS_LISTEN", default_value = "127.0.0.1:9977")]
         listen: SocketAddr,
+        /// Where maps and links are pinned (in bpffs; mounted on the parent if missing). A
+        /// starting agent takes over what a previous one left here without a gap.
+        #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// `keep` leaves the programs enforcing when the agent stops or crashes (for a
+        /// DaemonSet: an upgrade or a crash never opens the node); `detach` removes every
+        /// attachment and pin on SIGTERM/SIGINT.
+        #[arg(long, env = "EGRESS_ON_EXIT", value_enum, default_value_t = OnExit::Detach)]
+        on_exit: OnExit,
+    },
+    /// Print what the pinned state enforces (mode, attachments, rule counts, learned
+    /// addresses with their names and remaining TTL), whether or not an agent runs.
+    Status {
+        #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+    /// Remove every attachment and pin a stopped agent left (`--on-exit keep`).
+    Uninstall {
+        #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
     },
     /// Validate a policy and print its effective rules, one per line.
     Check {
@@ -70,6 +92,20 @@ fn check(config: &std::path::Path) -> anyhow::Result<()> {
     compile(&policy).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     println!("# mode: {}", policy.mode);
     print_rules(&policy.rules);
+    Ok(())
+}
+
+fn uninstall(root: PathBuf) -> anyhow::Result<()> {
+    let pins = PinRoot::new(root);
+    if !pins.exists() {
+        println!("nothing is pinned under {}", pins.root().display());
+        return Ok(());
+    }
+    let _lock = pins.lock(false)?;
+    for link in pins.remove_all()? {
+        println!("detached {}", link.point);
+    }
+    println!("removed {}", pins.root().display());
     Ok(())
 }
 
@@ -124,12 +160,18 @@ fn main() -> ExitCode {
         } => policy::preset_rules(&name, Params { location, fqdn })
             .map(|rules| print_rules(&rules))
             .map_err(anyhow::Error::from),
+        Command::Status { pin_root } => {
+            status::report(&PinRoot::new(pin_root)).map(|report| print!("{report}"))
+        }
+        Command::Uninstall { pin_root } => uninstall(pin_root),
         Command::Run {
             config,
             mode,
             cgroup,
             interfaces,
             listen,
+            pin_root,
+            on_exit,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -141,6 +183,8 @@ fn main() -> ExitCode {
                     cgroup,
                     interfaces,
                     listen,
+                    pin_root,
+                    on_exit,
                 }))
             }),
     };

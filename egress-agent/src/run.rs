@@ -1,5 +1,6 @@
-//! `egress-agent run`: load, fill, attach, report, reload on change, and detach on
-//! SIGTERM/SIGINT.
+//! `egress-agent run`: load (taking over a previous agent's pinned state), fill, attach,
+//! report, reload on change, and on SIGTERM/SIGINT leave the pinned state enforcing or
+//! remove it (`--on-exit`).
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
@@ -10,13 +11,19 @@ use tokio::{
 };
 
 use crate::{
+    adopt::{self, LegacySets},
     cgroup::{CgroupNames, cgroup2_mount},
-    compile::compile,
-    control::Control,
-    dns::{learner::Learner, resolvers},
+    compile::{PortSets, compile, compile_with},
+    control::{Control, boot_time_ns},
+    dns::{
+        learner::{LearnedStore as _, Learner},
+        resolvers,
+    },
     events,
+    journal::NameJournal,
     loader::Enforcer,
     metrics,
+    pin::PinRoot,
     policy::{self, DnsSettings, Mode},
     reload,
 };
@@ -28,6 +35,17 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     pub interfaces: Vec<String>,
     pub listen: SocketAddr,
+    pub pin_root: PathBuf,
+    pub on_exit: OnExit,
+}
+
+/// What happens to enforcement when the agent stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Programs, links and maps stay pinned and keep enforcing; the next agent takes over.
+    Keep,
+    /// Every attachment and pin is removed.
+    Detach,
 }
 
 /// Events each CPU may emit per second, and in a burst: enough to see every distinct
@@ -70,6 +88,8 @@ fn task_failure(
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let policy = policy::load(&opts.config)?;
+    // Checked before anything in the kernel changes; compiled again below into the port set
+    // registry that follows a previous agent's.
     let compiled = compile(&policy).with_context(|| format!("{}", opts.config.display()))?;
     let mode = opts.mode.unwrap_or(policy.mode);
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
@@ -81,14 +101,49 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         listener.local_addr()?
     );
 
-    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
-        .context("loading the kernel programs")?;
+    let pins = PinRoot::new(&opts.pin_root);
+    pins.prepare()
+        .context("preparing the pin directory in bpffs")?;
+    let _lock = pins.lock(true).context("locking the pin directory")?;
+    let mut enforcer = Enforcer::load(
+        &settings(mode, &policy.dns),
+        policy.dns.max_ips,
+        Some(&pins),
+    )
+    .context("loading the kernel programs")?;
+    let now = boot_time_ns();
+    let (legacy, port_sets, unused_sets) = if enforcer.adopted() {
+        let learned = enforcer
+            .learned_entries()
+            .context("reading the pinned learned addresses")?;
+        LegacySets::new(
+            enforcer
+                .port_keys()
+                .context("reading the pinned port sets")?,
+            &learned,
+            now,
+        )
+    } else {
+        (LegacySets::default(), PortSets::default(), Vec::new())
+    };
+    let compiled =
+        compile_with(&policy, port_sets).with_context(|| format!("{}", opts.config.display()))?;
     enforcer
         .write_policy(&compiled)
         .context("writing the policy into the kernel maps")?;
     enforcer
         .write_resolvers(&resolvers)
         .context("writing the trusted resolvers")?;
+    let pinned_names = enforcer
+        .learned_names()
+        .context("reading the pinned learned names")?;
+    let mut learner = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
+    learner
+        .restore(&mut enforcer, adopt::records(&pinned_names), now)
+        .context("taking over the learned addresses")?;
+    enforcer
+        .remove_ports(&unused_sets)
+        .context("removing the previous agent's unused port sets")?;
     let ring = enforcer
         .take_events()
         .context("opening the event ring buffer")?;
@@ -103,8 +158,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             .attach_interface(interface)
             .with_context(|| format!("attaching to interface {interface}"))?;
     }
+    let retired = enforcer
+        .retire_predecessors()
+        .context("detaching the previous agent's programs")?;
+    if enforcer.adopted() {
+        log::info!(
+            "took over the pinned state in {}: {} learned addresses, {} of the previous agent's \
+             port sets still in use, {} of its attachments replaced",
+            pins.dir().display(),
+            learner.learned().count(),
+            legacy.len(),
+            retired.len()
+        );
+    }
     log::info!(
-        "attached: mode {mode}, {} rules ({} CIDR entries), cgroup {}{}",
+        "attached: mode {mode}, {} rules ({} CIDR entries), cgroup {}{}; on exit: {}",
         policy.rules.len(),
         compiled.cidrs.len(),
         cgroup.display(),
@@ -112,14 +180,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             String::new()
         } else {
             format!(", interfaces {}", opts.interfaces.join(","))
+        },
+        match opts.on_exit {
+            OnExit::Keep => "keep enforcing",
+            OnExit::Detach => "detach",
         }
     );
 
     let control = Control {
         enforcer,
-        learner: Learner::new(compiled.names, compiled.port_sets, policy.dns.clone()),
+        learner,
         mode_override: opts.mode,
         learned_capacity: policy.dns.max_ips,
+        keep_on_exit: opts.on_exit == OnExit::Keep,
+        legacy,
+        journal: NameJournal::from_pinned(&pinned_names),
+        journaled: None,
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -144,13 +220,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             });
         }
     };
-    // The control task owns the enforcer: stopping it detaches every program.
+    // The control task owns the enforcer: stopping it keeps or removes the pinned state.
     let _ = stop_tx.send(true);
     let report = control.await.context("the control task panicked")??;
     let signal = outcome?;
     let (stats, learned) = (report.stats, report.learner);
     log::info!(
-        "{signal}: detached; allowed {} dropped {} audited {} events lost {}",
+        "{signal}: {}; allowed {} dropped {} audited {} events lost {}",
+        match opts.on_exit {
+            OnExit::Keep => "left the pinned programs enforcing",
+            OnExit::Detach => "detached and removed the pinned state",
+        },
         stats.allowed,
         stats.dropped,
         stats.audited,

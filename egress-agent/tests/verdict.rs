@@ -34,7 +34,7 @@ allow:
 
 fn enforcer(mode: Mode) -> Enforcer {
     let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
-    let mut e = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips)
+    let mut e = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips, None)
         .expect("kernel object loads");
     e.write_policy(&compile(&policy).expect("test policy compiles"))
         .expect("maps accept the policy");

@@ -198,8 +198,12 @@ pub fn run(opts: &Options) -> Result<()> {
             };
             let compile_t = t.elapsed();
             let t = Instant::now();
-            let mut e = Enforcer::load(&settings(Mode::Enforce, &policy.dns), policy.dns.max_ips)
-                .context("loading the kernel object")?;
+            let mut e = Enforcer::load(
+                &settings(Mode::Enforce, &policy.dns),
+                policy.dns.max_ips,
+                None,
+            )
+            .context("loading the kernel object")?;
             let load_t = t.elapsed();
             let t = Instant::now();
             e.write_policy(&compiled).context("writing the maps")?;

@@ -320,6 +320,39 @@ impl Learner {
         store.remove_ports(&dropped)
     }
 
+    /// Takes over a previous agent's bookkeeping, its (address, name, expiry) records: what
+    /// the policy still allows and has not expired is learned again and the kernel's entries
+    /// get this agent's port sets; an address no record justifies any more is taken back.
+    pub fn restore(
+        &mut self,
+        store: &mut impl LearnedStore,
+        records: impl IntoIterator<Item = (Addr, String, u64)>,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        let mut touched = HashSet::new();
+        for (addr, name, expires) in records {
+            touched.insert(addr);
+            let Some((_, set)) = self.names.lookup(&name) else {
+                continue;
+            };
+            if expires > now {
+                let id = self.name_ids.intern(&name, *set);
+                self.hold(id, addr, expires);
+            }
+        }
+        for id in self.name_ids.live() {
+            self.bound_name(store, id, now)?;
+        }
+        self.bound_total(store, now)?;
+        for addr in touched {
+            // What the kernel learned after the records were written stays (its answer is
+            // still queued for this agent), unless no allowed name justifies the address.
+            let evicting = !self.index.contains_key(&addr);
+            self.sync(store, &addr, now, evicting, None)?;
+        }
+        Ok(())
+    }
+
     /// Addresses currently learned, each with the names it was learned through and when
     /// each expires, for `status` and tests.
     pub fn learned(

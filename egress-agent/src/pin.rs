@@ -1,0 +1,295 @@
+//! Where kernel state outlives the agent: maps and links pinned in bpffs under
+//! `<root>/v<LAYOUT_VERSION>/`, and the lock that lets one agent at a time own them.
+//!
+//! ```text
+//! <root>/                      flock(2)ed by the running agent
+//!   v1/maps/CIDRS, ...         every map programs share, plus LEARNED_NAMES
+//!   v1/links/cgroup-<inode>-egress@<link id>, tc-<interface>-ingress@<link id>, ...
+//! ```
+//!
+//! A link pin keeps its program attached after the agent exits; removing the pin detaches
+//! it. Link names carry the link id, so a new agent pins its links beside its predecessor's
+//! and removes theirs only once its own are attached.
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    path::{Path, PathBuf},
+};
+
+use egress_common::LAYOUT_VERSION;
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress-enforcer";
+/// `statfs(2)`'s `f_type` for bpffs.
+const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} has no parent directory to mount bpffs on")]
+    NoParent(PathBuf),
+    #[error(
+        "another egress-agent holds {0}; stop it first (its `--on-exit detach` removes the \
+         pinned state itself)"
+    )]
+    Busy(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
+    move |source| PinError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What an attachment is, as its pin's file name says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkPin {
+    pub path: PathBuf,
+    /// `cgroup-<inode>-egress`, `tc-eth0-ingress`, ...: the attach point and direction.
+    pub point: String,
+}
+
+/// The pin root: the versioned directory inside it, and its lock.
+#[derive(Debug, Clone)]
+pub struct PinRoot {
+    root: PathBuf,
+}
+
+/// Held while an agent owns the pinned state; released when dropped or when the process dies.
+pub struct Lock {
+    _dir: File,
+}
+
+impl PinRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// This layout version's directory.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(format!("v{LAYOUT_VERSION}"))
+    }
+
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.dir().join("maps").join(name)
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.dir().join("links")
+    }
+
+    /// Where this agent pins a new link for `point`.
+    pub fn link_path(&self, point: &str, link_id: u32) -> PathBuf {
+        self.links_dir().join(format!("{point}@{link_id}"))
+    }
+
+    pub fn exists(&self) -> bool {
+        self.root.is_dir()
+    }
+
+    /// Makes sure the root's parent is on bpffs (mounting it there if not, as on hosts that
+    /// do not mount `/sys/fs/bpf`), and creates this version's directories.
+    pub fn prepare(&self) -> Result<(), PinError> {
+        let parent = self
+            .root
+            .parent()
+            .ok_or_else(|| PinError::NoParent(self.root.clone()))?;
+        if !is_bpffs(parent).map_err(io_err(parent))? {
+            mount_bpffs(parent).map_err(io_err(parent))?;
+            log::info!("mounted bpffs on {}", parent.display());
+        }
+        for dir in [self.dir().join("maps"), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the root's lock, waiting for another agent to exit if `wait` (an upgrade starts
+    /// the new agent while the old one still runs); without `wait`, fails with `Busy`.
+    pub fn lock(&self, wait: bool) -> Result<Lock, PinError> {
+        let dir = File::open(&self.root).map_err(io_err(&self.root))?;
+        let nonblocking = libc::LOCK_EX | libc::LOCK_NB;
+        if flock(&dir, nonblocking).is_err() {
+            if !wait {
+                return Err(PinError::Busy(self.root.clone()));
+            }
+            log::info!(
+                "waiting for the agent that holds {} to exit",
+                self.root.display()
+            );
+            flock(&dir, libc::LOCK_EX).map_err(io_err(&self.root))?;
+        }
+        Ok(Lock { _dir: dir })
+    }
+
+    /// Whether an agent holds the lock now.
+    pub fn held(&self) -> Result<bool, PinError> {
+        let dir = File::open(&self.root).map_err(io_err(&self.root))?;
+        Ok(flock(&dir, libc::LOCK_SH | libc::LOCK_NB).is_err())
+    }
+
+    /// Every link pinned under any layout version.
+    pub fn links(&self) -> Result<Vec<LinkPin>, PinError> {
+        let mut links = Vec::new();
+        for version in self.versions()? {
+            let dir = version.join("links");
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.map_err(io_err(&dir))?.path();
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                let point = name.split_once('@').map_or(&*name, |(p, _)| p).to_owned();
+                links.push(LinkPin { path, point });
+            }
+        }
+        links.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(links)
+    }
+
+    /// The version directories, this one included if it exists.
+    pub fn versions(&self) -> Result<Vec<PathBuf>, PinError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
+        let mut versions = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(io_err(&self.root))?.path();
+            if path.is_dir() {
+                versions.push(path);
+            }
+        }
+        versions.sort();
+        Ok(versions)
+    }
+
+    /// Removes the version directories other than this one (after their links are gone).
+    pub fn remove_other_versions(&self) -> Result<Vec<PathBuf>, PinError> {
+        let mine = self.dir();
+        let mut removed = Vec::new();
+        for version in self.versions()? {
+            if version != mine {
+                remove_tree(&version)?;
+                removed.push(version);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes every pin: links first, so programs detach before their maps' pins go; the
+    /// root itself last. Returns the links removed.
+    pub fn remove_all(&self) -> Result<Vec<LinkPin>, PinError> {
+        let links = self.links()?;
+        for link in &links {
+            remove_file(&link.path)?;
+        }
+        for version in self.versions()? {
+            remove_tree(&version)?;
+        }
+        match fs::remove_dir(&self.root) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&self.root)(e)),
+            _ => Ok(links),
+        }
+    }
+}
+
+pub fn remove_file(path: &Path) -> Result<(), PinError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a directory of pins; bpffs files are removed with `unlink`, like any file.
+fn remove_tree(dir: &Path) -> Result<(), PinError> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid open fd; flock has no memory arguments.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = c_path(path)?;
+    // SAFETY: statfs writes only into `buf`; `c` is a NUL-terminated path.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.f_type as libc::c_long == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    let fs = c"bpf";
+    let options = c"mode=0700";
+    // SAFETY: NUL-terminated strings; bpffs takes a text option string.
+    let rc = unsafe {
+        libc::mount(
+            fs.as_ptr(),
+            target.as_ptr(),
+            fs.as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_versioned_and_links_carry_their_id() {
+        let pins = PinRoot::new("/sys/fs/bpf/egress-enforcer");
+        let v = format!("/sys/fs/bpf/egress-enforcer/v{LAYOUT_VERSION}");
+        assert_eq!(pins.dir(), PathBuf::from(&v));
+        assert_eq!(
+            pins.map_path("CIDRS"),
+            PathBuf::from(format!("{v}/maps/CIDRS"))
+        );
+        assert_eq!(
+            pins.link_path("cgroup-1-egress", 42),
+            PathBuf::from(format!("{v}/links/cgroup-1-egress@42"))
+        );
+    }
+
+    #[test]
+    fn a_missing_root_has_no_versions_and_no_links() {
+        let pins = PinRoot::new("/nonexistent/egress-enforcer");
+        assert!(pins.versions().unwrap().is_empty());
+        assert!(pins.links().unwrap().is_empty());
+        assert!(!pins.exists());
+    }
+}
