@@ -126,14 +126,20 @@ cgroup_dir=""
 cgfd=""
 namespaces=()
 tmp=""
+pin_root=""
 
 cleanup() {
   local status=$? pid ns i
   trap '' INT TERM # a second Ctrl-C must not cut the cleanup short
   set +e
   log "cleaning up"
-  # The agent first: SIGTERM makes it detach its programs.
+  # The agent first: SIGTERM makes it detach its programs and remove its pins; uninstall
+  # removes them if it could not (killed); then the bpffs it mounted goes.
   [ -n "$agent_pid" ] && stop_child "$agent_pid" 5 >/dev/null 2>&1
+  if [ -n "$tmp" ] && [ -d "$tmp/bpf" ]; then
+    [ -d "$pin_root" ] && "$agent" uninstall --pin-root "$pin_root" >/dev/null
+    mountpoint -q "$tmp/bpf" && umount -l "$tmp/bpf"
+  fi
   for pid in "${server_pids[@]}"; do
     stop_child "$pid" 1 >/dev/null 2>&1
   done
@@ -185,6 +191,10 @@ if [ -n "$config" ]; then
 fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/egress-demo.XXXXXX")
+# The demo's own pin root: the agent mounts bpffs on $tmp/bpf, so nothing lands under
+# /sys/fs/bpf and a real agent's pinned state on this machine is never touched.
+mkdir "$tmp/bpf"
+pin_root=$tmp/bpf/egress-enforcer
 agent_log=$tmp/agent.log # the agent's stderr
 events=$tmp/events.jsonl # the agent's stdout (not in --config mode)
 : >"$agent_log"          # exists before the agent starts, for wait_attached
@@ -252,6 +262,7 @@ if [ -n "$config" ]; then
   # passes on the counters the agent logs when Ctrl-C stops it; it ends with the agent.
   log "starting egress-agent (audit mode, cgroup $cg)"
   "$agent" run --config "$config" --mode audit --cgroup "$cg" --listen 127.0.0.1:0 \
+    --pin-root "$pin_root" \
     2> >(trap '' INT && exec tee "$agent_log" >&2) &
   agent_pid=$!
   wait_attached
@@ -314,6 +325,7 @@ start_server serve-udp 203.0.113.10 123
 # Not under ip netns exec: that mounts a fresh /sys, hiding the cgroup2 mount from the agent.
 log "starting egress-agent (audit mode, cgroup $cg)"
 "$agent" run --config scripts/demo-policy.yaml --mode audit --cgroup "$cg" --listen 127.0.0.1:0 \
+  --pin-root "$pin_root" \
   >"$events" 2>"$agent_log" &
 agent_pid=$!
 wait_attached

@@ -244,6 +244,15 @@ impl BackgroundProbe {
         value
     }
 
+    /// Asks a `connect-loop` to stop after its current attempt (SIGTERM).
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits in pid_t");
+            // SAFETY: kill has no memory-safety preconditions; the child is not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+
     /// Whether the probe is still at work (has not printed its result).
     pub fn running(&self) -> bool {
         let done = |lines: &[String]| lines.iter().any(|l| l.contains("\"ok\"")).then_some(());
@@ -252,6 +261,11 @@ impl BackgroundProbe {
 
     /// Waits for the probe to exit and returns its result.
     pub fn finish(&mut self) -> ProbeResult {
+        self.finish_line().0
+    }
+
+    /// Waits for the probe to exit and returns its result with its whole result line.
+    pub fn finish_line(&mut self) -> (ProbeResult, Value) {
         let deadline = Instant::now() + PROGRESS_TIMEOUT;
         let status = loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -266,7 +280,7 @@ impl BackgroundProbe {
         self.stdout.wait_closed(PROGRESS_TIMEOUT);
         self.stderr.wait_closed(PROGRESS_TIMEOUT);
         let stdout = self.stdout.lines().join("\n");
-        ProbeResult::parse(status, &stdout, &self.stderr.lines().join("\n")).0
+        ProbeResult::parse(status, &stdout, &self.stderr.lines().join("\n"))
     }
 
     fn broken(&self, what: &str) -> ! {
@@ -303,6 +317,32 @@ pub fn tcp_hold(
         duration.as_secs().to_string(),
         "--interval-ms".into(),
         interval.as_millis().to_string(),
+    ];
+    BackgroundProbe::spawn(netns, cgroup, &args)
+}
+
+/// New connections to `addr:port`, one every `interval` for `duration` or until
+/// [`BackgroundProbe::stop`], each given `timeout`. Line 0 is `{"started":true}`; the result
+/// counts `attempts` and `connected`, with the `first_error` of the others.
+pub fn connect_loop(
+    netns: &Netns,
+    cgroup: Option<&TestCgroup>,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    duration: Duration,
+    interval: Duration,
+    timeout: Duration,
+) -> BackgroundProbe {
+    let args = [
+        "connect-loop".to_owned(),
+        addr.into().to_string(),
+        port.to_string(),
+        "--seconds".into(),
+        duration.as_secs().to_string(),
+        "--interval-ms".into(),
+        interval.as_millis().to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
     ];
     BackgroundProbe::spawn(netns, cgroup, &args)
 }

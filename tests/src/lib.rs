@@ -7,11 +7,12 @@
 //! tests can run in parallel and repeated runs never meet each other's leftovers.
 
 use std::collections::BTreeMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -395,6 +396,109 @@ impl Drop for TestCgroup {
     }
 }
 
+/// The programs attached to `path`, as `bpftool -j cgroup show` lists them (bpftool
+/// prints nothing at all when there are none).
+pub fn attached_programs(path: &Path) -> Vec<Value> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(path)
+        .output()
+        .expect("cannot run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {} failed ({}): {}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.trim().is_empty() {
+        return Vec::new();
+    }
+    let programs: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|err| panic!("bpftool printed no JSON ({err}): {stdout:?}"));
+    programs.as_array().cloned().unwrap_or_default()
+}
+
+/// A pin root of one test's own, `<tmp>/egress-e2e-bpf-<pid>-<n>/egress-enforcer`: the agent
+/// mounts bpffs on its parent, so tests running side by side never share pinned state, and
+/// nothing lands under `/sys/fs/bpf`. Drop runs `egress-agent uninstall` (detaching whatever
+/// a killed agent or `--on-exit keep` left), then unmounts and removes the directory.
+#[derive(Debug)]
+pub struct PinDir {
+    mount: PathBuf,
+}
+
+impl PinDir {
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a directory is not a default value"
+    )]
+    pub fn new() -> PinDir {
+        let mount = std::env::temp_dir().join(format!("egress-e2e-bpf-{}", unique_suffix()));
+        fs::create_dir(&mount)
+            .unwrap_or_else(|err| panic!("cannot create {}: {err}", mount.display()));
+        PinDir { mount }
+    }
+
+    /// What to pass as `--pin-root`.
+    pub fn root(&self) -> PathBuf {
+        self.mount.join("egress-enforcer")
+    }
+
+    /// `egress-agent status` on this root: its exit status and stdout.
+    pub fn status(&self) -> (bool, String) {
+        let out = Command::new(agent_bin())
+            .args(["status", "--pin-root"])
+            .arg(self.root())
+            .output()
+            .expect("run egress-agent status");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// `egress-agent uninstall` on this root: its exit status and output.
+    pub fn uninstall(&self) -> (bool, String) {
+        let out = Command::new(agent_bin())
+            .args(["uninstall", "--pin-root"])
+            .arg(self.root())
+            .output()
+            .expect("run egress-agent uninstall");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.root().exists() {
+            let (ok, out) = self.uninstall();
+            if !ok {
+                eprintln!("uninstall of {} failed: {out}", self.root().display());
+            }
+        }
+        let path = CString::new(self.mount.as_os_str().as_bytes()).expect("no NUL in a temp path");
+        // SAFETY: a NUL-terminated path; EINVAL (nothing mounted there) is expected when no
+        // agent ran.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        if let Err(err) = fs::remove_dir(&self.mount) {
+            eprintln!("cannot remove {}: {err}", self.mount.display());
+        }
+    }
+}
+
 /// Clears `FD_CLOEXEC`, so `fd` survives exec into the child.
 fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl F_GETFD/F_SETFD only read and write the descriptor's flags.
@@ -747,6 +851,9 @@ pub struct Agent {
     child: Child,
     stdout: Arc<Captured>,
     stderr: Arc<Captured>,
+    /// The pin root of an agent started by [`start_agent`]: removed after the agent exits
+    /// (fields drop after `Drop::drop` has stopped it).
+    pins: Option<PinDir>,
 }
 
 impl Agent {
@@ -772,6 +879,7 @@ impl Agent {
             child,
             stdout,
             stderr,
+            pins: None,
         }
     }
 
@@ -917,11 +1025,28 @@ impl Drop for TempFile {
     }
 }
 
-/// Starts `egress-agent run` on `cgroup` (in the host namespace) and waits until it
-/// reports that it enforces. `mode` overrides the policy's mode.
+/// Starts `egress-agent run` on `cgroup` (in the host namespace) with a pin root of its own
+/// and waits until it reports that it enforces. `mode` overrides the policy's mode.
 pub fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -> Agent {
-    let mut cmd = Command::new(agent_bin());
-    cmd.args(run_args(policy, cgroup))
+    let pins = PinDir::new();
+    let mut agent = start_pinned_agent(&agent_bin(), policy, cgroup, &pins, mode, &[]);
+    agent.pins = Some(pins);
+    agent
+}
+
+/// Starts `bin run` on `cgroup` with the pin root `pins` (which the caller keeps, e.g. for
+/// the next agent) and `extra` arguments, and waits until it reports that it enforces.
+pub fn start_pinned_agent(
+    bin: &Path,
+    policy: &TempFile,
+    cgroup: &TestCgroup,
+    pins: &PinDir,
+    mode: Option<&str>,
+    extra: &[&str],
+) -> Agent {
+    let mut cmd = Command::new(bin);
+    cmd.args(run_args(policy, cgroup, pins))
+        .args(extra)
         .env("RUST_LOG", AGENT_LOG);
     if let Some(mode) = mode {
         cmd.args(["--mode", mode]);
@@ -936,15 +1061,17 @@ pub fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -
     agent
 }
 
-/// `run --config POLICY --cgroup CGROUP --listen 127.0.0.1:0` (a free port: tests run
-/// agents side by side).
-pub fn run_args(policy: &TempFile, cgroup: &TestCgroup) -> Vec<OsString> {
+/// `run --config POLICY --cgroup CGROUP --pin-root PINS --listen 127.0.0.1:0` (a free
+/// port and a pin root of its own: tests run agents side by side).
+pub fn run_args(policy: &TempFile, cgroup: &TestCgroup, pins: &PinDir) -> Vec<OsString> {
     vec![
         "run".into(),
         "--config".into(),
         policy.path().into(),
         "--cgroup".into(),
         cgroup.path().into(),
+        "--pin-root".into(),
+        pins.root().into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
     ]

@@ -10,15 +10,14 @@
 //! only the probes placed in that cgroup are enforced.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use egress_tests::{
-    Agent, CLIENT_V4, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4, Server,
-    TempFile, TestCgroup, Topology, agent_bin, assert_eperm, assert_ok, assert_reported_exactly,
-    assert_timeout, probe_tcp, probe_udp, require_root, run_args, start_agent, stop_and_collect,
-    tcp, udp, wait_for_flows,
+    Agent, CLIENT_V4, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4,
+    Server, TempFile, TestCgroup, Topology, agent_bin, assert_eperm, assert_ok,
+    assert_reported_exactly, assert_timeout, attached_programs, probe_tcp, probe_udp, require_root,
+    run_args, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
 };
 use serde_json::Value;
 
@@ -47,30 +46,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTPS: u16 = 443;
 const ALT_HTTPS: u16 = 8443;
 const DNS: u16 = 53;
-
-/// The programs attached to `path`, as `bpftool -j cgroup show` lists them (bpftool
-/// prints nothing at all when there are none).
-fn attached_programs(path: &Path) -> Vec<Value> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(path)
-        .output()
-        .expect("cannot run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool cgroup show {} failed ({}): {}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if stdout.trim().is_empty() {
-        return Vec::new();
-    }
-    let programs: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|err| panic!("bpftool printed no JSON ({err}): {stdout:?}"));
-    programs.as_array().cloned().unwrap_or_default()
-}
 
 /// Allowed and denied traffic from the cgroup, in one address family: `allowed` takes
 /// TCP 443 and UDP 53 only; `denied` is covered by no rule.
@@ -425,7 +400,8 @@ fn check_command() {
 
     // `run` rejects it the same way, before attaching anything.
     let cgroup = TestCgroup::new();
-    let mut agent = Agent::spawn(&agent_bin(), &run_args(&bad, &cgroup));
+    let pins = PinDir::new();
+    let mut agent = Agent::spawn(&agent_bin(), &run_args(&bad, &cgroup, &pins));
     let status = agent.wait_for_exit(EXIT_TIMEOUT);
     let stderr = agent.stderr_lines().join("\n");
     assert!(!status.success(), "run accepted a bad policy: {stderr}");
@@ -439,4 +415,5 @@ fn check_command() {
         Vec::<Value>::new(),
         "a rejected run attached programs"
     );
+    assert!(!pins.root().exists(), "a rejected run pinned state");
 }

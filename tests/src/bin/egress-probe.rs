@@ -4,7 +4,7 @@
 //! Clients print one JSON line with `"ok"` (`{"ok":true}` or
 //! `{"ok":false,"errno":N,"error":"..."}`, plus fields of their own) as their last line and
 //! exit 0 or 1 accordingly, so a test can tell "blocked" from "broken" without scraping
-//! error text. `tcp-hold` and `query-wait` print progress lines before it (each without
+//! error text. `tcp-hold`, `connect-loop` and `query-wait` print progress lines before it (each without
 //! `"ok"`), so a test can act while they run. Usage errors and a failure to join the
 //! cgroup exit 2: those are harness bugs, not probe results.
 
@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, U
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms 
                     [--type A|AAAA] [--tcp-dns] [--timeout-ms N]
        egress-probe [--cgroup DIR] resolve-connect --names-file FILE PORT --server ADDR [...]
        egress-probe [--cgroup DIR] tcp-hold ADDR PORT --seconds N --interval-ms M
+       egress-probe [--cgroup DIR] connect-loop ADDR PORT --seconds N --interval-ms M
+                    [--timeout-ms N]
        egress-probe [--cgroup DIR] query-wait NAME --server ADDR --id ID [--count N]
                     [--timeout-ms N]
        egress-probe forge-answer --src ADDR --dst ADDR --dport PORT --id ID --name NAME
@@ -55,6 +58,7 @@ enum Mode {
     ServeUdp(SocketAddr),
     ResolveConnect(ResolveConnect),
     TcpHold(TcpHold),
+    ConnectLoop(ConnectLoop),
     QueryWait(QueryWait),
     ForgeAnswer(Forgery),
 }
@@ -80,6 +84,14 @@ struct TcpHold {
     addr: SocketAddr,
     duration: Duration,
     interval: Duration,
+}
+
+/// New connections, one after another, each exchanging a line.
+struct ConnectLoop {
+    addr: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+    timeout: Duration,
 }
 
 struct QueryWait {
@@ -168,6 +180,7 @@ fn main() -> ExitCode {
         Mode::ServeUdp(addr) => exit_on_error(serve_udp(addr)),
         Mode::ResolveConnect(rc) => resolve_connect_all(&rc),
         Mode::TcpHold(hold) => report_with(tcp_hold(&hold)),
+        Mode::ConnectLoop(cl) => report(Ok(connect_loop(&cl))),
         Mode::QueryWait(qw) => report_with(query_wait(&qw)),
         Mode::ForgeAnswer(forgery) => report(forge_answer(&forgery).map(|()| json!({}))),
     }
@@ -269,6 +282,12 @@ fn parse_mode(args: &mut Args) -> Result<Mode, String> {
             addr: endpoint(&mode)?,
             duration: Duration::from_secs(args.required("--seconds")?),
             interval: Duration::from_millis(args.required("--interval-ms")?),
+        }),
+        "connect-loop" => Mode::ConnectLoop(ConnectLoop {
+            addr: endpoint(&mode)?,
+            duration: Duration::from_secs(args.required("--seconds")?),
+            interval: Duration::from_millis(args.required("--interval-ms")?),
+            timeout: args.timeout(DEFAULT_TIMEOUT)?,
         }),
         "query-wait" => {
             let [name] = <[String; 1]>::try_from(positional)
@@ -673,6 +692,45 @@ fn tcp_hold(hold: &TcpHold) -> Result<Value, (Failure, Value)> {
         }
         thread::sleep(hold.interval);
     }
+}
+
+/// Set by SIGTERM: `connect-loop` finishes its attempt and reports.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Prints `{"started":true}`, then opens a new connection and exchanges a line every
+/// `interval` until `duration` has passed or SIGTERM comes, whatever each attempt's
+/// outcome. Reports the number of attempts, of those that worked, and the first error of
+/// those that did not.
+fn connect_loop(cl: &ConnectLoop) -> Value {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            request_stop as *const () as libc::sighandler_t,
+        )
+    };
+    emit(&json!({ "started": true }));
+    let end = Instant::now() + cl.duration;
+    let (mut attempts, mut connected) = (0u64, 0u64);
+    let mut first_error: Option<String> = None;
+    while Instant::now() < end && !STOP.load(Ordering::Relaxed) {
+        attempts += 1;
+        let outcome = TcpStream::connect_timeout(&cl.addr, cl.timeout)
+            .map_err(Failure::from)
+            .and_then(|mut stream| echo(&mut stream, Instant::now() + cl.timeout));
+        match outcome {
+            Ok(()) => connected += 1,
+            Err(f) => {
+                first_error.get_or_insert(f.error);
+            }
+        }
+        thread::sleep(cl.interval);
+    }
+    json!({ "attempts": attempts, "connected": connected, "first_error": first_error })
 }
 
 /// Sends a query with a chosen id from a fresh port, prints `{"sent":true,"port":P}`, then

@@ -1,0 +1,336 @@
+//! The agent's life on a node: pinned state outlives the process. A `kill -9` leaves the
+//! node enforcing (and learning from DNS in the kernel), a restart takes the state over, an
+//! upgrade to another binary leaves no window, `status` reads the pins while an agent runs
+//! and while none does, and `uninstall` leaves nothing behind.
+//!
+//! Clients loop new connections through every step: an allowed destination must never
+//! fail and a denied one must never pass.
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::PermissionsExt as _,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    Agent, PinDir, REMOTE_V4_A, REMOTE_V4_B, SERVER_V4, Server, TempFile, TestCgroup, Topology,
+    agent_bin, assert_ok, assert_timeout, attached_programs,
+    dns::{BackgroundProbe, DnsServer, Lookup, Record, connect_loop, resolve_connect},
+    probe_tcp, require_root, start_pinned_agent,
+};
+use serde_json::Value;
+
+const HTTPS: u16 = 443;
+const TTL: u32 = 300;
+const APP: &str = "app.example.com";
+const APP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+/// Resolved only while no agent runs: the kernel alone learns it.
+const FRESH: &str = "fresh.example.com";
+const FRESH_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
+/// The longest the looping clients run; the tests stop them when done.
+const LOOP: Duration = Duration::from_secs(300);
+const LOOP_INTERVAL: Duration = Duration::from_millis(100);
+/// Generous for an allowed connect on a loaded machine; short for a denied one, which
+/// always takes all of it.
+const ALLOWED_TIMEOUT: Duration = Duration::from_millis(3000);
+const DENIED_TIMEOUT: Duration = Duration::from_millis(300);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Allows `REMOTE_V4_A` and the two names on HTTPS, learning from dnsmasq; `dns_extra`
+/// goes into the `dns` section.
+fn policy_text(dns_extra: &str) -> String {
+    format!(
+        "mode: enforce\nallow:\n  - cidr: {REMOTE_V4_A}/32\n    ports: [HTTPS:443]\n  - fqdn: {APP}\n    ports: [HTTPS:443]\n  - fqdn: {FRESH}\n    ports: [HTTPS:443]\ndns:\n  resolvers: [{SERVER_V4}]\n{dns_extra}"
+    )
+}
+
+/// The namespaces, dnsmasq, echo servers on every server address, and a cgroup.
+struct World {
+    _servers: Vec<Server>,
+    _dns: DnsServer,
+    cgroup: TestCgroup,
+    topo: Topology,
+}
+
+impl World {
+    fn new() -> World {
+        let topo = Topology::new();
+        for addr in [APP_V4, FRESH_V4] {
+            topo.add_remote(addr);
+        }
+        let dns = DnsServer::start(
+            &topo.server,
+            TTL,
+            &[
+                Record::Host(APP, APP_V4.into()),
+                Record::Host(FRESH, FRESH_V4.into()),
+            ],
+        );
+        let servers = vec![Server::tcp(
+            &topo.server,
+            None,
+            IpAddr::from(Ipv6Addr::UNSPECIFIED),
+            HTTPS,
+        )];
+        World {
+            _servers: servers,
+            _dns: dns,
+            cgroup: TestCgroup::new(),
+            topo,
+        }
+    }
+
+    fn resolve_ok(&self, name: &str, what: &str) {
+        let resolved = resolve_connect(
+            &self.topo.client,
+            Some(&self.cgroup),
+            Lookup::a(name, SERVER_V4),
+            HTTPS,
+        );
+        assert_ok(&resolved.result, what);
+    }
+
+    /// An allowed and a denied client looping new connections from the cgroup.
+    fn loops(&self) -> (BackgroundProbe, BackgroundProbe) {
+        let cg = Some(&self.cgroup);
+        let allowed = connect_loop(
+            &self.topo.client,
+            cg,
+            REMOTE_V4_A,
+            HTTPS,
+            LOOP,
+            LOOP_INTERVAL,
+            ALLOWED_TIMEOUT,
+        );
+        let denied = connect_loop(
+            &self.topo.client,
+            cg,
+            REMOTE_V4_B,
+            HTTPS,
+            LOOP,
+            LOOP_INTERVAL,
+            DENIED_TIMEOUT,
+        );
+        allowed.line(0);
+        denied.line(0);
+        (allowed, denied)
+    }
+}
+
+/// The looping clients' verdict: every allowed attempt connected, no denied one did.
+fn assert_loops(allowed: &mut BackgroundProbe, denied: &mut BackgroundProbe) {
+    allowed.stop();
+    denied.stop();
+    let (_, a) = allowed.finish_line();
+    let (_, d) = denied.finish_line();
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    assert!(count(&a, "attempts") > 10, "too few allowed attempts: {a}");
+    assert_eq!(
+        count(&a, "connected"),
+        count(&a, "attempts"),
+        "an allowed connection failed: {a}"
+    );
+    assert!(count(&d, "attempts") >= 3, "too few denied attempts: {d}");
+    assert_eq!(count(&d, "connected"), 0, "a denied connection passed: {d}");
+}
+
+/// Polls `status` until its output contains every one of `needles`.
+fn wait_status(pins: &PinDir, needles: &[&str]) -> String {
+    let deadline = Instant::now() + STATUS_TIMEOUT;
+    loop {
+        let (ok, out) = pins.status();
+        if ok && needles.iter().all(|n| out.contains(n)) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed {needles:?}:\n{out}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn kill_9(agent: &mut Agent) {
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) }, 0);
+    agent.wait_for_exit(Duration::from_secs(10));
+}
+
+/// The ids of the programs on the cgroup.
+fn program_ids(world: &World) -> Vec<u64> {
+    let mut ids: Vec<u64> = attached_programs(world.cgroup.path())
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let keep = ["--on-exit", "keep"];
+    let mut first = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    world.resolve_ok(APP, "app while the first agent runs");
+    first.wait_learned(APP, APP_V4);
+    let up = wait_status(&pins, &["agent      running", APP, &APP_V4.to_string()]);
+    assert!(up.contains("mode       enforce"), "{up}");
+    let cgroup = world.cgroup.path().display().to_string();
+    assert!(
+        up.contains(&format!("attached   cgroup {cgroup} (egress)")),
+        "{up}"
+    );
+    assert!(
+        up.contains(&format!("attached   cgroup {cgroup} (ingress)")),
+        "{up}"
+    );
+    assert!(
+        up.contains("1 CIDR entries") && up.contains("trusted resolvers: 198.51.100.2"),
+        "{up}"
+    );
+
+    let (mut allowed, mut denied) = world.loops();
+    thread::sleep(Duration::from_secs(1));
+    kill_9(&mut first);
+    let programs = program_ids(&world);
+    assert_eq!(programs.len(), 2, "programs after kill -9");
+
+    // No agent: the pinned programs enforce, and the kernel learns from DNS alone.
+    let down = wait_status(&pins, &["not running", APP]);
+    assert!(down.contains("mode       enforce"), "{down}");
+    world.resolve_ok(FRESH, "a name first resolved while no agent runs");
+    world.resolve_ok(APP, "app while no agent runs");
+    assert_timeout(
+        &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_B, HTTPS),
+        "a denied address while no agent runs",
+    );
+    let down = wait_status(&pins, &[&FRESH_V4.to_string()]);
+    assert!(down.contains("(names not recorded yet)"), "{down}");
+
+    // A new agent takes over: new programs replace the old ones, what the kernel learned
+    // meanwhile gets its name from the answer queued in the ring buffer.
+    let mut second = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    second.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    second.wait_learned(FRESH, FRESH_V4);
+    let after = program_ids(&world);
+    assert_eq!(after.len(), 2, "programs after the takeover: {after:?}");
+    assert!(
+        after.iter().all(|id| !programs.contains(id)),
+        "the old programs are still attached: {programs:?} -> {after:?}"
+    );
+    wait_status(&pins, &["agent      running", APP, FRESH]);
+    assert_loops(&mut allowed, &mut denied);
+
+    // `--on-exit keep` on SIGTERM too; then `uninstall` removes everything.
+    assert!(second.terminate().success());
+    assert_eq!(
+        program_ids(&world),
+        after,
+        "programs after SIGTERM with keep"
+    );
+    let (ok, out) = pins.uninstall();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("detached cgroup-") && out.contains("removed"),
+        "{out}"
+    );
+    assert!(program_ids(&world).is_empty(), "programs after uninstall");
+    assert!(!pins.root().exists(), "pins after uninstall");
+    let (ok, out) = pins.status();
+    assert!(!ok && out.contains("nothing is pinned"), "{out}");
+}
+
+#[test]
+fn an_upgrade_to_another_binary_leaves_no_window() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let keep = ["--on-exit", "keep"];
+    let mut old = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    world.resolve_ok(APP, "app before the upgrade");
+    old.wait_learned(APP, APP_V4);
+    wait_status(&pins, &[APP]);
+    let (mut allowed, mut denied) = world.loops();
+    // The learned address, held by a client that resolved it before the upgrade.
+    let mut learned = connect_loop(
+        &world.topo.client,
+        Some(&world.cgroup),
+        APP_V4,
+        HTTPS,
+        LOOP,
+        LOOP_INTERVAL,
+        ALLOWED_TIMEOUT,
+    );
+    learned.line(0);
+
+    // The new version: another binary, and a policy whose learned-address map has
+    // another size, so that map is replaced and its entries carried over. It starts while
+    // the old agent runs, waits for it, and takes over the moment it exits.
+    let new_bin = TempBinary(
+        std::env::temp_dir().join(format!("egress-agent-upgrade-{}", std::process::id())),
+    );
+    fs::copy(agent_bin(), &new_bin.0).expect("copy the agent binary");
+    fs::set_permissions(&new_bin.0, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(policy.path(), policy_text("  max_ips: 4096\n")).expect("write the new policy");
+    let mut cmd = std::process::Command::new(&new_bin.0);
+    cmd.args(egress_tests::run_args(&policy, &world.cgroup, &pins))
+        .args(keep)
+        .env("RUST_LOG", "info,egress_agent=debug");
+    let new = Agent::spawn_command(cmd);
+    new.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    assert!(old.terminate().success());
+    new.wait_for_stderr("pinned map LEARNED differs", TAKEOVER_TIMEOUT);
+    new.wait_for_stderr("carried 1 entries of LEARNED over", TAKEOVER_TIMEOUT);
+    new.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    assert_eq!(program_ids(&world).len(), 2, "programs after the upgrade");
+    assert_loops(&mut allowed, &mut denied);
+    learned.stop();
+    let (_, held) = learned.finish_line();
+    assert_eq!(
+        held["connected"], held["attempts"],
+        "a connection to the learned address failed across the upgrade: {held}"
+    );
+}
+
+/// A copied binary, removed on drop.
+struct TempBinary(std::path::PathBuf);
+
+impl Drop for TempBinary {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_default_exit_detaches_and_removes_every_pin() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let mut agent = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &[]);
+    assert_ok(
+        &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_A, HTTPS),
+        "allowed while the agent runs",
+    );
+    assert_eq!(program_ids(&world).len(), 2);
+    let (ok, out) = pins.uninstall();
+    assert!(
+        !ok && out.contains("another egress-agent holds"),
+        "uninstall must refuse while an agent runs: {out}"
+    );
+    assert!(agent.terminate().success());
+    assert!(program_ids(&world).is_empty(), "programs after SIGTERM");
+    assert!(!pins.root().exists(), "pins after SIGTERM");
+}
