@@ -289,6 +289,40 @@ where
         .map_err(prog_err(name))
 }
 
+/// Loads the named cgroup programs, each on a thread of its own: verification is most of
+/// the agent's start-up time, and the kernel verifies programs independently.
+fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadError> {
+    let programs: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .collect();
+    if let Some(missing) = names
+        .iter()
+        .find(|name| !programs.iter().any(|(n, _)| n == *name))
+    {
+        return Err(LoadError::MissingProgram(missing));
+    }
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = programs
+            .into_iter()
+            .map(|(name, program)| {
+                scope.spawn(move || -> Result<(), LoadError> {
+                    let started = Instant::now();
+                    let prog: &mut CgroupSkb = program
+                        .try_into()
+                        .map_err(prog_err(format!("{name} is no cgroup_skb program")))?;
+                    prog.load().map_err(prog_err(format!("loading {name}")))?;
+                    log::debug!("{name} verified and loaded in {:?}", started.elapsed());
+                    Ok(())
+                })
+            })
+            .collect();
+        loads
+            .into_iter()
+            .try_for_each(|load| load.join().expect("a program load panicked"))
+    })
+}
+
 /// Writes `(prefix, key, port set)` entries into a trie, then deletes the previously written
 /// entries that are not among them; returns what the trie now holds.
 fn replace_entries<K: Pod + Eq + std::hash::Hash>(
@@ -441,7 +475,9 @@ impl Enforcer {
                 loader.map_pin_path(name, path);
             }
         }
+        let started = Instant::now();
         let mut ebpf = loader.load(OBJECT)?;
+        log::debug!("maps created or opened in {:?}", started.elapsed());
         let mut replaced_names = Vec::new();
         for (name, old) in replaced {
             replaced_names.push(name);
@@ -456,12 +492,7 @@ impl Enforcer {
                 log::info!("carried {copied} entries of {name} over to its replacement");
             }
         }
-        for name in [EGRESS_CGROUP, INGRESS_CGROUP] {
-            let started = Instant::now();
-            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(format!("loading {name}")))?;
-            log::debug!("{name} verified and loaded in {:?}", started.elapsed());
-        }
+        load_in_parallel(&mut ebpf, &[EGRESS_CGROUP, INGRESS_CGROUP])?;
         let pinned = match pins {
             Some(pins) => Some(Pinned {
                 root: pins.clone(),

@@ -95,16 +95,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
+    // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
+    // before binding the address its predecessor still serves.
+    let pins = PinRoot::new(&opts.pin_root);
+    pins.prepare()
+        .context("preparing the pin directory in bpffs")?;
+    let _lock = pins.lock(true).context("locking the pin directory")?;
     let listener = metrics::bind(opts.listen).await?;
     log::info!(
         "serving /metrics, /healthz and /readyz on http://{}",
         listener.local_addr()?
     );
-
-    let pins = PinRoot::new(&opts.pin_root);
-    pins.prepare()
-        .context("preparing the pin directory in bpffs")?;
-    let _lock = pins.lock(true).context("locking the pin directory")?;
     let mut enforcer = Enforcer::load(
         &settings(mode, &policy.dns),
         policy.dns.max_ips,

@@ -119,14 +119,16 @@ impl World {
     }
 }
 
-/// The looping clients' verdict: every allowed attempt connected, no denied one did.
+/// The looping clients' verdict: every allowed attempt connected, no denied one did. They
+/// run on for a moment first, so that attempts follow the last step too.
 fn assert_loops(allowed: &mut BackgroundProbe, denied: &mut BackgroundProbe) {
+    thread::sleep(Duration::from_secs(1));
     allowed.stop();
     denied.stop();
     let (_, a) = allowed.finish_line();
     let (_, d) = denied.finish_line();
     let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
-    assert!(count(&a, "attempts") > 10, "too few allowed attempts: {a}");
+    assert!(count(&a, "attempts") >= 5, "too few allowed attempts: {a}");
     assert_eq!(
         count(&a, "connected"),
         count(&a, "attempts"),
