@@ -733,14 +733,6 @@ impl Enforcer {
         Ok(())
     }
 
-    /// The pinned attachments this enforcer made.
-    pub fn link_pins(&self) -> Vec<PathBuf> {
-        self.pinned
-            .iter()
-            .flat_map(|p| p.links.iter().map(|(path, _)| path.clone()))
-            .collect()
-    }
-
     /// The trusted resolvers: DNS to them passes, and only their answers teach addresses.
     pub fn write_resolvers(&mut self, resolvers: &[IpAddr]) -> Result<(), LoadError> {
         let new: HashSet<Addr> = resolvers.iter().map(|r| to_key(*r)).collect();

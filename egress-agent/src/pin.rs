@@ -235,7 +235,7 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
-pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+fn is_bpffs(path: &Path) -> io::Result<bool> {
     let c = c_path(path)?;
     // SAFETY: statfs writes only into `buf`; `c` is a NUL-terminated path.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
