@@ -104,6 +104,7 @@ impl Control {
                     learner: self.learner.counters,
                     learned: self.learner.learned().count(),
                     learned_capacity: self.learned_capacity,
+                    policy: self.enforcer.policy_entries(),
                 }));
             }
             Err(e) => log::warn!("reading counters for /metrics: {e}"),

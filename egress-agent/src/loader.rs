@@ -183,6 +183,14 @@ impl std::fmt::Display for ByProto {
     }
 }
 
+/// How many entries the policy maps hold, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntries {
+    pub cidrs: usize,
+    pub names: usize,
+    pub resolvers: usize,
+}
+
 /// What the policy maps hold, so that a new policy replaces it entry by entry.
 #[derive(Default)]
 struct Written {
@@ -680,6 +688,14 @@ impl Enforcer {
             }
         }
         Ok(())
+    }
+
+    pub fn policy_entries(&self) -> PolicyEntries {
+        PolicyEntries {
+            cidrs: self.written.cidrs.len(),
+            names: self.written.names.len(),
+            resolvers: self.written.resolvers.len(),
+        }
     }
 
     /// Whether the pin root held a previous agent's maps, which this enforcer took over.

@@ -10,7 +10,10 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{dns::learner::LearnerCounters, loader::Stats};
+use crate::{
+    dns::learner::LearnerCounters,
+    loader::{PolicyEntries, Stats},
+};
 
 /// What `/metrics` reports; `None` until the programs are attached with the policy loaded.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,6 +24,7 @@ pub struct Snapshot {
     pub learned: usize,
     /// The learned-address map's size.
     pub learned_capacity: u32,
+    pub policy: PolicyEntries,
 }
 
 /// Serves until the listener fails.
@@ -204,6 +208,19 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
         "Size of the learned-address map.",
         unlabelled(u64::from(s.learned_capacity)),
     );
+    metric(
+        "egress_policy_entries",
+        "gauge",
+        "Entries the policy wrote into the kernel maps: CIDR prefixes, name-table entries, trusted resolvers.",
+        labelled(
+            "map",
+            [
+                ("cidrs", s.policy.cidrs as u64),
+                ("names", s.policy.names as u64),
+                ("resolvers", s.policy.resolvers as u64),
+            ],
+        ),
+    );
     out
 }
 
@@ -384,6 +401,11 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             },
             learned: 2,
             learned_capacity: 10,
+            policy: PolicyEntries {
+                cidrs: 5,
+                names: 3,
+                resolvers: 2,
+            },
         };
         let samples = parse(&render(Some(&snapshot)));
         let get = |name: &str, labels: &[(&str, &str)]| get(&samples, name, labels);
@@ -407,6 +429,9 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
         assert_eq!(get("egress_dns_events_lost_total", &[]), 0);
         assert_eq!(get("egress_learned_addresses", &[]), 2);
         assert_eq!(get("egress_learned_addresses_capacity", &[]), 10);
+        assert_eq!(get("egress_policy_entries", &[("map", "cidrs")]), 5);
+        assert_eq!(get("egress_policy_entries", &[("map", "names")]), 3);
+        assert_eq!(get("egress_policy_entries", &[("map", "resolvers")]), 2);
         for verdict in ["allowed", "dropped", "audited"] {
             for proto in ["tcp", "udp", "icmp", "other"] {
                 let labels = [("verdict", verdict), ("proto", proto)];

@@ -405,6 +405,14 @@ fn metrics_and_health_endpoints_answer() {
             .get("egress_learned_addresses_capacity", &[])
             .is_some_and(|c| c > 0)
     );
+    // The policy's two CIDRs and no names.
+    for (map, n) in [("cidrs", 2), ("names", 0)] {
+        assert_eq!(
+            metrics.get("egress_policy_entries", &[("map", map)]),
+            Some(n),
+            "{map}"
+        );
+    }
     // A handful of drops is far within the event rate limit: every one was reported.
     assert_eq!(metrics.get("egress_events_lost_total", &[]), Some(0));
     for name in ["egress_dns_answers_total", "egress_dns_events_lost_total"] {
