@@ -705,10 +705,10 @@ impl Enforcer {
 
     /// Once this enforcer's links are attached: removes every other link pin (detaching the
     /// predecessor's programs), other layout versions, and puts this enforcer's replacement
-    /// maps where the old pins were. Returns the links removed.
-    pub fn retire_predecessors(&mut self) -> Result<Vec<pin::LinkPin>, LoadError> {
+    /// maps where the old pins were. Returns the links and the version directories removed.
+    pub fn retire_predecessors(&mut self) -> Result<(Vec<pin::LinkPin>, Vec<PathBuf>), LoadError> {
         let Some(pinned) = &mut self.pinned else {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         };
         let ours: HashSet<&Path> = pinned.links.iter().map(|(p, _)| p.as_path()).collect();
         let mut retired = Vec::new();
@@ -718,7 +718,7 @@ impl Enforcer {
                 retired.push(link);
             }
         }
-        pinned.root.remove_other_versions()?;
+        let versions = pinned.root.remove_other_versions()?;
         for name in std::mem::take(&mut pinned.replaced) {
             let path = pinned.root.map_path(name);
             pin::remove_file(&path)?;
@@ -728,7 +728,7 @@ impl Enforcer {
                 source,
             })?;
         }
-        Ok(retired)
+        Ok((retired, versions))
     }
 
     /// Ends this enforcer. `keep` leaves every pin (and so every attachment) in place for the

@@ -87,6 +87,10 @@ fn task_failure(
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // First of all: a SIGTERM that came before the handlers would kill the agent without
+    // `--on-exit` taking effect. One that comes while loading is acted on once attached.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let policy = policy::load(&opts.config)?;
     // Checked before anything in the kernel changes; compiled again below into the port set
     // registry that follows a previous agent's.
@@ -159,9 +163,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             .attach_interface(interface)
             .with_context(|| format!("attaching to interface {interface}"))?;
     }
-    let retired = enforcer
+    let (retired, versions) = enforcer
         .retire_predecessors()
         .context("detaching the previous agent's programs")?;
+    if !versions.is_empty() {
+        log::warn!(
+            "replaced the pinned state of another layout version ({}): {} attachments \
+             replaced; its learned addresses were not carried over",
+            versions
+                .iter()
+                .map(|v| v.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            retired.len()
+        );
+    }
     if enforcer.adopted() {
         log::info!(
             "took over the pinned state in {}: {} learned addresses, {} of the previous agent's \
@@ -198,8 +214,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         journal: NameJournal::from_pinned(&pinned_names),
         journaled: None,
     };
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);

@@ -336,3 +336,47 @@ fn the_default_exit_detaches_and_removes_every_pin() {
     assert!(program_ids(&world).is_empty(), "programs after SIGTERM");
     assert!(!pins.root().exists(), "pins after SIGTERM");
 }
+
+#[test]
+fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let keep = ["--on-exit", "keep"];
+    let mut old = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    assert!(old.terminate().success());
+    let programs = program_ids(&world);
+    // What an older release left: its state under another layout version's directory.
+    let versions: Vec<_> = fs::read_dir(pins.root())
+        .expect("the pin root")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    let [current] = versions.as_slice() else {
+        panic!("one version directory expected: {versions:?}");
+    };
+    let older = pins.root().join("v0");
+    fs::rename(current, &older).expect("rename the version directory");
+
+    let (mut allowed, mut denied) = world.loops();
+    let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let line = new.wait_for_stderr(
+        "replaced the pinned state of another layout",
+        TAKEOVER_TIMEOUT,
+    );
+    assert!(
+        line.contains("v0") && line.contains("2 attachments"),
+        "{line}"
+    );
+    assert_loops(&mut allowed, &mut denied);
+    let after = program_ids(&world);
+    assert_eq!(after.len(), 2, "programs after the replacement: {after:?}");
+    assert!(
+        after.iter().all(|id| !programs.contains(id)),
+        "the older version's programs are still attached: {programs:?} -> {after:?}"
+    );
+    assert!(!older.exists(), "the older version's pins are still there");
+    assert!(current.exists());
+}
