@@ -582,6 +582,14 @@ impl Enforcer {
         LpmTrie::try_from(map).map_err(map_err(name))
     }
 
+    fn hash_ref<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, LoadError> {
+        let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(map_err(name))
+    }
+
     fn hash<K: Pod, V: Pod>(
         &mut self,
         name: &'static str,
@@ -822,13 +830,8 @@ impl Enforcer {
         }
         self.written.cidrs = trie_keys(&self.ebpf, CIDRS)?;
         self.written.names = trie_keys(&self.ebpf, NAMES)?;
-        let map = self
-            .ebpf
-            .map(RESOLVERS)
-            .ok_or(LoadError::MissingMap(RESOLVERS))?;
-        let resolvers: HashMap<&MapData, Addr, u8> =
-            HashMap::try_from(map).map_err(map_err(RESOLVERS))?;
-        self.written.resolvers = resolvers
+        self.written.resolvers = self
+            .hash_ref::<Addr, u8>(RESOLVERS)?
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err("reading RESOLVERS"))?;
@@ -837,10 +840,7 @@ impl Enforcer {
 
     /// Every key in `PORTS`: a previous agent's port sets, when adopting.
     pub fn port_keys(&self) -> Result<Vec<PortKey>, LoadError> {
-        let map = self.ebpf.map(PORTS).ok_or(LoadError::MissingMap(PORTS))?;
-        let ports: HashMap<&MapData, PortKey, u8> =
-            HashMap::try_from(map).map_err(map_err(PORTS))?;
-        ports
+        self.hash_ref::<PortKey, u8>(PORTS)?
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err("reading PORTS"))
@@ -848,13 +848,7 @@ impl Enforcer {
 
     /// Every entry of `LEARNED`.
     pub fn learned_entries(&self) -> Result<Vec<(Addr, LearnedValue)>, LoadError> {
-        let map = self
-            .ebpf
-            .map(LEARNED)
-            .ok_or(LoadError::MissingMap(LEARNED))?;
-        let learned: HashMap<&MapData, Addr, LearnedValue> =
-            HashMap::try_from(map).map_err(map_err(LEARNED))?;
-        learned
+        self.hash_ref::<Addr, LearnedValue>(LEARNED)?
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err("reading LEARNED"))
@@ -896,13 +890,7 @@ impl Enforcer {
 
     /// Every address in `LEARNED`.
     pub fn learned_addresses(&self) -> Result<Vec<Addr>, LoadError> {
-        let map = self
-            .ebpf
-            .map(LEARNED)
-            .ok_or(LoadError::MissingMap(LEARNED))?;
-        let learned: HashMap<&MapData, Addr, LearnedValue> =
-            HashMap::try_from(map).map_err(map_err(LEARNED))?;
-        learned
+        self.hash_ref::<Addr, LearnedValue>(LEARNED)?
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err("reading LEARNED"))

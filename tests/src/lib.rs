@@ -446,30 +446,23 @@ impl PinDir {
         self.mount.join("egress-enforcer")
     }
 
-    /// `egress-agent status` on this root: its exit status and stdout.
+    /// `egress-agent status` on this root: its exit status and output.
     pub fn status(&self) -> (bool, String) {
-        let out = Command::new(agent_bin())
-            .args(["status", "--pin-root"])
-            .arg(self.root())
-            .output()
-            .expect("run egress-agent status");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        self.agent("status")
     }
 
     /// `egress-agent uninstall` on this root: its exit status and output.
     pub fn uninstall(&self) -> (bool, String) {
+        self.agent("uninstall")
+    }
+
+    /// `egress-agent COMMAND --pin-root ROOT`: its exit status and output.
+    fn agent(&self, command: &str) -> (bool, String) {
         let out = Command::new(agent_bin())
-            .args(["uninstall", "--pin-root"])
+            .args([command, "--pin-root"])
             .arg(self.root())
             .output()
-            .expect("run egress-agent uninstall");
+            .unwrap_or_else(|err| panic!("cannot run egress-agent {command}: {err}"));
         (
             out.status.success(),
             format!(

@@ -37,6 +37,7 @@ const ALLOWED_TIMEOUT: Duration = Duration::from_millis(3000);
 const DENIED_TIMEOUT: Duration = Duration::from_millis(300);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEP: [&str; 2] = ["--on-exit", "keep"];
 
 /// Allows `REMOTE_V4_A` and the two names on HTTPS, learning from dnsmasq; `dns_extra`
 /// goes into the `dns` section.
@@ -154,6 +155,14 @@ fn wait_status(pins: &PinDir, needles: &[&str]) -> String {
     }
 }
 
+/// The policy, a pin root, and an agent on them with `--on-exit keep`.
+fn start_keeping(world: &World) -> (TempFile, PinDir, Agent) {
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let agent = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
+    (policy, pins, agent)
+}
+
 fn kill_9(agent: &mut Agent) {
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) }, 0);
@@ -176,10 +185,7 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
         return;
     }
     let world = World::new();
-    let policy = TempFile::new(&policy_text(""));
-    let pins = PinDir::new();
-    let keep = ["--on-exit", "keep"];
-    let mut first = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let (policy, pins, mut first) = start_keeping(&world);
     world.resolve_ok(APP, "app while the first agent runs");
     first.wait_learned(APP, APP_V4);
     let up = wait_status(&pins, &["agent      running", APP, &APP_V4.to_string()]);
@@ -218,7 +224,7 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
 
     // A new agent takes over: new programs replace the old ones, what the kernel learned
     // meanwhile gets its name from the answer queued in the ring buffer.
-    let mut second = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let mut second = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
     second.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
     second.wait_learned(FRESH, FRESH_V4);
     let after = program_ids(&world);
@@ -255,10 +261,7 @@ fn an_upgrade_to_another_binary_leaves_no_window() {
         return;
     }
     let world = World::new();
-    let policy = TempFile::new(&policy_text(""));
-    let pins = PinDir::new();
-    let keep = ["--on-exit", "keep"];
-    let mut old = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let (policy, pins, mut old) = start_keeping(&world);
     world.resolve_ok(APP, "app before the upgrade");
     old.wait_learned(APP, APP_V4);
     wait_status(&pins, &[APP]);
@@ -286,7 +289,7 @@ fn an_upgrade_to_another_binary_leaves_no_window() {
     fs::write(policy.path(), policy_text("  max_ips: 4096\n")).expect("write the new policy");
     let mut cmd = std::process::Command::new(&new_bin.0);
     cmd.args(egress_tests::run_args(&policy, &world.cgroup, &pins))
-        .args(keep)
+        .args(KEEP)
         .env("RUST_LOG", "info,egress_agent=debug");
     let new = Agent::spawn_command(cmd);
     new.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
@@ -343,10 +346,7 @@ fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
         return;
     }
     let world = World::new();
-    let policy = TempFile::new(&policy_text(""));
-    let pins = PinDir::new();
-    let keep = ["--on-exit", "keep"];
-    let mut old = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let (policy, pins, mut old) = start_keeping(&world);
     assert!(old.terminate().success());
     let programs = program_ids(&world);
     // What an older release left: its state under another layout version's directory.
@@ -361,7 +361,7 @@ fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
     fs::rename(current, &older).expect("rename the version directory");
 
     let (mut allowed, mut denied) = world.loops();
-    let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &keep);
+    let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
     let line = new.wait_for_stderr(
         "replaced the pinned state of another layout",
         TAKEOVER_TIMEOUT,
