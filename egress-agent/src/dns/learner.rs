@@ -985,6 +985,55 @@ dns:
     use hickory_proto::rr::Record;
 
     #[test]
+    fn a_restore_relearns_what_the_policy_still_allows_and_takes_back_the_rest() {
+        let mut l = learner();
+        let mut store = FakeStore::default();
+        // What a previous agent left: entries with its own port set ids.
+        let old = LearnedValue {
+            port_set: 40,
+            extra_set: NO_PORT_SET,
+            expires_ns: T0 + 500 * NS_PER_SEC,
+        };
+        for ip in ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"] {
+            store.learned.insert(key(ip), old);
+        }
+        let until = T0 + 300 * NS_PER_SEC;
+        l.restore(
+            &mut store,
+            [
+                (key("203.0.113.1"), "mcr.microsoft.com".to_owned(), until),
+                (key("203.0.113.1"), "ntp.example.org".to_owned(), until + 1),
+                // A name the policy no longer has.
+                (key("203.0.113.2"), "gone.example.com".to_owned(), until),
+                // Expired already.
+                (key("203.0.113.3"), "mcr.microsoft.com".to_owned(), T0 - 1),
+            ],
+            T0,
+        )
+        .expect("restores");
+        let kept = store.learned[&key("203.0.113.1")];
+        assert_ne!(kept.port_set, 40, "repainted with this agent's set");
+        // The kernel's later expiry stands: it may come from an answer still queued.
+        assert_eq!(kept.expires_ns, old.expires_ns);
+        let ports: HashSet<(u8, u16)> = store
+            .ports
+            .iter()
+            .filter(|k| k.port_set == kept.port_set)
+            .map(|k| (k.proto, k.port))
+            .collect();
+        assert_eq!(ports, HashSet::from([(6, 443), (17, 123)]), "the union");
+        assert!(!store.learned.contains_key(&key("203.0.113.2")));
+        assert!(!store.learned.contains_key(&key("203.0.113.3")));
+        // No record: left to its own expiry (its answer may still be queued).
+        assert_eq!(store.learned[&key("203.0.113.4")], old);
+        let names: Vec<(String, u64)> = l
+            .learned()
+            .flat_map(|(_, names)| names.map(|(n, e)| (n.to_owned(), e)))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
     fn a_cname_chain_is_followed_to_its_addresses() {
         let mut store = FakeStore::default();
         let mut l = learner();
