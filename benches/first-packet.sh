@@ -59,6 +59,8 @@ cgroup2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
 [[ -n $cgroup2 ]] || { echo "$0: no cgroup2 filesystem is mounted" >&2; exit 1; }
 readonly CGROUP=$cgroup2/egress-first-packet-$ID
 work=$(mktemp -d /tmp/egress-first-packet.XXXXXX)
+# The agent's own pin root on a bpffs it mounts here, away from /sys/fs/bpf.
+mkdir "$work/bpf"
 pids=()
 
 cleanup() {
@@ -79,6 +81,8 @@ cleanup() {
     fi
     ip netns delete "$CLIENT_NS" 2>/dev/null || true
     ip netns delete "$SERVER_NS" 2>/dev/null || true
+    [[ -d $work/bpf/egress-enforcer ]] && "$agent_bin" uninstall --pin-root "$work/bpf/egress-enforcer" >/dev/null
+    mountpoint -q "$work/bpf" && umount -l "$work/bpf"
     rm -rf "$work"
     exit "$status"
 }
@@ -155,6 +159,7 @@ dns:
 EOF
 mkdir "$CGROUP"
 RUST_LOG=info "$agent_bin" run --config "$work/policy.yaml" --cgroup "$CGROUP" --listen 127.0.0.1:0 \
+    --pin-root "$work/bpf/egress-enforcer" \
     >"$work/events.jsonl" 2>"$work/agent.log" &
 agent_pid=$!
 pids+=("$agent_pid")

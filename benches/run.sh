@@ -170,6 +170,8 @@ ns_c=egb-c-$id
 ns_s=egb-s-$id
 cg=$cgroot/egress-bench-$id
 work=$(mktemp -d /tmp/egress-bench.XXXXXX)
+# The agent's own pin root on a bpffs it mounts here, away from /sys/fs/bpf.
+mkdir "$work/bpf"
 # The topology's link, then the traffic target: the LAST address of every allowed list
 # (`egress-bench addresses N` ends with it), so a rule list is walked to its end.
 link_c=2001:db8:ffff::1
@@ -228,6 +230,8 @@ cleanup() {
   fi
   ip netns delete "$ns_c" 2>/dev/null || true
   ip netns delete "$ns_s" 2>/dev/null || true
+  [ -d "$work/bpf/egress-enforcer" ] && "$agent" uninstall --pin-root "$work/bpf/egress-enforcer" >/dev/null
+  mountpoint -q "$work/bpf" && umount -l "$work/bpf"
   if [ -n "$keep_dir" ]; then
     mkdir -p "$keep_dir" && cp -r "$work/." "$keep_dir/" || echo "run.sh: could not keep $work in $keep_dir" >&2
   fi
@@ -341,6 +345,7 @@ start_agent() {
   attach_ms=""
   t0=$(now_ns)
   RUST_LOG=info,egress_agent::loader=debug "$agent" run --config "$policy" --mode enforce --cgroup "$cg" \
+    --pin-root "$work/bpf/egress-enforcer" \
     >"$work/agent.out" 2> >(while IFS= read -r line; do printf '%s000 %s\n' "${EPOCHREALTIME/./}" "$line"; done >"$log_file") &
   agent_pid=$!
   pids+=("$agent_pid")
