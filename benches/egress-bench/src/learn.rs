@@ -115,7 +115,11 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let policy = parse(&policy_yaml(opts.zones), "learn.yaml")?;
     let compiled = compile(&policy)?;
-    let mut enforcer = Enforcer::load(&settings(Mode::Enforce, &policy.dns), policy.dns.max_ips)?;
+    let mut enforcer = Enforcer::load(
+        &settings(Mode::Enforce, &policy.dns),
+        policy.dns.max_ips,
+        None,
+    )?;
     enforcer.write_policy(&compiled)?;
     enforcer.write_resolvers(&[RESOLVER.into()])?;
     let mut ring = enforcer.take_dns_events()?;
