@@ -13,7 +13,7 @@ scripts/validate-manifests.sh
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== clippy (userspace)" >&2
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --exclude egress-ebpf --all-targets -- -D warnings
 echo "== clippy (kernel crate, nightly, BPF target)" >&2
 cargo +nightly clippy -p egress-ebpf --target bpfel-unknown-none -Z build-std=core --release \
   -- -D warnings
