@@ -8,7 +8,7 @@
 //! refers to them any more.
 use std::collections::{BTreeMap, HashMap};
 
-use egress_common::{Addr, LearnedNameKey, LearnedValue, PortKey};
+use egress_common::{Addr, LearnedName, LearnedNameKey, LearnedValue, PortKey};
 
 use crate::compile::PortSets;
 
@@ -79,12 +79,12 @@ impl LegacySets {
 }
 
 /// The pinned `LEARNED_NAMES` records as the learner takes them.
-pub fn records(pinned: &[(LearnedNameKey, u64)]) -> Vec<(Addr, String, u64)> {
+pub fn records(pinned: &[(LearnedNameKey, LearnedName)]) -> Vec<(Addr, String, u64)> {
     pinned
         .iter()
-        .filter_map(|(k, expires)| {
-            let name = std::str::from_utf8(k.name_bytes()).ok()?;
-            Some((k.addr, name.to_owned(), *expires))
+        .filter_map(|(k, v)| {
+            let name = std::str::from_utf8(v.name_bytes()).ok()?;
+            Some((k.addr, name.to_owned(), v.expires_ns))
         })
         .collect()
 }
@@ -141,11 +141,12 @@ mod tests {
 
     #[test]
     fn records_skip_what_is_not_text() {
-        let good = LearnedNameKey::new([1; 16], "api.example.com").unwrap();
+        let key = LearnedNameKey::new([1; 16], "api.example.com");
+        let good = LearnedName::new("api.example.com", 9).unwrap();
         let mut bad = good;
         bad.name[0] = 0xff;
         assert_eq!(
-            records(&[(good, 9), (bad, 9)]),
+            records(&[(key, good), (key, bad)]),
             vec![([1; 16], "api.example.com".to_owned(), 9)]
         );
     }

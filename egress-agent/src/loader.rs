@@ -30,11 +30,12 @@ use aya::{
 };
 use egress_common::{
     Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue,
-    LEARNED, LEARNED_NAMES, LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS, PortKey, QueryKey,
-    QueryValue, RATE, RESOLVERS, SETTINGS, STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DNS_ANSWERS,
-    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
-    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE, STAT_EVENTS_LOST, STAT_PROTO_ICMP,
-    STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS, Settings,
+    LEARNED, LEARNED_NAMES, LearnedName, LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS,
+    PortKey, QueryKey, QueryValue, RATE, RESOLVERS, SETTINGS, STAT_ALLOWED_BASE, STAT_AUDITED_BASE,
+    STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED,
+    STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE,
+    STAT_EVENTS_LOST, STAT_PROTO_ICMP, STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS,
+    Settings,
 };
 
 use crate::{
@@ -213,7 +214,7 @@ struct Pinned {
     replaced: Vec<&'static str>,
     /// The links this enforcer attached and pinned, with their pins' paths.
     links: Vec<(PathBuf, PinnedLink)>,
-    learned_names: HashMap<MapData, LearnedNameKey, u64>,
+    learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
 }
@@ -367,7 +368,7 @@ fn remove_if_present(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps
 fn learned_names_map(
     pins: &PinRoot,
     max_learned: u32,
-) -> Result<HashMap<MapData, LearnedNameKey, u64>, LoadError> {
+) -> Result<HashMap<MapData, LearnedNameKey, LearnedName>, LoadError> {
     let path = pins.map_path(LEARNED_NAMES);
     let max_entries = max_learned.saturating_mul(2);
     let old = match MapData::from_pin(&path) {
@@ -376,7 +377,7 @@ fn learned_names_map(
             let fits = (info.key_size(), info.value_size(), info.max_entries())
                 == (
                     size_of::<LearnedNameKey>() as u32,
-                    size_of::<u64>() as u32,
+                    size_of::<LearnedName>() as u32,
                     max_entries,
                 );
             if fits {
@@ -386,10 +387,12 @@ fn learned_names_map(
         }
         Err(_) => None,
     };
-    let mut new: HashMap<MapData, LearnedNameKey, u64> =
+    let mut new: HashMap<MapData, LearnedNameKey, LearnedName> =
         HashMap::create(max_entries, NO_PREALLOC).map_err(map_err("creating LEARNED_NAMES"))?;
     if let Some(old) = old {
-        if let Ok(old) = HashMap::<MapData, LearnedNameKey, u64>::try_from(Map::HashMap(old)) {
+        if let Ok(old) =
+            HashMap::<MapData, LearnedNameKey, LearnedName>::try_from(Map::HashMap(old))
+        {
             for (k, v) in old.iter().flatten() {
                 new.insert(k, v, 0)
                     .map_err(map_err("carrying LEARNED_NAMES over"))?;
@@ -855,7 +858,7 @@ impl Enforcer {
     }
 
     /// The pinned (address, name) records and their expiry; empty without a pin root.
-    pub fn learned_names(&self) -> Result<Vec<(LearnedNameKey, u64)>, LoadError> {
+    pub fn learned_names(&self) -> Result<Vec<(LearnedNameKey, LearnedName)>, LoadError> {
         let Some(pinned) = &self.pinned else {
             return Ok(Vec::new());
         };
@@ -869,16 +872,16 @@ impl Enforcer {
     /// Writes (address, name) records and deletes others; nothing without a pin root.
     pub fn update_learned_names(
         &mut self,
-        put: &[(LearnedNameKey, u64)],
+        put: &[(LearnedNameKey, LearnedName)],
         delete: &[LearnedNameKey],
     ) -> Result<(), LoadError> {
         let Some(pinned) = &mut self.pinned else {
             return Ok(());
         };
-        for (key, expires_ns) in put {
+        for (key, value) in put {
             pinned
                 .learned_names
-                .insert(key, expires_ns, 0)
+                .insert(key, value, 0)
                 .map_err(map_err("writing LEARNED_NAMES"))?;
         }
         for key in delete {

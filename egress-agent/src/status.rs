@@ -9,8 +9,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use egress_common::{
-    Addr, CIDRS, CidrKey, CidrValue, LEARNED, LEARNED_NAMES, LearnedNameKey, LearnedValue,
-    MODE_ENFORCE, NAMES, NameKey, PORTS, PortKey, RESOLVERS, SETTINGS, STATS, Settings,
+    Addr, CIDRS, CidrKey, CidrValue, LEARNED, LEARNED_NAMES, LearnedName, LearnedNameKey,
+    LearnedValue, MODE_ENFORCE, NAMES, NameKey, PORTS, PortKey, RESOLVERS, SETTINGS, STATS,
+    Settings,
 };
 
 use crate::{
@@ -153,14 +154,14 @@ fn learned(pins: &PinRoot, out: &mut String) -> anyhow::Result<()> {
     let now = boot_time_ns();
     let mut names: BTreeMap<Addr, Vec<String>> = BTreeMap::new();
     if pins.map_path(LEARNED_NAMES).exists() {
-        for (key, _) in hash::<LearnedNameKey, u64>(pins, LEARNED_NAMES)?
+        for (key, value) in hash::<LearnedNameKey, LearnedName>(pins, LEARNED_NAMES)?
             .iter()
             .filter_map(Result::ok)
         {
             names
                 .entry(key.addr)
                 .or_default()
-                .push(String::from_utf8_lossy(key.name_bytes()).into_owned());
+                .push(String::from_utf8_lossy(value.name_bytes()).into_owned());
         }
     }
     let mut live: Vec<(Addr, LearnedValue)> = hash::<Addr, LearnedValue>(pins, LEARNED)?

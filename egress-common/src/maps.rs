@@ -350,36 +350,66 @@ pub const fn stat_proto(ip_proto: u8) -> u32 {
 /// those itself and replaces a map that differs, but it cannot see a change of meaning.
 pub const LAYOUT_VERSION: u32 = 1;
 
-/// `LEARNED_NAMES`: `HashMap<LearnedNameKey, u64>`, created and read by the agent only (no
-/// program uses it). Which names each learned address was learned through, and when each
-/// expires (`bpf_ktime_get_boot_ns` time), so that a restarted agent takes over its
-/// predecessor's bookkeeping and `egress-agent status` can show names while no agent runs.
-/// Written once a second with what changed.
+/// `LEARNED_NAMES`: `HashMap<LearnedNameKey, LearnedName>`, created and read by the agent
+/// only (no program uses it). Which names each learned address was learned through, and
+/// when each expires (`bpf_ktime_get_boot_ns` time), so that a restarted agent takes over
+/// its predecessor's bookkeeping and `egress-agent status` can show names while no agent
+/// runs. Written once a second with what changed. The key is small (the name's hash), so
+/// the agent's copy of what it wrote stays small; the name itself is in the value.
 pub const LEARNED_NAMES: &str = "LEARNED_NAMES";
 /// Room for a DNS name in text form (at most 253 bytes), zero-padded.
 pub const LEARNED_NAME_LEN: usize = 256;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LearnedNameKey {
     pub addr: Addr,
+    /// FNV-1a of the name's bytes ([`name_hash`]).
+    pub name_hash: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedName {
+    pub expires_ns: u64,
     /// Lowercase, without the trailing dot, zero-padded.
     pub name: [u8; LEARNED_NAME_LEN],
 }
 
+/// 64-bit FNV-1a: stable across builds, so a new agent finds its predecessor's keys.
+pub const fn name_hash(name: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < name.len() {
+        hash ^= name[i] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
 impl LearnedNameKey {
+    pub fn new(addr: Addr, name: &str) -> Self {
+        Self {
+            addr,
+            name_hash: name_hash(name.as_bytes()),
+        }
+    }
+}
+
+impl LearnedName {
     /// `None` for a name longer than a DNS name can be.
-    pub fn new(addr: Addr, name: &str) -> Option<Self> {
+    pub fn new(name: &str, expires_ns: u64) -> Option<Self> {
         let bytes = name.as_bytes();
         if bytes.len() >= LEARNED_NAME_LEN {
             return None;
         }
-        let mut key = Self {
-            addr,
+        let mut value = Self {
+            expires_ns,
             name: [0; LEARNED_NAME_LEN],
         };
-        key.name[..bytes.len()].copy_from_slice(bytes);
-        Some(key)
+        value.name[..bytes.len()].copy_from_slice(bytes);
+        Some(value)
     }
 
     /// The name, up to its first zero byte.
@@ -413,6 +443,7 @@ mod pod {
     unsafe impl aya::Pod for QueryValue {}
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for LearnedNameKey {}
+    unsafe impl aya::Pod for LearnedName {}
 }
 
 #[cfg(test)]
@@ -439,7 +470,8 @@ mod tests {
             40 + 16 * DNS_MAX_LEARNED + DNS_MAX_PAYLOAD
         );
         assert_eq!(size_of::<Event>(), 32);
-        assert_eq!(size_of::<LearnedNameKey>(), 16 + LEARNED_NAME_LEN);
+        assert_eq!(size_of::<LearnedNameKey>(), 24);
+        assert_eq!(size_of::<LearnedName>(), 8 + LEARNED_NAME_LEN);
         assert_eq!(align_of::<Event>(), 8);
     }
 
@@ -494,11 +526,18 @@ mod tests {
     }
 
     #[test]
-    fn learned_name_keys_round_trip_and_refuse_what_no_dns_name_is() {
-        let k = LearnedNameKey::new([1; 16], "api.example.com").unwrap();
-        assert_eq!(k.name_bytes(), b"api.example.com");
-        assert!(LearnedNameKey::new([1; 16], &"a".repeat(255)).is_some());
-        assert!(LearnedNameKey::new([1; 16], &"a".repeat(256)).is_none());
+    fn learned_names_round_trip_and_refuse_what_no_dns_name_is() {
+        let v = LearnedName::new("api.example.com", 7).unwrap();
+        assert_eq!(v.name_bytes(), b"api.example.com");
+        assert!(LearnedName::new(&"a".repeat(255), 7).is_some());
+        assert!(LearnedName::new(&"a".repeat(256), 7).is_none());
+        // FNV-1a's published test vectors: the hash must never change between releases.
+        assert_eq!(name_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(
+            LearnedNameKey::new([1; 16], "a.example.com"),
+            LearnedNameKey::new([1; 16], "b.example.com")
+        );
     }
 
     #[test]
