@@ -29,6 +29,9 @@ use crate::{
 };
 
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+/// Name records written per tick at most: a few milliseconds of map writes, so a burst of
+/// new addresses never holds up the answers queued behind it.
+const JOURNAL_BUDGET: usize = 2048;
 
 /// Nanoseconds on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
 pub fn boot_time_ns() -> u64 {
@@ -66,20 +69,22 @@ pub struct Report {
 
 impl Control {
     /// Writes what changed in the learner's bookkeeping to the pinned name records.
-    fn flush_journal(&mut self) -> anyhow::Result<()> {
+    /// Returns whether everything is written (a burst takes several flushes).
+    fn flush_journal(&mut self, budget: usize) -> anyhow::Result<bool> {
         if self.journaled == Some(self.learner.counters) {
-            return Ok(());
+            return Ok(true);
         }
-        let (put, delete) = self.journal.changes(
+        let changes = self.journal.changes(
             self.learner
                 .learned()
                 .flat_map(|(addr, names)| names.map(move |(n, e)| (addr, n, e))),
+            budget,
         );
         self.enforcer
-            .update_learned_names(&put, &delete)
+            .update_learned_names(&changes.put, &changes.delete)
             .context("writing the learned names' records")?;
-        self.journaled = Some(self.learner.counters);
-        Ok(())
+        self.journaled = changes.complete.then_some(self.learner.counters);
+        Ok(changes.complete)
     }
 
     /// Once a second: expiry, a previous agent's port sets nothing refers to any more, the
@@ -92,7 +97,7 @@ impl Control {
             self.enforcer.remove_ports(&gone)?;
             log::debug!("removed {} port entries of the previous agent", gone.len());
         }
-        self.flush_journal()
+        self.flush_journal(JOURNAL_BUDGET).map(drop)
     }
 
     /// The counters for `/metrics`; a failed read only skips this publication.
@@ -197,7 +202,7 @@ impl Control {
         let stats = self.enforcer.stats().context("reading counters")?;
         let _ = snapshots.send(None);
         if self.keep_on_exit {
-            self.flush_journal()?;
+            while !self.flush_journal(usize::MAX)? {}
         }
         self.enforcer
             .release(self.keep_on_exit)

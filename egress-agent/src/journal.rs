@@ -19,8 +19,12 @@ pub struct NameJournal {
     flush: u32,
 }
 
-/// Records to write and records to delete.
-pub type Changes = (Vec<(LearnedNameKey, LearnedName)>, Vec<LearnedNameKey>);
+/// Records to write and records to delete, and whether that is all (see `changes`).
+pub struct Changes {
+    pub put: Vec<(LearnedNameKey, LearnedName)>,
+    pub delete: Vec<LearnedNameKey>,
+    pub complete: bool,
+}
 
 impl NameJournal {
     /// Starts from what the map holds (a previous agent's records).
@@ -34,25 +38,37 @@ impl NameJournal {
         }
     }
 
-    /// The changes that make the map hold `learned`, (address, name, expiry) triples. A
-    /// name too long for the record (never a valid DNS name) is left out.
+    /// The changes that make the map hold `learned`, (address, name, expiry) triples, with
+    /// at most `budget` records to write: after a burst of new addresses the rest waits for
+    /// the next flush (`complete` is false), so that one flush never stalls the agent's
+    /// handling of answers. A name too long for the record (never a valid DNS name) is left
+    /// out.
     pub fn changes<'a>(
         &mut self,
         learned: impl Iterator<Item = (&'a Addr, &'a str, u64)>,
+        budget: usize,
     ) -> Changes {
         self.flush = self.flush.wrapping_add(1);
         let flush = self.flush;
         let mut put = Vec::new();
+        let mut complete = true;
         for (addr, name, expires) in learned {
             let key = LearnedNameKey::new(*addr, name);
-            match self.written.get_mut(&key) {
-                Some((at, seen)) if at.abs_diff(expires) < EXPIRY_SLACK_NS => *seen = flush,
-                _ => {
-                    if let Some(value) = LearnedName::new(name, expires) {
-                        put.push((key, value));
-                        self.written.insert(key, (expires, flush));
-                    }
+            let written = self.written.get_mut(&key);
+            if let Some((at, seen)) = written {
+                // Kept either way: what is written stays until it is rewritten.
+                *seen = flush;
+                if at.abs_diff(expires) < EXPIRY_SLACK_NS {
+                    continue;
                 }
+            }
+            if put.len() == budget {
+                complete = false;
+                continue;
+            }
+            if let Some(value) = LearnedName::new(name, expires) {
+                put.push((key, value));
+                self.written.insert(key, (expires, flush));
             }
         }
         let mut delete = Vec::new();
@@ -63,7 +79,11 @@ impl NameJournal {
             }
             keep
         });
-        (put, delete)
+        Changes {
+            put,
+            delete,
+            complete,
+        }
     }
 }
 
@@ -72,6 +92,7 @@ mod tests {
     use super::*;
 
     const SEC: u64 = 1_000_000_000;
+    const BUDGET: usize = 100;
 
     #[test]
     fn only_what_changed_is_written_and_what_went_is_deleted() {
@@ -82,12 +103,13 @@ mod tests {
             key(a, "x.example.com"),
             value("x.example.com", 100 * SEC),
         )]);
-        let (put, delete) = journal.changes(
+        let Changes { put, delete, .. } = journal.changes(
             [
                 (&a, "x.example.com", 100 * SEC),
                 (&b, "y.example.com", 70 * SEC),
             ]
             .into_iter(),
+            BUDGET,
         );
         assert_eq!(
             put,
@@ -95,15 +117,43 @@ mod tests {
         );
         assert!(delete.is_empty());
         // A refresh within the slack writes nothing; past it, the record is rewritten.
-        let (put, delete) = journal.changes([(&b, "y.example.com", 99 * SEC)].into_iter());
+        let Changes { put, delete, .. } =
+            journal.changes([(&b, "y.example.com", 99 * SEC)].into_iter(), BUDGET);
         assert!(put.is_empty());
         assert_eq!(delete, vec![key(a, "x.example.com")]);
-        let (put, _) = journal.changes([(&b, "y.example.com", 100 * SEC)].into_iter());
+        let Changes { put, .. } =
+            journal.changes([(&b, "y.example.com", 100 * SEC)].into_iter(), BUDGET);
         assert_eq!(
             put,
             vec![(key(b, "y.example.com"), value("y.example.com", 100 * SEC))]
         );
-        let (put, delete) = journal.changes([(&b, "y.example.com", 100 * SEC)].into_iter());
-        assert!(put.is_empty() && delete.is_empty());
+        let Changes {
+            put,
+            delete,
+            complete,
+        } = journal.changes([(&b, "y.example.com", 100 * SEC)].into_iter(), BUDGET);
+        assert!(put.is_empty() && delete.is_empty() && complete);
+    }
+
+    #[test]
+    fn a_burst_is_written_over_several_flushes_and_nothing_is_lost_meanwhile() {
+        let addrs: Vec<Addr> = (0..5u8).map(|i| [i; 16]).collect();
+        let learned = || addrs.iter().map(|a| (a, "x.example.com", 100 * SEC));
+        let mut journal = NameJournal::default();
+        let mut written = Vec::new();
+        for expect_complete in [false, false, true] {
+            let changes = journal.changes(learned(), 2);
+            assert!(changes.delete.is_empty());
+            assert_eq!(changes.complete, expect_complete);
+            written.extend(changes.put.into_iter().map(|(k, _)| k));
+        }
+        written.sort();
+        let mut all: Vec<_> = addrs
+            .iter()
+            .map(|a| LearnedNameKey::new(*a, "x.example.com"))
+            .collect();
+        all.sort();
+        assert_eq!(written, all);
+        assert!(journal.changes(learned(), 2).put.is_empty());
     }
 }
