@@ -309,15 +309,7 @@ pub fn tcp_hold(
     duration: Duration,
     interval: Duration,
 ) -> BackgroundProbe {
-    let args = [
-        "tcp-hold".to_owned(),
-        addr.into().to_string(),
-        port.to_string(),
-        "--seconds".into(),
-        duration.as_secs().to_string(),
-        "--interval-ms".into(),
-        interval.as_millis().to_string(),
-    ];
+    let args = timed_args("tcp-hold", addr.into(), port, duration, interval);
     BackgroundProbe::spawn(netns, cgroup, &args)
 }
 
@@ -333,18 +325,28 @@ pub fn connect_loop(
     interval: Duration,
     timeout: Duration,
 ) -> BackgroundProbe {
-    let args = [
-        "connect-loop".to_owned(),
-        addr.into().to_string(),
+    let mut args = timed_args("connect-loop", addr.into(), port, duration, interval);
+    args.extend(["--timeout-ms".into(), timeout.as_millis().to_string()]);
+    BackgroundProbe::spawn(netns, cgroup, &args)
+}
+
+/// `COMMAND ADDR PORT --seconds N --interval-ms M`, the probe's timed clients.
+fn timed_args(
+    command: &str,
+    addr: IpAddr,
+    port: u16,
+    duration: Duration,
+    interval: Duration,
+) -> Vec<String> {
+    vec![
+        command.to_owned(),
+        addr.to_string(),
         port.to_string(),
         "--seconds".into(),
         duration.as_secs().to_string(),
         "--interval-ms".into(),
         interval.as_millis().to_string(),
-        "--timeout-ms".into(),
-        timeout.as_millis().to_string(),
-    ];
-    BackgroundProbe::spawn(netns, cgroup, &args)
+    ]
 }
 
 /// Sends an A query for `name` with id `id` to `server` from a fresh port, then waits for
