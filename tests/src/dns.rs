@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Agent, Captured, Netns, ProbeResult, SERVER_V4, SERVER_V6, TestCgroup, probe_command};
+use super::{
+    Agent, Captured, Netns, ProbeResult, SERVER_V4, SERVER_V6, TestCgroup, probe_command,
+    spawn_captured,
+};
 
 /// The dnsmasq binary (Debian's package puts it here).
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
@@ -213,15 +216,7 @@ pub struct BackgroundProbe {
 
 impl BackgroundProbe {
     fn spawn(netns: &Netns, cgroup: Option<&TestCgroup>, args: &[String]) -> BackgroundProbe {
-        let mut cmd = probe_command(netns, cgroup, args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {cmd:?}: {err}"));
-        let stdout = Captured::start(child.stdout.take().expect("probe stdout is piped"));
-        let stderr = Captured::start(child.stderr.take().expect("probe stderr is piped"));
+        let (child, stdout, stderr) = spawn_captured(&mut probe_command(netns, cgroup, args));
         BackgroundProbe {
             child,
             stdout,

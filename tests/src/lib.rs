@@ -837,6 +837,20 @@ fn parse_events(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// Starts `cmd` with no stdin and its stdout and stderr captured line by line; panics if it
+/// cannot start.
+fn spawn_captured(cmd: &mut Command) -> (Child, Arc<Captured>, Arc<Captured>) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {cmd:?}: {err}"));
+    let stdout = Captured::start(child.stdout.take().expect("stdout is piped"));
+    let stderr = Captured::start(child.stderr.take().expect("stderr is piped"));
+    (child, stdout, stderr)
+}
+
 /// A running agent (or any process speaking its protocol: JSON events on stdout, logs on
 /// stderr). Drop sends SIGTERM, then SIGKILL after a few seconds, and prints the captured
 /// output if the test is failing.
@@ -860,14 +874,7 @@ impl Agent {
     /// Starts a prepared command, e.g. with extra environment such as `RUST_LOG`, or
     /// wrapped in [`Netns::exec`]. Its stdin, stdout and stderr are taken over.
     pub fn spawn_command(mut cmd: Command) -> Agent {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {cmd:?}: {err}"));
-        let stdout = Captured::start(child.stdout.take().expect("agent stdout is piped"));
-        let stderr = Captured::start(child.stderr.take().expect("agent stderr is piped"));
+        let (child, stdout, stderr) = spawn_captured(&mut cmd);
         Agent {
             child,
             stdout,
