@@ -23,7 +23,8 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, ProgramError, ProgramInfo,
+        SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc,
     },
@@ -298,6 +299,14 @@ where
         .map_err(prog_err(name))
 }
 
+/// How many instructions the verifier processed for a program (kernels >= 5.16 say), for
+/// the debug log: the figure to watch when changing the kernel side.
+fn verified_instructions(info: Result<ProgramInfo, ProgramError>) -> String {
+    info.ok()
+        .and_then(|i| i.verified_instruction_count())
+        .map_or_else(|| "unknown".into(), |n| n.to_string())
+}
+
 /// Loads the named cgroup programs, each on a thread of its own: verification is most of
 /// the agent's start-up time, and the kernel verifies programs independently.
 fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadError> {
@@ -321,7 +330,11 @@ fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadE
                         .try_into()
                         .map_err(prog_err(format!("{name} is no cgroup_skb program")))?;
                     prog.load().map_err(prog_err(format!("loading {name}")))?;
-                    log::debug!("{name} verified and loaded in {:?}", started.elapsed());
+                    log::debug!(
+                        "{name} verified and loaded in {:?} ({} instructions processed)",
+                        started.elapsed(),
+                        verified_instructions(prog.info())
+                    );
                     Ok(())
                 })
             })
@@ -661,7 +674,11 @@ impl Enforcer {
             if prog.fd().is_err() {
                 let started = Instant::now();
                 prog.load().map_err(prog_err(format!("loading {name}")))?;
-                log::debug!("{name} verified and loaded in {:?}", started.elapsed());
+                log::debug!(
+                    "{name} verified and loaded in {:?} ({} instructions processed)",
+                    started.elapsed(),
+                    verified_instructions(prog.info())
+                );
             }
         }
         Ok(())
