@@ -30,6 +30,8 @@ const LEARN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Record<'a> {
     /// An A or AAAA record (`--host-record`); give a name several for several addresses.
     Host(&'a str, IpAddr),
+    /// [`Record::Host`] with a TTL of its own instead of the server's.
+    HostWithTtl(&'a str, IpAddr, u32),
     /// `alias` is a CNAME for `target` (`--cname`); aliases may chain.
     Cname(&'a str, &'a str),
 }
@@ -38,6 +40,7 @@ impl Record<'_> {
     fn dnsmasq_arg(&self) -> String {
         match self {
             Record::Host(name, addr) => format!("--host-record={name},{addr}"),
+            Record::HostWithTtl(name, addr, ttl) => format!("--host-record={name},{addr},{ttl}"),
             Record::Cname(alias, target) => format!("--cname={alias},{target}"),
         }
     }

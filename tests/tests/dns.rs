@@ -7,7 +7,7 @@
 //! reported as a deny event, so every test ends by checking that exactly the expected
 //! flows were reported, besides the agent's DNS counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -79,10 +79,14 @@ impl Env {
     fn start(policy: &str, mode: &'static str, ttl: u32, records: &[Record]) -> Env {
         let policy = TempFile::new(policy);
         let topo = Topology::new();
-        for record in records {
-            if let Record::Host(_, addr) = record {
-                topo.add_remote(*addr);
-            }
+        let hosts: BTreeSet<IpAddr> = (records.iter())
+            .filter_map(|record| match record {
+                Record::Host(_, addr) | Record::HostWithTtl(_, addr, _) => Some(*addr),
+                Record::Cname(..) => None,
+            })
+            .collect();
+        for addr in hosts {
+            topo.add_remote(addr);
         }
         let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
         let servers = vec![
@@ -428,6 +432,72 @@ fn ttl_expiry_keeps_open_connections() {
         DnsCounters {
             expired: 1,
             ..learned_only(1)
+        }
+    );
+}
+
+#[test]
+fn a_name_s_ports_end_with_it_while_another_name_keeps_the_address() {
+    if !require_root() {
+        return;
+    }
+    /// The floor the policy puts under the short-lived name's 1-second TTL.
+    const MIN_TTL: u64 = 2;
+    const ALT: &str = "alt.example.com";
+    // Two names of one address: APP on 443 for long, ALT on 8443 for a moment.
+    let records = [
+        Record::Host(APP, APP_V4.into()),
+        Record::HostWithTtl(ALT, APP_V4.into(), 1),
+    ];
+    let resolvers: Vec<String> = resolvers().iter().map(ToString::to_string).collect();
+    let policy = format!(
+        "mode: enforce\nallow:\n  - fqdn: {APP}\n    ports: [TCP:{HTTPS}]\n  - fqdn: {ALT}\n    ports: [TCP:{ALT_HTTPS}]\ndns:\n  resolvers: [{}]\n  min_ttl: {MIN_TTL}\n",
+        resolvers.join(", ")
+    );
+    let mut env = Env::start(&policy, "enforce", LONG_TTL, &records);
+
+    assert_connects(
+        &env.resolve(Lookup::a(APP, SERVER_V4), HTTPS),
+        APP_V4,
+        "APP on its port",
+    );
+    let alt_resolved_at = Instant::now();
+    assert_connects(
+        &env.resolve(Lookup::a(ALT, SERVER_V4), ALT_HTTPS),
+        APP_V4,
+        "ALT on its port",
+    );
+    // ALT's port closes once its TTL has run out, although APP still holds the address.
+    let deadline = Duration::from_secs(MIN_TTL + 4);
+    loop {
+        let r = env.connect(APP_V4, ALT_HTTPS);
+        if !r.ok {
+            assert_timeout(&r, "ALT's port after its TTL");
+            break;
+        }
+        assert!(
+            alt_resolved_at.elapsed() < deadline,
+            "ALT's port still open {:?} after ALT was resolved: APP's name keeps it open",
+            alt_resolved_at.elapsed()
+        );
+    }
+    // Refreshing APP's name does not bring it back.
+    assert_connects(
+        &env.resolve(Lookup::a(APP, SERVER_V4), HTTPS),
+        APP_V4,
+        "APP again",
+    );
+    assert_timeout(
+        &env.connect(APP_V4, ALT_HTTPS),
+        "ALT's port after APP's refresh",
+    );
+
+    let (_, counters) = env.finish(&[tcp(APP_V4, ALT_HTTPS)]);
+    assert_eq!(
+        counters,
+        DnsCounters {
+            expired: 1,
+            ..learned_only(3)
         }
     );
 }

@@ -15,7 +15,9 @@ use std::{
     sync::Arc,
 };
 
-use egress_common::{Addr, DNS_MAX_LEARNED, DnsEvent, LearnedValue, NO_PORT_SET, PortKey};
+use egress_common::{
+    ALL_PORTS, Addr, DNS_MAX_LEARNED, DnsEvent, LearnedValue, NO_PORT_SET, PortKey,
+};
 use hickory_proto::{
     op::{Message, MessageType},
     rr::{DNSClass, Name, RData},
@@ -158,6 +160,30 @@ impl Slot {
     }
 }
 
+/// One bit per slot of [`Learner::slots`], all cleared at once when the ring of answers is
+/// found empty.
+#[derive(Default)]
+struct SlotBits(Vec<u64>);
+
+impl SlotBits {
+    fn contains(&self, s: u32) -> bool {
+        let word = self.0.get(s as usize / 64).copied().unwrap_or(0);
+        word & (1 << (s % 64)) != 0
+    }
+
+    fn insert(&mut self, s: u32) {
+        let i = s as usize / 64;
+        if i >= self.0.len() {
+            self.0.resize(i + 1, 0);
+        }
+        self.0[i] |= 1 << (s % 64);
+    }
+
+    fn clear(&mut self) {
+        self.0.fill(0);
+    }
+}
+
 /// A question name addresses were learned through.
 struct NameSlot {
     name: Arc<str>,
@@ -234,10 +260,13 @@ pub struct Learner {
     free_slots: Vec<u32>,
     /// No pair expires before this (boot-time ns), so most expiry passes scan nothing.
     next_due: u64,
-    /// Slots (bits) whose entry the agent wrote since the ring of answers was last found
-    /// empty: such a write may have replaced what the kernel wrote for an answer still
-    /// queued, so the kernel's write is not taken as standing (see `sync`).
-    unsettled: Vec<u64>,
+    /// Slots whose entry the agent wrote since the ring of answers was last found empty:
+    /// such a write may have replaced what the kernel wrote for an answer still queued, so
+    /// the kernel's write is not taken as standing (see `sync`).
+    unsettled: SlotBits,
+    /// Slots whose entry's second port set was first seen (and kept) since the ring of
+    /// answers was last found empty (see `extra_pending`).
+    extra_seen: SlotBits,
     pub counters: LearnerCounters,
     /// Buffers reused from answer to answer.
     qname: String,
@@ -261,7 +290,8 @@ impl Learner {
             slots: Vec::with_capacity(room),
             free_slots: Vec::new(),
             next_due: u64::MAX,
-            unsettled: Vec::new(),
+            unsettled: SlotBits::default(),
+            extra_seen: SlotBits::default(),
             counters: LearnerCounters::default(),
             qname: String::new(),
             justified: Vec::new(),
@@ -369,20 +399,8 @@ impl Learner {
     /// The ring of answers was found empty: every answer handed over from now on was
     /// handled by the kernel after the agent's writes so far.
     pub fn drained(&mut self) {
-        self.unsettled.fill(0);
-    }
-
-    fn settled(&self, s: u32) -> bool {
-        let word = self.unsettled.get(s as usize / 64).copied().unwrap_or(0);
-        word & (1 << (s % 64)) == 0
-    }
-
-    fn unsettle(&mut self, s: u32) {
-        let i = s as usize / 64;
-        if i >= self.unsettled.len() {
-            self.unsettled.resize(i + 1, 0);
-        }
-        self.unsettled[i] |= 1 << (s % 64);
+        self.unsettled.clear();
+        self.extra_seen.clear();
     }
 
     fn expiry(&self, ttl: u32, now: u64) -> u64 {
@@ -678,7 +696,7 @@ impl Learner {
     /// Makes the kernel's entry for `addr` what the bookkeeping says: the union of the ports
     /// of every name it is still valid for, until the last of them expires. Otherwise a
     /// later expiry and a second port set written by the kernel (from an answer still queued
-    /// for the agent) are kept; `evicting` (taking something back) drops them, and removes
+    /// for the agent, see `extra_pending`) are kept; `evicting` (taking something back) drops them, and removes
     /// the entry outright when no name is left.
     ///
     /// `kernel_wrote`: the port set and expiry the kernel wrote the address with from the
@@ -724,7 +742,7 @@ impl Learner {
         let expires_ns = slot.names().map(|h| h.expires).max().unwrap_or(now);
         if !evicting
             && let Some((set, until)) = kernel_wrote
-            && self.settled(s)
+            && !self.unsettled.contains(s)
             && port_set == set
             && slot.port_set == set
             && slot.extra_set == NO_PORT_SET
@@ -742,8 +760,7 @@ impl Learner {
         let live = current.filter(|v| v.expires_ns > now && !evicting);
         if let Some(cur) = live {
             value.expires_ns = value.expires_ns.max(cur.expires_ns);
-            // A name the kernel learned this address through, whose answer is still queued.
-            if cur.extra_set != NO_PORT_SET && cur.extra_set != port_set {
+            if self.extra_pending(s, cur.extra_set, port_set) {
                 value.extra_set = cur.extra_set;
             }
         }
@@ -755,12 +772,36 @@ impl Learner {
             });
         if !holds {
             store.put(&addr, &value)?;
-            self.unsettle(s);
+            self.unsettled.insert(s);
         }
         let slot = &mut self.slots[s as usize];
         slot.port_set = value.port_set;
         slot.extra_set = value.extra_set;
         Ok(())
+    }
+
+    /// Whether `extra`, the second port set the kernel's entry for slot `s` holds, must be
+    /// kept next to `port_set`, the union of the slot's names' ports: only while it may
+    /// come from an answer the agent has not handled yet. Kept forever, it would let the
+    /// address keep a name's ports after that name expired, as long as another name
+    /// refreshed it: an allowlist admitting more than it says.
+    ///
+    /// It goes when the ports are already in `port_set` (the name it came from is one the
+    /// slot holds), and when it was already there before the ring of answers was last found
+    /// empty: every answer the kernel had handled by then has been handled here, so nothing
+    /// justifies it any more (its answer was lost to a full ring, or it is a previous
+    /// agent's set).
+    fn extra_pending(&mut self, s: u32, extra: u32, port_set: u32) -> bool {
+        let slot = &self.slots[s as usize];
+        let covered = extra == NO_PORT_SET
+            || extra == port_set
+            || port_set == ALL_PORTS
+            || slot.names().any(|h| self.name_ids.get(h.name).set == extra);
+        if covered || (extra == slot.extra_set && !self.extra_seen.contains(s)) {
+            return false;
+        }
+        self.extra_seen.insert(s);
+        true
     }
 
     /// The port set of the union of the ports of the names `slot` holds, written to the
@@ -1485,6 +1526,94 @@ dns:
         assert_eq!(v.expires_ns, t1 + 600 * NS_PER_SEC, "the refresh's expiry");
     }
 
+    /// The ports `LEARNED` lets through to `ip`, as (protocol, port) pairs.
+    fn open_ports(store: &FakeStore, ip: &str) -> HashSet<(u8, u16)> {
+        let v = store.learned[&key(ip)];
+        (store.ports.iter())
+            .filter(|k| k.port_set == v.port_set || k.port_set == v.extra_set)
+            .map(|k| (k.proto, k.port))
+            .collect()
+    }
+
+    #[test]
+    fn a_name_s_ports_end_with_it_while_another_name_refreshes_the_address() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        store.ports.extend(l.port_sets.entries().copied());
+        let mcr = |ttl| {
+            message(
+                "mcr.microsoft.com.",
+                vec![a("mcr.microsoft.com.", ttl, "203.0.113.7")],
+            )
+        };
+        let ntp = message(
+            "ntp.example.org.",
+            vec![a("ntp.example.org.", 30, "203.0.113.7")],
+        );
+        for m in [mcr(60), ntp] {
+            let ev = kernel_handles(&l, &mut store, &m, T0).expect("allowed");
+            l.answer(&mut store, &ev, T0).expect("answer");
+        }
+        l.drained();
+        assert_eq!(
+            open_ports(&store, "203.0.113.7"),
+            HashSet::from([(6, 443), (17, 123)])
+        );
+        // NTP's 30 s run out; mcr's name is then refreshed again and again.
+        let mut now = T0 + 31 * NS_PER_SEC;
+        l.expire(&mut store, now).expect("expire");
+        for _ in 0..3 {
+            assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
+            now += 20 * NS_PER_SEC;
+            let ev = kernel_handles(&l, &mut store, &mcr(60), now).expect("allowed");
+            l.answer(&mut store, &ev, now).expect("answer");
+            l.drained();
+            l.expire(&mut store, now).expect("expire");
+        }
+        assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
+    }
+
+    #[test]
+    fn a_second_port_set_no_handled_answer_explains_goes_at_the_next_write() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        store.ports.extend(l.port_sets.entries().copied());
+        let mcr = message(
+            "mcr.microsoft.com.",
+            vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
+        );
+        let hcp = message(
+            "x.hcp.eastus.azmk8s.io.",
+            vec![a("x.hcp.eastus.azmk8s.io.", 30, "203.0.113.7")],
+        );
+        for m in [&mcr, &hcp] {
+            let ev = kernel_handles(&l, &mut store, m, T0).expect("allowed");
+            l.answer(&mut store, &ev, T0).expect("answer");
+        }
+        l.drained();
+        // NTP's answer reaches the kernel, but its event is lost (a full ring).
+        let ntp = message(
+            "ntp.example.org.",
+            vec![a("ntp.example.org.", 30, "203.0.113.7")],
+        );
+        kernel_handles(&l, &mut store, &ntp, T0).expect("allowed");
+        // The hcp name expires: the rewrite keeps NTP's set, which may belong to an answer
+        // still queued.
+        let t1 = T0 + 31 * NS_PER_SEC;
+        l.expire(&mut store, t1).expect("expire");
+        assert_eq!(
+            open_ports(&store, "203.0.113.7"),
+            HashSet::from([(6, 443), (17, 123)])
+        );
+        // The ring is then found empty, so no answer explains the set: the next write,
+        // for a refresh of mcr's name, drops it.
+        l.drained();
+        let t2 = t1 + NS_PER_SEC;
+        let ev = kernel_handles(&l, &mut store, &mcr, t2).expect("allowed");
+        l.answer(&mut store, &ev, t2).expect("answer");
+        assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
+    }
+
     #[test]
     fn a_kernel_list_that_disagrees_with_the_answer_is_checked_address_by_address() {
         let mut store = Counting::default();
@@ -1606,8 +1735,9 @@ dns:
     }
 
     /// What must hold whenever the agent has caught up with the kernel: `LEARNED` holds
-    /// every tracked address with the port sets the learner keeps for it, those are the
-    /// union of its names' ports, and each name's list and each address's names agree.
+    /// every tracked address with the port set the learner keeps for it and no second one,
+    /// that set is the union of its names' ports, and each name's list and each address's
+    /// names agree.
     /// `now`: an expiry pass has just run at this time (`None`: none has).
     fn check_view(l: &Learner, store: &FakeStore, now: Option<u64>, at: &str) {
         for (addr, s) in &l.index {
@@ -1618,9 +1748,10 @@ dns:
                 .unwrap_or_else(|| panic!("{at}: {addr:?} missing"));
             assert_eq!(
                 (v.port_set, v.extra_set),
-                (slot.port_set, slot.extra_set),
-                "{at}: view of {addr:?}"
+                (slot.port_set, NO_PORT_SET),
+                "{at}: entry of {addr:?} (every answer handled: no second port set is left)"
             );
+            assert_eq!(slot.extra_set, NO_PORT_SET, "{at}: view of {addr:?}");
             let want = (slot.names())
                 .map(|h| {
                     l.names
