@@ -25,7 +25,7 @@ use crate::{
     loader::{Enforcer, Stats},
     metrics::Snapshot,
     policy::{Mode, Policy},
-    run::settings,
+    run::{give_back_freed_memory, settings},
 };
 
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
@@ -195,6 +195,7 @@ impl Control {
                     if let Err(e) = self.reload(policy) {
                         log::error!("policy reload failed: {e:#}; the running policy stays in force");
                     }
+                    give_back_freed_memory();
                 }
                 _ = stop.changed() => break,
             }

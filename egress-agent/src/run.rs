@@ -74,6 +74,14 @@ pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
     }
 }
 
+/// Returns the heap's free pages to the system. glibc's allocator keeps what it freed for
+/// later allocations, so the memory that parsing and compiling a policy took (tens of MiB
+/// for a large one) would otherwise stay in the agent's RSS for good.
+pub fn give_back_freed_memory() {
+    // SAFETY: only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Why a task that runs for the agent's lifetime ended early.
 fn task_failure(
     what: &str,
@@ -94,11 +102,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let policy = policy::load(&opts.config)?;
     // Checked before anything in the kernel changes; compiled again below into the port set
     // registry that follows a previous agent's.
-    let compiled = compile(&policy).with_context(|| format!("{}", opts.config.display()))?;
+    let has_names = !compile(&policy)
+        .with_context(|| format!("{}", opts.config.display()))?
+        .names
+        .is_empty();
     let mode = opts.mode.unwrap_or(policy.mode);
     let root = cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
-    let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
+    let resolvers = resolvers::for_policy(&policy.dns, has_names)?;
     // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
     // before binding the address its predecessor still serves.
     let pins = PinRoot::new(&opts.pin_root);
@@ -203,12 +214,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             OnExit::Detach => "detach",
         }
     );
+    let learned_capacity = policy.dns.max_ips;
+    // Enforcing needs neither the parsed policy nor its CIDR list (a reload reads the file
+    // again), and with a large policy they are tens of MiB.
+    drop((policy, compiled.cidrs));
+    give_back_freed_memory();
 
     let control = Control {
         enforcer,
         learner,
         mode_override: opts.mode,
-        learned_capacity: policy.dns.max_ips,
+        learned_capacity,
         keep_on_exit: opts.on_exit == OnExit::Keep,
         legacy,
         journal: NameJournal::from_pinned(&pinned_names),
