@@ -99,6 +99,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // `--on-exit` taking effect. One that comes while loading is acted on once attached.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // aya probes the kernel's BPF features once, loading a few dozen test programs and maps
+    // (~25 ms): done meanwhile, the policy's parse and compile hide it.
+    std::thread::spawn(aya::features);
     let policy = policy::load(&opts.config)?;
     // Checked before anything in the kernel changes; compiled again below into the port set
     // registry that follows a previous agent's.
