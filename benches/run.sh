@@ -7,7 +7,7 @@
 # addresses. Every figure is also given as a ratio to the baseline of the same size
 # (part "network"). Then the per-packet cost of the kernel program alone, through
 # BPF_PROG_TEST_RUN (`egress-bench verdict`, part "verdict"), and the agent itself: time
-# from start to enforcing, RSS and CPU idle with 1k name patterns and 65,536 learned
+# from start to enforcing, RSS and CPU idle with 1k name patterns and 100,000 learned
 # addresses, and DNS answers per second learned under a flood (part "agent").
 #
 # Everything it creates (namespaces, cgroup, processes, files) is removed when it ends,
@@ -580,14 +580,14 @@ if has_part agent; then
   done
   grep -q listening "$work/dns-serve.log" || die "the DNS server did not start: $(cat "$work/dns-serve.log")"
 
-  names=4096 # answers of 16 addresses each: 65,536 learned addresses, the most LEARNED holds
+  names=6250 # answers of 16 addresses each: 100,000 learned addresses
   zones=1000
   dns_policy=$work/policy-dns.yaml
   {
     echo "mode: enforce"
     echo "dns:"
     echo "  resolvers: [$link_s]"
-    echo "  max_ips: 65536"
+    echo "  max_ips: 131072"
     echo "  max_ips_per_name: 65536"
     echo "allow:"
     for ((z = 0; z < zones; z++)); do
@@ -615,7 +615,7 @@ if has_part agent; then
   stop_pid "$agent_pid" 10
   forget_pid "$agent_pid"
 
-  # Idle with 1k patterns, nothing learned; then with 65,536 learned addresses.
+  # Idle with 1k patterns, nothing learned; then with 100,000 learned addresses.
   start_agent "$dns_policy" "$work/agent-idle.log" || die "the agent did not start: $agent_error"
   read -r idle0_cpu idle0_rss idle0_hwm idle0_anon < <(agent_usage "$agent_pid" "$idle")
   fill=$(in_client timeout 60 "$bench" dns-flood "$link_s" 53 --names "$names" --zones "$zones" \

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::str::FromStr;
 
-use egress_common::LEARNED_MAX_ENTRIES;
+use egress_common::{LEARNED_LIMIT, LEARNED_MAX_ENTRIES};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer};
 
@@ -130,7 +130,7 @@ pub struct DnsSettings {
     /// Seconds a learned address stays allowed at most without a fresh answer.
     pub max_ttl: u32,
     pub max_ips_per_name: u32,
-    /// Never more than the kernel map of learned addresses holds.
+    /// Also the size of the kernel map of learned addresses (see `egress_common::LEARNED_LIMIT`).
     pub max_ips: u32,
 }
 
@@ -655,11 +655,11 @@ fn parse_dns(raw: RawDns, source: &str) -> Result<DnsSettings, PolicyError> {
     if dns.max_ips == 0 {
         return refuse("dns.max_ips", "is 0, so no address could be learned".into());
     }
-    if dns.max_ips > LEARNED_MAX_ENTRIES {
+    if dns.max_ips > LEARNED_LIMIT {
         return refuse(
             "dns.max_ips",
             format!(
-                "{} is above {LEARNED_MAX_ENTRIES}, the size of the kernel map of learned addresses",
+                "{} is above {LEARNED_LIMIT}, the most the kernel map of learned addresses is made for",
                 dns.max_ips
             ),
         );
@@ -1901,9 +1901,9 @@ allow:
             "is 0, so no address could be learned",
         );
         assert_error(
-            with_dns("max_ips: 65537"),
+            with_dns("max_ips: 1048577"),
             "dns.max_ips",
-            "65537 is above 65536, the size of the kernel map of learned addresses",
+            "1048577 is above 1048576, the most the kernel map of learned addresses is made for",
         );
         assert_error(
             with_dns("max_ips_per_name: 0"),
@@ -1915,8 +1915,8 @@ allow:
             "dns.max_ips_per_name",
             "64 is above dns.max_ips (32)",
         );
-        let full = with_dns("max_ips: 65536, max_ips_per_name: 65536").expect("valid policy");
-        assert_eq!(full.dns.max_ips_per_name, 65_536);
+        let full = with_dns("max_ips: 1048576, max_ips_per_name: 65536").expect("valid policy");
+        assert_eq!(full.dns.max_ips, 1 << 20);
     }
 
     #[test]

@@ -83,7 +83,13 @@ impl PortKey {
 /// allowed names. Least recently used entries are evicted when full; the agent also removes
 /// entries when their TTL ends, and the kernel ignores entries past `expires_ns`.
 pub const LEARNED: &str = "LEARNED";
+/// The size in the object, and the default of the policy's `dns.max_ips`, which sizes the
+/// map at load.
 pub const LEARNED_MAX_ENTRIES: u32 = 65_536;
+/// The largest `dns.max_ips` the agent takes. An LRU map is preallocated: each entry costs
+/// 96 bytes of kernel memory (`bpftool map show`), charged to the agent's cgroup, whether
+/// used or not.
+pub const LEARNED_LIMIT: u32 = 1 << 20;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
