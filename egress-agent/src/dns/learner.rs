@@ -811,6 +811,9 @@ fn first_expiring(mut ranked: Vec<(u64, Addr, u32)>, keep: usize) -> Vec<(u64, A
 fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
     chain.clear();
     chain.push(msg.question().offset());
+    if !msg.has_cname() {
+        return;
+    }
     for _ in 0..MAX_CHAIN {
         let before = chain.len();
         for r in msg.answers() {

@@ -47,6 +47,8 @@ pub mod rtype {
 /// The Internet class.
 pub const CLASS_IN: u16 = 1;
 const HEADER_LEN: usize = 12;
+/// A compression pointer to the question name, right after the header.
+const QUESTION_POINTER: [u8; 2] = [0xc0, HEADER_LEN as u8];
 /// The longest a name may be, uncompressed, root included (RFC 1035 §2.3.4).
 const MAX_NAME_LEN: usize = 255;
 const OPCODE_UPDATE: u8 = 5;
@@ -83,6 +85,8 @@ pub struct Response<'m> {
     question: Name<'m>,
     answers_at: usize,
     answers: u16,
+    /// CNAME records among the answers.
+    cnames: u16,
 }
 
 impl<'m> Response<'m> {
@@ -101,10 +105,18 @@ impl<'m> Response<'m> {
         let question = r.name()?;
         r.take(4)?;
         let answers_at = r.at;
-        let mut opt_seen = false;
-        for (n, additional) in [(count(6), false), (count(8), false), (count(10), true)] {
+        let mut records = Records {
+            update,
+            opt_seen: false,
+            cnames: 0,
+        };
+        for (n, section) in [
+            (count(6), Section::Answer),
+            (count(8), Section::Authority),
+            (count(10), Section::Additional),
+        ] {
             for _ in 0..n {
-                check_record(&mut r, additional, update, &mut opt_seen)?;
+                records.check(&mut r, section)?;
             }
         }
         Ok(Self {
@@ -112,11 +124,17 @@ impl<'m> Response<'m> {
             question,
             answers_at,
             answers: count(6),
+            cnames: records.cnames,
         })
     }
 
     pub fn question(&self) -> Name<'m> {
         self.question
+    }
+
+    /// Whether the answer section holds a CNAME record.
+    pub fn has_cname(&self) -> bool {
+        self.cnames > 0
     }
 
     /// The records of the answer section, in order.
@@ -131,10 +149,7 @@ impl<'m> Response<'m> {
     /// The name at `offset` (one of [`Name::offset`]'s for this response), so that callers can
     /// keep names in a reused buffer of plain numbers.
     pub fn name_at(&self, offset: usize) -> Name<'m> {
-        Name {
-            msg: self.msg,
-            at: offset,
-        }
+        Name::at(self.msg, offset)
     }
 }
 
@@ -166,10 +181,8 @@ impl<'m> Record<'m> {
 
     /// The target of a CNAME record.
     pub fn cname(&self) -> Option<Name<'m>> {
-        (self.rtype == rtype::CNAME && !self.rdata.is_empty()).then_some(Name {
-            msg: self.owner.msg,
-            at: self.rdata_at,
-        })
+        (self.rtype == rtype::CNAME && !self.rdata.is_empty())
+            .then(|| Name::at(self.owner.msg, self.rdata_at))
     }
 }
 
@@ -185,10 +198,7 @@ impl<'m> Iterator for Answers<'m> {
 
     fn next(&mut self) -> Option<Record<'m>> {
         self.left = self.left.checked_sub(1)?;
-        let owner = Name {
-            msg: self.msg,
-            at: self.at,
-        };
+        let owner = Name::at(self.msg, self.at);
         let fixed = name_end(self.msg, self.at)?;
         let field = |i: usize, n: usize| self.msg.get(fixed + i..fixed + i + n);
         let be16 = |i| field(i, 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
@@ -217,6 +227,10 @@ pub struct Name<'m> {
 }
 
 impl<'m> Name<'m> {
+    fn at(msg: &'m [u8], at: usize) -> Self {
+        Self { msg, at }
+    }
+
     /// Where the name starts in its message.
     pub fn offset(&self) -> usize {
         self.at
@@ -429,10 +443,7 @@ impl<'m> Reader<'m> {
     }
 
     fn name(&mut self) -> Result<Name<'m>, WireError> {
-        let name = Name {
-            msg: self.msg,
-            at: self.at,
-        };
+        let name = Name::at(self.msg, self.at);
         let end = read_name(self.msg, self.at)?;
         if end > self.end {
             return Err(WireError::Truncated);
@@ -442,41 +453,64 @@ impl<'m> Reader<'m> {
     }
 }
 
-/// Checks one record of a section, as hickory's `Record::read` and `Message::read_records` do.
-fn check_record(
-    r: &mut Reader<'_>,
-    additional: bool,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Answer,
+    Authority,
+    Additional,
+}
+
+/// What checking a message's records carries from one to the next.
+struct Records {
+    /// An UPDATE (RFC 2136), where records may have empty data.
     update: bool,
-    opt_seen: &mut bool,
-) -> Result<(), WireError> {
-    let owner = r.name()?;
-    let rtype = r.u16()?;
-    r.take(6)?; // class and TTL: any value
-    let len = usize::from(r.u16()?);
-    let at = r.at;
-    r.take(len)?;
-    if rtype == rtype::OPT && !owner.is_root() {
-        return Err(WireError::OptOwner);
-    }
-    if len == 0 {
-        // RFC 2136 gives empty data a meaning in updates only (OPT may always be empty).
-        if !update && rtype != rtype::OPT {
-            return Err(WireError::EmptyRdata(rtype));
+    opt_seen: bool,
+    cnames: u16,
+}
+
+impl Records {
+    /// Checks one record, as hickory's `Record::read` and `Message::read_records` do.
+    fn check(&mut self, r: &mut Reader<'_>, section: Section) -> Result<(), WireError> {
+        let owner_at = r.at;
+        // Almost every owner is a pointer to the question right after it, whose checks
+        // hold wherever a pointer to it comes from.
+        if r.msg.get(owner_at..owner_at + 2) == Some(&QUESTION_POINTER) {
+            r.take(2)?;
+        } else {
+            r.name()?;
         }
-    } else {
-        check_rdata(&mut Reader::new(r.msg, at, at + len), rtype)
-            .map_err(|_| WireError::Rdata { rtype, at })?;
-    }
-    if matches!(rtype, rtype::OPT | rtype::SIG | rtype::TSIG) && !additional {
-        return Err(WireError::Section(rtype));
-    }
-    if rtype == rtype::OPT {
-        if *opt_seen {
-            return Err(WireError::DuplicateOpt);
+        let rtype = r.u16()?;
+        r.take(6)?; // class and TTL: any value
+        let len = usize::from(r.u16()?);
+        let at = r.at;
+        r.take(len)?;
+        if rtype == rtype::OPT && !Name::at(r.msg, owner_at).is_root() {
+            return Err(WireError::OptOwner);
         }
-        *opt_seen = true;
+        if len == 0 {
+            // RFC 2136 gives empty data a meaning in updates only (OPT may always be empty).
+            if !self.update && rtype != rtype::OPT {
+                return Err(WireError::EmptyRdata(rtype));
+            }
+        } else {
+            check_rdata(&mut Reader::new(r.msg, at, at + len), rtype)
+                .map_err(|_| WireError::Rdata { rtype, at })?;
+        }
+        if matches!(rtype, rtype::OPT | rtype::SIG | rtype::TSIG) && section != Section::Additional
+        {
+            return Err(WireError::Section(rtype));
+        }
+        if rtype == rtype::OPT {
+            if self.opt_seen {
+                return Err(WireError::DuplicateOpt);
+            }
+            self.opt_seen = true;
+        }
+        if rtype == rtype::CNAME && len > 0 && section == Section::Answer {
+            self.cnames += 1;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Checks non-empty record data as hickory's `RData::read` does: the types it decodes must
