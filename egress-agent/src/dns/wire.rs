@@ -1240,6 +1240,16 @@ mod tests {
         fn pick<T: Copy>(&self, from: &[T]) -> T {
             from[self.below(from.len())]
         }
+
+        /// An address in 203.0.113.0/24.
+        fn ipv4(&self) -> Vec<u8> {
+            vec![203, 0, 113, self.byte()]
+        }
+
+        /// An address in 2001:db8::/32.
+        fn ipv6(&self) -> Vec<u8> {
+            [&[0x20, 0x01, 0x0d, 0xb8][..], &self.bytes(12)].concat()
+        }
     }
 
     const NAMES: [&str; 6] = [
@@ -1337,8 +1347,8 @@ mod tests {
             s
         };
         match t {
-            rtype::A => rng.bytes(4),
-            rtype::AAAA => rng.bytes(16),
+            rtype::A => rng.ipv4(),
+            rtype::AAAA => rng.ipv6(),
             rtype::CNAME | rtype::NS | rtype::PTR | rtype::ANAME => name(rng),
             rtype::MX => [rng.bytes(2), name(rng)].concat(),
             rtype::SOA => [name(rng), name(rng), rng.bytes(20)].concat(),
@@ -1402,8 +1412,8 @@ mod tests {
                         1 => [string(rng), vec![2, b'h', b'3']].concat(),
                         2 => vec![],
                         3 => rng.bytes(2),
-                        4 => rng.bytes(4 * rng.below(3)),
-                        6 => rng.bytes(16 * rng.below(2)),
+                        4 => (0..rng.below(3)).flat_map(|_| rng.ipv4()).collect(),
+                        6 => (0..rng.below(2)).flat_map(|_| rng.ipv6()).collect(),
                         _ => rng.some(3),
                     };
                     let value = match (key, rng.junk()) {
@@ -1432,7 +1442,8 @@ mod tests {
                         let mut v = vec![0, family, source, 0];
                         let n = usize::from(source.div_ceil(8)) + rng.below(2);
                         let n = if rng.junk() { rng.below(n + 1) } else { n };
-                        v.extend(rng.bytes(n));
+                        let addr = if family == 1 { rng.ipv4() } else { rng.ipv6() };
+                        v.extend(addr.iter().chain(&[0; 16]).take(n));
                         v
                     } else {
                         rng.some(6)
