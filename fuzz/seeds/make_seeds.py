@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Writes the seed inputs of the dns_answer fuzz target into seeds/dns_answer/.
+"""Writes the seed inputs of the fuzz targets into seeds/dns_answer/ and seeds/dns_wire/.
 
-Each input is a DNS-over-TCP stream: messages, each after its 2-byte big-endian length.
+A dns_answer input is a DNS-over-TCP stream: messages, each after its 2-byte big-endian
+length. A dns_wire input is one message.
 """
 import ipaddress
 import pathlib
 import struct
 
-A, CNAME, TXT, AAAA = 1, 5, 16, 28
+A, CNAME, SOA, TXT, AAAA, OPT, CSYNC, HTTPS = 1, 5, 6, 16, 28, 41, 62, 65
 RESPONSE = 0x8180  # QR, RD, RA
+UPDATE = 5 << 11  # the opcode
 
 
 def name(n):
@@ -96,7 +98,70 @@ SEEDS = {
     ),
 }
 
-out = pathlib.Path(__file__).parent / "dns_answer"
-out.mkdir(exist_ok=True)
-for seed, data in SEEDS.items():
-    (out / seed).write_bytes(data)
+
+
+def sections(qname, answers, authority=(), additional=(), flags=RESPONSE):
+    counts = (1, len(answers), len(authority), len(additional))
+    header = struct.pack(">HHHHHH", 0x1234, flags, *counts)
+    records = b"".join(answers) + b"".join(authority) + b"".join(additional)
+    return header + name(qname) + struct.pack(">HH", A, 1) + records
+
+
+def opt(rdata):
+    """EDNS: owned by the root, the class the UDP payload size, the TTL extended flags."""
+    return b"\0" + struct.pack(">HHIH", OPT, 1232, 0, len(rdata)) + rdata
+
+
+EXAMPLE_COM = pointer(16)  # "example.com" in the question "app.example.com"
+
+# One message each, for dns_wire: some of the above, and the record types whose data the
+# decoder checks (EDNS client subnet, HTTPS parameters, SOA and CSYNC), and an UPDATE's
+# empty record data.
+WIRE_SEEDS = {
+    "a": message("app.example.com", [a(Q, "203.0.113.7")]),
+    "cname_chain": cname_chain,
+    "tcp_sized": tcp_sized,
+    "edns_subnet": sections(
+        "app.example.com",
+        [a(Q, "203.0.113.7")],
+        additional=[opt(struct.pack(">HH", 8, 7) + bytes([0, 1, 24, 0, 203, 0, 113]))],
+    ),
+    "https": sections(
+        "app.example.com",
+        [
+            rr(
+                Q,
+                HTTPS,
+                300,
+                struct.pack(">H", 1)
+                + b"\0"
+                + struct.pack(">HH", 1, 3)
+                + b"\x02h2"
+                + struct.pack(">HHH", 3, 2, 443)
+                + struct.pack(">HH", 4, 4)
+                + ipaddress.IPv4Address("203.0.113.7").packed,
+            )
+        ],
+    ),
+    "soa_csync": sections(
+        "app.example.com",
+        [],
+        authority=[
+            rr(
+                EXAMPLE_COM,
+                SOA,
+                300,
+                b"\x02ns" + EXAMPLE_COM + b"\x0ahostmaster" + EXAMPLE_COM + bytes(20),
+            ),
+            rr(EXAMPLE_COM, CSYNC, 300, struct.pack(">IH", 7, 3) + bytes([0, 1, 0x40])),
+        ],
+    ),
+    "update_empty": sections("app.example.com", [rr(Q, A, 0, b"")], flags=RESPONSE | UPDATE),
+}
+
+here = pathlib.Path(__file__).parent
+for target, seeds in (("dns_answer", SEEDS), ("dns_wire", WIRE_SEEDS)):
+    out = here / target
+    out.mkdir(exist_ok=True)
+    for seed, data in seeds.items():
+        (out / seed).write_bytes(data)

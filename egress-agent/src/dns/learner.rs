@@ -18,13 +18,12 @@ use std::{
 use egress_common::{
     ALL_PORTS, Addr, DNS_MAX_LEARNED, DnsEvent, LearnedValue, NO_PORT_SET, PortKey,
 };
-use hickory_proto::{
-    op::{Message, MessageType},
-    rr::{DNSClass, Name, RData},
-};
 use serde::Serialize;
 
-use super::names::NameTable;
+use super::{
+    names::NameTable,
+    wire::{CLASS_IN, Name, Response},
+};
 use crate::{
     compile::PortSets,
     policy::{DnsSettings, Ports},
@@ -273,6 +272,8 @@ pub struct Learner {
     /// The addresses the answer justifies, with their slots.
     justified: Vec<(Addr, u32)>,
     kernel_wrote: Vec<(Addr, u64)>,
+    /// The question's CNAME chain, as offsets of names in the answer.
+    chain: Vec<usize>,
 }
 
 impl Learner {
@@ -296,6 +297,7 @@ impl Learner {
             qname: String::new(),
             justified: Vec::new(),
             kernel_wrote: Vec::new(),
+            chain: Vec::new(),
         }
     }
 
@@ -438,21 +440,13 @@ impl Learner {
         self.justified.clear();
         self.kernel_wrote.clear();
         let len = usize::from(event.len).min(event.payload.len());
-        let Ok(msg) = Message::from_vec(&event.payload[..len]) else {
+        let Ok(msg) = Response::parse(&event.payload[..len]) else {
             self.counters.malformed += 1;
             return Ok(());
         };
-        let [query] = msg.queries.as_slice() else {
-            self.counters.malformed += 1;
-            return Ok(());
-        };
-        if msg.metadata.message_type != MessageType::Response {
-            self.counters.malformed += 1;
-            return Ok(());
-        }
         // A label holding a dot (`x\.zone`) is one label to DNS but would split into two
         // here; the kernel never matches such a name, and neither does the agent.
-        let allowed = qname_key(&query.name, &mut self.qname)
+        let allowed = (msg.question().policy_key(&mut self.qname))
             .then(|| self.names.lookup(&self.qname))
             .flatten();
         let Some((_, set)) = allowed else {
@@ -462,18 +456,16 @@ impl Learner {
         let set = *set;
         self.counters.answers += 1;
         self.model_kernel(&msg, event, now);
-        let chain = cname_chain(&msg, &query.name);
+        cname_chain(&msg, &mut self.chain);
         // Checked once: with debug on for any module, `log::debug!` alone would still build
         // each record's JSON before the logger drops it.
         let debug = log::log_enabled!(log::Level::Debug);
         let mut name = None;
-        for record in &msg.answers {
-            let addr: IpAddr = match &record.data {
-                RData::A(a) => a.0.into(),
-                RData::AAAA(a) => a.0.into(),
-                _ => continue,
+        for record in msg.answers() {
+            let Some(addr) = record.addr() else {
+                continue;
             };
-            if !chain.contains(&&record.name) {
+            if !on_chain(&msg, &self.chain, &record.owner) {
                 self.counters.off_chain += 1;
                 continue;
             }
@@ -521,15 +513,14 @@ impl Learner {
     /// question name's port set, until the TTL runs out. Filled into `self.kernel_wrote`
     /// (with the expiry counted from `now`) only when that agrees address for address with
     /// the list the kernel handed over; otherwise nothing is assumed.
-    fn model_kernel(&mut self, msg: &Message, event: &DnsEvent, now: u64) {
+    fn model_kernel(&mut self, msg: &Response<'_>, event: &DnsEvent, now: u64) {
         let kernel = &event.addrs[..usize::from(event.learned).min(DNS_MAX_LEARNED)];
         let mut n = 0;
-        for record in msg.answers.iter().take(DNS_MAX_LEARNED) {
-            let addr = match (&record.data, record.dns_class) {
-                (RData::A(a), DNSClass::IN) => to_key(a.0.into()),
-                (RData::AAAA(a), DNSClass::IN) => to_key(a.0.into()),
-                _ => continue,
+        for record in msg.answers().take(DNS_MAX_LEARNED) {
+            let Some(addr) = record.addr().filter(|_| record.class == CLASS_IN) else {
+                continue;
             };
+            let addr = to_key(addr);
             if kernel.get(n) != Some(&addr) {
                 self.kernel_wrote.clear();
                 return;
@@ -856,49 +847,32 @@ fn first_expiring(mut ranked: Vec<(u64, Addr, u32)>, keep: usize) -> Vec<(u64, A
     ranked
 }
 
-/// The question name as the policy matches it: lowercase labels joined by dots, no
-/// trailing dot. False when a label holds a byte a name's text would escape (a dot, a
-/// backslash, a leading hyphen, ...): no rule can match such a name.
-fn qname_key(name: &Name, out: &mut String) -> bool {
-    out.clear();
-    for (i, label) in name.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        for (j, b) in label.iter().enumerate() {
-            let c = b.to_ascii_lowercase();
-            let plain = c.is_ascii_alphanumeric()
-                || c == b'_'
-                || (c == b'-' && j > 0)
-                || (c == b'*' && j == 0);
-            if !plain {
-                return false;
-            }
-            out.push(char::from(c));
-        }
+/// The question name and every name a CNAME chain from it reaches, into `chain` (as offsets
+/// in the message; names compare without regard to case).
+fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
+    chain.clear();
+    chain.push(msg.question().offset());
+    if !msg.has_cname() {
+        return;
     }
-    true
-}
-
-/// The question name and every name a CNAME chain from it reaches (names compare without
-/// regard to case).
-fn cname_chain<'m>(msg: &'m Message, qname: &'m Name) -> Vec<&'m Name> {
-    let mut chain = vec![qname];
     for _ in 0..MAX_CHAIN {
         let before = chain.len();
-        for r in &msg.answers {
-            if let RData::CNAME(target) = &r.data
-                && chain.contains(&&r.name)
-                && !chain.contains(&&target.0)
+        for r in msg.answers() {
+            if let Some(target) = r.cname()
+                && on_chain(msg, chain, &r.owner)
+                && !on_chain(msg, chain, &target)
             {
-                chain.push(&target.0);
+                chain.push(target.offset());
             }
         }
         if chain.len() == before {
             break;
         }
     }
-    chain
+}
+
+fn on_chain(msg: &Response<'_>, chain: &[usize], name: &Name<'_>) -> bool {
+    chain.iter().any(|at| msg.name_at(*at).eq_ignore_case(name))
 }
 
 /// The map key of an address (IPv4 as IPv4-mapped).
@@ -917,7 +891,7 @@ mod tests {
     use hickory_proto::{
         op::{Message, MessageType, OpCode, Query},
         rr::{
-            RecordType,
+            DNSClass, Name, RData, RecordType,
             rdata::{A, AAAA, CNAME},
         },
     };
@@ -1635,39 +1609,6 @@ dns:
     }
 
     #[test]
-    fn question_names_match_as_their_text_would() {
-        let labels: [&[u8]; 13] = [
-            b"abc",
-            b"ABC",
-            b"-a",
-            b"a-",
-            b"*",
-            b"a*",
-            b"_x",
-            b"x.y",
-            b"x\\y",
-            b"\xc3\xa9",
-            b"a b",
-            b"0",
-            b"Z9",
-        ];
-        let mut out = String::new();
-        for first in labels {
-            for second in labels {
-                for third in [&b"io"[..], b"Example"] {
-                    let n = Name::from_labels(vec![first, second, third]).expect("name");
-                    // The text form the policy's names are compared with.
-                    let text = n.to_lowercase().to_ascii();
-                    let text = text.strip_suffix('.').unwrap_or(&text);
-                    let want = (!text.contains('\\')).then_some(text);
-                    let got = qname_key(&n, &mut out).then_some(out.as_str());
-                    assert_eq!(got, want, "{n:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
     fn a_cname_chain_is_followed_whatever_the_case_of_its_names() {
         let mut store = FakeStore::default();
         let mut l = learner();
@@ -1732,6 +1673,280 @@ dns:
             });
         }
         message(q, records)
+    }
+
+    /// The learner's reading of an answer before `dns::wire`, kept as the reference: hickory
+    /// decodes the message, and the question's key, the CNAME chain and the model of the
+    /// kernel's writes are computed from its records as the learner computed them.
+    mod before {
+        use egress_common::{Addr, DNS_MAX_LEARNED};
+        use hickory_proto::{
+            op::{Message, MessageType},
+            rr::{DNSClass, Name, RData},
+        };
+
+        use super::super::{MAX_CHAIN, to_key};
+
+        pub struct Reading {
+            /// The question's key; `None` when a label is one no rule can match.
+            pub key: Option<String>,
+            /// The A/AAAA records on the chain: address and TTL.
+            pub learned: Vec<(Addr, u32)>,
+            pub off_chain: u64,
+            /// The class IN A/AAAA records among the first `DNS_MAX_LEARNED`.
+            pub kernel: Vec<(Addr, u32)>,
+        }
+
+        /// `None` when the learner counted the answer malformed.
+        pub fn read(bytes: &[u8]) -> Option<Reading> {
+            let msg = Message::from_vec(bytes).ok()?;
+            let [query] = msg.queries.as_slice() else {
+                return None;
+            };
+            if msg.metadata.message_type != MessageType::Response {
+                return None;
+            }
+            let mut key = String::new();
+            let key = qname_key(&query.name, &mut key).then_some(key);
+            let chain = cname_chain(&msg, &query.name);
+            let (mut learned, mut off_chain) = (Vec::new(), 0);
+            for record in &msg.answers {
+                let addr = match &record.data {
+                    RData::A(a) => to_key(a.0.into()),
+                    RData::AAAA(a) => to_key(a.0.into()),
+                    _ => continue,
+                };
+                if chain.contains(&&record.name) {
+                    learned.push((addr, record.ttl));
+                } else {
+                    off_chain += 1;
+                }
+            }
+            let kernel = (msg.answers.iter().take(DNS_MAX_LEARNED))
+                .filter_map(|record| match (&record.data, record.dns_class) {
+                    (RData::A(a), DNSClass::IN) => Some((to_key(a.0.into()), record.ttl)),
+                    (RData::AAAA(a), DNSClass::IN) => Some((to_key(a.0.into()), record.ttl)),
+                    _ => None,
+                })
+                .collect();
+            Some(Reading {
+                key,
+                learned,
+                off_chain,
+                kernel,
+            })
+        }
+
+        fn qname_key(name: &Name, out: &mut String) -> bool {
+            out.clear();
+            for (i, label) in name.iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                for (j, b) in label.iter().enumerate() {
+                    let c = b.to_ascii_lowercase();
+                    let plain = c.is_ascii_alphanumeric()
+                        || c == b'_'
+                        || (c == b'-' && j > 0)
+                        || (c == b'*' && j == 0);
+                    if !plain {
+                        return false;
+                    }
+                    out.push(char::from(c));
+                }
+            }
+            true
+        }
+
+        fn cname_chain<'m>(msg: &'m Message, qname: &'m Name) -> Vec<&'m Name> {
+            let mut chain = vec![qname];
+            for _ in 0..MAX_CHAIN {
+                let before = chain.len();
+                for r in &msg.answers {
+                    if let RData::CNAME(target) = &r.data
+                        && chain.contains(&&r.name)
+                        && !chain.contains(&&target.0)
+                    {
+                        chain.push(&target.0);
+                    }
+                }
+                if chain.len() == before {
+                    break;
+                }
+            }
+            chain
+        }
+    }
+
+    /// An answer with a CNAME chain of up to 20 links (past `MAX_CHAIN`), its records in any
+    /// order (following it takes up to one pass per link), sometimes looping back, with
+    /// addresses on the chain and off it, in classes other than IN too.
+    fn chained_answer(rng: &mut Rng) -> Message {
+        const Q: [&str; 4] = [
+            "mcr.microsoft.com.",
+            "a.HCP.eastus.azmk8s.io.",
+            "ntp.example.org.",
+            "evil.example.",
+        ];
+        let q = Q[rng.below(Q.len())];
+        let links = rng.below(21);
+        let link = |i: usize| {
+            if i == 0 {
+                q.to_owned()
+            } else {
+                format!("c{i}.Example.")
+            }
+        };
+        let mut records = Vec::new();
+        for i in 0..links {
+            records.push(cname(&link(i), &link(i + 1).to_lowercase()));
+        }
+        if links > 0 && rng.below(4) == 0 {
+            records.push(cname(&link(links), &link(rng.below(links))));
+        }
+        for _ in 0..rng.below(8) {
+            let owner = if rng.below(5) == 0 {
+                "off.example.".to_owned()
+            } else {
+                link(rng.below(links + 1)).to_uppercase()
+            };
+            let i = 1 + rng.below(20);
+            let mut r = if rng.below(3) == 0 {
+                aaaa(&owner, 60 * i as u32, &format!("2001:db8::{i}"))
+            } else {
+                a(&owner, 60 * i as u32, &format!("203.0.113.{i}"))
+            };
+            if rng.below(6) == 0 {
+                r.dns_class = [DNSClass::CH, DNSClass::ANY, DNSClass::NONE][rng.below(3)];
+            }
+            records.push(r);
+        }
+        match rng.below(4) {
+            // Each pass over the records then follows one link.
+            0 => records.reverse(),
+            1 => {}
+            _ => {
+                for i in (1..records.len()).rev() {
+                    records.swap(i, rng.below(i + 1));
+                }
+            }
+        }
+        message(q, records)
+    }
+
+    #[test]
+    fn the_learner_reads_answers_as_it_did_with_hickory() {
+        let policy = parse(
+            &POLICY.replace(
+                "max_ips_per_name: 3\n  max_ips: 5",
+                "max_ips_per_name: 100\n  max_ips: 100",
+            ),
+            "learn.yaml",
+        )
+        .expect("policy");
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let (mut malformed, mut unmatched, mut answered, mut agreed) = (0, 0, 0, 0);
+        for i in 0..6_000 {
+            let m = if i % 2 == 0 {
+                random_answer(&mut rng)
+            } else {
+                chained_answer(&mut rng)
+            };
+            let mut bytes = m.to_vec().expect("encodes");
+            for _ in 0..[0, 0, 1, 2][rng.below(4)] {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = rng.below(bytes.len());
+                match rng.below(4) {
+                    0 => bytes[at] ^= 1 << rng.below(8),
+                    1 => bytes[at] = [0, 0xc0, 12, 0x3f][rng.below(4)],
+                    2 => bytes.truncate(at),
+                    _ => bytes[at] = rng.below(256) as u8,
+                }
+            }
+            let reading = before::read(&bytes);
+            let mut ev = event(&bytes);
+            // The kernel's list: what the reading says it wrote, or something else.
+            let mut kernel: Vec<Addr> = (reading.iter().flat_map(|r| &r.kernel))
+                .map(|(a, _)| *a)
+                .collect();
+            match rng.below(6) {
+                0 => drop(kernel.pop()),
+                1 => kernel.push(key("198.51.100.1")),
+                _ => {}
+            }
+            for (slot, addr) in ev.addrs.iter_mut().zip(&kernel) {
+                *slot = *addr;
+            }
+            ev.learned = kernel.len().min(DNS_MAX_LEARNED) as u16;
+
+            let compiled = compile(&policy).expect("compiles");
+            let mut l = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
+            let mut store = FakeStore::default();
+            l.answer(&mut store, &ev, T0).expect("answer");
+            let at = format!("message {i}: {bytes:02x?}");
+            let Some(reading) = reading else {
+                malformed += 1;
+                let want = LearnerCounters {
+                    malformed: 1,
+                    ..Default::default()
+                };
+                assert_eq!(l.counters, want, "{at}");
+                continue;
+            };
+            if reading
+                .key
+                .as_ref()
+                .and_then(|k| l.names.lookup(k))
+                .is_none()
+            {
+                unmatched += 1;
+                let want = LearnerCounters {
+                    unmatched: 1,
+                    ..Default::default()
+                };
+                assert_eq!(l.counters, want, "{at}");
+                continue;
+            }
+            answered += 1;
+            let c = l.counters;
+            assert_eq!(
+                (c.answers, c.learned, c.off_chain, c.malformed, c.unmatched),
+                (1, reading.learned.len() as u64, reading.off_chain, 0, 0),
+                "{at}"
+            );
+            let mut want: HashMap<Addr, u64> = HashMap::new();
+            for (addr, ttl) in &reading.learned {
+                let e = want.entry(*addr).or_default();
+                *e = (*e).max(l.expiry(*ttl, T0));
+            }
+            let got: HashMap<Addr, u64> = (l.learned())
+                .map(|(addr, mut names)| {
+                    let (name, expires) = names.next().expect("a name");
+                    assert_eq!(Some(name), reading.key.as_deref(), "{at}");
+                    (*addr, expires)
+                })
+                .collect();
+            assert_eq!(got, want, "{at}");
+            // The model of the kernel's writes: only when its list agrees with the answer.
+            let mut model: Vec<(Addr, u64)> = Vec::new();
+            if (reading.kernel.iter().map(|(a, _)| a)).eq(&ev.addrs[..usize::from(ev.learned)]) {
+                agreed += 1;
+                for (addr, ttl) in &reading.kernel {
+                    let until = l.expiry(*ttl, T0);
+                    match model.iter_mut().find(|(a, _)| a == addr) {
+                        Some((_, u)) => *u = (*u).max(until),
+                        None => model.push((*addr, until)),
+                    }
+                }
+            }
+            assert_eq!(l.kernel_wrote, model, "{at}");
+        }
+        assert!(
+            malformed > 500 && unmatched > 500 && answered > 2_000 && agreed > 1_000,
+            "{malformed} malformed, {unmatched} unmatched, {answered} answered ({agreed} with the kernel's list)"
+        );
     }
 
     /// What must hold whenever the agent has caught up with the kernel: `LEARNED` holds

@@ -8,3 +8,4 @@
 pub mod learner;
 pub mod names;
 pub mod resolvers;
+pub mod wire;
