@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use egress_common::DnsEvent;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -20,7 +19,7 @@ use crate::{
         learner::{LearnedStore as _, Learner, LearnerCounters},
         resolvers,
     },
-    events::decode,
+    events::decode_dns,
     journal::NameJournal,
     loader::{Enforcer, Stats},
     metrics::Snapshot,
@@ -177,7 +176,7 @@ impl Control {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     while let Some(item) = guard.get_inner_mut().next() {
-                        match decode::<DnsEvent>(&item) {
+                        match decode_dns(&item) {
                             Some(event) => {
                                 self.learner.answer(&mut self.enforcer, &event, boot_time_ns())?;
                             }

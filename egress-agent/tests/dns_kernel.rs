@@ -17,12 +17,12 @@ use egress_agent::{
     compile::compile,
     control::boot_time_ns,
     dns::learner::{LearnedStore as _, to_key},
-    events::{decode, display_addr},
+    events::{decode_dns, display_addr},
     loader::{ByProto, EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
     policy::{Mode, parse},
     run::settings,
 };
-use egress_common::{DNS_MAX_PAYLOAD, DnsEvent, proto};
+use egress_common::{DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent, proto};
 
 const PASS: u32 = 1;
 
@@ -369,11 +369,18 @@ impl Dns {
         self.run(EGRESS_CGROUP, &syn(dst, self.next_port, port)) == PASS
     }
 
-    /// The answers handed to the agent since the last call.
+    /// The answers handed to the agent since the last call. Each record holds the event's
+    /// header and the message, nothing after it.
     fn events(&mut self) -> Vec<DnsEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
-            out.push(decode::<DnsEvent>(&item).expect("DnsEvent layout"));
+            let event = decode_dns(&item).expect("DnsEvent layout");
+            assert_eq!(
+                item.len(),
+                DNS_EVENT_HEADER + usize::from(event.len),
+                "record size"
+            );
+            out.push(event);
         }
         out
     }

@@ -16,10 +16,10 @@
 //! per path.
 use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
-    NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
-    STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
-    STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
+    ALL_PORTS, Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue,
+    NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS,
+    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
+    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
 };
 
 use crate::{
@@ -164,7 +164,25 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
             return;
         }
     }
-    if DNS_EVENTS.output::<DnsEvent>(msg, 0).is_err() {
+    send(msg);
+}
+
+/// Hands the answer to the agent: the record is the event's header and the message, not
+/// the whole buffer (most answers are a few hundred bytes).
+#[inline(always)]
+fn send(msg: &DnsEvent) {
+    let n = DNS_EVENT_HEADER + usize::from(get16(&msg.len));
+    // As in `load`: the size register must be bounded where the helper gets it.
+    if !check_bounds_signed(
+        n as i64,
+        DNS_EVENT_HEADER as i64,
+        size_of::<DnsEvent>() as i64,
+    ) {
+        return;
+    }
+    // SAFETY: n is at most the size of `msg`.
+    let record = unsafe { core::slice::from_raw_parts((msg as *const DnsEvent).cast::<u8>(), n) };
+    if DNS_EVENTS.output::<[u8]>(record, 0).is_err() {
         count(STAT_DNS_EVENTS_LOST);
     }
 }
