@@ -11,6 +11,7 @@ use std::{
     collections::HashSet,
     fs::File,
     net::IpAddr,
+    os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Instant,
@@ -28,6 +29,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc,
     },
+    sys::SyscallError,
 };
 use egress_common::{
     Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue,
@@ -213,6 +215,9 @@ struct Pinned {
     /// Shared maps whose pinned copy had another layout: this enforcer made new ones, which
     /// replace the pins once its programs are attached.
     replaced: Vec<&'static str>,
+    /// Handles on the replacements among them that were taken out of the object (the ring
+    /// buffers, which their reading tasks own), for pinning them.
+    taken: Vec<(&'static str, MapData)>,
     /// The links this enforcer attached and pinned, with their pins' paths.
     links: Vec<(PathBuf, PinnedLink)>,
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
@@ -521,6 +526,7 @@ impl Enforcer {
             Some(pins) => Some(Pinned {
                 root: pins.clone(),
                 replaced: replaced_names,
+                taken: Vec::new(),
                 links: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
@@ -750,12 +756,19 @@ impl Enforcer {
         for name in std::mem::take(&mut pinned.replaced) {
             let path = pinned.root.map_path(name);
             pin::remove_file(&path)?;
-            let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
-            map.pin(&path).map_err(|source| LoadError::Pin {
+            let pinning = |source| LoadError::Pin {
                 what: path.display().to_string(),
                 source,
-            })?;
+            };
+            match pinned.taken.iter().find(|(n, _)| *n == name) {
+                Some((_, taken)) => taken.pin(&path).map_err(pinning)?,
+                None => {
+                    let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+                    map.pin(&path).map_err(pinning)?;
+                }
+            }
         }
+        pinned.taken.clear();
         Ok((retired, versions))
     }
 
@@ -795,11 +808,36 @@ impl Enforcer {
 
     /// Takes the ring buffer of answers the kernel learned from.
     pub fn take_dns_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        self.take_ring(DNS_EVENTS)
+    }
+
+    /// Takes a ring buffer out of the object, for the task that reads it. If it replaces a
+    /// pinned one, a second handle stays here: `retire_predecessors` pins it in the old
+    /// one's place.
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
         let map = self
             .ebpf
-            .take_map(DNS_EVENTS)
-            .ok_or(LoadError::MissingMap(DNS_EVENTS))?;
-        RingBuf::try_from(map).map_err(map_err(DNS_EVENTS))
+            .take_map(name)
+            .ok_or(LoadError::MissingMap(name))?;
+        let ring = RingBuf::try_from(map).map_err(map_err(name))?;
+        if let Some(pinned) = &mut self.pinned
+            && pinned.replaced.contains(&name)
+        {
+            let fd = ring
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| LoadError::Map {
+                    what: format!("duplicating the fd of {name}"),
+                    source: SyscallError {
+                        call: "fcntl(F_DUPFD_CLOEXEC)",
+                        io_error,
+                    }
+                    .into(),
+                })?;
+            let handle = MapData::from_fd(fd).map_err(map_err(name))?;
+            pinned.taken.push((name, handle));
+        }
+        Ok(ring)
     }
 
     /// Runs a program once per `repeat` on a crafted packet (`BPF_PROG_TEST_RUN`): how the
@@ -826,11 +864,7 @@ impl Enforcer {
 
     /// Takes the event ring buffer, for the task that reads it.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map(EVENTS)
-            .ok_or(LoadError::MissingMap(EVENTS))?;
-        RingBuf::try_from(map).map_err(map_err(EVENTS))
+        self.take_ring(EVENTS)
     }
 
     /// What the policy maps hold already (a previous agent's policy, when adopting), so that
