@@ -223,6 +223,9 @@ struct Pinned {
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
+    /// The predecessor's `DNS_EVENTS`, when it had another size (another release): the
+    /// answers its programs learned from while no agent read them are queued there.
+    old_dns_events: Option<MapData>,
 }
 
 /// Why a pinned map cannot serve this agent's programs, if it cannot.
@@ -508,6 +511,7 @@ impl Enforcer {
         let mut ebpf = loader.load(OBJECT)?;
         log::debug!("maps created or opened in {:?}", started.elapsed());
         let mut replaced_names = Vec::new();
+        let mut old_dns_events = None;
         for (name, old) in replaced {
             replaced_names.push(name);
             let new = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
@@ -515,6 +519,10 @@ impl Enforcer {
                 LEARNED => carry_over::<Addr, LearnedValue>(old, new, name)?,
                 FLOWS => carry_over::<FlowKey, FlowValue>(old, new, name)?,
                 DNS_QUERIES => carry_over::<QueryKey, QueryValue>(old, new, name)?,
+                DNS_EVENTS => {
+                    old_dns_events = Some(old);
+                    0
+                }
                 _ => 0,
             };
             if copied > 0 {
@@ -530,6 +538,7 @@ impl Enforcer {
                 links: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
+                old_dns_events,
             }),
             None => None,
         };
@@ -838,6 +847,18 @@ impl Enforcer {
             pinned.taken.push((name, handle));
         }
         Ok(ring)
+    }
+
+    /// The predecessor's ring buffer of answers, when this enforcer replaced it (see
+    /// `Pinned::old_dns_events`); to be drained once `retire_predecessors` has detached
+    /// the programs that wrote to it.
+    pub fn take_old_dns_events(&mut self) -> Result<Option<RingBuf<MapData>>, LoadError> {
+        let Some(old) = self.pinned.as_mut().and_then(|p| p.old_dns_events.take()) else {
+            return Ok(None);
+        };
+        RingBuf::try_from(Map::RingBuf(old))
+            .map(Some)
+            .map_err(map_err(DNS_EVENTS))
     }
 
     /// Runs a program once per `repeat` on a crafted packet (`BPF_PROG_TEST_RUN`): how the

@@ -240,10 +240,17 @@ pub const DNS_MAX_PAYLOAD: usize = 2048;
 /// ([`DNS_EVENT_HEADER`] bytes) and `len` bytes of `payload`.
 pub const DNS_EVENTS: &str = "DNS_EVENTS";
 /// A record takes 8 bytes of ring header, [`DNS_EVENT_HEADER`] and the message, rounded up
-/// to 8: 2,352 bytes for the largest answer (2,048 bytes), far less for most. A larger ring
-/// only absorbs longer bursts, and the agent maps it twice (its RSS shows twice the size);
-/// with 8 MiB the benchmark's flood lost as many answers as with 4 (BENCHMARKS.md).
-pub const DNS_EVENTS_BYTES: u32 = 4 * 1024 * 1024;
+/// to 8: 808 bytes for a 500-byte answer, so 2 MiB hold 2,595 answers of up to 500 bytes
+/// (typical answers are 100 to 500; 4 MiB of whole events held 1,783 of any size), 891 of
+/// the largest (2,048 bytes). A larger ring only absorbs longer bursts, and the agent maps
+/// it twice (its RSS shows twice the size); with 8 MiB the benchmark's flood lost as many
+/// answers as with 4 (BENCHMARKS.md).
+///
+/// Releases before this one sent whole events into a 4 MiB ring. An agent that finds a
+/// pinned ring of another size replaces it, and reads what is queued in the old one once
+/// the old programs are detached (the agent decodes both formats): no `LAYOUT_VERSION`
+/// bump, which would forget every learned address.
+pub const DNS_EVENTS_BYTES: u32 = 2 * 1024 * 1024;
 
 /// Bytes of a [`DnsEvent`] before `payload`: the part of every `DNS_EVENTS` record that does
 /// not depend on the message's length.
