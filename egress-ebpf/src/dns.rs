@@ -101,9 +101,10 @@ pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
         && let Some(n) = load(ctx, p, q.msg.as_mut_ptr(), QUERY_BYTES)
     {
         put(&mut q.len, n as u32);
+        let id = u16::from_be_bytes([q.msg[0], q.msg[1]]);
+        // `q` is not used past the call, which borrows the slot itself.
         let name_hash = dns_query_name_hash();
         if name_hash != NO_NAME {
-            let id = u16::from_be_bytes([q.msg[0], q.msg[1]]);
             let key = query_key(p.dst, p.src, p.sport, id, p.proto);
             let _ = DNS_QUERIES.insert(key, QueryValue { name_hash }, 0);
         }
@@ -156,6 +157,10 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     msg.client = p.dst;
     work.query = query_key(p.src, p.dst, p.dport, 0, p.proto);
     let stat = dns_learn(now);
+    // Borrowed afresh: the slots changed under the call.
+    let Some(msg) = per_cpu(&DNS_SCRATCH) else {
+        return;
+    };
     if stat != LEARNED_OK {
         count(stat);
         // Addresses learned before the error still go to the agent, which takes back
@@ -323,6 +328,9 @@ const LEARNED_OK: u32 = 0;
 /// Checks the answer in `DNS_SCRATCH` against its query (`DNS_WORK.query`, id still 0) and
 /// the policy, then learns its addresses. Returns `LEARNED_OK` or the counter that says why
 /// the walk stopped.
+///
+/// Each global function borrows the per-CPU slots itself; a caller borrows them afresh
+/// after a call rather than hold a reference across it.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn dns_learn(now: u64) -> u32 {
@@ -343,6 +351,9 @@ pub extern "C" fn dns_learn(now: u64) -> u32 {
     if dns_answer_question() == 0 {
         return STAT_DNS_MALFORMED;
     }
+    let Some(work) = per_cpu(&DNS_WORK) else {
+        return STAT_DNS_MALFORMED;
+    };
     if get64(&work.name.hash) != asked {
         return STAT_DNS_UNSOLICITED;
     }
@@ -354,7 +365,7 @@ pub extern "C" fn dns_learn(now: u64) -> u32 {
     if port_set == NO_PORT_SET {
         return STAT_DNS_UNMATCHED;
     }
-    walk(m, work, port_set, now)
+    walk(port_set, now)
 }
 
 /// Walks the question of the answer in `DNS_SCRATCH` into `DNS_WORK.name`; 0 when it is
@@ -386,10 +397,17 @@ pub extern "C" fn dns_answer_port_set() -> u32 {
 /// each step consumes one label of an owner name, or the end of one (a pointer or the
 /// root label) and its record's fixed part and data.
 #[inline(always)]
-fn walk(m: &DnsEvent, work: &mut DnsWork, port_set: u32, now: u64) -> u32 {
+fn walk(port_set: u32, now: u64) -> u32 {
+    let Some(work) = per_cpu(&DNS_WORK) else {
+        return STAT_DNS_MALFORMED;
+    };
     put(&mut work.pos, get(&work.name.end) + 5);
     put(&mut work.records, 0);
     for _ in 0..MAX_ANSWER_STEPS {
+        // Borrowed in each step: a step ends with a call that borrows them too.
+        let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
+            return STAT_DNS_MALFORMED;
+        };
         let records = get(&work.records) as usize;
         let ancount = usize::from(be16(m, 6));
         if records >= ancount || records >= MAX_ANSWERS {
@@ -417,11 +435,11 @@ fn walk(m: &DnsEvent, work: &mut DnsWork, port_set: u32, now: u64) -> u32 {
         if rec + 10 + rdlen > len {
             return STAT_DNS_MALFORMED;
         }
+        put(&mut work.pos, (rec + 10 + rdlen) as u32);
+        put(&mut work.records, records as u32 + 1);
         if be16(m, rec + 2) == CLASS_IN {
             dns_learn_record(rec as u32, port_set, now);
         }
-        put(&mut work.pos, (rec + 10 + rdlen) as u32);
-        put(&mut work.records, records as u32 + 1);
     }
     LEARNED_OK
 }
