@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use egress_common::DnsEvent;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -20,7 +19,7 @@ use crate::{
         learner::{LearnedStore as _, Learner, LearnerCounters},
         resolvers,
     },
-    events::decode,
+    events::decode_dns,
     journal::NameJournal,
     loader::{Enforcer, Stats},
     metrics::Snapshot,
@@ -158,15 +157,40 @@ impl Control {
         Ok(())
     }
 
+    /// Hands every answer queued in `ring` to the learner; returns how many.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
+        let mut answers = 0;
+        while let Some(item) = ring.next() {
+            match decode_dns(&item) {
+                Some(event) => {
+                    self.learner
+                        .answer(&mut self.enforcer, &event, boot_time_ns())?;
+                    answers += 1;
+                }
+                None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
+            }
+        }
+        Ok(answers)
+    }
+
     /// Runs until `stop` turns true, then releases the enforcer (see `keep_on_exit`) and
-    /// returns the counters.
+    /// returns the counters. `old_dns_ring` is a predecessor's ring buffer that this agent
+    /// replaced (another size: an upgrade); its programs are detached, so what it holds
+    /// (the answers they learned from while no agent ran) is read once, first. A program
+    /// that was still running when its link went may add a record after that: it is lost,
+    /// like a record that finds the ring full.
     pub async fn run(
         mut self,
         dns_ring: RingBuf<MapData>,
+        old_dns_ring: Option<RingBuf<MapData>>,
         mut reloads: mpsc::Receiver<Policy>,
         snapshots: watch::Sender<Option<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Report> {
+        if let Some(mut old) = old_dns_ring {
+            let answers = self.drain(&mut old)?;
+            log::info!("read {answers} answers queued in the replaced DNS ring buffer");
+        }
         self.publish(&snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register_with_interest(dns_ring, Interest::READABLE) }
@@ -176,14 +200,7 @@ impl Control {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        match decode::<DnsEvent>(&item) {
-                            Some(event) => {
-                                self.learner.answer(&mut self.enforcer, &event, boot_time_ns())?;
-                            }
-                            None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
-                        }
-                    }
+                    self.drain(guard.get_inner_mut())?;
                     self.learner.drained();
                     guard.clear_ready();
                 }

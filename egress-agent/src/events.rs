@@ -6,7 +6,10 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use egress_common::{ACTION_AUDIT, ACTION_DENY, Addr, Event, proto};
+use egress_common::{
+    ACTION_AUDIT, ACTION_DENY, Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent,
+    Event, proto,
+};
 use serde_json::{Value, json};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -37,6 +40,40 @@ pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     (bytes.len() == size_of::<T>())
         // SAFETY: the length matches and T is plain old data.
         .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one `DNS_EVENTS` record into a whole event, zero past the message's `len`
+/// bytes. The kernel sends the event's header and the message, no more; a record of the
+/// full size with a shorter message is the previous release's format (it always sent the
+/// whole buffer), found in a ring an upgrade took over. `None` for any other length: shorter
+/// than the header, or not agreeing with `len`.
+pub fn decode_dns(bytes: &[u8]) -> Option<DnsEvent> {
+    let header = bytes.get(..DNS_EVENT_HEADER)?;
+    let mut event = DnsEvent {
+        resolver: [0; 16],
+        client: [0; 16],
+        len: 0,
+        learned: 0,
+        _pad: 0,
+        addrs: [[0; 16]; DNS_MAX_LEARNED],
+        payload: [0; DNS_MAX_PAYLOAD],
+    };
+    // SAFETY: DnsEvent is plain old data and `header` covers exactly its fields before
+    // `payload`.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            header.as_ptr(),
+            (&raw mut event).cast::<u8>(),
+            DNS_EVENT_HEADER,
+        );
+    }
+    let len = usize::from(event.len);
+    let whole = bytes.len() == size_of::<DnsEvent>() && len <= DNS_MAX_PAYLOAD;
+    if bytes.len() != DNS_EVENT_HEADER + len && !whole {
+        return None;
+    }
+    event.payload[..len].copy_from_slice(&bytes[DNS_EVENT_HEADER..DNS_EVENT_HEADER + len]);
+    Some(event)
 }
 
 /// The JSON line for an event. `sender` adds what identifies the sending cgroup.
@@ -119,6 +156,72 @@ mod tests {
         let bytes =
             unsafe { core::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<Event>()) };
         assert_eq!(decode(bytes), Some(e));
+    }
+
+    /// The event as the kernel sends it: its header and `msg`.
+    fn dns_record(msg: &[u8]) -> (DnsEvent, Vec<u8>) {
+        let mut event = decode_dns(&[0; DNS_EVENT_HEADER]).expect("an empty message");
+        event.resolver = v4_mapped([198, 51, 100, 53]);
+        event.client = v4_mapped([198, 51, 100, 1]);
+        event.len = u16::try_from(msg.len()).expect("a short message");
+        event.learned = 1;
+        event.addrs[0] = v4_mapped([203, 0, 113, 7]);
+        event.payload[..msg.len()].copy_from_slice(msg);
+        // SAFETY: DnsEvent is plain old data.
+        let bytes = unsafe {
+            core::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DnsEvent>())
+        };
+        (event, bytes[..DNS_EVENT_HEADER + msg.len()].to_vec())
+    }
+
+    fn same(a: &DnsEvent, b: &DnsEvent) -> bool {
+        (a.resolver, a.client, a.len, a.learned, a.addrs)
+            == (b.resolver, b.client, b.len, b.learned, b.addrs)
+            && a.payload == b.payload
+    }
+
+    #[test]
+    fn dns_records_of_any_message_length_decode_whole() {
+        for len in [0, 1, 300, DNS_MAX_PAYLOAD] {
+            let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            let (event, record) = dns_record(&msg);
+            let decoded = decode_dns(&record).expect("a record of its own length");
+            assert!(same(&decoded, &event), "message of {len} bytes");
+            assert!(decoded.payload[len..].iter().all(|b| *b == 0));
+        }
+    }
+
+    #[test]
+    fn dns_records_of_the_previous_format_decode_with_the_rest_zeroed() {
+        let (event, record) = dns_record(b"an answer");
+        let mut whole = record.clone();
+        whole.resize(size_of::<DnsEvent>(), 0xaa);
+        let decoded = decode_dns(&whole).expect("a whole DnsEvent");
+        assert!(same(&decoded, &event));
+    }
+
+    #[test]
+    fn dns_records_whose_length_disagrees_are_rejected() {
+        let (_, record) = dns_record(b"an answer");
+        assert!(
+            decode_dns(&record[..DNS_EVENT_HEADER - 1]).is_none(),
+            "shorter than the header"
+        );
+        assert!(
+            decode_dns(&record[..record.len() - 1]).is_none(),
+            "a byte short"
+        );
+        let mut long = record.clone();
+        long.push(0);
+        assert!(decode_dns(&long).is_none(), "a byte over");
+        let mut huge = record;
+        huge.resize(size_of::<DnsEvent>() + 8, 0);
+        assert!(decode_dns(&huge).is_none(), "longer than an event");
+        let mut bad_len = vec![0; size_of::<DnsEvent>()];
+        let at = core::mem::offset_of!(DnsEvent, len);
+        bad_len[at..at + 2]
+            .copy_from_slice(&u16::try_from(DNS_MAX_PAYLOAD + 1).unwrap().to_ne_bytes());
+        assert!(decode_dns(&bad_len).is_none(), "a length past the payload");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::{
     collections::HashSet,
     fs::File,
     net::IpAddr,
+    os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Instant,
@@ -28,6 +29,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc,
     },
+    sys::SyscallError,
 };
 use egress_common::{
     Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue,
@@ -213,11 +215,17 @@ struct Pinned {
     /// Shared maps whose pinned copy had another layout: this enforcer made new ones, which
     /// replace the pins once its programs are attached.
     replaced: Vec<&'static str>,
+    /// Handles on the replacements among them that were taken out of the object (the ring
+    /// buffers, which their reading tasks own), for pinning them.
+    taken: Vec<(&'static str, MapData)>,
     /// The links this enforcer attached and pinned, with their pins' paths.
     links: Vec<(PathBuf, PinnedLink)>,
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
+    /// The predecessor's `DNS_EVENTS`, when it had another size (another release): the
+    /// answers its programs learned from while no agent read them are queued there.
+    old_dns_events: Option<MapData>,
 }
 
 /// Why a pinned map cannot serve this agent's programs, if it cannot.
@@ -503,6 +511,7 @@ impl Enforcer {
         let mut ebpf = loader.load(OBJECT)?;
         log::debug!("maps created or opened in {:?}", started.elapsed());
         let mut replaced_names = Vec::new();
+        let mut old_dns_events = None;
         for (name, old) in replaced {
             replaced_names.push(name);
             let new = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
@@ -510,6 +519,10 @@ impl Enforcer {
                 LEARNED => carry_over::<Addr, LearnedValue>(old, new, name)?,
                 FLOWS => carry_over::<FlowKey, FlowValue>(old, new, name)?,
                 DNS_QUERIES => carry_over::<QueryKey, QueryValue>(old, new, name)?,
+                DNS_EVENTS => {
+                    old_dns_events = Some(old);
+                    0
+                }
                 _ => 0,
             };
             if copied > 0 {
@@ -521,9 +534,11 @@ impl Enforcer {
             Some(pins) => Some(Pinned {
                 root: pins.clone(),
                 replaced: replaced_names,
+                taken: Vec::new(),
                 links: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
+                old_dns_events,
             }),
             None => None,
         };
@@ -750,12 +765,19 @@ impl Enforcer {
         for name in std::mem::take(&mut pinned.replaced) {
             let path = pinned.root.map_path(name);
             pin::remove_file(&path)?;
-            let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
-            map.pin(&path).map_err(|source| LoadError::Pin {
+            let pinning = |source| LoadError::Pin {
                 what: path.display().to_string(),
                 source,
-            })?;
+            };
+            match pinned.taken.iter().find(|(n, _)| *n == name) {
+                Some((_, taken)) => taken.pin(&path).map_err(pinning)?,
+                None => {
+                    let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+                    map.pin(&path).map_err(pinning)?;
+                }
+            }
         }
+        pinned.taken.clear();
         Ok((retired, versions))
     }
 
@@ -795,11 +817,48 @@ impl Enforcer {
 
     /// Takes the ring buffer of answers the kernel learned from.
     pub fn take_dns_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        self.take_ring(DNS_EVENTS)
+    }
+
+    /// Takes a ring buffer out of the object, for the task that reads it. If it replaces a
+    /// pinned one, a second handle stays here: `retire_predecessors` pins it in the old
+    /// one's place.
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
         let map = self
             .ebpf
-            .take_map(DNS_EVENTS)
-            .ok_or(LoadError::MissingMap(DNS_EVENTS))?;
-        RingBuf::try_from(map).map_err(map_err(DNS_EVENTS))
+            .take_map(name)
+            .ok_or(LoadError::MissingMap(name))?;
+        let ring = RingBuf::try_from(map).map_err(map_err(name))?;
+        if let Some(pinned) = &mut self.pinned
+            && pinned.replaced.contains(&name)
+        {
+            let fd = ring
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|io_error| LoadError::Map {
+                    what: format!("duplicating the fd of {name}"),
+                    source: SyscallError {
+                        call: "fcntl(F_DUPFD_CLOEXEC)",
+                        io_error,
+                    }
+                    .into(),
+                })?;
+            let handle = MapData::from_fd(fd).map_err(map_err(name))?;
+            pinned.taken.push((name, handle));
+        }
+        Ok(ring)
+    }
+
+    /// The predecessor's ring buffer of answers, when this enforcer replaced it (see
+    /// `Pinned::old_dns_events`); to be drained once `retire_predecessors` has detached
+    /// the programs that wrote to it.
+    pub fn take_old_dns_events(&mut self) -> Result<Option<RingBuf<MapData>>, LoadError> {
+        let Some(old) = self.pinned.as_mut().and_then(|p| p.old_dns_events.take()) else {
+            return Ok(None);
+        };
+        RingBuf::try_from(Map::RingBuf(old))
+            .map(Some)
+            .map_err(map_err(DNS_EVENTS))
     }
 
     /// Runs a program once per `repeat` on a crafted packet (`BPF_PROG_TEST_RUN`): how the
@@ -826,11 +885,7 @@ impl Enforcer {
 
     /// Takes the event ring buffer, for the task that reads it.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map(EVENTS)
-            .ok_or(LoadError::MissingMap(EVENTS))?;
-        RingBuf::try_from(map).map_err(map_err(EVENTS))
+        self.take_ring(EVENTS)
     }
 
     /// What the policy maps hold already (a previous agent's policy, when adopting), so that

@@ -180,6 +180,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (retired, versions) = enforcer
         .retire_predecessors()
         .context("detaching the previous agent's programs")?;
+    let old_dns_ring = enforcer
+        .take_old_dns_events()
+        .context("opening the previous DNS ring buffer")?;
     if !versions.is_empty() {
         log::warn!(
             "replaced the pinned state of another layout version ({}): {} attachments \
@@ -239,7 +242,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(listener, snapshot_rx));
     let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), reload_tx));
-    let mut control = tokio::spawn(control.run(dns_ring, reload_rx, snapshot_tx, stop_rx));
+    let mut control =
+        tokio::spawn(control.run(dns_ring, old_dns_ring, reload_rx, snapshot_tx, stop_rx));
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),

@@ -17,12 +17,12 @@ use egress_agent::{
     compile::compile,
     control::boot_time_ns,
     dns::learner::{LearnedStore as _, to_key},
-    events::{decode, display_addr},
+    events::{decode_dns, display_addr},
     loader::{ByProto, EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
     policy::{Mode, parse},
     run::settings,
 };
-use egress_common::{DNS_MAX_PAYLOAD, DnsEvent, proto};
+use egress_common::{DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent, proto};
 
 const PASS: u32 = 1;
 
@@ -64,6 +64,7 @@ const TTL: u32 = 300;
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
 const TYPE_NULL: u16 = 10;
+const TYPE_OPT: u16 = 41;
 const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 const QUERY_FLAGS: u16 = 0x0100; // RD
@@ -368,11 +369,18 @@ impl Dns {
         self.run(EGRESS_CGROUP, &syn(dst, self.next_port, port)) == PASS
     }
 
-    /// The answers handed to the agent since the last call.
+    /// The answers handed to the agent since the last call. Each record holds the event's
+    /// header and the message, nothing after it.
     fn events(&mut self) -> Vec<DnsEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
-            out.push(decode::<DnsEvent>(&item).expect("DnsEvent layout"));
+            let event = decode_dns(&item).expect("DnsEvent layout");
+            assert_eq!(
+                item.len(),
+                DNS_EVENT_HEADER + usize::from(event.len),
+                "record size"
+            );
+            out.push(event);
         }
         out
     }
@@ -518,6 +526,59 @@ fn dns_over_tcp_is_learned() {
         dns.exchange(&TCP4.query(&query), &TCP4.answer(&app_answer())),
         learned_one()
     );
+    assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
+}
+
+#[test]
+fn a_query_longer_than_what_the_kernel_reads_of_it_is_remembered() {
+    if !privileged() {
+        return;
+    }
+    let mut dns = Dns::new();
+    // EDNS padding (RFC 7830) after the question: the kernel reads a query's first 512
+    // bytes, which hold the header and the longest question name.
+    let query = Message::query(ID, APP)
+        .additional(&[0], TYPE_OPT, &[0; 1000])
+        .bytes();
+    assert!(query.len() > 512);
+    assert_eq!(
+        dns.exchange(&UDP4.query(&query), &UDP4.answer(&app_answer())),
+        learned_one()
+    );
+    assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
+}
+
+#[test]
+fn owner_names_need_not_be_compressed() {
+    if !privileged() {
+        return;
+    }
+    let mut dns = Dns::new();
+    let addrs = ["203.0.113.7", "203.0.113.8", "203.0.113.9", "2001:db8:7::7"];
+    let answer = addrs.iter().fold(Message::response(ID, APP), |m, a| {
+        match a.parse::<IpAddr>().expect("address literal") {
+            IpAddr::V4(v4) => m.answer(&wire(APP), TYPE_A, &v4.octets()),
+            IpAddr::V6(v6) => m.answer(&wire(APP), TYPE_AAAA, &v6.octets()),
+        }
+    });
+    let learned_all = Stats {
+        dns_answers: 1,
+        dns_learned: 4,
+        ..Stats::default()
+    };
+    assert_eq!(dns.reply(&answer.bytes()), learned_all);
+    assert_eq!(dns.take_learned(), set(addrs));
+}
+
+#[test]
+fn the_answer_may_spell_the_question_in_another_case() {
+    if !privileged() {
+        return;
+    }
+    let mut dns = Dns::new();
+    let query = UDP4.query(&Message::query(ID, "aPP.example.COM").bytes());
+    let answer = Message::response(ID, "App.Example.com").a(ADDR).bytes();
+    assert_eq!(dns.exchange(&query, &UDP4.answer(&answer)), learned_one());
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 

@@ -236,12 +236,25 @@ pub const DNS_MAX_PAYLOAD: usize = 2048;
 
 /// `DNS_EVENTS`: `RingBuf` of [`DnsEvent`]s: trusted answers for allowed names, after the
 /// kernel has learned their addresses, for the agent's bookkeeping (expiry, CNAMEs, bounds).
+/// Each record is an event cut after its message: the fields before `payload`
+/// ([`DNS_EVENT_HEADER`] bytes) and `len` bytes of `payload`.
 pub const DNS_EVENTS: &str = "DNS_EVENTS";
-/// About 1,780 answers (a `DnsEvent` takes 2,352 bytes with its record header, whatever
-/// the answer's size): 70 ms at 25,000 answers/s. A larger ring only absorbs longer bursts,
-/// and the agent maps it twice (its RSS shows 8 MiB for this one); with 8 MiB the
-/// benchmark's flood lost as many answers as with 4 (BENCHMARKS.md).
-pub const DNS_EVENTS_BYTES: u32 = 4 * 1024 * 1024;
+/// A record takes 8 bytes of ring header, [`DNS_EVENT_HEADER`] and the message, rounded up
+/// to 8: 808 bytes for a 500-byte answer, so 2 MiB hold 2,595 answers of up to 500 bytes
+/// (typical answers are 100 to 500; 4 MiB of whole events held 1,783 of any size), 891 of
+/// the largest (2,048 bytes). A larger ring only absorbs longer bursts, and the agent maps
+/// it twice (its RSS shows twice the size); with 8 MiB the benchmark's flood lost as many
+/// answers as with 4 (BENCHMARKS.md).
+///
+/// Releases before this one sent whole events into a 4 MiB ring. An agent that finds a
+/// pinned ring of another size replaces it, and reads what is queued in the old one once
+/// the old programs are detached (the agent decodes both formats): no `LAYOUT_VERSION`
+/// bump, which would forget every learned address.
+pub const DNS_EVENTS_BYTES: u32 = 2 * 1024 * 1024;
+
+/// Bytes of a [`DnsEvent`] before `payload`: the part of every `DNS_EVENTS` record that does
+/// not depend on the message's length.
+pub const DNS_EVENT_HEADER: usize = core::mem::offset_of!(DnsEvent, payload);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -256,7 +269,8 @@ pub struct DnsEvent {
     /// What the kernel wrote into `LEARNED`, so that the agent can take back every address
     /// its own parse of the answer does not justify (also when it cannot parse it at all).
     pub addrs: [Addr; DNS_MAX_LEARNED],
-    /// The DNS message (for TCP, without its length prefix).
+    /// The DNS message (for TCP, without its length prefix); a `DNS_EVENTS` record holds
+    /// its first `len` bytes only.
     pub payload: [u8; DNS_MAX_PAYLOAD],
 }
 
@@ -475,6 +489,7 @@ mod tests {
             size_of::<DnsEvent>(),
             40 + 16 * DNS_MAX_LEARNED + DNS_MAX_PAYLOAD
         );
+        assert_eq!(DNS_EVENT_HEADER, 40 + 16 * DNS_MAX_LEARNED);
         assert_eq!(size_of::<Event>(), 32);
         assert_eq!(size_of::<LearnedNameKey>(), 24);
         assert_eq!(size_of::<LearnedName>(), 8 + LEARNED_NAME_LEN);

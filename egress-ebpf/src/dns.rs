@@ -4,28 +4,40 @@
 //! receives each learned-from answer afterwards and stays authoritative for expiry, CNAME
 //! bookkeeping and bounds.
 //!
-//! Every index into the message is masked with `MASK`, so the verifier sees each access in
+//! Every index into a message is masked to its buffer, so the verifier sees each access in
 //! bounds whatever the message says; the message's own lengths are checked against `len`.
+//!
+//! What the verifier costs (it is most of the agent's start-up time): the parsing is done
+//! in global functions (`#[no_mangle] extern "C"`, BTF linkage global, Linux 5.6+), which
+//! the kernel verifies once each, on their own, with unknown scalar arguments, instead of
+//! once for every state in which the packet parsing reaches them. Their loops keep at most
+//! one live state per iteration: what one iteration hands to the next goes through map
+//! memory (volatile), where the verifier sees "some number" rather than one exact range
+//! per path.
 use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
-    NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
-    STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
-    STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
+    ALL_PORTS, Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue,
+    NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS,
+    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
+    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
 };
 
 use crate::{
-    maps::{DNS_EVENTS, DNS_QUERIES, DNS_SCRATCH, DNS_WORK, DnsWork, LEARNED, NAMES, RESOLVERS},
+    maps::{
+        DNS_EVENTS, DNS_QUERIES, DNS_QUERY, DNS_SCRATCH, DNS_WORK, DnsWork, LEARNED, NAMES,
+        NameWork, QUERY_BYTES, QueryWork, RESOLVERS, SETTINGS,
+    },
     packet::{Packet, Skb},
     report::count,
 };
 
 const DNS_PORT: u16 = 53;
-const MASK: usize = DNS_MAX_PAYLOAD - 1;
 const HEADER_LEN: usize = 12;
 /// Answer records the kernel walks; later ones are left to the agent.
 const MAX_ANSWERS: usize = DNS_MAX_LEARNED;
-/// Steps of the answer walk: a compressed owner name and its record take two.
+/// Steps of the answer walk: one per record (a pointer or the root label that ends its
+/// owner name is read in the record's step), one more per label of an owner name that is
+/// not compressed. Room for every record with 24 such labels in all.
 const MAX_ANSWER_STEPS: usize = 2 * MAX_ANSWERS + 8;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
@@ -51,6 +63,33 @@ fn is_resolver(addr: &Addr) -> bool {
     unsafe { RESOLVERS.get(addr).is_some() }
 }
 
+/// Where the DNS message starts: after TCP's 2-byte length prefix.
+#[inline(always)]
+fn message_start(p: &Packet) -> usize {
+    if p.proto == proto::TCP {
+        p.payload + 2
+    } else {
+        p.payload
+    }
+}
+
+/// Copies up to `max` bytes of the DNS message into `to`; returns how many, at least a
+/// header's worth, or `None`.
+#[inline(always)]
+fn load<C: Skb>(ctx: &C, p: &Packet, to: *mut u8, max: usize) -> Option<usize> {
+    let start = message_start(p);
+    let n = (ctx.skb_len() as usize).saturating_sub(start).min(max);
+    // The verifier must see a non-zero, bounded length on the very register passed to the
+    // helper (aya issue #1207): check_bounds_signed is inline asm that pins it.
+    if !check_bounds_signed(n as i64, HEADER_LEN as i64, max as i64) {
+        return None;
+    }
+    // SAFETY: `to` has room for `max` bytes and n is at most that.
+    let rc =
+        unsafe { bpf_skb_load_bytes(ctx.as_ptr().cast_const(), start as u32, to.cast(), n as u32) };
+    (rc == 0).then_some(n)
+}
+
 /// An outgoing packet to a trusted resolver's DNS port: remember the query and let it pass.
 /// Returns false for every other packet.
 #[inline(always)]
@@ -58,53 +97,97 @@ pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
     if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) {
         return false;
     }
-    if let Some(msg) = load_message(ctx, p)
-        && let Some((id, name_hash)) = question_of_query(msg)
+    if let Some(q) = per_cpu(&DNS_QUERY)
+        && let Some(n) = load(ctx, p, q.msg.as_mut_ptr(), QUERY_BYTES)
     {
-        let key = query_key(p.dst, p.src, p.sport, id, p.proto);
-        let _ = DNS_QUERIES.insert(key, QueryValue { name_hash }, 0);
+        put(&mut q.len, n as u32);
+        let id = u16::from_be_bytes([q.msg[0], q.msg[1]]);
+        // `q` is not used past the call, which borrows the slot itself.
+        let name_hash = dns_query_name_hash();
+        if name_hash != NO_NAME {
+            let key = query_key(p.dst, p.src, p.sport, id, p.proto);
+            let _ = DNS_QUERIES.insert(key, QueryValue { name_hash }, 0);
+        }
     }
     true
+}
+
+/// What `dns_query_name_hash` returns for a message that is no standard query with one
+/// well-formed question. (A name whose hash is this value is not remembered: its answers
+/// teach nothing, which harms no one but the one who crafted it.)
+const NO_NAME: u64 = 0;
+
+/// The question name's hash of the query in `DNS_QUERY` (or `NO_NAME`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dns_query_name_hash() -> u64 {
+    let Some(q) = per_cpu(&DNS_QUERY) else {
+        return NO_NAME;
+    };
+    let QueryWork { name, len, msg, .. } = q;
+    let flags = u16::from_be_bytes([msg[2], msg[3]]);
+    let qdcount = u16::from_be_bytes([msg[4], msg[5]]);
+    if flags & (FLAG_QR | OPCODE_MASK) != 0 || qdcount != 1 {
+        return NO_NAME;
+    }
+    if question(msg, get(len) as usize, name) {
+        get64(&name.hash)
+    } else {
+        NO_NAME
+    }
 }
 
 /// An incoming packet from port 53: if it is a trusted, solicited answer for an allowed
 /// name, learn its addresses and hand it to the agent.
 #[inline(always)]
-///
-/// The packet's fields pass to the parser through map memory (`work.query`, volatile): the
-/// verifier then enters the parser's loops in one state, whichever header path (IPv4/IPv6,
-/// extension headers, UDP/TCP) led there, instead of verifying them once per path.
-pub fn answer<C: Skb>(ctx: &C, p: &Packet, settings: &Settings, now: u64) {
+pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     if !is_resolver(&p.src) {
         count(STAT_DNS_UNTRUSTED);
         return;
     }
-    let Some(work) = work() else {
+    let (Some(msg), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
         return;
     };
-    let Some(msg) = load_message(ctx, p) else {
+    let Some(n) = load(ctx, p, msg.payload.as_mut_ptr(), DNS_MAX_PAYLOAD) else {
         return;
     };
-    // SAFETY: a valid reference into this CPU's work area.
-    unsafe {
-        core::ptr::write_volatile(
-            &mut work.query,
-            query_key(p.src, p.dst, p.dport, 0, p.proto),
-        )
+    msg.len = n as u16;
+    msg.learned = 0;
+    msg.resolver = p.src;
+    msg.client = p.dst;
+    work.query = query_key(p.src, p.dst, p.dport, 0, p.proto);
+    let stat = dns_learn(now);
+    // Borrowed afresh: the slots changed under the call.
+    let Some(msg) = per_cpu(&DNS_SCRATCH) else {
+        return;
     };
-    if let Err(stat) = learn(msg, work, settings, now) {
+    if stat != LEARNED_OK {
         count(stat);
         // Addresses learned before the error still go to the agent, which takes back
         // whatever its own parse does not justify.
-        if msg.learned == 0 {
+        if get16(&msg.learned) == 0 {
             return;
         }
     }
-    // SAFETY: as above.
-    let asked = unsafe { core::ptr::read_volatile(&work.query) };
-    msg.resolver = asked.resolver;
-    msg.client = asked.client;
-    if DNS_EVENTS.output::<DnsEvent>(msg, 0).is_err() {
+    send(msg);
+}
+
+/// Hands the answer to the agent: the record is the event's header and the message, not
+/// the whole buffer (most answers are a few hundred bytes).
+#[inline(always)]
+fn send(msg: &DnsEvent) {
+    let n = DNS_EVENT_HEADER + usize::from(get16(&msg.len));
+    // As in `load`: the size register must be bounded where the helper gets it.
+    if !check_bounds_signed(
+        n as i64,
+        DNS_EVENT_HEADER as i64,
+        size_of::<DnsEvent>() as i64,
+    ) {
+        return;
+    }
+    // SAFETY: n is at most the size of `msg`.
+    let record = unsafe { core::slice::from_raw_parts((msg as *const DnsEvent).cast::<u8>(), n) };
+    if DNS_EVENTS.output::<[u8]>(record, 0).is_err() {
         count(STAT_DNS_EVENTS_LOST);
     }
 }
@@ -121,45 +204,9 @@ fn query_key(resolver: Addr, client: Addr, client_port: u16, id: u16, proto: u8)
     }
 }
 
-/// Copies the DNS message (after TCP's 2-byte length prefix) into this CPU's scratch slot.
-/// `None` when there is no message (a bare TCP segment) or it cannot be read.
-#[inline(always)]
-fn load_message<C: Skb>(ctx: &C, p: &Packet) -> Option<&'static mut DnsEvent> {
-    let start = if p.proto == proto::TCP {
-        p.payload + 2
-    } else {
-        p.payload
-    };
-    let total = ctx.skb_len() as usize;
-    let n = total.saturating_sub(start).min(DNS_MAX_PAYLOAD);
-    // The verifier must see a non-zero, bounded length on the very register passed to the
-    // helper (aya issue #1207): check_bounds_signed is inline asm that pins it.
-    if !check_bounds_signed(n as i64, HEADER_LEN as i64, DNS_MAX_PAYLOAD as i64) {
-        return None;
-    }
-    let slot = DNS_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, used only within this program run.
-    let msg = unsafe { &mut *slot };
-    // SAFETY: the destination has DNS_MAX_PAYLOAD bytes and n is at most that.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr().cast_const(),
-            start as u32,
-            msg.payload.as_mut_ptr().cast(),
-            n as u32,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    msg.len = n as u16;
-    msg.learned = 0;
-    Some(msg)
-}
-
 #[inline(always)]
 fn byte(m: &DnsEvent, i: usize) -> u8 {
-    m.payload[i & MASK]
+    m.payload[i & (DNS_MAX_PAYLOAD - 1)]
 }
 
 #[inline(always)]
@@ -167,75 +214,76 @@ fn be16(m: &DnsEvent, i: usize) -> u16 {
     u16::from_be_bytes([byte(m, i), byte(m, i + 1)])
 }
 
+/// ASCII lowercase without a branch: bit 8 of `b + 191` is set from `A` on, that of
+/// `b + 165` after `Z`. A branch would make two paths through every step of the loops
+/// that call this, and the verifier walks each.
 #[inline(always)]
 fn lower(b: u8) -> u8 {
-    if b.is_ascii_uppercase() { b + 32 } else { b }
-}
-
-/// The question name, walked once: its FNV-1a hash (over the lowercased wire form). Where
-/// it ends (the offset of its root label) goes into `work.end`, how many labels it has into
-/// `work.labels`, and the start of each of the last `NAME_MAX_LABELS` into `work.starts`.
-struct Question {
-    hash: u64,
+    let b = u32::from(b);
+    let upper = ((b + 191) & !(b + 165)) >> 8 & 1;
+    (b + (upper << 5)) as u8
 }
 
 /// Longest name in wire form, root label included.
 const MAX_NAME_WIRE: usize = 255;
+/// Where a name's root label can be at the latest.
+const LAST_ROOT_AT: usize = HEADER_LEN + MAX_NAME_WIRE - 1;
+/// Labels of the longest name with its root label: each other label takes two bytes at least.
+const MAX_NAME_LABELS: usize = MAX_NAME_WIRE / 2 + 1;
 
-/// One flat loop over the name's bytes (no loop per label): bounded loops cost the verifier
-/// one pass per iteration, so nested ones multiply. The loop's state (label counter, next
-/// label offset) lives in map memory on purpose: the verifier tracks the exact value or
-/// range of a register and would keep one state per possible value at every iteration; a
-/// value read back from a map is just "some number", so all paths merge.
+/// Walks the question name of `msg` (`len` bytes of it) into `name`: its labels (how many,
+/// where the last `NAME_MAX_LABELS` start), its end (the offset of its root label) and its
+/// FNV-1a hash over the lowercased wire form without the root label. False when the name
+/// is malformed or longer than 255 bytes.
+///
+/// Two flat loops, one label and one byte per step: nested loops would multiply their
+/// iterations for the verifier.
 #[inline(always)]
-fn question(m: &DnsEvent, work: &mut DnsWork) -> Option<Question> {
-    let len = usize::from(get16(&m.len));
-    let mut q = Question { hash: FNV_OFFSET };
-    put(&mut work.labels, 0);
-    put(&mut work.next, HEADER_LEN as u32);
-    for i in 0..MAX_NAME_WIRE {
-        let pos = HEADER_LEN + i;
-        if pos >= len {
-            return None;
+fn question<const N: usize>(msg: &[u8; N], len: usize, name: &mut NameWork) -> bool {
+    const { assert!(N.is_power_of_two() && N > LAST_ROOT_AT) };
+    let mut pos = HEADER_LEN;
+    let mut ended = false;
+    for label in 0..MAX_NAME_LABELS {
+        if pos >= len || pos > LAST_ROOT_AT {
+            return false;
         }
-        let b = byte(m, pos);
-        if pos == get(&work.next) as usize {
-            if b == 0 {
-                // Through memory: returned in a register, the exact offset of each of the
-                // 255 exits would make 255 states for everything that follows.
-                put(&mut work.end, pos as u32);
-                return Some(q);
-            }
-            // Compression pointers have no place in a question; lengths above 63 are invalid.
-            if b > 63 {
-                return None;
-            }
-            let labels = get(&work.labels);
-            work.starts[labels as usize % NAME_MAX_LABELS] = pos as u16;
-            put(&mut work.labels, labels + 1);
-            put(&mut work.next, (pos + usize::from(b) + 1) as u32);
+        let b = msg[pos & (N - 1)];
+        if b == 0 {
+            // Through memory: kept in registers, the exact values of each of the loop's
+            // exits would make one state per exit for everything that follows.
+            put(&mut name.end, pos as u32);
+            put(&mut name.labels, label as u32);
+            ended = true;
+            break;
         }
-        q.hash = (q.hash ^ u64::from(lower(b))).wrapping_mul(FNV_PRIME);
+        // Compression pointers have no place in a question; lengths above 63 are invalid.
+        if b > 63 {
+            return false;
+        }
+        name.starts[label % NAME_MAX_LABELS] = pos as u16;
+        pos += usize::from(b) + 1;
     }
-    None
+    if !ended {
+        return false;
+    }
+    let end = get(&name.end) as usize;
+    let mut hash = FNV_OFFSET;
+    for i in 0..MAX_NAME_WIRE - 1 {
+        let pos = HEADER_LEN + i;
+        if pos >= end {
+            break;
+        }
+        hash = (hash ^ u64::from(lower(msg[pos & (N - 1)]))).wrapping_mul(FNV_PRIME);
+    }
+    put64(&mut name.hash, hash);
+    true
 }
 
 const FLAG_QR: u16 = 0x8000;
 const OPCODE_MASK: u16 = 0x7800;
 
-/// (id, question name hash) of a standard query with one question.
-#[inline(always)]
-fn question_of_query(m: &DnsEvent) -> Option<(u16, u64)> {
-    let flags = be16(m, 2);
-    if flags & (FLAG_QR | OPCODE_MASK) != 0 || be16(m, 4) != 1 {
-        return None;
-    }
-    let work = work()?;
-    Some((be16(m, 0), question(m, work)?.hash))
-}
-
 /// Loop state goes through memory with volatile accesses: the compiler would otherwise keep
-/// it in a register, where the verifier tracks its exact range (see `question`).
+/// it in a register, where the verifier tracks its exact range.
 #[inline(always)]
 fn get(v: &u32) -> u32 {
     // SAFETY: a valid reference.
@@ -249,155 +297,224 @@ fn get16(v: &u16) -> u16 {
 }
 
 #[inline(always)]
+fn get64(v: &u64) -> u64 {
+    // SAFETY: a valid reference.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
 fn put(v: &mut u32, value: u32) {
     // SAFETY: a valid reference.
     unsafe { core::ptr::write_volatile(v, value) }
 }
 
-/// This CPU's work area.
 #[inline(always)]
-fn work() -> Option<&'static mut DnsWork> {
-    let slot = DNS_WORK.get_ptr_mut(0)?;
+fn put64(v: &mut u64, value: u64) {
+    // SAFETY: a valid reference.
+    unsafe { core::ptr::write_volatile(v, value) }
+}
+
+/// This CPU's slot of a one-entry per-CPU array.
+#[inline(always)]
+fn per_cpu<T>(map: &aya_ebpf::maps::PerCpuArray<T>) -> Option<&'static mut T> {
+    let slot = map.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, used only within this program run.
     Some(unsafe { &mut *slot })
 }
 
-/// Checks the answer against its query and the policy, then learns its addresses.
-/// `Err` carries the counter that says why nothing was learned.
-#[inline(always)]
-fn learn(m: &mut DnsEvent, work: &mut DnsWork, settings: &Settings, now: u64) -> Result<(), u32> {
+/// What `dns_learn` returns when the answer was walked to its end.
+const LEARNED_OK: u32 = 0;
+
+/// Checks the answer in `DNS_SCRATCH` against its query (`DNS_WORK.query`, id still 0) and
+/// the policy, then learns its addresses. Returns `LEARNED_OK` or the counter that says why
+/// the walk stopped.
+///
+/// Each global function borrows the per-CPU slots itself; a caller borrows them afresh
+/// after a call rather than hold a reference across it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dns_learn(now: u64) -> u32 {
+    let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
+        return STAT_DNS_MALFORMED;
+    };
     let flags = be16(m, 2);
     if flags & (FLAG_QR | OPCODE_MASK) != FLAG_QR || be16(m, 4) != 1 {
-        return Err(STAT_DNS_MALFORMED);
+        return STAT_DNS_MALFORMED;
     }
-    // SAFETY: a valid reference into this CPU's work area.
-    let mut key = unsafe { core::ptr::read_volatile(&work.query) };
-    key.id = be16(m, 0);
+    work.query.id = be16(m, 0);
+    // The key stays in map memory: a copy would take 40 bytes of the stack.
+    let key: &QueryKey = &work.query;
     // SAFETY: the value is copied out at once.
-    let Some(asked) = (unsafe { DNS_QUERIES.get(key) }).copied() else {
-        return Err(STAT_DNS_UNSOLICITED);
+    let Some(asked) = (unsafe { DNS_QUERIES.get(key) }).map(|v| v.name_hash) else {
+        return STAT_DNS_UNSOLICITED;
     };
-    let q = question(m, work).ok_or(STAT_DNS_MALFORMED)?;
-    if q.hash != asked.name_hash {
-        return Err(STAT_DNS_UNSOLICITED);
+    if dns_answer_question() == 0 {
+        return STAT_DNS_MALFORMED;
+    }
+    let Some(work) = per_cpu(&DNS_WORK) else {
+        return STAT_DNS_MALFORMED;
+    };
+    if get64(&work.name.hash) != asked {
+        return STAT_DNS_UNSOLICITED;
     }
     // One answer per query: a second one (a forgery racing the real one) is unsolicited.
+    let key: &QueryKey = &work.query;
     let _ = DNS_QUERIES.remove(key);
     count(STAT_DNS_ANSWERS);
-    let port_set = allowed_port_set(m, work).ok_or(STAT_DNS_UNMATCHED)?;
-    let ancount = usize::from(be16(m, 6));
+    let port_set = dns_answer_port_set();
+    if port_set == NO_PORT_SET {
+        return STAT_DNS_UNMATCHED;
+    }
+    walk(port_set, now)
+}
+
+/// Walks the question of the answer in `DNS_SCRATCH` into `DNS_WORK.name`; 0 when it is
+/// malformed.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dns_answer_question() -> u32 {
+    let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
+        return 0;
+    };
     let len = usize::from(get16(&m.len));
-    // After the question's root label, type and class. One flat loop again: each step
-    // consumes either one label of an owner name or one record's fixed part and data.
-    // The walk's state is in map memory for the same reason as in `question`.
-    put(&mut work.pos, get(&work.end) + 5);
-    put(&mut work.in_name, 1);
+    u32::from(question(&m.payload, len, &mut work.name))
+}
+
+/// The port set of the most specific rule that allows the question name walked into
+/// `DNS_WORK.name` (`NO_PORT_SET` when none does): one longest-prefix lookup of the name's
+/// labels in reverse order (see `egress_common::NAMES`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dns_answer_port_set() -> u32 {
+    let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
+        return NO_PORT_SET;
+    };
+    reversed_name(m, work);
+    NAMES.get(&work.key).map_or(NO_PORT_SET, |v| v.port_set)
+}
+
+/// After the question's root label, type and class: the answer records. One flat loop:
+/// each step consumes one label of an owner name, or the end of one (a pointer or the
+/// root label) and its record's fixed part and data.
+#[inline(always)]
+fn walk(port_set: u32, now: u64) -> u32 {
+    let Some(work) = per_cpu(&DNS_WORK) else {
+        return STAT_DNS_MALFORMED;
+    };
+    put(&mut work.pos, get(&work.name.end) + 5);
     put(&mut work.records, 0);
     for _ in 0..MAX_ANSWER_STEPS {
-        let pos = get(&work.pos) as usize;
+        // Borrowed in each step: a step ends with a call that borrows them too.
+        let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
+            return STAT_DNS_MALFORMED;
+        };
         let records = get(&work.records) as usize;
+        let ancount = usize::from(be16(m, 6));
         if records >= ancount || records >= MAX_ANSWERS {
             break;
         }
+        let len = usize::from(get16(&m.len));
+        let pos = get(&work.pos) as usize;
         if pos >= len {
-            return Err(STAT_DNS_MALFORMED);
+            return STAT_DNS_MALFORMED;
         }
-        if get(&work.in_name) != 0 {
-            let b = byte(m, pos);
-            let (step, name_ends) = match b & 0xc0 {
-                0xc0 => (2, true),
-                0 if b == 0 => (1, true),
-                0 => (usize::from(b) + 1, false),
-                _ => return Err(STAT_DNS_MALFORMED),
-            };
-            put(&mut work.pos, (pos + step) as u32);
-            if name_ends {
-                put(&mut work.in_name, 0);
+        let b = byte(m, pos);
+        let rec = match b & 0xc0 {
+            0xc0 => pos + 2,
+            0 if b == 0 => pos + 1,
+            0 => {
+                put(&mut work.pos, (pos + usize::from(b) + 1) as u32);
+                continue;
             }
-            continue;
+            _ => return STAT_DNS_MALFORMED,
+        };
+        if rec + 10 > len {
+            return STAT_DNS_MALFORMED;
         }
-        if pos + 10 > len {
-            return Err(STAT_DNS_MALFORMED);
+        let rdlen = usize::from(be16(m, rec + 8));
+        if rec + 10 + rdlen > len {
+            return STAT_DNS_MALFORMED;
         }
-        let rdlen = usize::from(be16(m, pos + 8));
-        if pos + 10 + rdlen > len {
-            return Err(STAT_DNS_MALFORMED);
-        }
-        if be16(m, pos + 2) == CLASS_IN
-            && let Some(addr) = record_address(m, be16(m, pos), pos + 10, rdlen)
-        {
-            let ttl = u32::from_be_bytes([
-                byte(m, pos + 4),
-                byte(m, pos + 5),
-                byte(m, pos + 6),
-                byte(m, pos + 7),
-            ]);
-            remember_address(&addr, port_set, ttl, settings, now);
-            let n = get16(&m.learned);
-            m.addrs[usize::from(n) % DNS_MAX_LEARNED] = addr;
-            m.learned = n + 1;
-            count(STAT_DNS_LEARNED);
-        }
-        put(&mut work.pos, (pos + 10 + rdlen) as u32);
+        put(&mut work.pos, (rec + 10 + rdlen) as u32);
         put(&mut work.records, records as u32 + 1);
-        put(&mut work.in_name, 1);
-    }
-    Ok(())
-}
-
-/// The address an A or AAAA record's data holds.
-#[inline(always)]
-fn record_address(m: &DnsEvent, rtype: u16, data: usize, rdlen: usize) -> Option<Addr> {
-    match (rtype, rdlen) {
-        (TYPE_A, 4) => Some(v4_mapped([
-            byte(m, data),
-            byte(m, data + 1),
-            byte(m, data + 2),
-            byte(m, data + 3),
-        ])),
-        (TYPE_AAAA, 16) => {
-            let mut a = [0u8; 16];
-            for (j, b) in a.iter_mut().enumerate() {
-                *b = byte(m, data + j);
-            }
-            Some(a)
+        if be16(m, rec + 2) == CLASS_IN {
+            dns_learn_record(rec as u32, port_set, now);
         }
-        _ => None,
     }
+    LEARNED_OK
 }
 
-/// The port set of the most specific rule that allows the question name: one longest-prefix
-/// lookup of the name's labels in reverse order (see `egress_common::NAMES`).
-#[inline(always)]
-fn allowed_port_set(m: &DnsEvent, work: &mut DnsWork) -> Option<u32> {
-    reversed_name(m, work);
-    let found = NAMES.get(&work.key).map(|v| v.port_set)?;
-    (found != NO_PORT_SET).then_some(found)
+/// Learns the address of the class IN record at offset `rec` of the answer in
+/// `DNS_SCRATCH`, if it is an A or AAAA record, with `port_set`, and adds it to the event.
+/// A function of its own: each step of the walk then ends in one state, whatever became of
+/// the address. The address and the new `LEARNED` value are built in map memory, not on
+/// the stack: the verifier allows 512 bytes for all frames of a call chain together.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dns_learn_record(rec: u32, port_set: u32, now: u64) -> u32 {
+    let (Some(m), Some(work), Some(settings)) =
+        (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK), SETTINGS.get(0))
+    else {
+        return 0;
+    };
+    let rec = rec as usize;
+    let data = rec + 10;
+    let n = get16(&m.learned);
+    let slot = usize::from(n) % DNS_MAX_LEARNED;
+    match (be16(m, rec), be16(m, rec + 8)) {
+        (TYPE_A, 4) => {
+            let a = [
+                byte(m, data),
+                byte(m, data + 1),
+                byte(m, data + 2),
+                byte(m, data + 3),
+            ];
+            m.addrs[slot] = v4_mapped(a);
+        }
+        (TYPE_AAAA, 16) => {
+            for j in 0..16 {
+                m.addrs[slot][j] = byte(m, data + j);
+            }
+        }
+        _ => return 0,
+    }
+    let ttl = u32::from_be_bytes([
+        byte(m, rec + 4),
+        byte(m, rec + 5),
+        byte(m, rec + 6),
+        byte(m, rec + 7),
+    ]);
+    remember_address(&m.addrs[slot], work, port_set, ttl, settings, now);
+    m.learned = n + 1;
+    count(STAT_DNS_LEARNED);
+    1
 }
 
 /// Writes the question name's last `NAME_MAX_LABELS` labels, last label first, into
 /// `work.key`, with a terminating zero when that is the whole name. One flat loop over the
-/// output bytes, its state in map memory (see `question`).
+/// output bytes, all of its state in map memory.
 #[inline(always)]
 fn reversed_name(m: &DnsEvent, work: &mut DnsWork) {
-    let labels = get(&work.labels);
-    let first_kept = labels.saturating_sub(NAME_MAX_LABELS as u32);
+    let labels = get(&work.name.labels);
     put(&mut work.label, labels);
+    put(&mut work.kept, labels.min(NAME_MAX_LABELS as u32));
     put(&mut work.left, 0);
-    let mut written = 0;
+    put(&mut work.written, 0);
     for i in 0..NAME_KEY_LEN {
         let left = get(&work.left);
         let b = if left == 0 {
-            let label = get(&work.label);
-            if label <= first_kept {
-                if first_kept == 0 {
+            let kept = get(&work.kept);
+            if kept == 0 {
+                if get(&work.label) == 0 {
                     work.key.data.bytes[i] = 0;
-                    written = i + 1;
+                    put(&mut work.written, i as u32 + 1);
                 }
                 break;
             }
-            put(&mut work.label, label - 1);
-            let start = usize::from(work.starts[(label - 1) as usize % NAME_MAX_LABELS]);
+            put(&mut work.kept, kept - 1);
+            let label = get(&work.label) - 1;
+            put(&mut work.label, label);
+            let start = usize::from(work.name.starts[label as usize % NAME_MAX_LABELS]);
             let len = byte(m, start);
             put(&mut work.from, start as u32 + 1);
             put(&mut work.left, u32::from(len));
@@ -409,15 +526,22 @@ fn reversed_name(m: &DnsEvent, work: &mut DnsWork) {
             lower(byte(m, from as usize))
         };
         work.key.data.bytes[i] = b;
-        written = i + 1;
+        put(&mut work.written, i as u32 + 1);
     }
-    work.key.prefix_len = (written * 8) as u32;
+    work.key.prefix_len = get(&work.written) * 8;
 }
 
 /// Writes a learned address, keeping a second port set when the address is already allowed
 /// through another name (the agent later replaces both with their union).
 #[inline(always)]
-fn remember_address(addr: &Addr, port_set: u32, ttl: u32, settings: &Settings, now: u64) {
+fn remember_address(
+    addr: &Addr,
+    work: &mut DnsWork,
+    port_set: u32,
+    ttl: u32,
+    settings: &Settings,
+    now: u64,
+) {
     // Not `clamp`: it panics when min > max, and a panic is an endless loop here.
     let secs = ttl.max(settings.dns_min_ttl).min(settings.dns_max_ttl);
     let expires_ns = now + u64::from(secs) * NS_PER_SEC;
@@ -434,10 +558,11 @@ fn remember_address(addr: &Addr, port_set: u32, ttl: u32, settings: &Settings, n
             return;
         }
     }
-    let value = LearnedValue {
+    work.value = LearnedValue {
         port_set,
         extra_set: NO_PORT_SET,
         expires_ns,
     };
+    let value: &LearnedValue = &work.value;
     let _ = LEARNED.insert(addr, value, 0);
 }

@@ -51,35 +51,60 @@ pub static DNS_QUERIES: LruHashMap<QueryKey, QueryValue> =
 #[map]
 pub static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_EVENTS_BYTES, 0);
 
-/// Per-CPU room for one DNS message (too large for the 512-byte stack); it is filled in
-/// place and then copied into `DNS_EVENTS`.
+/// Per-CPU room for one DNS answer (too large for the 512-byte stack); it is filled in
+/// place and then copied into `DNS_EVENTS`. The ingress programs' own: see `DNS_QUERY`.
 #[map]
 pub static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Working memory of the DNS parser, too large for the 512-byte stack next to everything
+/// What the question walk finds out about a name (see `dns::question`).
+#[repr(C)]
+pub struct NameWork {
+    /// Offsets of the name's last labels (a ring indexed by label number).
+    pub starts: [u16; NAME_MAX_LABELS],
+    /// How many labels the name has, and the offset of its root label.
+    pub labels: u32,
+    pub end: u32,
+    pub hash: u64,
+}
+
+/// Working memory of the answer parser, too large for the 512-byte stack next to everything
 /// else. Kernel-only: the agent never reads it.
 #[repr(C)]
 pub struct DnsWork {
-    /// Offsets of the question name's last labels (a ring indexed by label number).
-    pub starts: [u16; NAME_MAX_LABELS],
+    pub name: NameWork,
     /// The key `NAMES` is probed with, built label by label (see `dns::reversed_name`).
     pub key: Key<NameKey>,
+    /// Labels of the name not yet copied, those of them still to copy, bytes left of the
+    /// label being copied, where they are, and the key bytes written.
     pub label: u32,
+    pub kept: u32,
     pub left: u32,
     pub from: u32,
-    /// The answer's (resolver, client, port, proto), id still 0: the query it must match.
+    pub written: u32,
+    /// The answer's (resolver, client, port, proto) and id: the query it must match.
     pub query: QueryKey,
-    /// Labels of the question name, the offset where the next one starts, and where the
-    /// name ends (its root label).
-    pub labels: u32,
-    pub next: u32,
-    pub end: u32,
-    /// The answer walk: records walked, the offset reached, and whether it is inside an
-    /// owner name.
+    /// The answer walk: records walked and the offset reached.
     pub records: u32,
     pub pos: u32,
-    pub in_name: u32,
+    /// A new `LEARNED` entry.
+    pub value: LearnedValue,
 }
 
 #[map]
 pub static DNS_WORK: PerCpuArray<DnsWork> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of a query the egress programs read: the header and the longest name fit.
+pub const QUERY_BYTES: usize = 512;
+
+/// A query being parsed. Apart from the answer's scratch maps: a packet received on this
+/// CPU (softirq) can interrupt a program parsing a query that a process sends.
+#[repr(C)]
+pub struct QueryWork {
+    pub name: NameWork,
+    pub len: u32,
+    pub _pad: u32,
+    pub msg: [u8; QUERY_BYTES],
+}
+
+#[map]
+pub static DNS_QUERY: PerCpuArray<QueryWork> = PerCpuArray::with_max_entries(1, 0);

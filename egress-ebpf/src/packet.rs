@@ -5,9 +5,12 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::__sk_buff,
+    helpers::bpf_skb_load_bytes,
     programs::{SkBuffContext, TcContext},
 };
-use egress_common::{Addr, proto, v4_mapped};
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
+
+use egress_common::{Addr, proto};
 
 /// A context whose packet bytes can be read; implemented for both attach kinds.
 pub trait Skb: EbpfContext {
@@ -74,7 +77,9 @@ pub fn tc_l3_start(ctx: &TcContext) -> Option<L3Start> {
 
 /// What the verdict needs to know about a packet.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Packet {
+    /// `src` and `dst` first and in this order: `parse` reads both at once.
     pub src: Addr,
     pub dst: Addr,
     pub proto: u8,
@@ -106,66 +111,98 @@ const NEXTHDR_DEST: u8 = 60;
 
 /// Parses the IP header at `l3` and the start of the transport header.
 /// `None` means the headers are truncated or not IPv4/IPv6.
+///
+/// The addresses are written straight into the `Packet`, in memory: built from bytes in
+/// registers, each of their 32 bytes took a register or a stack slot of its own (the
+/// verifier allows 512 bytes of stack for all frames of a call chain) and a dozen
+/// instructions. Every field is written once, with no zeroing first: the compiler turns a
+/// run of zero stores into a call to a byte-by-byte `memset`, on every packet.
 #[inline(always)]
 pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
     let l3 = l3.0;
-    let first: u8 = ctx.read(l3)?;
-    let (src, dst, proto, l4, later_fragment) = match first >> 4 {
+    let h: [u8; 8] = ctx.read(l3)?;
+    let mut p = MaybeUninit::<Packet>::uninit();
+    let pp = p.as_mut_ptr();
+    let (proto, l4, later_fragment) = match h[0] >> 4 {
         4 => {
-            let h: [u8; 20] = ctx.read(l3)?;
             let ihl = usize::from(h[0] & 0x0f) * 4;
             let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-            (
-                v4_mapped([h[12], h[13], h[14], h[15]]),
-                v4_mapped([h[16], h[17], h[18], h[19]]),
-                h[9],
-                l3 + ihl,
-                frag_offset != 0,
-            )
+            let t: [u8; 12] = ctx.read(l3 + 8)?;
+            // SAFETY: both point into `p`.
+            unsafe {
+                write_v4_mapped(addr_of_mut!((*pp).src), [t[4], t[5], t[6], t[7]]);
+                write_v4_mapped(addr_of_mut!((*pp).dst), [t[8], t[9], t[10], t[11]]);
+            }
+            (t[1], l3 + ihl, frag_offset != 0)
         }
         6 => {
-            let h: [u8; IPV6_HLEN] = ctx.read(l3)?;
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&h[8..24]);
-            dst.copy_from_slice(&h[24..40]);
-            let (proto, l4, later_fragment) = skip_ipv6_extensions(ctx, h[6], l3 + IPV6_HLEN)?;
-            (src, dst, proto, l4, later_fragment)
+            // Both addresses at once: `src` and `dst` are adjacent, in this order.
+            read_into(ctx, l3 + 8, pp.cast(), 2 * size_of::<Addr>())?;
+            skip_ipv6_extensions(ctx, h[6], l3 + IPV6_HLEN)?
         }
         _ => return None,
     };
-    let mut p = Packet {
-        src,
-        dst,
-        proto,
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        icmp_type: 0,
-        l4,
-        payload: 0,
+    let (mut sport, mut dport, mut tcp_flags, mut icmp_type, mut payload) = (0, 0, 0, 0, 0);
+    if !later_fragment {
+        match proto {
+            proto::TCP => {
+                let t: [u8; 14] = ctx.read(l4)?;
+                sport = u16::from_be_bytes([t[0], t[1]]);
+                dport = u16::from_be_bytes([t[2], t[3]]);
+                tcp_flags = t[13];
+                payload = l4 + usize::from(t[12] >> 4) * 4;
+            }
+            proto::UDP => {
+                let u: [u8; 4] = ctx.read(l4)?;
+                sport = u16::from_be_bytes([u[0], u[1]]);
+                dport = u16::from_be_bytes([u[2], u[3]]);
+                payload = l4 + UDP_HLEN;
+            }
+            proto::ICMP | proto::ICMPV6 => icmp_type = ctx.read(l4)?,
+            _ => {}
+        }
+    }
+    // SAFETY: the addresses are written above, every other field here.
+    unsafe {
+        addr_of_mut!((*pp).proto).write(proto);
+        addr_of_mut!((*pp).sport).write(sport);
+        addr_of_mut!((*pp).dport).write(dport);
+        addr_of_mut!((*pp).tcp_flags).write(tcp_flags);
+        addr_of_mut!((*pp).icmp_type).write(icmp_type);
+        addr_of_mut!((*pp).l4).write(l4);
+        addr_of_mut!((*pp).payload).write(payload);
+        Some(p.assume_init())
+    }
+}
+
+/// Writes the IPv4-mapped form of `v4` (see `egress_common::v4_mapped`) as three stores.
+///
+/// # Safety
+/// `to` must be valid for writes.
+#[inline(always)]
+unsafe fn write_v4_mapped(to: *mut Addr, v4: [u8; 4]) {
+    let to = to.cast::<u8>();
+    // SAFETY: all three are within the 16 bytes at `to`.
+    unsafe {
+        to.cast::<u64>().write_unaligned(0);
+        to.add(8).cast::<[u8; 4]>().write([0, 0, 0xff, 0xff]);
+        to.add(12).cast::<[u8; 4]>().write(v4);
+    }
+}
+
+/// Copies `len` packet bytes at `offset` to `to`.
+#[inline(always)]
+fn read_into<C: Skb>(ctx: &C, offset: usize, to: *mut u8, len: usize) -> Option<()> {
+    // SAFETY: the callers pass a destination with room for `len` bytes.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr().cast_const(),
+            offset as u32,
+            to.cast(),
+            len as u32,
+        )
     };
-    if later_fragment {
-        return Some(p);
-    }
-    match proto {
-        proto::TCP => {
-            let t: [u8; 14] = ctx.read(l4)?;
-            p.sport = u16::from_be_bytes([t[0], t[1]]);
-            p.dport = u16::from_be_bytes([t[2], t[3]]);
-            p.tcp_flags = t[13];
-            p.payload = l4 + usize::from(t[12] >> 4) * 4;
-        }
-        proto::UDP => {
-            let u: [u8; 4] = ctx.read(l4)?;
-            p.sport = u16::from_be_bytes([u[0], u[1]]);
-            p.dport = u16::from_be_bytes([u[2], u[3]]);
-            p.payload = l4 + UDP_HLEN;
-        }
-        proto::ICMP | proto::ICMPV6 => p.icmp_type = ctx.read(l4)?,
-        _ => {}
-    }
-    Some(p)
+    (rc == 0).then_some(())
 }
 
 /// Walks IPv6 extension headers; returns (transport protocol, its offset, is a later fragment).

@@ -93,9 +93,7 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // Answers to this side's own queries start no flow: nothing more to do for them.
     if dns::from_dns_port(&p) {
-        if let Some(settings) = SETTINGS.get(0) {
-            dns::answer(ctx, &p, settings, now);
-        }
+        dns::answer(ctx, &p, now);
         return;
     }
     let starts_flow = match p.proto {

@@ -380,3 +380,62 @@ fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
     assert!(!older.exists(), "the older version's pins are still there");
     assert!(current.exists());
 }
+
+/// The size of the ring buffer pinned at `path`, as `bpftool map show` lists it.
+fn ring_size(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("cannot run bpftool");
+    assert!(out.status.success(), "bpftool map show {}", path.display());
+    let map: Value = serde_json::from_slice(&out.stdout).expect("bpftool printed JSON");
+    assert_eq!(map["type"], "ringbuf", "{map}");
+    map["max_entries"].as_u64().expect("max_entries")
+}
+
+/// A release that resized the DNS answer ring buffer left its ring pinned: the agent
+/// replaces it, reads what it holds (nothing here: its programs never had it), pins its own
+/// in its place, although the task that reads the ring owns it by then, and learns through
+/// its own.
+#[test]
+fn a_dns_ring_buffer_of_another_size_is_replaced_and_read() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let (policy, pins, mut old) = start_keeping(&world);
+    assert!(old.terminate().success());
+    let versions: Vec<_> = fs::read_dir(pins.root())
+        .expect("the pin root")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    let [version] = versions.as_slice() else {
+        panic!("one version directory expected: {versions:?}");
+    };
+    let ring = version.join("maps/DNS_EVENTS");
+    const OTHER_SIZE: u64 = 8 << 20;
+    assert_ne!(ring_size(&ring), OTHER_SIZE);
+    fs::remove_file(&ring).expect("unpin the ring buffer");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&ring)
+        .args(["type", "ringbuf", "key", "0", "value", "0", "entries"])
+        .arg(OTHER_SIZE.to_string())
+        .args(["name", "DNS_EVENTS"])
+        .status()
+        .expect("cannot run bpftool");
+    assert!(created.success(), "bpftool map create");
+
+    let (mut allowed, mut denied) = world.loops();
+    let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
+    new.wait_for_stderr("pinned map DNS_EVENTS differs", TAKEOVER_TIMEOUT);
+    new.wait_for_stderr(
+        "read 0 answers queued in the replaced DNS ring buffer",
+        TAKEOVER_TIMEOUT,
+    );
+    assert_ne!(ring_size(&ring), OTHER_SIZE, "the replacement is pinned");
+    world.resolve_ok(APP, "app after the replacement");
+    new.wait_learned(APP, APP_V4);
+    assert_loops(&mut allowed, &mut denied);
+}

@@ -16,12 +16,12 @@ use egress_agent::{
     compile::compile,
     control::boot_time_ns,
     dns::learner::Learner,
-    events::decode,
+    events::decode_dns,
     loader::{EGRESS_CGROUP, Enforcer, INGRESS_CGROUP},
     policy::{Mode, parse},
     run::settings,
 };
-use egress_common::{DnsEvent, proto};
+use egress_common::proto;
 
 use crate::dns::{answer, query};
 
@@ -98,7 +98,7 @@ fn drain(
 ) -> Result<(u64, u64)> {
     let (mut n, mut cpu) = (0, 0);
     while let Some(item) = ring.next() {
-        let event = decode::<DnsEvent>(&item).context("a DnsEvent")?;
+        let event = decode_dns(&item).context("a DnsEvent")?;
         drop(item);
         let t0 = thread_cpu_ns();
         learner.answer(enforcer, &event, boot_time_ns())?;
