@@ -23,7 +23,7 @@ use egress_agent::{
 };
 use egress_common::proto;
 
-use crate::dns::{answer, query};
+use crate::dns::{RECORDS, answer, query};
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
 const RESOLVER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 2);
@@ -36,10 +36,10 @@ pub struct Options {
     pub rounds: u32,
 }
 
-/// The benchmark's policy: `zones` wildcard patterns on TCP 443, room for every address.
-fn policy_yaml(zones: u32) -> String {
+/// The benchmark's policy: `zones` wildcard patterns on TCP 443, room for `addresses`.
+fn policy_yaml(zones: u32, addresses: u32) -> String {
     let mut y = format!(
-        "mode: enforce\ndns:\n  resolvers: [{RESOLVER}]\n  max_ips: 65536\n  max_ips_per_name: 65536\nallow:\n"
+        "mode: enforce\ndns:\n  resolvers: [{RESOLVER}]\n  max_ips: {addresses}\n  max_ips_per_name: 65536\nallow:\n"
     );
     for z in 0..zones {
         y.push_str(&format!(
@@ -113,7 +113,9 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.names == 0 || opts.names > 65_536 || opts.zones == 0 || opts.rounds == 0 {
         bail!("--names must be 1..=65536, --zones and --rounds at least 1");
     }
-    let policy = parse(&policy_yaml(opts.zones), "learn.yaml")?;
+    // At most 1,048,576: LEARNED_LIMIT.
+    let addresses = opts.names * u32::from(RECORDS);
+    let policy = parse(&policy_yaml(opts.zones, addresses), "learn.yaml")?;
     let compiled = compile(&policy)?;
     let mut enforcer = Enforcer::load(
         &settings(Mode::Enforce, &policy.dns),

@@ -1686,6 +1686,7 @@ dns:
         };
 
         use super::super::{MAX_CHAIN, to_key};
+        use crate::dns::wire::policy_key_of;
 
         pub struct Reading {
             /// The question's key; `None` when a label is one no rule can match.
@@ -1707,7 +1708,7 @@ dns:
                 return None;
             }
             let mut key = String::new();
-            let key = qname_key(&query.name, &mut key).then_some(key);
+            let key = policy_key_of(query.name.iter(), &mut key).then_some(key);
             let chain = cname_chain(&msg, &query.name);
             let (mut learned, mut off_chain) = (Vec::new(), 0);
             for record in &msg.answers {
@@ -1735,27 +1736,6 @@ dns:
                 off_chain,
                 kernel,
             })
-        }
-
-        fn qname_key(name: &Name, out: &mut String) -> bool {
-            out.clear();
-            for (i, label) in name.iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                for (j, b) in label.iter().enumerate() {
-                    let c = b.to_ascii_lowercase();
-                    let plain = c.is_ascii_alphanumeric()
-                        || c == b'_'
-                        || (c == b'-' && j > 0)
-                        || (c == b'*' && j == 0);
-                    if !plain {
-                        return false;
-                    }
-                    out.push(char::from(c));
-                }
-            }
-            true
         }
 
         fn cname_chain<'m>(msg: &'m Message, qname: &'m Name) -> Vec<&'m Name> {

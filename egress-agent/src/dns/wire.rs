@@ -271,24 +271,7 @@ impl<'m> Name<'m> {
     /// trailing dot. False when a label holds a byte a name's text would escape (a dot, a
     /// backslash, a leading hyphen, ...): no rule can match such a name.
     pub fn policy_key(&self, out: &mut String) -> bool {
-        out.clear();
-        for (i, label) in self.labels().enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            for (j, b) in label.iter().enumerate() {
-                let c = b.to_ascii_lowercase();
-                let plain = c.is_ascii_alphanumeric()
-                    || c == b'_'
-                    || (c == b'-' && j > 0)
-                    || (c == b'*' && j == 0);
-                if !plain {
-                    return false;
-                }
-                out.push(char::from(c));
-            }
-        }
-        true
+        policy_key_of(self.labels(), out)
     }
 }
 
@@ -322,6 +305,28 @@ impl Labels<'_> {
         }
         self.at
     }
+}
+
+/// [`Name::policy_key`] of a name given by its labels, first to last.
+pub fn policy_key_of<'a>(labels: impl IntoIterator<Item = &'a [u8]>, out: &mut String) -> bool {
+    out.clear();
+    for (i, label) in labels.into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for (j, b) in label.iter().enumerate() {
+            let c = b.to_ascii_lowercase();
+            let plain = c.is_ascii_alphanumeric()
+                || c == b'_'
+                || (c == b'-' && j > 0)
+                || (c == b'*' && j == 0);
+            if !plain {
+                return false;
+            }
+            out.push(char::from(c));
+        }
+    }
+    true
 }
 
 impl<'m> Iterator for Labels<'m> {
