@@ -235,6 +235,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         legacy,
         journal: NameJournal::from_pinned(&pinned_names),
         journaled: None,
+        journal_behind: false,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
