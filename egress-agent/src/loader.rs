@@ -963,14 +963,6 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Every address in `LEARNED`.
-    pub fn learned_addresses(&self) -> Result<Vec<Addr>, LoadError> {
-        self.hash_ref::<Addr, LearnedValue>(LEARNED)?
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("reading LEARNED"))
-    }
-
     pub fn stats(&self) -> Result<Stats, LoadError> {
         read_stats(self.ebpf.map(STATS).ok_or(LoadError::MissingMap(STATS))?)
     }

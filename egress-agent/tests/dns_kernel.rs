@@ -356,7 +356,10 @@ impl Dns {
 
     /// Every address in `LEARNED`, which is emptied for the next case.
     fn take_learned(&mut self) -> BTreeSet<IpAddr> {
-        let addrs = self.enforcer.learned_addresses().expect("LEARNED iterates");
+        let addrs: Vec<_> = (self.enforcer.learned_entries().expect("LEARNED iterates"))
+            .into_iter()
+            .map(|(addr, _)| addr)
+            .collect();
         for a in &addrs {
             self.enforcer.remove(a).expect("LEARNED deletes");
         }
