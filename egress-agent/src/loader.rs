@@ -307,12 +307,17 @@ where
         .map_err(prog_err(name))
 }
 
-/// How many instructions the verifier processed for a program (kernels >= 5.16 say), for
-/// the debug log: the figure to watch when changing the kernel side.
-fn verified_instructions(info: Result<ProgramInfo, ProgramError>) -> String {
-    info.ok()
+/// Logs (debug) a program's load time and how many instructions the verifier processed
+/// (kernels >= 5.16 say): the figure to watch when changing the kernel side.
+fn log_loaded(name: &str, started: Instant, info: Result<ProgramInfo, ProgramError>) {
+    let processed = info
+        .ok()
         .and_then(|i| i.verified_instruction_count())
-        .map_or_else(|| "unknown".into(), |n| n.to_string())
+        .map_or_else(|| "unknown".into(), |n| n.to_string());
+    log::debug!(
+        "{name} verified and loaded in {:?} ({processed} instructions processed)",
+        started.elapsed()
+    );
 }
 
 /// Loads the named cgroup programs, each on a thread of its own: verification is most of
@@ -338,11 +343,7 @@ fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadE
                         .try_into()
                         .map_err(prog_err(format!("{name} is no cgroup_skb program")))?;
                     prog.load().map_err(prog_err(format!("loading {name}")))?;
-                    log::debug!(
-                        "{name} verified and loaded in {:?} ({} instructions processed)",
-                        started.elapsed(),
-                        verified_instructions(prog.info())
-                    );
+                    log_loaded(name, started, prog.info());
                     Ok(())
                 })
             })
@@ -689,11 +690,7 @@ impl Enforcer {
             if prog.fd().is_err() {
                 let started = Instant::now();
                 prog.load().map_err(prog_err(format!("loading {name}")))?;
-                log::debug!(
-                    "{name} verified and loaded in {:?} ({} instructions processed)",
-                    started.elapsed(),
-                    verified_instructions(prog.info())
-                );
+                log_loaded(name, started, prog.info());
             }
         }
         Ok(())
