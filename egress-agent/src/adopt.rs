@@ -8,7 +8,7 @@
 //! refers to them any more.
 use std::collections::{BTreeMap, HashMap};
 
-use egress_common::{Addr, LearnedName, LearnedNameKey, LearnedValue, PortKey};
+use egress_common::{Addr, LearnedValue, PortKey};
 
 use crate::compile::PortSets;
 
@@ -78,17 +78,6 @@ impl LegacySets {
     }
 }
 
-/// The pinned `LEARNED_NAMES` records as the learner takes them.
-pub fn records(pinned: &[(LearnedNameKey, LearnedName)]) -> Vec<(Addr, String, u64)> {
-    pinned
-        .iter()
-        .filter_map(|(k, v)| {
-            let name = std::str::from_utf8(v.name_bytes()).ok()?;
-            Some((k.addr, name.to_owned(), v.expires_ns))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use egress_common::{NO_PORT_SET, proto};
@@ -137,17 +126,5 @@ mod tests {
         );
         assert_eq!(legacy.expire(500).len(), 2);
         assert!(legacy.is_empty());
-    }
-
-    #[test]
-    fn records_skip_what_is_not_text() {
-        let key = LearnedNameKey::new([1; 16], "api.example.com");
-        let good = LearnedName::new("api.example.com", 9).unwrap();
-        let mut bad = good;
-        bad.name[0] = 0xff;
-        assert_eq!(
-            records(&[(key, good), (key, bad)]),
-            vec![([1; 16], "api.example.com".to_owned(), 9)]
-        );
     }
 }

@@ -20,7 +20,6 @@ use crate::{
         resolvers,
     },
     events::decode_dns,
-    journal::NameJournal,
     loader::{Enforcer, Stats},
     metrics::Snapshot,
     policy::{Mode, Policy},
@@ -54,10 +53,6 @@ pub struct Control {
     pub keep_on_exit: bool,
     /// A previous agent's port sets still in use (empty on a first start).
     pub legacy: LegacySets,
-    pub journal: NameJournal,
-    /// The learner's counters at the last journal flush: unchanged counters mean unchanged
-    /// bookkeeping, so an idle agent does no work. `None` forces the next flush.
-    pub journaled: Option<LearnerCounters>,
     /// The last flush left records for the next one (a burst of new addresses).
     pub journal_behind: bool,
 }
@@ -72,19 +67,10 @@ impl Control {
     /// Writes what changed in the learner's bookkeeping to the pinned name records.
     /// Returns whether everything is written (a burst takes several flushes).
     fn flush_journal(&mut self, budget: usize) -> anyhow::Result<bool> {
-        if self.journaled == Some(self.learner.counters) {
-            return Ok(true);
-        }
-        let changes = self.journal.changes(
-            self.learner
-                .learned()
-                .flat_map(|(addr, names)| names.map(move |(n, e)| (addr, n, e))),
-            budget,
-        );
+        let changes = self.learner.journal_changes(budget);
         self.enforcer
-            .update_learned_names(&changes.put, &changes.delete)
+            .update_learned_names(&changes.delete, &changes.put)
             .context("writing the learned names' records")?;
-        self.journaled = changes.complete.then_some(self.learner.counters);
         if changes.complete && self.journal_behind {
             // A burst is recorded: the tables that grew for it and the flushes' buffers
             // leave freed heap behind (~9 MiB after 100,000 new addresses).
@@ -114,7 +100,7 @@ impl Control {
                 let _ = snapshots.send(Some(Snapshot {
                     stats,
                     learner: self.learner.counters,
-                    learned: self.learner.learned().count(),
+                    learned: self.learner.len(),
                     learned_capacity: self.learned_capacity,
                     policy: self.enforcer.policy_entries(),
                 }));
@@ -156,7 +142,6 @@ impl Control {
             &policy_sets,
             boot_time_ns(),
         )?;
-        self.journaled = None;
         log::info!(
             "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
             policy.rules.len(),

@@ -6,7 +6,6 @@ pub mod compile;
 pub mod control;
 pub mod dns;
 pub mod events;
-pub mod journal;
 pub mod loader;
 pub mod metrics;
 pub mod pin;

@@ -938,24 +938,25 @@ impl Enforcer {
             .map_err(map_err("reading LEARNED_NAMES"))
     }
 
-    /// Writes (address, name) records and deletes others; nothing without a pin root.
+    /// Deletes (address, name) records, then writes others (a pair that went and came
+    /// back is in both); nothing without a pin root.
     pub fn update_learned_names(
         &mut self,
-        put: &[(LearnedNameKey, LearnedName)],
         delete: &[LearnedNameKey],
+        put: &[(LearnedNameKey, LearnedName)],
     ) -> Result<(), LoadError> {
         let Some(pinned) = &mut self.pinned else {
             return Ok(());
         };
+        for key in delete {
+            remove_if_present(pinned.learned_names.remove(key))
+                .map_err(map_err("deleting from LEARNED_NAMES"))?;
+        }
         for (key, value) in put {
             pinned
                 .learned_names
                 .insert(key, value, 0)
                 .map_err(map_err("writing LEARNED_NAMES"))?;
-        }
-        for key in delete {
-            remove_if_present(pinned.learned_names.remove(key))
-                .map_err(map_err("deleting from LEARNED_NAMES"))?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use tokio::{
 };
 
 use crate::{
-    adopt::{self, LegacySets},
+    adopt::LegacySets,
     cgroup::{CgroupNames, cgroup2_mount},
     compile::{PortSets, compile, compile_with},
     control::{Control, boot_time_ns},
@@ -20,7 +20,6 @@ use crate::{
         resolvers,
     },
     events,
-    journal::NameJournal,
     loader::Enforcer,
     metrics,
     pin::PinRoot,
@@ -158,7 +157,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("reading the pinned learned names")?;
     let mut learner = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
     learner
-        .restore(&mut enforcer, adopt::records(&pinned_names), now)
+        .restore(&mut enforcer, &pinned_names, now)
         .context("taking over the learned addresses")?;
     enforcer
         .remove_ports(&unused_sets)
@@ -200,7 +199,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             "took over the pinned state in {}: {} learned addresses, {} of the previous agent's \
              port sets still in use, {} of its attachments replaced",
             pins.dir().display(),
-            learner.learned().count(),
+            learner.len(),
             legacy.len(),
             retired.len()
         );
@@ -233,8 +232,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         learned_capacity,
         keep_on_exit: opts.on_exit == OnExit::Keep,
         legacy,
-        journal: NameJournal::from_pinned(&pinned_names),
-        journaled: None,
         journal_behind: false,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);

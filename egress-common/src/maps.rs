@@ -374,8 +374,9 @@ pub const LAYOUT_VERSION: u32 = 1;
 /// only (no program uses it). Which names each learned address was learned through, and
 /// when each expires (`bpf_ktime_get_boot_ns` time), so that a restarted agent takes over
 /// its predecessor's bookkeeping and `egress-agent status` can show names while no agent
-/// runs. Written once a second with what changed. The key is small (the name's hash), so
-/// the agent's copy of what it wrote stays small; the name itself is in the value.
+/// runs. Written once a second with what changed. The key is small (the name's hash), so a
+/// record is deleted knowing only the address and the name; the name itself is in the
+/// value.
 pub const LEARNED_NAMES: &str = "LEARNED_NAMES";
 /// Room for a DNS name in text form (at most 253 bytes), zero-padded.
 pub const LEARNED_NAME_LEN: usize = 256;

@@ -159,7 +159,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!(
             "| {round} | {answers} | {} | {:.1} | {:.1} |",
-            learner.learned().count(),
+            learner.len(),
             cpu as f64 / 1e3 / answers as f64,
             wall.as_secs_f64() * 1e6 / answers as f64,
         );
@@ -167,7 +167,7 @@ pub fn run(opts: &Options) -> Result<()> {
     println!(
         "\nResident memory the learner's bookkeeping added: {:.1} MiB ({} addresses); counters {:?}",
         (rss_kib().saturating_sub(rss0)) as f64 / 1024.0,
-        learner.learned().count(),
+        learner.len(),
         learner.counters
     );
     Ok(())

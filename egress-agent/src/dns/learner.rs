@@ -16,12 +16,15 @@ use std::{
 };
 
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_LEARNED, DnsEvent, LearnedValue, NO_PORT_SET, PortKey,
+    ALL_PORTS, Addr, DNS_MAX_LEARNED, DnsEvent, LearnedName, LearnedNameKey, LearnedValue,
+    NO_PORT_SET, PortKey,
 };
 use serde::Serialize;
 
 use super::{
+    journal::{self, Changes, NameJournal, UNWRITTEN},
     names::NameTable,
+    slot_bits::SlotBits,
     wire::{CLASS_IN, Name, Response},
 };
 use crate::{
@@ -74,12 +77,15 @@ struct Held {
     at: u32,
     /// When the pair expires, boot-time ns.
     expires: u64,
+    /// The expiry its `LEARNED_NAMES` record was last written with (`UNWRITTEN`).
+    written: u64,
 }
 
 const UNUSED: Held = Held {
     name: NO_NAME,
     at: 0,
     expires: 0,
+    written: UNWRITTEN,
 };
 
 /// One tracked address.
@@ -115,6 +121,13 @@ impl Slot {
             .then_some(&self.first)
             .into_iter()
             .chain(self.more.iter().flat_map(|m| m.iter()))
+    }
+
+    fn names_mut(&mut self) -> impl Iterator<Item = &mut Held> {
+        (self.first.name != NO_NAME)
+            .then_some(&mut self.first)
+            .into_iter()
+            .chain(self.more.iter_mut().flat_map(|m| m.iter_mut()))
     }
 
     fn is_empty(&self) -> bool {
@@ -156,30 +169,6 @@ impl Slot {
             self.more = None;
         }
         Some(held)
-    }
-}
-
-/// One bit per slot of [`Learner::slots`], all cleared at once when the ring of answers is
-/// found empty.
-#[derive(Default)]
-struct SlotBits(Vec<u64>);
-
-impl SlotBits {
-    fn contains(&self, s: u32) -> bool {
-        let word = self.0.get(s as usize / 64).copied().unwrap_or(0);
-        word & (1 << (s % 64)) != 0
-    }
-
-    fn insert(&mut self, s: u32) {
-        let i = s as usize / 64;
-        if i >= self.0.len() {
-            self.0.resize(i + 1, 0);
-        }
-        self.0[i] |= 1 << (s % 64);
-    }
-
-    fn clear(&mut self) {
-        self.0.fill(0);
     }
 }
 
@@ -266,6 +255,8 @@ pub struct Learner {
     /// Slots whose entry's second port set was first seen (and kept) since the ring of
     /// answers was last found empty (see `extra_pending`).
     extra_seen: SlotBits,
+    /// The pairs whose `LEARNED_NAMES` records are to be written or deleted.
+    journal: NameJournal,
     pub counters: LearnerCounters,
     /// Buffers reused from answer to answer.
     qname: String,
@@ -293,6 +284,7 @@ impl Learner {
             next_due: u64::MAX,
             unsettled: SlotBits::default(),
             extra_seen: SlotBits::default(),
+            journal: NameJournal::default(),
             counters: LearnerCounters::default(),
             qname: String::new(),
             justified: Vec::new(),
@@ -328,7 +320,10 @@ impl Learner {
                 Some((_, set)) => slot.set = *set,
                 None => {
                     for s in std::mem::take(&mut slot.addrs) {
-                        self.slots[s as usize].take(id);
+                        let slot_of_addr = &mut self.slots[s as usize];
+                        if let Some(held) = slot_of_addr.take(id) {
+                            (self.journal).forgotten(slot_of_addr.addr, &slot.name, held.written);
+                        }
                     }
                     self.name_ids.release(id);
                 }
@@ -352,24 +347,30 @@ impl Learner {
         store.remove_ports(&dropped)
     }
 
-    /// Takes over a previous agent's bookkeeping, its (address, name, expiry) records: what
+    /// Takes over a previous agent's bookkeeping, its pinned `LEARNED_NAMES` records: what
     /// the policy still allows and has not expired is learned again and the kernel's entries
     /// get this agent's port sets; an address no record justifies any more is taken back.
+    /// Records not taken over are deleted at the next journal flush.
     pub fn restore(
         &mut self,
         store: &mut impl LearnedStore,
-        records: impl IntoIterator<Item = (Addr, String, u64)>,
+        pinned: &[(LearnedNameKey, LearnedName)],
         now: u64,
     ) -> anyhow::Result<()> {
         let mut touched = HashSet::new();
-        for (addr, name, expires) in records {
-            touched.insert(addr);
-            let Some((_, set)) = self.names.lookup(&name) else {
-                continue;
-            };
-            if expires > now {
-                let id = self.name_ids.intern(&name, *set);
-                self.hold(id, addr, expires);
+        for (key, record) in pinned {
+            touched.insert(key.addr);
+            let name = std::str::from_utf8(record.name_bytes()).ok();
+            let held = name
+                .filter(|name| *key == LearnedNameKey::new(key.addr, name))
+                .and_then(|name| Some((name, self.names.lookup(name)?.1)))
+                .filter(|_| record.expires_ns > now);
+            match held {
+                Some((name, set)) => {
+                    let id = self.name_ids.intern(name, set);
+                    self.hold(id, key.addr, record.expires_ns, record.expires_ns);
+                }
+                None => self.journal.delete(*key),
             }
         }
         for id in self.name_ids.live() {
@@ -396,6 +397,46 @@ impl Learner {
                 .map(|h| (&*self.name_ids.get(h.name).name, h.expires));
             (addr, names)
         })
+    }
+
+    /// How many addresses are learned.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The `LEARNED_NAMES` records to write and delete since the last call, at most
+    /// `budget` to write (about: a slot's pairs are written together): after a burst of new
+    /// addresses the rest waits for the next call (`complete` is false), so that one flush
+    /// never stalls the handling of answers. A name too long for the record (never a valid
+    /// DNS name) is left out.
+    pub fn journal_changes(&mut self, budget: usize) -> Changes {
+        let delete = self.journal.take_gone();
+        let mut put = Vec::new();
+        while put.len() < budget
+            && let Some(s) = self.journal.pop_dirty()
+        {
+            let slot = &mut self.slots[s as usize];
+            let addr = slot.addr;
+            for held in slot.names_mut() {
+                if !journal::stale(held.written, held.expires) {
+                    continue;
+                }
+                let name = &self.name_ids.get(held.name).name;
+                if let Some(record) = LearnedName::new(name, held.expires) {
+                    put.push((LearnedNameKey::new(addr, name), record));
+                }
+                held.written = held.expires;
+            }
+        }
+        Changes {
+            put,
+            delete,
+            complete: !self.journal.is_behind(),
+        }
     }
 
     /// The ring of answers was found empty: every answer handed over from now on was
@@ -472,7 +513,7 @@ impl Learner {
             let key = to_key(addr);
             let expires = self.expiry(record.ttl, now);
             let id = *name.get_or_insert_with(|| self.name_ids.intern(&self.qname, set));
-            let s = self.hold(id, key, expires);
+            let s = self.hold(id, key, expires, UNWRITTEN);
             self.counters.learned += 1;
             if !self.justified.iter().any(|(a, _)| *a == key) {
                 self.justified.push((key, s));
@@ -538,8 +579,9 @@ impl Learner {
     }
 
     /// Records that `addr` was learned through `name` until `expires` (or later, if it
-    /// already was); returns its slot.
-    fn hold(&mut self, name: u32, addr: Addr, expires: u64) -> u32 {
+    /// already was); returns its slot. `written`: the expiry of the pair's record in
+    /// `LEARNED_NAMES`, if a new pair has one.
+    fn hold(&mut self, name: u32, addr: Addr, expires: u64, written: u64) -> u32 {
         let list = &self.name_ids.get(name).addrs;
         let listed = (list.len() <= SCAN_LIMIT)
             .then(|| (list.iter()).find(|s| self.slots[**s as usize].addr == addr))
@@ -564,6 +606,9 @@ impl Learner {
         let slot = &mut self.slots[s as usize];
         if let Some(held) = slot.held_mut(name) {
             held.expires = held.expires.max(expires);
+            if journal::stale(held.written, held.expires) {
+                self.journal.touched(s);
+            }
             return s;
         }
         let addrs = &mut self.name_ids.get_mut(name).addrs;
@@ -571,18 +616,25 @@ impl Learner {
             name,
             at: addrs.len() as u32,
             expires,
+            written,
         });
         addrs.push(s);
         self.next_due = self.next_due.min(expires);
+        if journal::stale(written, expires) {
+            self.journal.touched(s);
+        }
         s
     }
 
     /// Forgets one (name, address) pair, and the name once it holds no address.
     fn forget(&mut self, name: u32, s: u32) {
-        let Some(held) = self.slots[s as usize].take(name) else {
+        let slot = &mut self.slots[s as usize];
+        let Some(held) = slot.take(name) else {
             return;
         };
-        let addrs = &mut self.name_ids.get_mut(name).addrs;
+        let name_slot = self.name_ids.get_mut(name);
+        (self.journal).forgotten(slot.addr, &name_slot.name, held.written);
+        let addrs = &mut name_slot.addrs;
         addrs.swap_remove(held.at as usize);
         if let Some(moved) = addrs.get(held.at as usize) {
             if let Some(h) = self.slots[*moved as usize].held_mut(name) {
@@ -904,6 +956,23 @@ mod tests {
     struct FakeStore {
         learned: HashMap<Addr, LearnedValue>,
         ports: HashSet<PortKey>,
+        /// `LEARNED_NAMES`, which the agent's control task writes.
+        names: HashMap<LearnedNameKey, u64>,
+    }
+
+    impl FakeStore {
+        /// Writes the journal's changes as the control task does; returns whether that was
+        /// all of them.
+        fn flush(&mut self, l: &mut Learner, budget: usize) -> bool {
+            let changes = l.journal_changes(budget);
+            for key in &changes.delete {
+                self.names.remove(key);
+            }
+            for (key, record) in &changes.put {
+                self.names.insert(*key, record.expires_ns);
+            }
+            changes.complete
+        }
     }
 
     impl LearnedStore for FakeStore {
@@ -1013,19 +1082,30 @@ dns:
             store.learned.insert(key(ip), old);
         }
         let until = T0 + 300 * NS_PER_SEC;
-        l.restore(
-            &mut store,
-            [
-                (key("203.0.113.1"), "mcr.microsoft.com".to_owned(), until),
-                (key("203.0.113.1"), "ntp.example.org".to_owned(), until + 1),
-                // A name the policy no longer has.
-                (key("203.0.113.2"), "gone.example.com".to_owned(), until),
-                // Expired already.
-                (key("203.0.113.3"), "mcr.microsoft.com".to_owned(), T0 - 1),
-            ],
-            T0,
-        )
-        .expect("restores");
+        let record = |ip, name, expires| {
+            let key = LearnedNameKey::new(key(ip), name);
+            (key, LearnedName::new(name, expires).expect("fits"))
+        };
+        let mut unreadable = record("203.0.113.5", "mcr.microsoft.com", until);
+        unreadable.1.name[0] = 0xff;
+        let pinned = [
+            record("203.0.113.1", "mcr.microsoft.com", until),
+            record("203.0.113.1", "ntp.example.org", until + 1),
+            // A name the policy no longer has.
+            record("203.0.113.2", "gone.example.com", until),
+            // Expired already.
+            record("203.0.113.3", "mcr.microsoft.com", T0 - 1),
+            unreadable,
+        ];
+        l.restore(&mut store, &pinned, T0).expect("restores");
+        // What is taken over is not rewritten; what is not goes.
+        let changes = l.journal_changes(usize::MAX);
+        assert!(changes.put.is_empty() && changes.complete);
+        let mut deleted = changes.delete;
+        deleted.sort();
+        let mut not_taken: Vec<_> = pinned[2..].iter().map(|(k, _)| *k).collect();
+        not_taken.sort();
+        assert_eq!(deleted, not_taken);
         let kept = store.learned[&key("203.0.113.1")];
         assert_ne!(kept.port_set, 40, "repainted with this agent's set");
         // The kernel's later expiry stands: it may come from an answer still queued.
@@ -1982,6 +2062,27 @@ dns:
         }
     }
 
+    /// What must hold once every journal change is written: `LEARNED_NAMES` holds a record
+    /// of each (address, name) pair and no other, each at most the slack early.
+    fn check_journal(l: &mut Learner, store: &mut FakeStore, rng: &mut Rng, at: &str) {
+        while !store.flush(l, 1 + rng.below(4)) {}
+        let pairs: HashMap<LearnedNameKey, u64> = (l.learned())
+            .flat_map(|(addr, names)| names.map(|(n, e)| (LearnedNameKey::new(*addr, n), e)))
+            .collect();
+        let mut recorded: Vec<_> = store.names.keys().collect();
+        let mut held: Vec<_> = pairs.keys().collect();
+        recorded.sort();
+        held.sort();
+        assert_eq!(recorded, held, "{at}: the records are the pairs");
+        for (key, expires) in &pairs {
+            let written = store.names[key];
+            assert!(
+                written <= *expires && !journal::stale(written, *expires),
+                "{at}: record of {key:?} written with {written}, the pair expires at {expires}"
+            );
+        }
+    }
+
     #[test]
     fn the_view_of_learned_stays_what_the_store_holds() {
         for seed in 1..=24u64 {
@@ -2007,11 +2108,17 @@ dns:
                     let ev = queue.pop_front().expect("queued");
                     l.answer(&mut store, &ev, now).expect("answer");
                 }
+                if rng.below(2) == 0 {
+                    store.flush(&mut l, 1 + rng.below(4));
+                }
                 if !queue.is_empty() {
                     continue;
                 }
                 l.drained();
                 check_view(&l, &store, None, &at);
+                if rng.below(4) == 0 {
+                    check_journal(&mut l, &mut store, &mut rng, &at);
+                }
                 if rng.below(4) == 0 {
                     now += rng.below(40) as u64 * NS_PER_SEC;
                 }
@@ -2037,6 +2144,7 @@ dns:
                     )
                     .expect("reload");
                     check_view(&l, &store, Some(now), &at);
+                    check_journal(&mut l, &mut store, &mut rng, &at);
                 }
             }
         }

@@ -5,7 +5,9 @@
 //! agent then receives every answer the kernel learned from and stays authoritative: it
 //! follows CNAME chains, takes back addresses that are not on the chain, unites the ports of
 //! every name an address was learned through, enforces the bounds, and expires addresses.
+pub mod journal;
 pub mod learner;
 pub mod names;
 pub mod resolvers;
+pub mod slot_bits;
 pub mod wire;
