@@ -155,9 +155,9 @@ impl Control {
         let mut answers = 0;
         while let Some(item) = ring.next() {
             match decode_dns(&item) {
-                Some(event) => {
+                Some(answer) => {
                     self.learner
-                        .answer(&mut self.enforcer, &event, boot_time_ns())?;
+                        .answer(&mut self.enforcer, &answer, boot_time_ns())?;
                     answers += 1;
                 }
                 None => log::warn!("ignoring a DNS event of {} bytes", item.len()),

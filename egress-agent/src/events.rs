@@ -1,6 +1,7 @@
 //! Turns kernel events into JSON lines on stdout.
 use std::{
     io::Write as _,
+    mem::offset_of,
     net::{IpAddr, Ipv6Addr},
     time::SystemTime,
 };
@@ -42,38 +43,43 @@ pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
         .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// Decodes one `DNS_EVENTS` record into a whole event, zero past the message's `len`
-/// bytes. The kernel sends the event's header and the message, no more; a record of the
-/// full size with a shorter message is the previous release's format (it always sent the
-/// whole buffer), found in a ring an upgrade took over. `None` for any other length: shorter
-/// than the header, or not agreeing with `len`.
-pub fn decode_dns(bytes: &[u8]) -> Option<DnsEvent> {
-    let header = bytes.get(..DNS_EVENT_HEADER)?;
-    let mut event = DnsEvent {
-        resolver: [0; 16],
-        client: [0; 16],
-        len: 0,
-        learned: 0,
-        _pad: 0,
-        addrs: [[0; 16]; DNS_MAX_LEARNED],
-        payload: [0; DNS_MAX_PAYLOAD],
-    };
-    // SAFETY: DnsEvent is plain old data and `header` covers exactly its fields before
-    // `payload`.
-    unsafe {
-        core::ptr::copy_nonoverlapping(
-            header.as_ptr(),
-            (&raw mut event).cast::<u8>(),
-            DNS_EVENT_HEADER,
-        );
+/// A `DNS_EVENTS` record as the learner reads it, borrowed from the ring buffer: a record
+/// is up to 2 KiB and a flood brings tens of thousands a second, so nothing is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsAnswer<'a> {
+    /// What the kernel wrote into `LEARNED` from this answer (`DnsEvent::addrs`).
+    pub learned: &'a [Addr],
+    /// The DNS message (for TCP, without its length prefix).
+    pub message: &'a [u8],
+}
+
+impl<'a> From<&'a DnsEvent> for DnsAnswer<'a> {
+    fn from(event: &'a DnsEvent) -> Self {
+        Self {
+            learned: &event.addrs[..usize::from(event.learned).min(DNS_MAX_LEARNED)],
+            message: &event.payload[..usize::from(event.len).min(DNS_MAX_PAYLOAD)],
+        }
     }
-    let len = usize::from(event.len);
+}
+
+/// Decodes one `DNS_EVENTS` record. The kernel sends the event's header and the message,
+/// no more; a record of the full size with a shorter message is the previous release's
+/// format (it always sent the whole buffer), found in a ring an upgrade took over. `None`
+/// for any other length: shorter than the header, or not agreeing with `len`.
+pub fn decode_dns(bytes: &[u8]) -> Option<DnsAnswer<'_>> {
+    let header = bytes.get(..DNS_EVENT_HEADER)?;
+    let u16_at = |at: usize| usize::from(u16::from_ne_bytes([header[at], header[at + 1]]));
+    let len = u16_at(offset_of!(DnsEvent, len));
+    let learned = u16_at(offset_of!(DnsEvent, learned)).min(DNS_MAX_LEARNED);
     let whole = bytes.len() == size_of::<DnsEvent>() && len <= DNS_MAX_PAYLOAD;
     if bytes.len() != DNS_EVENT_HEADER + len && !whole {
         return None;
     }
-    event.payload[..len].copy_from_slice(&bytes[DNS_EVENT_HEADER..DNS_EVENT_HEADER + len]);
-    Some(event)
+    let (addrs, _) = header[offset_of!(DnsEvent, addrs)..].as_chunks::<16>();
+    Some(DnsAnswer {
+        learned: &addrs[..learned],
+        message: &bytes[DNS_EVENT_HEADER..DNS_EVENT_HEADER + len],
+    })
 }
 
 /// The JSON line for an event. `sender` adds what identifies the sending cgroup.
@@ -160,12 +166,17 @@ mod tests {
 
     /// The event as the kernel sends it: its header and `msg`.
     fn dns_record(msg: &[u8]) -> (DnsEvent, Vec<u8>) {
-        let mut event = decode_dns(&[0; DNS_EVENT_HEADER]).expect("an empty message");
-        event.resolver = v4_mapped([198, 51, 100, 53]);
-        event.client = v4_mapped([198, 51, 100, 1]);
-        event.len = u16::try_from(msg.len()).expect("a short message");
-        event.learned = 1;
+        let mut event = DnsEvent {
+            resolver: v4_mapped([198, 51, 100, 53]),
+            client: v4_mapped([198, 51, 100, 1]),
+            len: u16::try_from(msg.len()).expect("a short message"),
+            learned: 2,
+            _pad: 0,
+            addrs: [[0; 16]; DNS_MAX_LEARNED],
+            payload: [0; DNS_MAX_PAYLOAD],
+        };
         event.addrs[0] = v4_mapped([203, 0, 113, 7]);
+        event.addrs[1] = v4_mapped([203, 0, 113, 8]);
         event.payload[..msg.len()].copy_from_slice(msg);
         // SAFETY: DnsEvent is plain old data.
         let bytes = unsafe {
@@ -174,30 +185,26 @@ mod tests {
         (event, bytes[..DNS_EVENT_HEADER + msg.len()].to_vec())
     }
 
-    fn same(a: &DnsEvent, b: &DnsEvent) -> bool {
-        (a.resolver, a.client, a.len, a.learned, a.addrs)
-            == (b.resolver, b.client, b.len, b.learned, b.addrs)
-            && a.payload == b.payload
-    }
-
     #[test]
     fn dns_records_of_any_message_length_decode_whole() {
         for len in [0, 1, 300, DNS_MAX_PAYLOAD] {
             let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
             let (event, record) = dns_record(&msg);
             let decoded = decode_dns(&record).expect("a record of its own length");
-            assert!(same(&decoded, &event), "message of {len} bytes");
-            assert!(decoded.payload[len..].iter().all(|b| *b == 0));
+            assert_eq!(decoded, DnsAnswer::from(&event), "message of {len} bytes");
+            assert_eq!(decoded.message, msg);
+            assert_eq!(decoded.learned.len(), 2);
         }
     }
 
     #[test]
-    fn dns_records_of_the_previous_format_decode_with_the_rest_zeroed() {
+    fn dns_records_of_the_previous_format_decode_to_their_message() {
         let (event, record) = dns_record(b"an answer");
         let mut whole = record.clone();
         whole.resize(size_of::<DnsEvent>(), 0xaa);
         let decoded = decode_dns(&whole).expect("a whole DnsEvent");
-        assert!(same(&decoded, &event));
+        assert_eq!(decoded, DnsAnswer::from(&event));
+        assert_eq!(decoded.message, b"an answer");
     }
 
     #[test]

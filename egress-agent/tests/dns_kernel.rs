@@ -17,7 +17,7 @@ use egress_agent::{
     compile::compile,
     control::boot_time_ns,
     dns::learner::{LearnedStore as _, to_key},
-    events::{decode_dns, display_addr},
+    events::{DnsAnswer, decode_dns, display_addr},
     loader::{ByProto, EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
     policy::{Mode, parse},
     run::settings,
@@ -372,17 +372,28 @@ impl Dns {
         self.run(EGRESS_CGROUP, &syn(dst, self.next_port, port)) == PASS
     }
 
-    /// The answers handed to the agent since the last call. Each record holds the event's
-    /// header and the message, nothing after it.
+    /// The answers handed to the agent since the last call, whole. Each record holds the
+    /// event's header and the message, nothing after it, and decodes to what it holds.
     fn events(&mut self) -> Vec<DnsEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
-            let event = decode_dns(&item).expect("DnsEvent layout");
-            assert_eq!(
-                item.len(),
-                DNS_EVENT_HEADER + usize::from(event.len),
-                "record size"
-            );
+            assert!(item.len() >= DNS_EVENT_HEADER, "record size");
+            // SAFETY: DnsEvent is plain old data (all zeroes is a value) and the record,
+            // checked long enough, starts with its header.
+            let mut event = unsafe {
+                let mut event = std::mem::zeroed::<DnsEvent>();
+                std::ptr::copy_nonoverlapping(
+                    item.as_ptr(),
+                    (&raw mut event).cast::<u8>(),
+                    DNS_EVENT_HEADER,
+                );
+                event
+            };
+            let len = usize::from(event.len);
+            assert_eq!(item.len(), DNS_EVENT_HEADER + len, "record size");
+            event.payload[..len].copy_from_slice(&item[DNS_EVENT_HEADER..]);
+            let decoded = decode_dns(&item).expect("a record the agent decodes");
+            assert_eq!(decoded, DnsAnswer::from(&event));
             out.push(event);
         }
         out

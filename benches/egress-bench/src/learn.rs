@@ -98,10 +98,9 @@ fn drain(
 ) -> Result<(u64, u64)> {
     let (mut n, mut cpu) = (0, 0);
     while let Some(item) = ring.next() {
-        let event = decode_dns(&item).context("a DnsEvent")?;
-        drop(item);
+        let answer = decode_dns(&item).context("a DNS_EVENTS record")?;
         let t0 = thread_cpu_ns();
-        learner.answer(enforcer, &event, boot_time_ns())?;
+        learner.answer(enforcer, &answer, boot_time_ns())?;
         cpu += thread_cpu_ns() - t0;
         n += 1;
     }

@@ -16,8 +16,8 @@ use std::{
 };
 
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_LEARNED, DnsEvent, LearnedName, LearnedNameKey, LearnedValue,
-    NO_PORT_SET, PortKey,
+    ALL_PORTS, Addr, DNS_MAX_LEARNED, LearnedName, LearnedNameKey, LearnedValue, NO_PORT_SET,
+    PortKey,
 };
 use serde::Serialize;
 
@@ -29,6 +29,7 @@ use super::{
 };
 use crate::{
     compile::PortSets,
+    events::DnsAnswer,
     policy::{DnsSettings, Ports},
 };
 
@@ -457,12 +458,11 @@ impl Learner {
     pub fn answer(
         &mut self,
         store: &mut impl LearnedStore,
-        event: &DnsEvent,
+        answer: &DnsAnswer<'_>,
         now: u64,
     ) -> anyhow::Result<()> {
-        self.justify(store, event, now)?;
-        let kernel = &event.addrs[..usize::from(event.learned).min(event.addrs.len())];
-        for addr in kernel {
+        self.justify(store, answer, now)?;
+        for addr in answer.learned {
             if !self.justified.iter().any(|(a, _)| a == addr) {
                 // Rewrites a tracked address without this answer's ports; removes the rest.
                 self.sync(store, addr, now, true, None)?;
@@ -475,13 +475,12 @@ impl Learner {
     fn justify(
         &mut self,
         store: &mut impl LearnedStore,
-        event: &DnsEvent,
+        answer: &DnsAnswer<'_>,
         now: u64,
     ) -> anyhow::Result<()> {
         self.justified.clear();
         self.kernel_wrote.clear();
-        let len = usize::from(event.len).min(event.payload.len());
-        let Ok(msg) = Response::parse(&event.payload[..len]) else {
+        let Ok(msg) = Response::parse(answer.message) else {
             self.counters.malformed += 1;
             return Ok(());
         };
@@ -496,7 +495,7 @@ impl Learner {
         };
         let set = *set;
         self.counters.answers += 1;
-        self.model_kernel(&msg, event, now);
+        self.model_kernel(&msg, answer.learned, now);
         cname_chain(&msg, &mut self.chain);
         // Checked once: with debug on for any module, `log::debug!` alone would still build
         // each record's JSON before the logger drops it.
@@ -554,8 +553,7 @@ impl Learner {
     /// question name's port set, until the TTL runs out. Filled into `self.kernel_wrote`
     /// (with the expiry counted from `now`) only when that agrees address for address with
     /// the list the kernel handed over; otherwise nothing is assumed.
-    fn model_kernel(&mut self, msg: &Response<'_>, event: &DnsEvent, now: u64) {
-        let kernel = &event.addrs[..usize::from(event.learned).min(DNS_MAX_LEARNED)];
+    fn model_kernel(&mut self, msg: &Response<'_>, kernel: &[Addr], now: u64) {
         let mut n = 0;
         for record in msg.answers().take(DNS_MAX_LEARNED) {
             let Some(addr) = record.addr().filter(|_| record.class == CLASS_IN) else {
@@ -939,7 +937,7 @@ pub fn to_key(addr: IpAddr) -> Addr {
 mod tests {
     use std::str::FromStr as _;
 
-    use egress_common::{DNS_MAX_LEARNED, DNS_MAX_PAYLOAD};
+    use egress_common::{DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent};
     use hickory_proto::{
         op::{Message, MessageType, OpCode, Query},
         rr::{
@@ -1014,6 +1012,16 @@ dns:
   max_ips: 5
 ";
     const T0: u64 = 1_000 * NS_PER_SEC;
+
+    /// Hands `event` to the learner as the control task hands it a record of the ring.
+    fn feed(
+        l: &mut Learner,
+        store: &mut impl LearnedStore,
+        event: &DnsEvent,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        l.answer(store, &event.into(), now)
+    }
 
     fn learner() -> Learner {
         let policy = parse(POLICY, "learn.yaml").expect("policy");
@@ -1141,7 +1149,7 @@ dns:
                 aaaa("edge.example.", 60, "2001:db8::7"),
             ],
         );
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.learned, 2);
         let v = store.learned[&key("203.0.113.7")];
         assert_eq!(v.expires_ns, T0 + 60 * NS_PER_SEC);
@@ -1185,7 +1193,7 @@ dns:
         );
         // The kernel attributes every A record of the answer to the question's name.
         kernel_wrote(&mut store, &mut ev, &["203.0.113.7", "198.51.100.66"]);
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.off_chain, 1);
         assert!(!store.learned.contains_key(&key("198.51.100.66")));
         assert!(store.learned.contains_key(&key("203.0.113.7")));
@@ -1204,7 +1212,7 @@ dns:
         bytes[11] = 1; // arcount 1, and no additional record follows
         let mut ev = event(&bytes);
         kernel_wrote(&mut store, &mut ev, &["203.0.113.7"]);
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.malformed, 1);
         assert!(store.learned.is_empty());
     }
@@ -1229,7 +1237,7 @@ dns:
         ));
         let mut ev = event(&m.to_vec().expect("encodes"));
         kernel_wrote(&mut store, &mut ev, &["203.0.113.9"]);
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert_eq!(l.counters.unmatched, 1);
         assert!(store.learned.is_empty());
     }
@@ -1238,7 +1246,8 @@ dns:
     fn ttls_are_floored_and_capped() {
         let mut store = FakeStore::default();
         let mut l = learner();
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer(
                 "x.hcp.eastus.azmk8s.io.",
@@ -1247,7 +1256,8 @@ dns:
             T0,
         )
         .expect("answer");
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer(
                 "y.hcp.eastus.azmk8s.io.",
@@ -1270,7 +1280,8 @@ dns:
     fn an_address_of_two_names_gets_the_union_of_their_ports_until_each_expires() {
         let mut store = FakeStore::default();
         let mut l = learner();
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer(
                 "mcr.microsoft.com.",
@@ -1279,7 +1290,8 @@ dns:
             T0,
         )
         .expect("answer");
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer(
                 "ntp.example.org.",
@@ -1314,8 +1326,13 @@ dns:
         let records = (1..=4)
             .map(|i| a("mcr.microsoft.com.", 10 * i, &format!("203.0.113.{i}")))
             .collect();
-        l.answer(&mut store, &answer("mcr.microsoft.com.", records), T0)
-            .expect("answer");
+        feed(
+            &mut l,
+            &mut store,
+            &answer("mcr.microsoft.com.", records),
+            T0,
+        )
+        .expect("answer");
         assert_eq!(l.counters.evicted, 1, "max_ips_per_name is 3");
         assert!(!store.learned.contains_key(&key("203.0.113.1")));
         let more = (5..=7)
@@ -1329,8 +1346,7 @@ dns:
             .collect::<Vec<_>>();
         for r in more {
             let owner = r.name.to_ascii();
-            l.answer(&mut store, &answer(&owner, vec![r]), T0)
-                .expect("answer");
+            feed(&mut l, &mut store, &answer(&owner, vec![r]), T0).expect("answer");
         }
         assert_eq!(l.learned().count(), 5, "max_ips is 5");
         assert!(
@@ -1350,16 +1366,15 @@ dns:
         let bytes = &good.payload[..usize::from(good.len)];
         // Every truncation, and a compression pointer loop in the question.
         for cut in 0..bytes.len() {
-            l.answer(&mut store, &event(&bytes[..cut]), T0)
-                .expect("no error");
+            feed(&mut l, &mut store, &event(&bytes[..cut]), T0).expect("no error");
         }
         let mut looped = bytes.to_vec();
         looped[12] = 0xc0;
         looped[13] = 12;
-        l.answer(&mut store, &event(&looped), T0).expect("no error");
+        feed(&mut l, &mut store, &event(&looped), T0).expect("no error");
         let mut wrong_len = event(bytes);
         wrong_len.len = u16::MAX;
-        l.answer(&mut store, &wrong_len, T0).expect("no error");
+        feed(&mut l, &mut store, &wrong_len, T0).expect("no error");
         assert!(l.counters.malformed > 0);
         assert_eq!(
             l.counters.learned, 1,
@@ -1375,8 +1390,13 @@ dns:
             ("mcr.microsoft.com.", "203.0.113.1"),
             ("ntp.example.org.", "203.0.113.2"),
         ] {
-            l.answer(&mut store, &answer(name, vec![a(name, 300, ip)]), T0)
-                .expect("answer");
+            feed(
+                &mut l,
+                &mut store,
+                &answer(name, vec![a(name, 300, ip)]),
+                T0,
+            )
+            .expect("answer");
         }
         let old_mcr_set = store.learned[&key("203.0.113.1")].port_set;
         // mcr now on 8443 only; NTP gone.
@@ -1414,7 +1434,8 @@ dns:
     fn answers_for_names_no_rule_allows_teach_nothing() {
         let mut store = FakeStore::default();
         let mut l = learner();
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer(
                 "hcp.eastus.azmk8s.io.",
@@ -1423,7 +1444,8 @@ dns:
             T0,
         )
         .expect("answer");
-        l.answer(
+        feed(
+            &mut l,
             &mut store,
             &answer("evil.example.", vec![a("evil.example.", 60, "203.0.113.9")]),
             T0,
@@ -1529,7 +1551,7 @@ dns:
         };
         let m = message("x.hcp.eastus.azmk8s.io.", records(60));
         let ev = kernel_handles(&l, &mut store.maps, &m, T0).expect("allowed");
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         l.drained();
         assert_eq!(
             (store.gets.get(), store.puts),
@@ -1540,7 +1562,7 @@ dns:
         let t1 = T0 + 30 * NS_PER_SEC;
         let m = message("x.hcp.eastus.azmk8s.io.", records(300));
         let ev = kernel_handles(&l, &mut store.maps, &m, t1).expect("allowed");
-        l.answer(&mut store, &ev, t1).expect("answer");
+        feed(&mut l, &mut store, &ev, t1).expect("answer");
         assert_eq!((store.gets.get(), store.puts), (3, 0), "no map call");
         assert_eq!(
             store.maps.learned[&key("203.0.113.2")].expires_ns,
@@ -1560,7 +1582,7 @@ dns:
             )
         };
         let ev = kernel_handles(&l, &mut store, &mcr(60), T0).expect("allowed");
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         l.drained();
         // The kernel handles two answers before the agent reads either: NTP's, where the
         // address is off the chain, then a refresh of mcr's with a longer TTL.
@@ -1573,8 +1595,8 @@ dns:
         let refresh = kernel_handles(&l, &mut store, &mcr(600), t1).expect("allowed");
         // Taking NTP's ports back rewrites the entry with mcr's first expiry, replacing the
         // kernel's write for the refresh; the refresh must then be written again.
-        l.answer(&mut store, &taken_back, t1).expect("answer");
-        l.answer(&mut store, &refresh, t1).expect("answer");
+        feed(&mut l, &mut store, &taken_back, t1).expect("answer");
+        feed(&mut l, &mut store, &refresh, t1).expect("answer");
         let v = store.learned[&key("203.0.113.7")];
         assert_eq!(v.extra_set, NO_PORT_SET, "NTP's ports taken back");
         assert_eq!(v.expires_ns, t1 + 600 * NS_PER_SEC, "the refresh's expiry");
@@ -1606,7 +1628,7 @@ dns:
         );
         for m in [mcr(60), ntp] {
             let ev = kernel_handles(&l, &mut store, &m, T0).expect("allowed");
-            l.answer(&mut store, &ev, T0).expect("answer");
+            feed(&mut l, &mut store, &ev, T0).expect("answer");
         }
         l.drained();
         assert_eq!(
@@ -1620,7 +1642,7 @@ dns:
             assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
             now += 20 * NS_PER_SEC;
             let ev = kernel_handles(&l, &mut store, &mcr(60), now).expect("allowed");
-            l.answer(&mut store, &ev, now).expect("answer");
+            feed(&mut l, &mut store, &ev, now).expect("answer");
             l.drained();
             l.expire(&mut store, now).expect("expire");
         }
@@ -1642,7 +1664,7 @@ dns:
         );
         for m in [&mcr, &hcp] {
             let ev = kernel_handles(&l, &mut store, m, T0).expect("allowed");
-            l.answer(&mut store, &ev, T0).expect("answer");
+            feed(&mut l, &mut store, &ev, T0).expect("answer");
         }
         l.drained();
         // NTP's answer reaches the kernel, but its event is lost (a full ring).
@@ -1664,7 +1686,7 @@ dns:
         l.drained();
         let t2 = t1 + NS_PER_SEC;
         let ev = kernel_handles(&l, &mut store, &mcr, t2).expect("allowed");
-        l.answer(&mut store, &ev, t2).expect("answer");
+        feed(&mut l, &mut store, &ev, t2).expect("answer");
         assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
     }
 
@@ -1677,12 +1699,12 @@ dns:
             vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
         );
         let mut ev = kernel_handles(&l, &mut store.maps, &m, T0).expect("allowed");
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         l.drained();
         let gets = store.gets.get();
         // A list naming another address: nothing is assumed about what the kernel wrote.
         ev.addrs[0] = key("198.51.100.1");
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert!(store.gets.get() > gets, "looked up");
         assert!(store.maps.learned.contains_key(&key("203.0.113.7")));
         assert!(!store.maps.learned.contains_key(&key("198.51.100.1")));
@@ -1700,7 +1722,7 @@ dns:
                 a("edge.example.org.", 60, "203.0.113.8"),
             ],
         );
-        l.answer(&mut store, &ev, T0).expect("answer");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
         assert_eq!((l.counters.learned, l.counters.off_chain), (1, 1));
         assert!(store.learned.contains_key(&key("203.0.113.7")));
     }
@@ -1944,7 +1966,7 @@ dns:
             let compiled = compile(&policy).expect("compiles");
             let mut l = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
             let mut store = FakeStore::default();
-            l.answer(&mut store, &ev, T0).expect("answer");
+            feed(&mut l, &mut store, &ev, T0).expect("answer");
             let at = format!("message {i}: {bytes:02x?}");
             let Some(reading) = reading else {
                 malformed += 1;
@@ -2106,7 +2128,7 @@ dns:
                 let keep = if rng.below(3) == 0 { rng.below(3) } else { 0 };
                 while queue.len() > keep {
                     let ev = queue.pop_front().expect("queued");
-                    l.answer(&mut store, &ev, now).expect("answer");
+                    feed(&mut l, &mut store, &ev, now).expect("answer");
                 }
                 if rng.below(2) == 0 {
                     store.flush(&mut l, 1 + rng.below(4));
