@@ -169,6 +169,9 @@ id=$$
 ns_c=egb-c-$id
 ns_s=egb-s-$id
 cg=$cgroot/egress-bench-$id
+# A sibling the agent is never attached to: the agent's rows alternate their runs between
+# the two, for a ratio to a baseline taken in the same minute (see `measure_paired`).
+cg_free=$cgroot/egress-bench-$id-free
 work=$(mktemp -d /tmp/egress-bench.XXXXXX)
 # The agent's own pin root on a bpffs it mounts here, away from /sys/fs/bpf.
 mkdir "$work/bpf"
@@ -213,21 +216,22 @@ forget_pid() {
 }
 
 cleanup() {
-  local rc=$? pid i
+  local rc=$? pid i c
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do stop_pid "$pid" 2; done
-  if [ -d "$cg" ]; then
-    echo 1 >"$cg/cgroup.kill" 2>/dev/null || true
+  for c in "$cg" "$cg_free"; do
+    [ -d "$c" ] || continue
+    echo 1 >"$c/cgroup.kill" 2>/dev/null || true
     for ((i = 0; i < 100; i++)); do
-      [ -z "$(cat "$cg/cgroup.procs" 2>/dev/null)" ] && break
+      [ -z "$(cat "$c/cgroup.procs" 2>/dev/null)" ] && break
       sleep 0.05
     done
     for ((i = 0; i < 100; i++)); do
-      rmdir "$cg" 2>/dev/null && break
+      rmdir "$c" 2>/dev/null && break
       sleep 0.05
     done
-    [ -d "$cg" ] && echo "run.sh: could not remove cgroup $cg" >&2
-  fi
+    [ -d "$c" ] && echo "run.sh: could not remove cgroup $c" >&2
+  done
   ip netns delete "$ns_c" 2>/dev/null || true
   ip netns delete "$ns_s" 2>/dev/null || true
   [ -d "$work/bpf/egress-enforcer" ] && "$agent" uninstall --pin-root "$work/bpf/egress-enforcer" >/dev/null
@@ -243,14 +247,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 case $cg in "$cgroot"/egress-bench-*) ;; *) die "refusing cgroup $cg" ;; esac
-mkdir "$cg"
+mkdir "$cg" "$cg_free"
 
-# Runs a command in the client namespace, inside the benchmark cgroup (joined before
-# `ip netns exec`, which hides the cgroup2 mount behind a fresh /sys).
-in_client() {
+# Runs a command in the client namespace, inside cgroup $1 (joined before `ip netns exec`,
+# which hides the cgroup2 mount behind a fresh /sys).
+in_cgroup() {
   # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
-  sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec ip netns exec "$@"' sh "$cg" "$ns_c" "$@"
+  sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec ip netns exec "$@"' sh "$1" "$ns_c" "${@:2}"
 }
+# ... inside the benchmark cgroup, the one the agent is attached to.
+in_client() { in_cgroup "$cg" "$@"; }
 
 log "topology: $ns_c ($link_c) <-> $ns_s ($link_s, $target), cgroup $cg"
 ip netns add "$ns_c"
@@ -295,34 +301,87 @@ fi
 # One line per (size, peer): size peer load_ms gbit conn_per_s conn_failed enforced spread note
 results=$work/results.tsv
 : >"$results"
+paired=$work/paired.tsv
+: >"$paired"
 
 median() {
   sort -g | awk '{ v[NR] = $1 } END { if (!NR) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-# Throughput (Gbit/s, median of $reps iperf3 runs), connection rate (conn/s) and whether a
-# connection to the denied address fails; prints "gbit conn failed enforced".
-measure() {
-  local r json gbits=() gbit spread conn enforced
-  for ((r = 0; r < reps; r++)); do
-    if json=$(in_client timeout $((seconds + 20)) iperf3 -6 -c "$target" -p "$iperf_port" \
-      -t "$seconds" -O "$omit" -J 2>/dev/null); then
-      gbits+=("$(jq -r '.end.sum_received.bits_per_second / 1e9' <<<"$json")")
-    else
-      gbits+=(0)
-    fi
-  done
-  gbit=$(printf '%s\n' "${gbits[@]}" | median)
-  # The spread of the runs, for the report: min-max.
-  spread=$(printf '%s\n' "${gbits[@]}" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }')
-  conn=$(in_client timeout $((seconds + 20)) "$bench" conn-rate "$target" "$conn_port" \
+# One iperf3 run from cgroup $1: Gbit/s (0 if it failed).
+iperf_once() {
+  local json
+  if json=$(in_cgroup "$1" timeout $((seconds + 20)) iperf3 -6 -c "$target" -p "$iperf_port" \
+    -t "$seconds" -O "$omit" -J 2>/dev/null); then
+    jq -r '.end.sum_received.bits_per_second / 1e9' <<<"$json"
+  else
+    echo 0
+  fi
+}
+
+# One connection-rate run from cgroup $1: "conn_per_s failed".
+conn_once() {
+  local conn
+  conn=$(in_cgroup "$1" timeout $((seconds + 20)) "$bench" conn-rate "$target" "$conn_port" \
     "$conn_ports" --seconds "$seconds" --threads 2 --timeout-ms 1000 2>>"$work/conn.err") ||
     conn='{"per_sec":0,"failed":-1}'
-  # The denied address: a filter that filters lets no connection through.
-  enforced=$(in_client timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
-    --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end') ||
-    enforced=error
-  printf '%s %s %s %s %s\n' "$gbit" "$(jq -r .per_sec <<<"$conn")" "$(jq -r .failed <<<"$conn")" "$enforced" "$spread"
+  jq -r '"\(.per_sec) \(.failed)"' <<<"$conn"
+}
+
+# Min-max of the numbers on stdin, for the report.
+spread() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+
+# Whether a connection to the denied address fails from cgroup $1 (default: the benchmark's):
+# a filter that filters lets none through.
+enforced() {
+  in_cgroup "${1:-$cg}" timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
+    --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end' ||
+    echo error
+}
+
+# Throughput (Gbit/s, median of $reps iperf3 runs), connection rate (conn/s) and whether a
+# connection to the denied address fails; prints "gbit conn failed enforced spread".
+measure() {
+  local r gbits=() conn
+  for ((r = 0; r < reps; r++)); do gbits+=("$(iperf_once "$cg")"); done
+  conn=$(conn_once "$cg")
+  printf '%s %s %s %s\n' "$(printf '%s\n' "${gbits[@]}" | median)" "$conn" "$(enforced)" \
+    "$(printf '%s\n' "${gbits[@]}" | spread)"
+}
+
+# `measure` for the agent of size $1, each run paired with one from the sibling cgroup the
+# agent is not attached to, taken right before or after it (the order alternates). The
+# baseline row of a size is minutes older than the peers' rows, and the machine drifts by
+# more than the targets in that time; a pair's ratio does not. Appends "size free_gbit
+# agent_gbit gbit_ratio ratio_spread free_conn agent_conn conn_ratio free_filtered" to
+# $paired.
+measure_paired() {
+  local r g_free=() g_agent=() ratios=() c_free=() c_agent=() conn failed a b
+  for ((r = 0; r < reps; r++)); do
+    if ((r % 2)); then
+      a=$(iperf_once "$cg"); b=$(iperf_once "$cg_free")
+    else
+      b=$(iperf_once "$cg_free"); a=$(iperf_once "$cg")
+    fi
+    g_agent+=("$a")
+    g_free+=("$b")
+    ratios+=("$(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print 0 }')")
+  done
+  # Connection rate: the agent's runs right before and after one free run.
+  read -r conn failed < <(conn_once "$cg")
+  c_agent+=("$conn")
+  c_free+=("$(conn_once "$cg_free" | cut -d' ' -f1)")
+  read -r conn _ < <(conn_once "$cg")
+  c_agent+=("$conn")
+  conn=$(printf '%s\n' "${c_agent[@]}" | median)
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" \
+    "$(printf '%s\n' "${g_free[@]}" | median)" "$(printf '%s\n' "${g_agent[@]}" | median)" \
+    "$(printf '%s\n' "${ratios[@]}" | median)" "$(printf '%s\n' "${ratios[@]}" | spread)" \
+    "${c_free[0]}" "$conn" \
+    "$(awk -v a="$conn" -v b="${c_free[0]}" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "-" }')" \
+    "$(enforced "$cg_free")" >>"$paired"
+  printf '%s %s %s %s %s\n' "$(printf '%s\n' "${g_agent[@]}" | median)" "$conn" "$failed" \
+    "$(enforced)" "$(printf '%s\n' "${g_agent[@]}" | spread)"
 }
 
 record() { # size peer load_ms "measure output" note...
@@ -424,7 +483,7 @@ if has_part network; then
       record "$n" agent - "- - - - -" "not tried: ${unusable[agent]}"
     elif start_agent "$policy" "$work/agent-$n.log"; then
       read -r rss hwm _ < <(agent_rss "$agent_pid")
-      record "$n" agent "$attach_ms" "$(measure)" \
+      record "$n" agent "$attach_ms" "$(measure_paired "$n")" \
         "start: policy+object ${pre_ms} ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps+attach ${post_ms} ms; RSS $((rss / 1024)) MiB, peak $((hwm / 1024)) MiB"
       stop_pid "$agent_pid" 10
       forget_pid "$agent_pid"
@@ -760,6 +819,19 @@ report=$work/report.md
     echo
     echo "\"filters\": a connection to an address on the server that is in no allowed list failed (yes),"
     echo "as it must under every filter and must not under the baseline."
+    if [ -s "$paired" ]; then
+      echo
+      echo "### The agent against a baseline in the same minute"
+      echo
+      echo "While the agent runs, each of its iperf3 runs above is paired with one from a sibling cgroup"
+      echo "it is not attached to, right before or after it (the order alternates); the ratio is the"
+      echo "median of the pairs' ratios. Connection rate: the agent's two runs around one free run."
+      echo "\"free filters\" must be no: the sibling reaches the address no list allows."
+      echo
+      echo "| N | free Gbit/s | agent Gbit/s | × free | pairs' ratios | free conn/s | agent conn/s | × free | free filters |"
+      echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+      awk -F'\t' '{ printf "| %s | %.2f | %.2f | %.3f | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' "$paired"
+    fi
   fi
 } >"$report"
 
