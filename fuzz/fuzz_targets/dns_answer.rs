@@ -1,29 +1,38 @@
-//! Arbitrary answers for the agent's DNS learner, as the kernel hands them over.
+//! Arbitrary answers for the agent's DNS learner, after what the kernel wrote for them.
 //!
-//! The input is a DNS-over-TCP stream: messages, each after its 2-byte length. Each one
-//! becomes a `DnsEvent` for `Learner::answer`, seven seconds after the one before, against
-//! `LEARNED` and `PORTS` in memory. After every message:
-//! - a message whose question name no rule allows has changed nothing;
-//! - every address in `LEARNED` has exactly the ports of the names it was learned through,
-//!   and each of those names is allowed; an entry the learner no longer accounts for (kept
-//!   for an expiry the kernel may have extended) still has ports some allowed names give.
+//! The input is a DNS-over-TCP stream: messages, each after its 2-byte length, seven seconds
+//! apart (so that learned addresses expire in between), against `LEARNED` and `PORTS` in
+//! memory. The kernel, modelled here after `egress-ebpf/src/dns.rs`, learns from each
+//! message as it comes, a second port set next to another name's included, and queues it
+//! for the agent; the low two bits of the message's ID say when the agent reads the queue,
+//! so that the kernel may run ahead of the learner. No answer is lost to a full ring: a
+//! lost answer's second set stays until the learner next rewrites its entry, so the checks
+//! below would not hold. Checked:
+//! - a message whose question name no rule allows changes nothing when the learner gets it;
+//! - every name an address is held through is allowed and has not expired;
+//! - once the learner has been handed every queued message: no entry holds a second port
+//!   set, every held address is in `LEARNED` with exactly the ports of its names, and an
+//!   entry the learner no longer accounts for (kept for an expiry the kernel may have
+//!   extended) still has ports some allowed names give.
 //!
 //! What is allowed is decided here from the policy written out by hand (`EXACT`, `ZONES`)
 //! and the question read off the wire, not with the agent's name table or DNS parser.
 #![no_main]
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     sync::OnceLock,
 };
 
 use egress_agent::{
     compile::compile,
     dns::learner::{LearnedStore, Learner},
-    policy::{Policy, parse},
+    events::DnsAnswer,
+    policy::{DnsSettings, Policy, parse},
 };
 use egress_common::{
-    Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET, PortKey, proto,
+    ALL_PORTS, Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET,
+    PortKey, proto, v4_mapped,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -62,6 +71,17 @@ const MAX_MESSAGES: usize = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const START: u64 = 1_000 * NS_PER_SEC;
 const STEP: u64 = 7 * NS_PER_SEC;
+
+/// What the kernel's DNS walk (`egress-ebpf/src/dns.rs`) goes by.
+const HEADER_LEN: usize = 12;
+const FLAG_QR: u16 = 0x8000;
+const OPCODE_MASK: u16 = 0x7800;
+/// Where a question name's root label can be at the latest (255 bytes of name).
+const LAST_ROOT_AT: usize = HEADER_LEN + 254;
+const MAX_ANSWER_STEPS: usize = 2 * DNS_MAX_LEARNED + 8;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const CLASS_IN: u16 = 1;
 
 fn policy() -> &'static Policy {
     static PARSED: OnceLock<Policy> = OnceLock::new();
@@ -117,6 +137,143 @@ impl Maps {
             .map(|k| (k.proto, k.port))
             .collect()
     }
+}
+
+/// The kernel's DNS learning (`egress-ebpf/src/dns.rs`), every answer taken as solicited.
+struct Kernel {
+    /// The port set of each rule's ports, as `PORTS` holds it (`NAMES`'s values).
+    sets: Vec<(Ports, u32)>,
+    min_ttl: u32,
+    max_ttl: u32,
+}
+
+impl Kernel {
+    /// From `maps.ports` while it holds the policy's sets only, before the learner adds its
+    /// unions.
+    fn new(maps: &Maps, dns: &DnsSettings) -> Self {
+        let ids: BTreeSet<u32> = maps.ports.iter().map(|k| k.port_set).collect();
+        Self {
+            sets: ids.into_iter().map(|id| (maps.port_set(id), id)).collect(),
+            min_ttl: dns.min_ttl,
+            max_ttl: dns.max_ttl,
+        }
+    }
+
+    /// Learns from `msg` at `now`; returns the event for the agent, with the addresses
+    /// written. (Every message is handed over here, even one the kernel would not send.)
+    fn handle(&self, maps: &mut Maps, msg: &[u8], now: u64) -> DnsEvent {
+        let mut ev = event(msg);
+        if let Some((set, answers_at)) = self.question(msg) {
+            for (addr, ttl) in walk(msg, answers_at) {
+                self.remember(maps, addr, set, ttl, now);
+                ev.addrs[usize::from(ev.learned)] = addr;
+                ev.learned += 1;
+            }
+        }
+        ev
+    }
+
+    /// The port set of the question name and where the answer records start, for a
+    /// response to a standard query with one question whose name some rule allows. The
+    /// name is read as the kernel reads it: no compression pointer, at most 255 bytes.
+    fn question(&self, msg: &[u8]) -> Option<(u32, usize)> {
+        let header = msg.get(..HEADER_LEN)?;
+        if be16(header, 2) & (FLAG_QR | OPCODE_MASK) != FLAG_QR || be16(header, 4) != 1 {
+            return None;
+        }
+        let mut name = Vec::new();
+        let mut at = HEADER_LEN;
+        loop {
+            let len = usize::from(*msg.get(at)?);
+            if at > LAST_ROOT_AT || len > 63 {
+                return None;
+            }
+            if len == 0 {
+                break;
+            }
+            name.push(msg.get(at + 1..at + 1 + len)?.to_ascii_lowercase());
+            at += len + 1;
+        }
+        let ports = allowed_ports(&name.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+        let (_, set) = (self.sets.iter())
+            .find(|(p, _)| *p == ports)
+            .expect("a rule's ports are a set of PORTS");
+        Some((*set, at + 5))
+    }
+
+    /// Writes `addr`, learned through a name with port set `set`: a live entry that allows
+    /// other ports gets `set` as its second set (replacing an earlier second one) and keeps
+    /// the later expiry; a missing or expired one is replaced.
+    fn remember(&self, maps: &mut Maps, addr: Addr, set: u32, ttl: u32, now: u64) {
+        let secs = ttl.max(self.min_ttl).min(self.max_ttl);
+        let expires_ns = now + u64::from(secs) * NS_PER_SEC;
+        match maps.learned.get_mut(&addr) {
+            Some(v) if v.expires_ns > now => {
+                if v.port_set != set && v.port_set != ALL_PORTS && v.extra_set != set {
+                    v.extra_set = set;
+                }
+                v.expires_ns = v.expires_ns.max(expires_ns);
+            }
+            _ => {
+                let fresh = LearnedValue {
+                    port_set: set,
+                    extra_set: NO_PORT_SET,
+                    expires_ns,
+                };
+                maps.learned.insert(addr, fresh);
+            }
+        }
+    }
+}
+
+/// The class IN A and AAAA addresses (whatever their owner) among the first
+/// `DNS_MAX_LEARNED` answer records from `at`, with their TTLs, as the kernel's walk finds
+/// them: it stops at a record it cannot read, and after `MAX_ANSWER_STEPS` steps, one per
+/// record and one per label of an owner name that is not compressed.
+fn walk(msg: &[u8], mut at: usize) -> Vec<(Addr, u32)> {
+    let records = usize::from(be16(msg, 6)).min(DNS_MAX_LEARNED);
+    let mut walked = 0;
+    let mut found = Vec::new();
+    for _ in 0..MAX_ANSWER_STEPS {
+        if walked == records {
+            break;
+        }
+        let Some(&len) = msg.get(at) else {
+            break;
+        };
+        let rec = match len & 0xc0 {
+            0xc0 => at + 2,
+            0 if len == 0 => at + 1,
+            0 => {
+                at += usize::from(len) + 1;
+                continue;
+            }
+            _ => break,
+        };
+        let Some(fixed) = msg.get(rec..rec + 10) else {
+            break;
+        };
+        let data_at = rec + 10;
+        let Some(data) = msg.get(data_at..data_at + usize::from(be16(fixed, 8))) else {
+            break;
+        };
+        at = data_at + data.len();
+        walked += 1;
+        let addr = match (be16(fixed, 0), data.len()) {
+            (TYPE_A, 4) => v4_mapped(data.try_into().expect("4 bytes")),
+            (TYPE_AAAA, 16) => data.try_into().expect("16 bytes"),
+            _ => continue,
+        };
+        if be16(fixed, 2) == CLASS_IN {
+            let ttl = u32::from_be_bytes(fixed[4..8].try_into().expect("4 bytes"));
+            found.push((addr, ttl));
+        }
+    }
+    found
+}
+
+fn be16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([bytes[at], bytes[at + 1]])
 }
 
 fn labels(name: &str) -> Vec<&[u8]> {
@@ -213,29 +370,70 @@ fn producible() -> Vec<Ports> {
         .collect()
 }
 
-/// Every address in `LEARNED` has exactly the ports of the allowed names it was learned
-/// through, or, when the learner no longer accounts for it, ports that some names give.
-fn check(learner: &Learner, maps: &Maps, producible: &[Ports]) {
-    let names_of: HashMap<&Addr, Vec<(&str, u64)>> = (learner.learned())
-        .map(|(addr, names)| (addr, names.collect()))
-        .collect();
+/// Hands every queued message to the learner at `now`; one whose question name no rule
+/// allows must change nothing.
+fn hand_over(learner: &mut Learner, maps: &mut Maps, queue: &mut VecDeque<DnsEvent>, now: u64) {
+    while let Some(ev) = queue.pop_front() {
+        let answer = DnsAnswer::from(&ev);
+        let before = maps.clone();
+        let learned = learner.counters.learned;
+        learner.answer(maps, &answer, now).expect("in-memory maps");
+        let question = question_name(answer.message);
+        let allowed = question
+            .as_ref()
+            .and_then(|q| allowed_ports(&q.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        if allowed.is_none() {
+            assert!(
+                *maps == before && learner.counters.learned == learned,
+                "learned from an answer to {question:?}, which no rule allows"
+            );
+        }
+    }
+}
+
+/// Every name an address is held through is allowed and has not expired at `now`. Once the
+/// learner has been handed every message (`caught_up`), no entry has a second port set, and
+/// each has exactly the ports of the names its address is held through, or, when the
+/// learner no longer accounts for it, ports that some names give.
+fn check(learner: &Learner, maps: &Maps, now: u64, caught_up: bool) {
+    let mut held = HashMap::new();
+    for (addr, names) in learner.learned() {
+        let names: Vec<(&str, u64)> = names.collect();
+        let mut ports = Ports::new();
+        for (name, expires) in &names {
+            assert!(
+                *expires > now,
+                "{addr:?} held through {name} past its expiry"
+            );
+            ports.extend(allowed_ports(&labels(name)).unwrap_or_else(|| {
+                panic!("{addr:?} learned through {name}, which no rule allows")
+            }));
+        }
+        held.insert(addr, (names, ports));
+    }
+    if !caught_up {
+        return;
+    }
+    for (addr, (names, want)) in &held {
+        let value = (maps.learned.get(*addr))
+            .unwrap_or_else(|| panic!("{addr:?} ({names:?}) is not in LEARNED"));
+        let ports = maps.port_set(value.port_set);
+        assert_eq!(ports, *want, "ports of {addr:?} ({names:?})");
+    }
     for (addr, value) in &maps.learned {
+        // The kernel's second set stands for an answer still queued: once handled, the
+        // answer explains it (its name's ports join the union) or takes it back.
         assert_eq!(
             value.extra_set, NO_PORT_SET,
-            "only the kernel sets extra_set"
+            "{addr:?} keeps a second port set with every answer handled"
         );
-        let ports = maps.port_set(value.port_set);
-        let Some(names) = names_of.get(addr) else {
-            assert!(producible.contains(&ports), "{addr:?} has ports {ports:?}");
-            continue;
-        };
-        let mut want = Ports::new();
-        for (name, _) in names {
-            let ports = allowed_ports(&labels(name))
-                .unwrap_or_else(|| panic!("{addr:?} learned through {name}, which no rule allows"));
-            want.extend(ports);
+        if !held.contains_key(addr) {
+            let ports = maps.port_set(value.port_set);
+            assert!(
+                producible_ports().contains(&ports),
+                "{addr:?} has ports {ports:?}"
+            );
         }
-        assert_eq!(ports, want, "ports of {addr:?} ({names:?})");
     }
 }
 
@@ -246,26 +444,42 @@ fuzz_target!(|stream: &[u8]| {
         learned: HashMap::new(),
         ports: compiled.port_sets.entries().copied().collect(),
     };
+    let kernel = Kernel::new(&maps, &policy.dns);
     let mut learner = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
+    let mut queue = VecDeque::new();
+    let mut now = START;
     for (i, msg) in messages(stream).take(MAX_MESSAGES).enumerate() {
         let msg = &msg[..msg.len().min(DNS_MAX_PAYLOAD)];
-        let now = START + i as u64 * STEP;
+        now = START + i as u64 * STEP;
         learner.expire(&mut maps, now).expect("in-memory maps");
-        let before = maps.clone();
-        let learned = learner.counters.learned;
-        learner
-            .answer(&mut maps, &event(msg), now)
-            .expect("in-memory maps");
-        let question = question_name(msg);
-        let allowed = question
-            .as_ref()
-            .and_then(|q| allowed_ports(&q.iter().map(Vec::as_slice).collect::<Vec<_>>()));
-        if allowed.is_none() {
-            assert!(
-                maps == before && learner.counters.learned == learned,
-                "learned from an answer to {question:?}, which no rule allows"
-            );
+        // When the agent reads the ring of answers, and finds it empty (`drained`).
+        match msg.get(1).map_or(0, |id| id & 3) {
+            // After the kernel queued the message.
+            0 => {
+                queue.push_back(kernel.handle(&mut maps, msg, now));
+                hand_over(&mut learner, &mut maps, &mut queue, now);
+                learner.drained();
+            }
+            // Later: the message waits.
+            1 => queue.push_back(kernel.handle(&mut maps, msg, now)),
+            // Just before: the kernel queues the message after the agent found the ring
+            // empty, before the agent says so.
+            2 => {
+                hand_over(&mut learner, &mut maps, &mut queue, now);
+                queue.push_back(kernel.handle(&mut maps, msg, now));
+                learner.drained();
+            }
+            // While the kernel queues the message, behind those the agent is handling.
+            _ => {
+                hand_over(&mut learner, &mut maps, &mut queue, now);
+                queue.push_back(kernel.handle(&mut maps, msg, now));
+                hand_over(&mut learner, &mut maps, &mut queue, now);
+                learner.drained();
+            }
         }
-        check(&learner, &maps, producible_ports());
+        check(&learner, &maps, now, queue.is_empty());
     }
+    hand_over(&mut learner, &mut maps, &mut queue, now);
+    learner.drained();
+    check(&learner, &maps, now, true);
 });
