@@ -233,6 +233,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         keep_on_exit: opts.on_exit == OnExit::Keep,
         legacy,
         journal_behind: false,
+        dns_events_lost: 0,
+        rechecked_at: 0,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -440,6 +440,19 @@ impl Learner {
         }
     }
 
+    /// Reads back every tracked address's entry, after the kernel lost answers to a full
+    /// ring: a lost answer may have left a second port set the learner never saw, and a
+    /// refresh the kernel's write explains (see `sync`) would never look at it, so another
+    /// name's answers could keep it open for good. Seen here, the set goes at the first
+    /// write after the ring is next found empty (see `extra_pending`).
+    pub fn recheck(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
+        let slots: Vec<u32> = self.index.values().copied().collect();
+        for s in slots {
+            self.sync_slot(store, s, now, false, None)?;
+        }
+        Ok(())
+    }
+
     /// The ring of answers was found empty: every answer handed over from now on was
     /// handled by the kernel after the agent's writes so far.
     pub fn drained(&mut self) {
@@ -1533,6 +1546,11 @@ dns:
         Some(ev)
     }
 
+    /// An answer of one A record for `qname` itself.
+    fn single(qname: &str, ttl: u32, ip: &str) -> Message {
+        message(qname, vec![a(qname, ttl, ip)])
+    }
+
     fn message(qname: &str, records: Vec<Record>) -> Message {
         let mut m = Message::new(7, MessageType::Response, OpCode::Query);
         m.add_query(Query::query(name(qname), RecordType::A));
@@ -1602,6 +1620,42 @@ dns:
         assert_eq!(v.expires_ns, t1 + 600 * NS_PER_SEC, "the refresh's expiry");
     }
 
+    #[test]
+    fn a_lost_answer_s_second_port_set_goes_after_a_recheck_while_another_name_refreshes() {
+        let mut store = FakeStore::default();
+        let mut l = learner();
+        store.ports.extend(l.port_sets.entries().copied());
+        let mcr = single("mcr.microsoft.com.", 60, "203.0.113.7");
+        let ev = kernel_handles(&l, &mut store, &mcr, T0).expect("allowed");
+        feed(&mut l, &mut store, &ev, T0).expect("answer");
+        l.drained();
+        // NTP's answer reaches the kernel, but its event is lost (a full ring).
+        let ntp = single("ntp.example.org.", 30, "203.0.113.7");
+        kernel_handles(&l, &mut store, &ntp, T0).expect("allowed");
+        let refresh = |l: &mut Learner, store: &mut FakeStore, at: u64| {
+            let ev = kernel_handles(l, store, &mcr, at).expect("allowed");
+            feed(l, store, &ev, at).expect("answer");
+            l.drained();
+        };
+        // Each refresh of mcr's name is explained by the kernel's own write: nothing reads
+        // the entry, and NTP's port stays open long after NTP's TTL.
+        let mut now = T0;
+        for _ in 0..5 {
+            now += 20 * NS_PER_SEC;
+            refresh(&mut l, &mut store, now);
+            l.expire(&mut store, now).expect("expire");
+        }
+        assert_eq!(
+            open_ports(&store, "203.0.113.7"),
+            HashSet::from([(6, 443), (17, 123)])
+        );
+        // Once the loss is known, the entry is read back; the next write drops the set.
+        l.recheck(&mut store, now).expect("recheck");
+        l.drained();
+        refresh(&mut l, &mut store, now + NS_PER_SEC);
+        assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
+    }
+
     /// The ports `LEARNED` lets through to `ip`, as (protocol, port) pairs.
     fn open_ports(store: &FakeStore, ip: &str) -> HashSet<(u8, u16)> {
         let v = store.learned[&key(ip)];
@@ -1622,10 +1676,7 @@ dns:
                 vec![a("mcr.microsoft.com.", ttl, "203.0.113.7")],
             )
         };
-        let ntp = message(
-            "ntp.example.org.",
-            vec![a("ntp.example.org.", 30, "203.0.113.7")],
-        );
+        let ntp = single("ntp.example.org.", 30, "203.0.113.7");
         for m in [mcr(60), ntp] {
             let ev = kernel_handles(&l, &mut store, &m, T0).expect("allowed");
             feed(&mut l, &mut store, &ev, T0).expect("answer");
@@ -1654,10 +1705,7 @@ dns:
         let mut store = FakeStore::default();
         let mut l = learner();
         store.ports.extend(l.port_sets.entries().copied());
-        let mcr = message(
-            "mcr.microsoft.com.",
-            vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
-        );
+        let mcr = single("mcr.microsoft.com.", 60, "203.0.113.7");
         let hcp = message(
             "x.hcp.eastus.azmk8s.io.",
             vec![a("x.hcp.eastus.azmk8s.io.", 30, "203.0.113.7")],
@@ -1668,10 +1716,7 @@ dns:
         }
         l.drained();
         // NTP's answer reaches the kernel, but its event is lost (a full ring).
-        let ntp = message(
-            "ntp.example.org.",
-            vec![a("ntp.example.org.", 30, "203.0.113.7")],
-        );
+        let ntp = single("ntp.example.org.", 30, "203.0.113.7");
         kernel_handles(&l, &mut store, &ntp, T0).expect("allowed");
         // The hcp name expires: the rewrite keeps NTP's set, which may belong to an answer
         // still queued.
@@ -1694,10 +1739,7 @@ dns:
     fn a_kernel_list_that_disagrees_with_the_answer_is_checked_address_by_address() {
         let mut store = Counting::default();
         let mut l = learner();
-        let m = message(
-            "mcr.microsoft.com.",
-            vec![a("mcr.microsoft.com.", 60, "203.0.113.7")],
-        );
+        let m = single("mcr.microsoft.com.", 60, "203.0.113.7");
         let mut ev = kernel_handles(&l, &mut store.maps, &m, T0).expect("allowed");
         feed(&mut l, &mut store, &ev, T0).expect("answer");
         l.drained();
