@@ -147,7 +147,7 @@ ms_since() { echo $((($(now_ns) - $1) / 1000000)); }
 
 # shellcheck source=scripts/lib/packages.sh
 source scripts/lib/packages.sh
-ensure_packages iperf3 nftables ipset iptables jq iproute2
+ensure_packages iperf3 nftables ipset iptables jq iproute2 bpftool
 if [ "$build" = 1 ]; then
   log "building egress-agent and egress-bench (release)"
   cargo build --release -p egress-agent -p egress-bench
@@ -172,6 +172,8 @@ cg=$cgroot/egress-bench-$id
 # A sibling the agent is never attached to: the agent's rows alternate their runs between
 # the two, for a ratio to a baseline taken in the same minute (see `measure_paired`).
 cg_free=$cgroot/egress-bench-$id-free
+# Restored on exit: `prog_cost` turns the kernel's per-program run statistics on briefly.
+bpf_stats_was=$(cat /proc/sys/kernel/bpf_stats_enabled)
 work=$(mktemp -d /tmp/egress-bench.XXXXXX)
 # The agent's own pin root on a bpffs it mounts here, away from /sys/fs/bpf.
 mkdir "$work/bpf"
@@ -234,6 +236,7 @@ cleanup() {
   done
   ip netns delete "$ns_c" 2>/dev/null || true
   ip netns delete "$ns_s" 2>/dev/null || true
+  echo "$bpf_stats_was" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true
   [ -d "$work/bpf/egress-enforcer" ] && "$agent" uninstall --pin-root "$work/bpf/egress-enforcer" >/dev/null
   mountpoint -q "$work/bpf" && umount -l "$work/bpf"
   if [ -n "$keep_dir" ]; then
@@ -303,6 +306,8 @@ results=$work/results.tsv
 : >"$results"
 paired=$work/paired.tsv
 : >"$paired"
+progcost=$work/progcost.tsv
+: >"$progcost"
 
 median() {
   sort -g | awk '{ v[NR] = $1 } END { if (!NR) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
@@ -382,6 +387,32 @@ measure_paired() {
     "$(enforced "$cg_free")" >>"$paired"
   printf '%s %s %s %s %s\n' "$(printf '%s\n' "${g_agent[@]}" | median)" "$conn" "$failed" \
     "$(enforced)" "$(printf '%s\n' "${g_agent[@]}" | spread)"
+}
+
+# "name run_time_ns run_cnt" of each program attached to the benchmark cgroup.
+prog_stats() {
+  local id
+  for id in $(bpftool cgroup show "$cg" -j | jq -r '.[].id'); do
+    bpftool prog show id "$id" -j | jq -r '"\(.name) \(.run_time_ns // 0) \(.run_cnt // 0)"'
+  done
+}
+
+# The agent's programs' own cost during one iperf3 run from the enforced cgroup, for size
+# $1: `kernel.bpf_stats_enabled` makes the kernel count each program's runs and run time.
+# On for this run only (it adds two clock reads to every run), so the paired runs above do
+# not pay for it. Appends "size program runs_per_s ns_per_run percent_of_a_core" to $progcost.
+prog_cost() {
+  local before after
+  echo 1 >/proc/sys/kernel/bpf_stats_enabled
+  before=$(prog_stats)
+  iperf_once "$cg" >/dev/null
+  after=$(prog_stats)
+  echo "$bpf_stats_was" >/proc/sys/kernel/bpf_stats_enabled
+  awk -v n="$1" -v secs="$((seconds + omit))" '
+    NR == FNR { t[$1] = $2; c[$1] = $3; next }
+    { dt = $2 - t[$1]; dc = $3 - c[$1]
+      printf "%s\t%s\t%.0f\t%.0f\t%.2f\n", n, $1, dc / secs, (dc > 0 ? dt / dc : 0), dt / secs / 1e7 }
+  ' <(echo "$before") <(echo "$after") >>"$progcost"
 }
 
 record() { # size peer load_ms "measure output" note...
@@ -483,7 +514,9 @@ if has_part network; then
       record "$n" agent - "- - - - -" "not tried: ${unusable[agent]}"
     elif start_agent "$policy" "$work/agent-$n.log"; then
       read -r rss hwm _ < <(agent_rss "$agent_pid")
-      record "$n" agent "$attach_ms" "$(measure_paired "$n")" \
+      m=$(measure_paired "$n")
+      prog_cost "$n"
+      record "$n" agent "$attach_ms" "$m" \
         "start: policy+object ${pre_ms} ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps+attach ${post_ms} ms; RSS $((rss / 1024)) MiB, peak $((hwm / 1024)) MiB"
       stop_pid "$agent_pid" 10
       forget_pid "$agent_pid"
@@ -831,6 +864,17 @@ report=$work/report.md
       echo "| N | free Gbit/s | agent Gbit/s | × free | pairs' ratios | free conn/s | agent conn/s | × free | free filters |"
       echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
       awk -F'\t' '{ printf "| %s | %.2f | %.2f | %.3f | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' "$paired"
+    fi
+    if [ -s "$progcost" ]; then
+      echo
+      echo "### The agent's programs during one iperf3 run"
+      echo
+      echo "One more iperf3 run from the enforced cgroup with \`kernel.bpf_stats_enabled\` on (run"
+      echo "count and run time per program, clock reads included); CPU in % of one core."
+      echo
+      echo "| N | program | runs /s | ns / run | CPU % |"
+      echo "|---:|---|---:|---:|---:|"
+      awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$progcost"
     fi
   fi
 } >"$report"
