@@ -30,9 +30,10 @@ const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
 /// Name records written per tick at most: a few milliseconds of map writes, so a burst of
 /// new addresses never holds up the answers queued behind it.
 const JOURNAL_BUDGET: usize = 2048;
-/// Rechecks after lost answers are at least this far apart (boot-time ns): one reads every
-/// learned address, and answers are lost when the agent is already short of CPU.
-const RECHECK_PERIOD_NS: u64 = 10 * 1_000_000_000;
+/// Learned addresses read back per tick after lost answers: a few milliseconds of map
+/// lookups, since answers are lost when the agent is already short of CPU (a pass over
+/// 100,000 addresses takes 25 s).
+const RECHECK_BUDGET: usize = 4096;
 
 /// Nanoseconds on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
 pub fn boot_time_ns() -> u64 {
@@ -58,10 +59,8 @@ pub struct Control {
     pub legacy: LegacySets,
     /// The last flush left records for the next one (a burst of new addresses).
     pub journal_behind: bool,
-    /// `DNS_EVENTS` records the kernel lost to a full ring, as of the last recheck, and
-    /// when that was.
+    /// `DNS_EVENTS` records the kernel lost to a full ring, as of the last recheck's start.
     pub dns_events_lost: u64,
-    pub rechecked_at: u64,
 }
 
 /// What the agent did, for its last log lines.
@@ -93,15 +92,17 @@ impl Control {
         let now = boot_time_ns();
         self.learner.expire(&mut self.enforcer, now)?;
         let lost = self.enforcer.stats()?.dns_events_lost;
-        if lost != self.dns_events_lost && now >= self.rechecked_at + RECHECK_PERIOD_NS {
+        // Losses during a pass start another once it is done.
+        if lost != self.dns_events_lost && !self.learner.rechecking() {
             log::warn!(
                 "{} DNS answers were lost to a full ring buffer; rechecking every learned address",
                 lost.wrapping_sub(self.dns_events_lost)
             );
             self.dns_events_lost = lost;
-            self.rechecked_at = now;
-            self.learner.recheck(&mut self.enforcer, now)?;
+            self.learner.start_recheck();
         }
+        self.learner
+            .recheck_some(&mut self.enforcer, now, RECHECK_BUDGET)?;
         let gone = self.legacy.expire(now);
         if !gone.is_empty() {
             self.enforcer.remove_ports(&gone)?;

@@ -234,7 +234,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         legacy,
         journal_behind: false,
         dns_events_lost: 0,
-        rechecked_at: 0,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -258,6 +258,8 @@ pub struct Learner {
     extra_seen: SlotBits,
     /// The pairs whose `LEARNED_NAMES` records are to be written or deleted.
     journal: NameJournal,
+    /// The next slot a recheck reads, while one is under way (see `start_recheck`).
+    recheck_at: Option<usize>,
     pub counters: LearnerCounters,
     /// Buffers reused from answer to answer.
     qname: String,
@@ -286,6 +288,7 @@ impl Learner {
             unsettled: SlotBits::default(),
             extra_seen: SlotBits::default(),
             journal: NameJournal::default(),
+            recheck_at: None,
             counters: LearnerCounters::default(),
             qname: String::new(),
             justified: Vec::new(),
@@ -440,16 +443,40 @@ impl Learner {
         }
     }
 
-    /// Reads back every tracked address's entry, after the kernel lost answers to a full
-    /// ring: a lost answer may have left a second port set the learner never saw, and a
-    /// refresh the kernel's write explains (see `sync`) would never look at it, so another
-    /// name's answers could keep it open for good. Seen here, the set goes at the first
-    /// write after the ring is next found empty (see `extra_pending`).
-    pub fn recheck(&mut self, store: &mut impl LearnedStore, now: u64) -> anyhow::Result<()> {
-        let slots: Vec<u32> = self.index.values().copied().collect();
-        for s in slots {
-            self.sync_slot(store, s, now, false, None)?;
+    /// Starts reading back every tracked address's entry, after the kernel lost answers to
+    /// a full ring: a lost answer may have left a second port set the learner never saw, and
+    /// a refresh the kernel's write explains (see `sync`) would never look at it, so another
+    /// name's answers could keep it open for good. Seen, the set goes at the first write
+    /// after the ring is next found empty (see `extra_pending`). The pass goes on in
+    /// [`Self::recheck_some`]; does nothing while one is under way.
+    pub fn start_recheck(&mut self) {
+        self.recheck_at.get_or_insert(0);
+    }
+
+    /// Whether a pass started by [`Self::start_recheck`] is under way.
+    pub fn rechecking(&self) -> bool {
+        self.recheck_at.is_some()
+    }
+
+    /// Goes on with the pass, at most `budget` slots: a pass reads every entry, and one
+    /// taken at once would hold up the answers queued meanwhile, when answers are already
+    /// being lost.
+    pub fn recheck_some(
+        &mut self,
+        store: &mut impl LearnedStore,
+        now: u64,
+        budget: usize,
+    ) -> anyhow::Result<()> {
+        let Some(from) = self.recheck_at else {
+            return Ok(());
+        };
+        let to = self.slots.len().min(from.saturating_add(budget));
+        for s in from..to {
+            if !self.slots[s].is_empty() {
+                self.sync_slot(store, s as u32, now, false, None)?;
+            }
         }
+        self.recheck_at = (to < self.slots.len()).then_some(to);
         Ok(())
     }
 
@@ -1649,8 +1676,12 @@ dns:
             open_ports(&store, "203.0.113.7"),
             HashSet::from([(6, 443), (17, 123)])
         );
-        // Once the loss is known, the entry is read back; the next write drops the set.
-        l.recheck(&mut store, now).expect("recheck");
+        // Once the loss is known, the entries are read back, a few at a time; the next
+        // write drops the set.
+        l.start_recheck();
+        while l.rechecking() {
+            l.recheck_some(&mut store, now, 1).expect("recheck");
+        }
         l.drained();
         refresh(&mut l, &mut store, now + NS_PER_SEC);
         assert_eq!(open_ports(&store, "203.0.113.7"), HashSet::from([(6, 443)]));
