@@ -107,6 +107,22 @@ pub struct LearnedValue {
 /// "No port set" in [`LearnedValue::extra_set`].
 pub const NO_PORT_SET: u32 = u32::MAX - 1;
 
+impl LearnedValue {
+    /// What the kernel makes of a live entry when an answer teaches its address again, with
+    /// `port_set` until `expires_ns`: another name's set becomes the second set (replacing
+    /// an earlier second one), and the later expiry stands. The one definition the kernel
+    /// and the agent's models of it share.
+    #[inline(always)]
+    pub fn relearn(&mut self, port_set: u32, expires_ns: u64) {
+        if self.port_set != port_set && self.port_set != ALL_PORTS && self.extra_set != port_set {
+            self.extra_set = port_set;
+        }
+        if expires_ns > self.expires_ns {
+            self.expires_ns = expires_ns;
+        }
+    }
+}
+
 /// `FLOWS`: `LruHashMap<FlowKey, FlowValue>`. Flows already decided, so later packets take
 /// one lookup, and flows started from outside (a server in the cgroup answering a client),
 /// recorded by the ingress programs.
@@ -495,6 +511,34 @@ mod tests {
         assert_eq!(size_of::<LearnedNameKey>(), 24);
         assert_eq!(size_of::<LearnedName>(), 8 + LEARNED_NAME_LEN);
         assert_eq!(align_of::<Event>(), 8);
+    }
+
+    #[test]
+    fn a_relearned_entry_keeps_another_name_s_set_as_its_second_and_the_later_expiry() {
+        let entry = |port_set, extra_set, expires_ns| LearnedValue {
+            port_set,
+            extra_set,
+            expires_ns,
+        };
+        let relearned = |mut v: LearnedValue, set, until| {
+            v.relearn(set, until);
+            v
+        };
+        assert_eq!(
+            relearned(entry(1, NO_PORT_SET, 50), 1, 90),
+            entry(1, NO_PORT_SET, 90)
+        );
+        assert_eq!(relearned(entry(1, NO_PORT_SET, 90), 2, 50), entry(1, 2, 90));
+        assert_eq!(
+            relearned(entry(1, 2, 90), 3, 50),
+            entry(1, 3, 90),
+            "replaced"
+        );
+        assert_eq!(
+            relearned(entry(ALL_PORTS, NO_PORT_SET, 90), 2, 50),
+            entry(ALL_PORTS, NO_PORT_SET, 90),
+            "every port already"
+        );
     }
 
     #[test]

@@ -16,10 +16,10 @@
 //! per path.
 use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
-    ALL_PORTS, Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue,
-    NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS,
-    STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED,
-    STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
+    Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
+    NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
+    STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
+    STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
 };
 
 use crate::{
@@ -549,12 +549,7 @@ fn remember_address(
         // SAFETY: pointer from a successful lookup, valid for this run.
         let v = unsafe { &mut *v };
         if v.expires_ns > now {
-            if v.port_set != port_set && v.port_set != ALL_PORTS && v.extra_set != port_set {
-                v.extra_set = port_set;
-            }
-            if expires_ns > v.expires_ns {
-                v.expires_ns = expires_ns;
-            }
+            v.relearn(port_set, expires_ns);
             return;
         }
     }

@@ -31,8 +31,8 @@ use egress_agent::{
     policy::{DnsSettings, Policy, parse},
 };
 use egress_common::{
-    ALL_PORTS, Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET,
-    PortKey, proto, v4_mapped,
+    Addr, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NO_PORT_SET, PortKey, proto,
+    v4_mapped,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -208,12 +208,7 @@ impl Kernel {
         let secs = ttl.max(self.min_ttl).min(self.max_ttl);
         let expires_ns = now + u64::from(secs) * NS_PER_SEC;
         match maps.learned.get_mut(&addr) {
-            Some(v) if v.expires_ns > now => {
-                if v.port_set != set && v.port_set != ALL_PORTS && v.extra_set != set {
-                    v.extra_set = set;
-                }
-                v.expires_ns = v.expires_ns.max(expires_ns);
-            }
+            Some(v) if v.expires_ns > now => v.relearn(set, expires_ns),
             _ => {
                 let fresh = LearnedValue {
                     port_set: set,

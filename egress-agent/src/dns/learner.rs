@@ -1549,15 +1549,7 @@ dns:
             let secs = r.ttl.max(l.limits.min_ttl).min(l.limits.max_ttl);
             let expires_ns = now + u64::from(secs) * NS_PER_SEC;
             match maps.learned.get_mut(&addr) {
-                Some(v) if v.expires_ns > now => {
-                    if v.port_set != set
-                        && v.port_set != egress_common::ALL_PORTS
-                        && v.extra_set != set
-                    {
-                        v.extra_set = set;
-                    }
-                    v.expires_ns = v.expires_ns.max(expires_ns);
-                }
+                Some(v) if v.expires_ns > now => v.relearn(set, expires_ns),
                 _ => {
                     let fresh = LearnedValue {
                         port_set: set,
