@@ -20,7 +20,7 @@ use crate::{
         resolvers,
     },
     events::decode_dns,
-    loader::{Enforcer, Stats},
+    loader::{Enforcer, LoadError, Stats},
     metrics::Snapshot,
     policy::{Mode, Policy},
     run::{give_back_freed_memory, settings},
@@ -88,12 +88,13 @@ impl Control {
         Ok(changes.complete)
     }
 
-    /// Once a second: expiry, a previous agent's port sets nothing refers to any more, the
+    /// Once a second: expiry, a recheck after lost answers (`stats`: this second's counters,
+    /// if they could be read), a previous agent's port sets nothing refers to any more, the
     /// name records.
-    fn tick(&mut self) -> anyhow::Result<()> {
+    fn tick(&mut self, stats: Option<&Stats>) -> anyhow::Result<()> {
         let now = boot_time_ns();
         self.learner.expire(&mut self.enforcer, now)?;
-        let lost = self.enforcer.stats()?.dns_events_lost;
+        let lost = stats.map_or(self.dns_events_lost, |s| s.dns_events_lost);
         // Losses during a pass start another once it is done.
         if lost != self.dns_events_lost && !self.learner.rechecking() {
             log::warn!(
@@ -114,8 +115,12 @@ impl Control {
     }
 
     /// The counters for `/metrics`; a failed read only skips this publication.
-    fn publish(&self, snapshots: &watch::Sender<Option<Snapshot>>) {
-        match self.enforcer.stats() {
+    fn publish(
+        &self,
+        stats: Result<Stats, LoadError>,
+        snapshots: &watch::Sender<Option<Snapshot>>,
+    ) {
+        match stats {
             Ok(stats) => {
                 let _ = snapshots.send(Some(Snapshot {
                     stats,
@@ -204,7 +209,7 @@ impl Control {
             let answers = self.drain(&mut old)?;
             log::info!("read {answers} answers queued in the replaced DNS ring buffer");
         }
-        self.publish(&snapshots);
+        self.publish(self.enforcer.stats(), &snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
         let mut ring = unsafe { AsyncFd::register_with_interest(dns_ring, Interest::READABLE) }
             .map_err(std::io::Error::from)?;
@@ -224,8 +229,9 @@ impl Control {
                     }
                 }
                 _ = tick.tick() => {
-                    self.tick()?;
-                    self.publish(&snapshots);
+                    let stats = self.enforcer.stats();
+                    self.tick(stats.as_ref().ok())?;
+                    self.publish(stats, &snapshots);
                 }
                 Some(policy) = reloads.recv() => {
                     if let Err(e) = self.reload(policy) {
