@@ -108,12 +108,27 @@ pub struct LearnedValue {
 pub const NO_PORT_SET: u32 = u32::MAX - 1;
 
 impl LearnedValue {
-    /// What the kernel makes of a live entry when an answer teaches its address again, with
-    /// `port_set` until `expires_ns`: another name's set becomes the second set (replacing
-    /// an earlier second one), and the later expiry stands. The one definition the kernel
-    /// and the agent's models of it share.
+    /// The entry the kernel writes for an address it had none for.
     #[inline(always)]
-    pub fn relearn(&mut self, port_set: u32, expires_ns: u64) {
+    pub fn new(port_set: u32, expires_ns: u64) -> Self {
+        Self {
+            port_set,
+            extra_set: NO_PORT_SET,
+            expires_ns,
+        }
+    }
+
+    /// What the kernel makes of an address's entry at `now` when an answer teaches the
+    /// address again, with `port_set` until `expires_ns`: an expired entry is replaced; in
+    /// a live one, another name's set becomes the second set (replacing an earlier second
+    /// one) and the later expiry stands. The one definition the kernel and the agent's
+    /// models of it share.
+    #[inline(always)]
+    pub fn teach(&mut self, port_set: u32, expires_ns: u64, now: u64) {
+        if self.expires_ns <= now {
+            *self = Self::new(port_set, expires_ns);
+            return;
+        }
         if self.port_set != port_set && self.port_set != ALL_PORTS && self.extra_set != port_set {
             self.extra_set = port_set;
         }
@@ -520,8 +535,9 @@ mod tests {
             extra_set,
             expires_ns,
         };
+        // At time 10.
         let relearned = |mut v: LearnedValue, set, until| {
-            v.relearn(set, until);
+            v.teach(set, until, 10);
             v
         };
         assert_eq!(
@@ -538,6 +554,11 @@ mod tests {
             relearned(entry(ALL_PORTS, NO_PORT_SET, 90), 2, 50),
             entry(ALL_PORTS, NO_PORT_SET, 90),
             "every port already"
+        );
+        assert_eq!(
+            relearned(entry(1, 2, 10), 3, 50),
+            LearnedValue::new(3, 50),
+            "expired: replaced"
         );
     }
 

@@ -547,17 +547,10 @@ fn remember_address(
     let expires_ns = now + u64::from(secs) * NS_PER_SEC;
     if let Some(v) = LEARNED.get_ptr_mut(addr) {
         // SAFETY: pointer from a successful lookup, valid for this run.
-        let v = unsafe { &mut *v };
-        if v.expires_ns > now {
-            v.relearn(port_set, expires_ns);
-            return;
-        }
+        unsafe { &mut *v }.teach(port_set, expires_ns, now);
+        return;
     }
-    work.value = LearnedValue {
-        port_set,
-        extra_set: NO_PORT_SET,
-        expires_ns,
-    };
+    work.value = LearnedValue::new(port_set, expires_ns);
     let value: &LearnedValue = &work.value;
     let _ = LEARNED.insert(addr, value, 0);
 }

@@ -1548,17 +1548,9 @@ dns:
             };
             let secs = r.ttl.max(l.limits.min_ttl).min(l.limits.max_ttl);
             let expires_ns = now + u64::from(secs) * NS_PER_SEC;
-            match maps.learned.get_mut(&addr) {
-                Some(v) if v.expires_ns > now => v.relearn(set, expires_ns),
-                _ => {
-                    let fresh = LearnedValue {
-                        port_set: set,
-                        extra_set: NO_PORT_SET,
-                        expires_ns,
-                    };
-                    maps.learned.insert(addr, fresh);
-                }
-            }
+            (maps.learned.entry(addr))
+                .and_modify(|v| v.teach(set, expires_ns, now))
+                .or_insert(LearnedValue::new(set, expires_ns));
             ev.addrs[usize::from(ev.learned)] = addr;
             ev.learned += 1;
         }
