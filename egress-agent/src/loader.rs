@@ -55,8 +55,9 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
 /// The maps a pin root shares between successive agents: all the policy and state the
-/// programs read and write. The per-CPU scratch maps of the DNS parser are left out; each
-/// program set may have its own.
+/// programs read and write. The per-CPU scratch maps of the DNS parser are left out, and
+/// `FRAGS` (a datagram's fragments follow its first within milliseconds): each program set
+/// may have its own.
 pub const PINNED_MAPS: [&str; 12] = [
     CIDRS,
     PORTS,
@@ -119,6 +120,8 @@ pub enum LoadError {
     },
     #[error(transparent)]
     PinRoot(#[from] pin::PinError),
+    #[error("no network interface other than loopback to run test packets on")]
+    NoTestInterface,
     #[error("{what}: {source}")]
     Link {
         what: String,
@@ -273,6 +276,12 @@ fn carry_over<K: Pod, V: Pod>(
     to: &mut Map,
     name: &'static str,
 ) -> Result<usize, LoadError> {
+    let info = from.info().map_err(map_err(name))?;
+    if (info.key_size(), info.value_size()) != (size_of::<K>() as u32, size_of::<V>() as u32) {
+        // Entries of another layout mean something else: start the replacement empty.
+        log::warn!("{name}: pinned entries have another layout; not carried over");
+        return Ok(0);
+    }
     let old: HashMap<MapData, K, V> =
         HashMap::try_from(Map::HashMap(from)).map_err(map_err(name))?;
     let mut new: HashMap<&mut MapData, K, V> = HashMap::try_from(to).map_err(map_err(name))?;
@@ -281,6 +290,66 @@ fn carry_over<K: Pod, V: Pod>(
         let Ok((k, v)) = entry else { continue };
         new.insert(k, v, 0)
             .map_err(map_err(format!("carrying {name} over")))?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// The global that [`Enforcer::load_for_test_run`] sets (see `egress-ebpf/src/packet.rs`).
+const TEST_RUN: &str = "TEST_RUN";
+
+/// A `struct __sk_buff` for `BPF_PROG_TEST_RUN` that puts the packet on a real interface:
+/// by default the kernel puts it on loopback, which the programs wave through. The first
+/// non-loopback interface of this network namespace serves; nothing is sent on it.
+fn test_run_context() -> Result<Vec<u8>, LoadError> {
+    let ifindex = std::fs::read_dir("/sys/class/net")
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|dev| std::fs::read_to_string(dev.path().join("ifindex")).ok())
+        .filter_map(|index| index.trim().parse::<u32>().ok())
+        .filter(|index| *index > 1)
+        .min()
+        .ok_or(LoadError::NoTestInterface)?;
+    let mut ctx = vec![0; SK_BUFF_SIZE];
+    ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    Ok(ctx)
+}
+
+/// `struct __sk_buff` (UAPI, stable): its size in 6.x (a kernel with a smaller one takes a
+/// zero tail) and the offset of `ifindex`, after len, pkt_type, mark, queue_mapping,
+/// protocol, vlan_present, vlan_tci, vlan_proto, priority and ingress_ifindex.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// `FLOWS` values before they had an owner: last seen (8 bytes), state, padding.
+type FlowValueV0 = [u8; 16];
+
+/// Carries `FLOWS` over, from this release's layout or from the one before owners (see
+/// `FlowValueV0`): those flows keep their state with owner 0, any socket, as they had.
+fn carry_over_flows(from: MapData, to: &mut Map) -> Result<usize, LoadError> {
+    let info = from.info().map_err(map_err(FLOWS))?;
+    if info.value_size() as usize != size_of::<FlowValueV0>() {
+        return carry_over::<FlowKey, FlowValue>(from, to, FLOWS);
+    }
+    let old: HashMap<MapData, FlowKey, FlowValueV0> =
+        HashMap::try_from(Map::LruHashMap(from)).map_err(map_err(FLOWS))?;
+    let mut new: HashMap<&mut MapData, FlowKey, FlowValue> =
+        HashMap::try_from(to).map_err(map_err(FLOWS))?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let Ok((key, v)) = entry else { continue };
+        let mut last_seen = [0; 8];
+        last_seen.copy_from_slice(&v[..8]);
+        let value = FlowValue {
+            last_seen_ns: u64::from_ne_bytes(last_seen),
+            owner: 0,
+            state: v[8],
+            _pad: [0; 7],
+        };
+        new.insert(key, value, 0)
+            .map_err(map_err("carrying FLOWS over"))?;
         copied += 1;
     }
     Ok(copied)
@@ -480,8 +549,29 @@ impl Enforcer {
         max_learned: u32,
         pins: Option<&PinRoot>,
     ) -> Result<Self, LoadError> {
+        Self::load_object(settings, max_learned, pins, false)
+    }
+
+    /// Loads the object for [`Enforcer::test_run`] (the kernel tests and the benchmarks),
+    /// never to attach. `BPF_PROG_TEST_RUN` gives each run a dummy socket of its own, so the
+    /// programs are told (`TEST_RUN`) to see every packet as socketless, as the TC programs
+    /// see forwarded packets: a query and its answer, or a flow's two directions, are then
+    /// the same "socket" across runs.
+    pub fn load_for_test_run(settings: &Settings, max_learned: u32) -> Result<Self, LoadError> {
+        Self::load_object(settings, max_learned, None, true)
+    }
+
+    fn load_object(
+        settings: &Settings,
+        max_learned: u32,
+        pins: Option<&PinRoot>,
+        test_run: bool,
+    ) -> Result<Self, LoadError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(LEARNED, max_learned);
+        if test_run {
+            loader.override_global(TEST_RUN, &1u8, true);
+        }
         let mut replaced: Vec<(&'static str, MapData)> = Vec::new();
         let mut adopted = false;
         if let Some(pins) = pins {
@@ -518,7 +608,7 @@ impl Enforcer {
             let new = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
             let copied = match name {
                 LEARNED => carry_over::<Addr, LearnedValue>(old, new, name)?,
-                FLOWS => carry_over::<FlowKey, FlowValue>(old, new, name)?,
+                FLOWS => carry_over_flows(old, new)?,
                 DNS_QUERIES => carry_over::<QueryKey, QueryValue>(old, new, name)?,
                 DNS_EVENTS => {
                     old_dns_events = Some(old);
@@ -867,8 +957,10 @@ impl Enforcer {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunResult, LoadError> {
+        let ctx = test_run_context()?;
         let opts = TestRunOptions {
             data_in: Some(frame),
+            ctx_in: Some(&ctx),
             repeat,
             ..Default::default()
         };

@@ -301,12 +301,9 @@ struct Dns {
 impl Dns {
     fn new() -> Self {
         let policy = parse(POLICY, "dns-kernel-test.yaml").expect("test policy parses");
-        let mut enforcer = Enforcer::load(
-            &settings(Mode::Enforce, &policy.dns),
-            policy.dns.max_ips,
-            None,
-        )
-        .expect("kernel object loads");
+        let mut enforcer =
+            Enforcer::load_for_test_run(&settings(Mode::Enforce, &policy.dns), policy.dns.max_ips)
+                .expect("kernel object loads");
         enforcer
             .write_policy(&compile(&policy).expect("test policy compiles"))
             .expect("maps accept the policy");

@@ -34,7 +34,7 @@ allow:
 
 fn enforcer(mode: Mode) -> Enforcer {
     let policy = parse(POLICY, "verdict-test.yaml").expect("test policy parses");
-    let mut e = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips, None)
+    let mut e = Enforcer::load_for_test_run(&settings(mode, &policy.dns), policy.dns.max_ips)
         .expect("kernel object loads");
     e.write_policy(&compile(&policy).expect("test policy compiles"))
         .expect("maps accept the policy");
@@ -72,11 +72,24 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
     p
 }
 
+/// An IPv4 fragment: `offset` in 8-byte units, `more` for the more-fragments flag.
+fn ipv4_fragment(dst: Ipv4Addr, proto: u8, id: u16, offset: u16, more: bool, l4: &[u8]) -> Vec<u8> {
+    let mut p = ipv4(CLIENT4, dst, proto, l4);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags = if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&(flags | offset).to_be_bytes());
+    ethernet(0x0800, &p)
+}
+
 fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    ipv6_hops(src, dst, next, 64, payload)
+}
+
+fn ipv6_hops(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hops: u8, payload: &[u8]) -> Vec<u8> {
     let len = u16::try_from(payload.len()).expect("small packet");
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&len.to_be_bytes());
-    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&[next, hops]);
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
     p.extend_from_slice(payload);
@@ -112,6 +125,14 @@ fn v4_frame(dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
 
 fn v6_frame(dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
     ethernet(0x86dd, &ipv6(CLIENT6, dst, next, l4))
+}
+
+/// An ICMPv6 message with the hop limit neighbour discovery (255) or MLD (1) uses.
+fn icmpv6_frame(dst: Ipv6Addr, hops: u8, message: &[u8]) -> Vec<u8> {
+    ethernet(
+        0x86dd,
+        &ipv6_hops(CLIENT6, dst, proto::ICMPV6, hops, message),
+    )
 }
 
 fn tcp_to(dst: IpAddr, dport: u16) -> Vec<u8> {
@@ -200,10 +221,7 @@ fn verdict_counters_are_split_by_protocol() {
         (tcp_to(ip("203.0.113.10"), 80), DROP),
         (v4_frame(all_ports, proto::UDP, &udp(40000, 9)), PASS),
         (v4_frame(all_ports, proto::ICMP, &icmp(8, 0, &[])), PASS),
-        (
-            v6_frame(ns_dst, proto::ICMPV6, &icmp(135, 0, &[0; 16])),
-            PASS,
-        ),
+        (icmpv6_frame(ns_dst, 255, &icmp(135, 0, &[0; 16])), PASS),
         (v6_frame(tcp_only, proto::ICMPV6, &icmp(128, 0, &[])), DROP),
         (v6_frame(tcp_only, proto::ICMPV6, &icmp(128, 0, &[])), DROP),
         (v4_frame(all_ports, GRE, &[0; 8]), PASS),
@@ -289,7 +307,7 @@ fn loopback_neighbour_discovery_and_dhcpv6_always_pass() {
     assert_eq!(run(&e, EGRESS_CGROUP, &tcp_to(ip("127.8.9.10"), 9)), PASS);
     assert_eq!(run(&e, EGRESS_CGROUP, &tcp_to(ip("::1"), 9)), PASS);
     let solicited_node: Ipv6Addr = "ff02::1:ff00:2".parse().expect("literal");
-    let ns = v6_frame(solicited_node, proto::ICMPV6, &icmp(135, 0, &[0; 16]));
+    let ns = icmpv6_frame(solicited_node, 255, &icmp(135, 0, &[0; 16]));
     assert_eq!(run(&e, EGRESS_CGROUP, &ns), PASS, "neighbour solicitation");
     let echo = v6_frame(solicited_node, proto::ICMPV6, &icmp(128, 0, &[]));
     assert_eq!(
@@ -303,6 +321,135 @@ fn loopback_neighbour_discovery_and_dhcpv6_always_pass() {
         &udp(546, 547),
     );
     assert_eq!(run(&e, EGRESS_CGROUP, &dhcp), PASS, "DHCPv6 solicit");
+}
+
+/// Neighbour discovery and MLD pass only where they stay on the link: to link-local or
+/// link-scope multicast addresses with their hop limit, or, to a neighbour's routable
+/// address, a solicitation or advertisement with nothing of its own in it.
+#[test]
+fn neighbour_discovery_and_mld_stay_on_the_link() {
+    if !privileged() {
+        return;
+    }
+    let e = enforcer(Mode::Enforce);
+    let global: Ipv6Addr = "2001:db8:3::1".parse().expect("literal");
+    let solicited_node: Ipv6Addr = "ff02::1:ff00:1".parse().expect("literal");
+    let mld_routers: Ipv6Addr = "ff02::16".parse().expect("literal");
+    let link_local: Ipv6Addr = "fe80::1".parse().expect("literal");
+    let about = |target: Ipv6Addr, extra: &[u8]| {
+        let mut body = target.octets().to_vec();
+        body.extend_from_slice(extra);
+        body
+    };
+    let lladdr = [1, 1, 2, 0, 0, 0, 0, 1];
+    let cases = [
+        (
+            "NS to solicited-node",
+            icmpv6_frame(solicited_node, 255, &icmp(135, 0, &about(global, &lladdr))),
+            PASS,
+        ),
+        (
+            "NS with another hop limit",
+            icmpv6_frame(solicited_node, 64, &icmp(135, 0, &about(global, &[]))),
+            DROP,
+        ),
+        (
+            "NS to a link-local neighbour",
+            icmpv6_frame(link_local, 255, &icmp(135, 0, &about(link_local, &lladdr))),
+            PASS,
+        ),
+        (
+            "unreachability probe of a routable neighbour",
+            icmpv6_frame(global, 255, &icmp(135, 0, &about(global, &lladdr))),
+            PASS,
+        ),
+        (
+            "NS to a routable address about another",
+            icmpv6_frame(global, 255, &icmp(135, 0, &about(CLIENT6, &[]))),
+            DROP,
+        ),
+        (
+            "NS to a routable address with a payload",
+            icmpv6_frame(global, 255, &icmp(135, 0, &about(global, &[7; 64]))),
+            DROP,
+        ),
+        (
+            "NA about this host to a routable neighbour",
+            icmpv6_frame(global, 255, &icmp(136, 0, &about(CLIENT6, &lladdr))),
+            PASS,
+        ),
+        (
+            "NA about another address",
+            icmpv6_frame(global, 255, &icmp(136, 0, &about(global, &[]))),
+            DROP,
+        ),
+        (
+            "RS to all routers",
+            icmpv6_frame("ff02::2".parse().expect("literal"), 255, &icmp(133, 0, &[])),
+            PASS,
+        ),
+        (
+            "RS to a routable address",
+            icmpv6_frame(global, 255, &icmp(133, 0, &[9; 32])),
+            DROP,
+        ),
+        (
+            "redirect to a routable address",
+            icmpv6_frame(global, 255, &icmp(137, 0, &[9; 32])),
+            DROP,
+        ),
+        (
+            "MLDv2 report",
+            icmpv6_frame(mld_routers, 1, &icmp(143, 0, &[0; 4])),
+            PASS,
+        ),
+        (
+            "MLDv2 report with another hop limit",
+            icmpv6_frame(mld_routers, 64, &icmp(143, 0, &[0; 4])),
+            DROP,
+        ),
+        (
+            "MLD report to a routable address",
+            icmpv6_frame(global, 1, &icmp(143, 0, &[9; 32])),
+            DROP,
+        ),
+        (
+            "MLD query to a routable address",
+            icmpv6_frame(global, 1, &icmp(130, 0, &[9; 32])),
+            DROP,
+        ),
+    ];
+    for (what, frame, want) in cases {
+        assert_eq!(run(&e, EGRESS_CGROUP, &frame), want, "{what}");
+    }
+}
+
+/// The later fragments of a datagram carry no ports: they follow a first fragment that
+/// passed, and nothing else.
+#[test]
+fn later_fragments_follow_their_first() {
+    if !privileged() {
+        return;
+    }
+    let mut e = enforcer(Mode::Enforce);
+    e.load_tc().expect("TC programs load");
+    let allowed = Ipv4Addr::new(203, 0, 113, 10);
+    let denied = Ipv4Addr::new(198, 51, 100, 9);
+    let first = ipv4_fragment(allowed, proto::UDP, 77, 0, true, &udp(40000, 123));
+    let later = ipv4_fragment(allowed, proto::UDP, 77, 185, false, &[7; 64]);
+    let stranger = ipv4_fragment(allowed, proto::UDP, 78, 185, false, &[7; 64]);
+    assert_eq!(run(&e, EGRESS_CGROUP, &later), DROP, "before its first");
+    assert_eq!(run(&e, EGRESS_TC, &first), TC_ACT_OK);
+    assert_eq!(run(&e, EGRESS_TC, &later), TC_ACT_OK, "after its first");
+    assert_eq!(
+        run(&e, EGRESS_TC, &stranger),
+        TC_ACT_SHOT,
+        "another datagram"
+    );
+    let first_denied = ipv4_fragment(denied, proto::UDP, 79, 0, true, &udp(40000, 123));
+    let later_denied = ipv4_fragment(denied, proto::UDP, 79, 185, false, &[7; 64]);
+    assert_eq!(run(&e, EGRESS_TC, &first_denied), TC_ACT_SHOT);
+    assert_eq!(run(&e, EGRESS_TC, &later_denied), TC_ACT_SHOT);
 }
 
 #[test]
@@ -336,6 +483,15 @@ fn a_server_answers_a_client_no_rule_allows() {
         &ipv4(CLIENT4, remote, proto::TCP, &tcp(8081, 5555, TCP_SYN)),
     );
     assert_eq!(run(&e, EGRESS_CGROUP, &other_port), DROP, "only that flow");
+    let new_connection = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::TCP, &tcp(8080, 5555, TCP_SYN)),
+    );
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &new_connection),
+        DROP,
+        "a reply never opens a connection"
+    );
 }
 
 #[test]
@@ -374,6 +530,27 @@ fn icmp_errors_pass_only_for_flows_already_allowed() {
     let inbound = ethernet(0x0800, &quoted);
     assert_eq!(run(&e, INGRESS_CGROUP, &inbound), PASS);
     assert_eq!(run(&e, EGRESS_CGROUP, &unreachable), PASS, "known flow");
+    let elsewhere = Ipv4Addr::new(198, 51, 100, 9);
+    let tunnel = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, elsewhere, proto::ICMP, &icmp(3, 3, &quoted)),
+    );
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &tunnel),
+        DROP,
+        "only to the quoted packet's source"
+    );
+    let mut long_quote = quoted.clone();
+    long_quote.extend_from_slice(&[7; 600]);
+    let oversized = ethernet(
+        0x0800,
+        &ipv4(CLIENT4, remote, proto::ICMP, &icmp(11, 0, &long_quote)),
+    );
+    assert_eq!(
+        run(&e, EGRESS_CGROUP, &oversized),
+        DROP,
+        "no longer than the kernel's errors"
+    );
 }
 
 #[test]

@@ -140,7 +140,7 @@ impl LearnedValue {
 
 /// `FLOWS`: `LruHashMap<FlowKey, FlowValue>`. Flows already decided, so later packets take
 /// one lookup, and flows started from outside (a server in the cgroup answering a client),
-/// recorded by the ingress programs.
+/// recorded by the ingress programs as [`FLOW_INBOUND`].
 pub const FLOWS: &str = "FLOWS";
 pub const FLOWS_MAX_ENTRIES: u32 = 262_144;
 
@@ -163,16 +163,43 @@ pub struct FlowValue {
     /// `bpf_ktime_get_boot_ns()` of the last packet; a flow idle for longer than the
     /// protocol's idle timeout in [`Settings`] is decided afresh.
     pub last_seen_ns: u64,
-    /// [`FLOW_ALLOWED`] or [`FLOW_AUDITED`].
+    /// For [`FLOW_INBOUND`]: the socket cookie of the local socket that received the flow's
+    /// first packet, the only socket whose packets are replies (0: any socket; see
+    /// [`FLOW_INBOUND`]). 0 in the other states.
+    pub owner: u64,
+    /// [`FLOW_ALLOWED`], [`FLOW_AUDITED`] or [`FLOW_INBOUND`].
     pub state: u8,
     pub _pad: [u8; 7],
 }
 
-/// The flow was allowed by policy, or started from outside.
+/// The flow was allowed by policy.
 pub const FLOW_ALLOWED: u8 = 1;
 /// The flow would have been dropped; it passed because the mode is audit. Its packets pass
 /// without further events while the mode stays audit, and are decided afresh in enforce mode.
 pub const FLOW_AUDITED: u8 = 2;
+/// The flow was started from outside, over a real interface (never loopback): only replies
+/// pass, that is no TCP SYN without ACK, and of ICMP only echo replies, and only from the
+/// socket in `owner`. A TCP listener's SYN-ACK from the owner sets `owner` to 0, so that
+/// the accepted socket (a socket of its own) answers too: the kernel sends it only for a
+/// SYN it received. The TC programs, which see no receiving socket, record 0.
+pub const FLOW_INBOUND: u8 = 3;
+
+/// `FRAGS`: `LruHashMap<FragKey, u8>`. IP datagrams whose first fragment was allowed: later
+/// fragments carry no ports and pass only when their datagram is here (value 1). Only the
+/// TC programs see fragments of local datagrams (the cgroup programs see whole ones), and
+/// raw sockets can send their own.
+pub const FRAGS: &str = "FRAGS";
+pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub dst: Addr,
+    /// The IPv4 identification or IPv6 fragment header identification, host byte order.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
 
 /// `SETTINGS`: `Array<Settings>` with one entry, written by the agent before attaching.
 pub const SETTINGS: &str = "SETTINGS";
@@ -238,7 +265,8 @@ pub struct NameKey {
 }
 
 /// `DNS_QUERIES`: `LruHashMap<QueryKey, QueryValue>`. DNS queries seen leaving for a trusted
-/// resolver; an answer counts only when it matches one (resolver, client, port, id, name).
+/// resolver from a UDP or TCP socket (never a raw one); an answer counts only when it
+/// matches one (resolver, client, port, id, name) and reaches the socket that asked.
 pub const DNS_QUERIES: &str = "DNS_QUERIES";
 pub const DNS_QUERIES_MAX_ENTRIES: u32 = 65_536;
 
@@ -260,6 +288,9 @@ pub struct QueryKey {
 pub struct QueryValue {
     /// FNV-1a over the lowercased question name in wire format.
     pub name_hash: u64,
+    /// Socket cookie of the querying socket: only an answer delivered to that socket
+    /// teaches (0 for a query forwarded through a TC program, which no local socket sent).
+    pub cookie: u64,
 }
 
 /// DNS payload bytes the kernel reads and forwards (a power of two: indexes are masked).
@@ -487,6 +518,7 @@ mod pod {
     unsafe impl aya::Pod for LearnedValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for RateState {}
@@ -513,7 +545,8 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<LearnedValue>(), 16);
         assert_eq!(size_of::<FlowKey>(), 24);
-        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<FragKey>(), 24);
         assert_eq!(size_of::<Settings>(), 40);
         assert_eq!(size_of::<NameKey>(), 128);
         assert_eq!(size_of::<QueryKey>(), 40);

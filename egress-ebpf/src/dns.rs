@@ -90,11 +90,21 @@ fn load<C: Skb>(ctx: &C, p: &Packet, to: *mut u8, max: usize) -> Option<usize> {
     (rc == 0).then_some(n)
 }
 
-/// An outgoing packet to a trusted resolver's DNS port: remember the query and let it pass.
-/// Returns false for every other packet.
+/// An outgoing packet that claims to come from a trusted resolver's DNS port but is sent
+/// by a raw socket: a forged answer (the real resolver answers from its UDP or TCP
+/// socket), which a router could send straight back to the asking socket ahead of the
+/// real one.
+#[inline(always)]
+pub fn forged_answer<C: Skb>(ctx: &C, p: &Packet) -> bool {
+    from_dns_port(p) && ctx.raw_socket() && is_resolver(&p.src)
+}
+
+/// An outgoing packet to a trusted resolver's DNS port from a UDP or TCP socket: remember
+/// the query, with the socket that asks, and let it pass. Returns false for every other
+/// packet; a raw socket's are decided by the policy like any other, and teach nothing.
 #[inline(always)]
 pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
-    if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) {
+    if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) || ctx.raw_socket() {
         return false;
     }
     if let Some(q) = per_cpu(&DNS_QUERY)
@@ -106,10 +116,30 @@ pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
         let name_hash = dns_query_name_hash();
         if name_hash != NO_NAME {
             let key = query_key(p.dst, p.src, p.sport, id, p.proto);
-            let _ = DNS_QUERIES.insert(key, QueryValue { name_hash }, 0);
+            let value = QueryValue {
+                name_hash,
+                cookie: ctx.socket_cookie(),
+            };
+            let _ = DNS_QUERIES.insert(key, value, 0);
         }
     }
     true
+}
+
+/// An incoming query for a trusted resolver's address delivered to a local socket: the
+/// "resolver" is on this side of the enforcer (a namespace of the workload's own, or a
+/// resolver running in the enforced cgroup), so its answer must teach nothing: the query
+/// is forgotten. A local resolver's names are learned from its upstream's answers.
+#[inline(always)]
+pub fn query_delivered<C: Skb>(ctx: &C, p: &Packet) {
+    if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) {
+        return;
+    }
+    let Some(id) = ctx.read::<[u8; 2]>(message_start(p)) else {
+        return;
+    };
+    let key = query_key(p.dst, p.src, p.sport, u16::from_be_bytes(id), p.proto);
+    let _ = DNS_QUERIES.remove(key);
 }
 
 /// What `dns_query_name_hash` returns for a message that is no standard query with one
@@ -156,7 +186,16 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     msg.resolver = p.src;
     msg.client = p.dst;
     work.query = query_key(p.src, p.dst, p.dport, 0, p.proto);
-    let stat = dns_learn(now);
+    // The socket the answer is delivered to; the TC programs see none.
+    let cookie = if C::SOCKET_HOOK {
+        ctx.socket_cookie()
+    } else {
+        0
+    };
+    let stat = dns_learn(now, cookie);
+    if stat == LOCAL_SOCKET {
+        return;
+    }
     // Borrowed afresh: the slots changed under the call.
     let Some(msg) = per_cpu(&DNS_SCRATCH) else {
         return;
@@ -324,16 +363,20 @@ fn per_cpu<T>(map: &aya_ebpf::maps::PerCpuArray<T>) -> Option<&'static mut T> {
 
 /// What `dns_learn` returns when the answer was walked to its end.
 const LEARNED_OK: u32 = 0;
+/// What `dns_learn` returns to a TC program for an answer to a local socket's query: the
+/// cgroup program learns from it as it reaches that socket.
+const LOCAL_SOCKET: u32 = u32::MAX;
 
-/// Checks the answer in `DNS_SCRATCH` against its query (`DNS_WORK.query`, id still 0) and
-/// the policy, then learns its addresses. Returns `LEARNED_OK` or the counter that says why
-/// the walk stopped.
+/// Checks the answer in `DNS_SCRATCH`, delivered to the socket `cookie` (0: none seen),
+/// against its query (`DNS_WORK.query`, id still 0) and the policy, then learns its
+/// addresses. Returns `LEARNED_OK`, `LOCAL_SOCKET`, or the counter that says why the walk
+/// stopped.
 ///
 /// Each global function borrows the per-CPU slots itself; a caller borrows them afresh
 /// after a call rather than hold a reference across it.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn dns_learn(now: u64) -> u32 {
+pub extern "C" fn dns_learn(now: u64, cookie: u64) -> u32 {
     let (Some(m), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
         return STAT_DNS_MALFORMED;
     };
@@ -345,9 +388,19 @@ pub extern "C" fn dns_learn(now: u64) -> u32 {
     // The key stays in map memory: a copy would take 40 bytes of the stack.
     let key: &QueryKey = &work.query;
     // SAFETY: the value is copied out at once.
-    let Some(asked) = (unsafe { DNS_QUERIES.get(key) }).map(|v| v.name_hash) else {
+    let Some((asked, asker)) = (unsafe { DNS_QUERIES.get(key) }).map(|v| (v.name_hash, v.cookie))
+    else {
         return STAT_DNS_UNSOLICITED;
     };
+    if asker != cookie {
+        // Only the socket that asked is answered: not another socket that shares the
+        // query's addresses and port, in this namespace or another.
+        return if cookie == 0 {
+            LOCAL_SOCKET
+        } else {
+            STAT_DNS_UNSOLICITED
+        };
+    }
     if dns_answer_question() == 0 {
         return STAT_DNS_MALFORMED;
     }

@@ -5,9 +5,10 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, CIDRS_MAX_ENTRIES, CidrKey, CidrValue, DNS_EVENTS_BYTES, DNS_QUERIES_MAX_ENTRIES,
-    DnsEvent, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FlowKey, FlowValue, LEARNED_MAX_ENTRIES,
-    LearnedValue, NAME_MAX_LABELS, NAMES_MAX_ENTRIES, NameKey, PORTS_MAX_ENTRIES, PortKey,
-    QueryKey, QueryValue, RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN, Settings,
+    DnsEvent, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FlowKey, FlowValue, FragKey,
+    LEARNED_MAX_ENTRIES, LearnedValue, NAME_MAX_LABELS, NAMES_MAX_ENTRIES, NameKey,
+    PORTS_MAX_ENTRIES, PortKey, QueryKey, QueryValue, RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN,
+    Settings,
 };
 
 #[map]
@@ -24,6 +25,9 @@ pub static LEARNED: LruHashMap<Addr, LearnedValue> =
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map]
+pub static FRAGS: LruHashMap<FragKey, u8> = LruHashMap::with_max_entries(FRAGS_MAX_ENTRIES, 0);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::__sk_buff,
-    helpers::bpf_skb_load_bytes,
+    helpers::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_load_bytes},
     programs::{SkBuffContext, TcContext},
 };
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
@@ -14,6 +14,11 @@ use egress_common::{Addr, proto};
 
 /// A context whose packet bytes can be read; implemented for both attach kinds.
 pub trait Skb: EbpfContext {
+    /// Whether the hook runs for a local socket: the cgroup programs run as a socket sends
+    /// (egress) or as a packet is delivered to one (ingress); the TC programs see packets on
+    /// an interface, forwarded ones included, and no receiving socket.
+    const SOCKET_HOOK: bool;
+
     fn read<T>(&self, offset: usize) -> Option<T>;
 
     /// Bytes in the packet, from the start of what `read` offsets count from.
@@ -22,12 +27,55 @@ pub trait Skb: EbpfContext {
     fn skb(&self) -> *mut __sk_buff {
         self.as_ptr().cast()
     }
+
+    /// The socket cookie of the packet's socket (the sender on egress; on cgroup ingress
+    /// the receiver), 0 when it has none. Unique for the life of the system, so it also
+    /// stands for the socket's network namespace.
+    #[inline(always)]
+    fn socket_cookie(&self) -> u64 {
+        // SAFETY: a read of a global; the helper only reads the skb the program was
+        // called with.
+        unsafe {
+            if core::ptr::read_volatile(&TEST_RUN) != 0 {
+                return 0;
+            }
+            bpf_get_socket_cookie(self.as_ptr())
+        }
+    }
+
+    /// Whether the packet went through (egress) or arrives on (ingress) a loopback device,
+    /// in whatever network namespace: it never left the namespace, so whoever sent it is
+    /// there too, possibly the workload itself with a forged source.
+    #[inline(always)]
+    fn on_loopback(&self) -> bool {
+        // SAFETY: a read of a context field the verifier allows for both program types.
+        unsafe { (*self.skb()).ifindex == LOOPBACK_IFINDEX }
+    }
+
+    /// Whether the packet's socket is a raw socket, which can write any header: its packets
+    /// must never be taken for a DNS query or a resolver's answer.
+    fn raw_socket(&self) -> bool;
 }
+
+/// 1 when the object is loaded for `BPF_PROG_TEST_RUN` (the kernel tests and benchmarks
+/// only; the agent never sets it): each run then gets a dummy socket of its own, so the
+/// programs see every packet as socketless (cookie 0, not raw), as the TC programs see
+/// forwarded packets. Set before load, so the verifier drops the branch not taken.
+#[unsafe(no_mangle)]
+static TEST_RUN: u8 = 0;
+
+/// Every network namespace's loopback device has this index (the kernel's
+/// `LOOPBACK_IFINDEX`; `loopback_net_init` insists on it).
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `SOCK_RAW`, as `bpf_sock.type` reports it.
+const SOCK_RAW: u32 = 3;
 
 /// Both contexts have the same inherent `load` and `len`; one impl body serves both.
 macro_rules! impl_skb {
-    ($($ctx:ty),*) => {$(
+    ($($ctx:ty: socket_hook $hook:expr, raw_socket $raw:path;)*) => {$(
         impl Skb for $ctx {
+            const SOCKET_HOOK: bool = $hook;
+
             #[inline(always)]
             fn read<T>(&self, offset: usize) -> Option<T> {
                 self.load(offset).ok()
@@ -37,11 +85,43 @@ macro_rules! impl_skb {
             fn skb_len(&self) -> u32 {
                 self.len()
             }
+
+            #[inline(always)]
+            fn raw_socket(&self) -> bool {
+                $raw(self)
+            }
         }
     )*};
 }
 
-impl_skb!(SkBuffContext, TcContext);
+impl_skb! {
+    SkBuffContext: socket_hook true, raw_socket sends_from_raw_socket;
+    TcContext: socket_hook false, raw_socket never_raw;
+}
+
+#[inline(always)]
+fn sends_from_raw_socket(ctx: &SkBuffContext) -> bool {
+    // SAFETY: a read of a global; `sk` is a context field (a socket pointer or null) the
+    // verifier lets cgroup_skb programs read and hand to `bpf_sk_fullsock`, which checks it.
+    unsafe {
+        if core::ptr::read_volatile(&TEST_RUN) != 0 {
+            return false;
+        }
+        let sk = (*ctx.skb()).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        !full.is_null() && (*full).type_ == SOCK_RAW
+    }
+}
+
+/// The TC programs decide forwarded packets, which have no socket; a local socket's
+/// packets are decided by the cgroup programs.
+#[inline(always)]
+fn never_raw(_: &TcContext) -> bool {
+    false
+}
 
 /// Offset of the IP header in the packet data.
 #[derive(Clone, Copy)]
@@ -90,15 +170,29 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// ICMP/ICMPv6 type (0 for other protocols).
     pub icmp_type: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
+    pub fragment: u8,
+    /// The datagram's fragment identification (0 when not a fragment).
+    pub frag_id: u32,
     /// Offset of the L4 header, for ICMP errors whose quoted packet is read later.
     pub l4: usize,
     /// Offset of the TCP or UDP payload (0 for other protocols).
     pub payload: usize,
 }
 
+/// [`Packet::fragment`]: a whole datagram.
+pub const NOT_FRAGMENT: u8 = 0;
+/// The first fragment of a datagram: it has the transport header.
+pub const FIRST_FRAGMENT: u8 = 1;
+/// A fragment after the first: no transport header, so no ports.
+pub const LATER_FRAGMENT: u8 = 2;
+
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 /// IPv6 extension headers walked before giving up on finding the transport header.
@@ -106,6 +200,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
+const IPV6_MORE_FRAGMENTS: u16 = 1;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
@@ -123,27 +218,36 @@ pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
     let h: [u8; 8] = ctx.read(l3)?;
     let mut p = MaybeUninit::<Packet>::uninit();
     let pp = p.as_mut_ptr();
-    let (proto, l4, later_fragment) = match h[0] >> 4 {
+    let (proto, l4, hop_limit, (fragment, frag_id)) = match h[0] >> 4 {
         4 => {
             let ihl = usize::from(h[0] & 0x0f) * 4;
-            let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+            let flags_offset = u16::from_be_bytes([h[6], h[7]]);
+            let fragment = if flags_offset & 0x1fff != 0 {
+                LATER_FRAGMENT
+            } else if flags_offset & IPV4_MORE_FRAGMENTS != 0 {
+                FIRST_FRAGMENT
+            } else {
+                NOT_FRAGMENT
+            };
             let t: [u8; 12] = ctx.read(l3 + 8)?;
             // SAFETY: both point into `p`.
             unsafe {
                 write_v4_mapped(addr_of_mut!((*pp).src), [t[4], t[5], t[6], t[7]]);
                 write_v4_mapped(addr_of_mut!((*pp).dst), [t[8], t[9], t[10], t[11]]);
             }
-            (t[1], l3 + ihl, frag_offset != 0)
+            let id = u32::from(u16::from_be_bytes([h[4], h[5]]));
+            (t[1], l3 + ihl, t[0], (fragment, id))
         }
         6 => {
             // Both addresses at once: `src` and `dst` are adjacent, in this order.
             read_into(ctx, l3 + 8, pp.cast(), 2 * size_of::<Addr>())?;
-            skip_ipv6_extensions(ctx, h[6], l3 + IPV6_HLEN)?
+            let (proto, l4, frag) = skip_ipv6_extensions(ctx, h[6], l3 + IPV6_HLEN)?;
+            (proto, l4, h[7], frag)
         }
         _ => return None,
     };
     let (mut sport, mut dport, mut tcp_flags, mut icmp_type, mut payload) = (0, 0, 0, 0, 0);
-    if !later_fragment {
+    if fragment != LATER_FRAGMENT {
         match proto {
             proto::TCP => {
                 let t: [u8; 14] = ctx.read(l4)?;
@@ -169,6 +273,9 @@ pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
         addr_of_mut!((*pp).dport).write(dport);
         addr_of_mut!((*pp).tcp_flags).write(tcp_flags);
         addr_of_mut!((*pp).icmp_type).write(icmp_type);
+        addr_of_mut!((*pp).hop_limit).write(hop_limit);
+        addr_of_mut!((*pp).fragment).write(fragment);
+        addr_of_mut!((*pp).frag_id).write(frag_id);
         addr_of_mut!((*pp).l4).write(l4);
         addr_of_mut!((*pp).payload).write(payload);
         Some(p.assume_init())
@@ -205,11 +312,17 @@ fn read_into<C: Skb>(ctx: &C, offset: usize, to: *mut u8, len: usize) -> Option<
     (rc == 0).then_some(())
 }
 
-/// Walks IPv6 extension headers; returns (transport protocol, its offset, is a later fragment).
+/// Walks IPv6 extension headers; returns the transport protocol, its offset, and the
+/// fragment kind and identification.
 #[inline(always)]
-fn skip_ipv6_extensions<C: Skb>(ctx: &C, first: u8, start: usize) -> Option<(u8, usize, bool)> {
+fn skip_ipv6_extensions<C: Skb>(
+    ctx: &C,
+    first: u8,
+    start: usize,
+) -> Option<(u8, usize, (u8, u32))> {
     let mut next = first;
     let mut off = start;
+    let mut frag = (NOT_FRAGMENT, 0);
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -223,15 +336,19 @@ fn skip_ipv6_extensions<C: Skb>(ctx: &C, first: u8, start: usize) -> Option<(u8,
                 off += (usize::from(h[1]) + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let h: [u8; 4] = ctx.read(off)?;
-                let frag_offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
-                if frag_offset != 0 {
-                    return Some((h[0], off + 8, true));
+                let h: [u8; 8] = ctx.read(off)?;
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                if offset_flags >> 3 != 0 {
+                    return Some((h[0], off + 8, (LATER_FRAGMENT, id)));
+                }
+                if offset_flags & IPV6_MORE_FRAGMENTS != 0 {
+                    frag = (FIRST_FRAGMENT, id);
                 }
                 next = h[0];
                 off += 8;
             }
-            _ => return Some((next, off, false)),
+            _ => return Some((next, off, frag)),
         }
     }
     // More extension headers than we walk: treat as unparsable (fail closed on egress).

@@ -1,31 +1,44 @@
 //! The per-packet decision, shared by the cgroup and TC programs.
 //!
 //! Egress, in order (first match wins):
-//! 1. a fresh entry in `FLOWS` (one lookup for every packet after a flow's first);
-//! 2. what the network itself needs: loopback, IPv6 neighbour discovery and MLD, DHCPv6
-//!    solicitations, and ICMP errors about a flow in `FLOWS`;
-//! 3. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses).
+//! 1. a later fragment passes when its datagram's first fragment did (`FRAGS`);
+//! 2. a forged DNS answer (a raw socket claiming a trusted resolver's port 53) is denied,
+//!    and DNS queries to trusted resolvers pass (see `dns`);
+//! 3. a fresh entry in `FLOWS` (one lookup for every packet after a flow's first); a flow
+//!    started from outside passes only replies, from the socket that received it;
+//! 4. what the network itself needs: loopback, IPv6 neighbour discovery and MLD on the
+//!    link, DHCPv6 solicitations, and ICMP errors about a known flow sent to its remote;
+//! 5. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses).
 //!
 //! Anything else is denied: dropped in enforce mode, passed and reported in audit mode.
 //! An IP packet whose headers cannot be read is denied (fail closed).
+//!
+//! Each way past the policy is narrowed against a workload that forges packets (raw
+//! sockets, or namespaces of its own): see SECURITY.md.
 use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id};
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, ALL_PORTS, Addr, CidrKey, Event, FLOW_ALLOWED, FLOW_AUDITED,
-    FlowKey, FlowValue, MODE_ENFORCE, NO_PORT_SET, PortKey, STAT_ALLOWED_BASE, STAT_AUDITED_BASE,
-    STAT_DROPPED_BASE, STAT_PROTO_OTHER, Settings, proto, stat_proto,
+    FLOW_INBOUND, FlowKey, FlowValue, FragKey, MODE_ENFORCE, NO_PORT_SET, PortKey,
+    STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DROPPED_BASE, STAT_PROTO_OTHER, Settings, proto,
+    stat_proto,
 };
 
 use crate::{
     dns,
-    maps::{CIDRS, FLOWS, LEARNED, PORTS, SETTINGS},
-    packet::{L3Start, Packet, Skb, TCP_ACK, TCP_SYN, parse, quoted_flow},
+    maps::{CIDRS, FLOWS, FRAGS, LEARNED, PORTS, SETTINGS},
+    packet::{
+        FIRST_FRAGMENT, L3Start, LATER_FRAGMENT, Packet, Skb, TCP_ACK, TCP_SYN, parse, quoted_flow,
+    },
     report::{count, emit},
 };
 
 /// A flow's `last_seen_ns` is rewritten at most this often, so that busy flows do not dirty
 /// a shared cache line on every packet.
 const REFRESH_NS: u64 = 1_000_000_000;
+
+/// What `decide` returns for a packet the policy does not let through.
+const DENIED: u32 = u32::MAX;
 
 /// Decides an outgoing packet: `true` lets it pass.
 #[inline(always)]
@@ -38,55 +51,115 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
     let Some(p) = parse(ctx, l3) else {
         return deny(ctx, settings, None, now);
     };
-    // The protocol slot of this packet's verdict counter (see `egress_common::STATS`).
-    let slot = stat_proto(p.proto);
-    // Before the flow lookup: every query must be seen, also on a socket already in FLOWS.
-    if dns::query(ctx, &p) {
-        count(STAT_ALLOWED_BASE + slot);
-        return true;
-    }
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
+    let verdict = decide(ctx, settings, &p, &key, now);
+    let pass = if verdict == DENIED {
+        deny(ctx, settings, Some((&p, &key)), now)
+    } else {
+        count(verdict + stat_proto(p.proto));
+        true
+    };
+    if pass && p.fragment == FIRST_FRAGMENT {
+        remember_datagram(&p);
+    }
+    pass
+}
+
+/// The verdict counter base (`STAT_ALLOWED_BASE` or `STAT_AUDITED_BASE`) of a packet that
+/// passes, or `DENIED`.
+#[inline(always)]
+fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: u64) -> u32 {
+    if p.fragment == LATER_FRAGMENT {
+        return if datagram_allowed(p) {
+            STAT_ALLOWED_BASE
+        } else {
+            DENIED
+        };
+    }
+    if dns::forged_answer(ctx, p) {
+        return DENIED;
+    }
+    // Before the flow lookup: every query must be seen, also on a socket already in FLOWS.
+    if dns::query(ctx, p) {
+        return STAT_ALLOWED_BASE;
+    }
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful map lookup and stays valid for
         // the program run; concurrent writers only store whole integers.
         let flow = unsafe { &mut *flow };
         let age = now.saturating_sub(flow.last_seen_ns);
         if age <= idle_timeout(settings, p.proto) {
-            let pass = flow.state == FLOW_ALLOWED
-                || (flow.state == FLOW_AUDITED && settings.mode != MODE_ENFORCE);
-            if pass {
+            let verdict = match flow.state {
+                FLOW_ALLOWED => STAT_ALLOWED_BASE,
+                FLOW_AUDITED if settings.mode != MODE_ENFORCE => STAT_AUDITED_BASE,
+                FLOW_INBOUND => {
+                    if replies_inbound(ctx, p, flow) {
+                        STAT_ALLOWED_BASE
+                    } else {
+                        DENIED
+                    }
+                }
+                _ => DENIED,
+            };
+            if verdict != DENIED {
                 if age > REFRESH_NS {
                     flow.last_seen_ns = now;
                 }
-                let verdict = if flow.state == FLOW_ALLOWED {
-                    STAT_ALLOWED_BASE
-                } else {
-                    STAT_AUDITED_BASE
-                };
-                count(verdict + slot);
-                return true;
+                return verdict;
             }
         }
     }
     // Not remembered as a flow: the flow key has no ICMP type, so an allowed neighbour
     // solicitation must not open the address to every ICMPv6 message.
-    if always_allowed(ctx, &p) {
-        count(STAT_ALLOWED_BASE + slot);
-        return true;
+    if always_allowed(ctx, p) {
+        return STAT_ALLOWED_BASE;
     }
-    if policy_allows(&p, now) {
-        remember(&key, FLOW_ALLOWED, now);
-        count(STAT_ALLOWED_BASE + slot);
-        return true;
+    if policy_allows(p, now) {
+        remember(key, FLOW_ALLOWED, 0, now);
+        return STAT_ALLOWED_BASE;
     }
-    deny(ctx, settings, Some((&p, &key)), now)
+    DENIED
+}
+
+/// Whether a packet of a flow started from outside is a reply the flow allows: never a
+/// TCP connection request or an ICMP message other than an echo reply, and only from the
+/// socket that received the flow (see `FLOW_INBOUND`).
+#[inline(always)]
+fn replies_inbound<C: Skb>(ctx: &C, p: &Packet, flow: &mut FlowValue) -> bool {
+    let reply = match p.proto {
+        proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN,
+        proto::ICMP => p.icmp_type == ICMP_ECHO_REPLY,
+        proto::ICMPV6 => p.icmp_type == ICMPV6_ECHO_REPLY,
+        _ => true,
+    };
+    if !reply {
+        return false;
+    }
+    if flow.owner == 0 {
+        // Past its handshake a TCP flow is the kernel's own: only a raw socket could
+        // write segments into it from elsewhere.
+        return p.proto != proto::TCP || !ctx.raw_socket();
+    }
+    if flow.owner != ctx.socket_cookie() {
+        return false;
+    }
+    if p.proto == proto::TCP {
+        // The listener that received the SYN answers it: the accepted socket may reply.
+        flow.owner = 0;
+    }
+    true
 }
 
 /// Learns from DNS answers, and records flows that a remote end starts towards the enforced
 /// side, so that the replies pass: TCP connection requests, UDP datagrams and ICMP echo
-/// requests.
+/// requests. Nothing that arrives over loopback counts: its sender is in the same network
+/// namespace, possibly the workload itself with a forged source, and replies over loopback
+/// pass anyway.
 #[inline(always)]
 pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
+    if ctx.on_loopback() {
+        return;
+    }
     let Some(p) = parse(ctx, l3) else {
         return;
     };
@@ -95,6 +168,9 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     if dns::from_dns_port(&p) {
         dns::answer(ctx, &p, now);
         return;
+    }
+    if C::SOCKET_HOOK {
+        dns::query_delivered(ctx, &p);
     }
     let starts_flow = match p.proto {
         proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
@@ -106,18 +182,25 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     if !starts_flow {
         return;
     }
+    let owner = if C::SOCKET_HOOK {
+        ctx.socket_cookie()
+    } else {
+        0
+    };
     let key = flow_key(p.src, p.sport, p.dport, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: as in `egress`.
+        // SAFETY: as in `decide`.
         let flow = unsafe { &mut *flow };
-        if flow.state == FLOW_ALLOWED {
+        let kept = flow.state == FLOW_ALLOWED
+            || (flow.state == FLOW_INBOUND && (flow.owner == 0 || flow.owner == owner));
+        if kept {
             if now.saturating_sub(flow.last_seen_ns) > REFRESH_NS {
                 flow.last_seen_ns = now;
             }
             return;
         }
     }
-    remember(&key, FLOW_ALLOWED, now);
+    remember(&key, FLOW_INBOUND, owner, now);
 }
 
 #[inline(always)]
@@ -141,9 +224,10 @@ fn idle_timeout(settings: &Settings, proto: u8) -> u64 {
 }
 
 #[inline(always)]
-fn remember(key: &FlowKey, state: u8, now: u64) {
+fn remember(key: &FlowKey, state: u8, owner: u64, now: u64) {
     let value = FlowValue {
         last_seen_ns: now,
+        owner,
         state,
         _pad: [0; 7],
     };
@@ -151,6 +235,30 @@ fn remember(key: &FlowKey, state: u8, now: u64) {
     let _ = FLOWS.insert(key, value, 0);
 }
 
+#[inline(always)]
+fn datagram_key(p: &Packet) -> FragKey {
+    FragKey {
+        dst: p.dst,
+        id: p.frag_id,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Lets the later fragments of a datagram whose first fragment passed follow it.
+#[inline(always)]
+fn remember_datagram(p: &Packet) {
+    // A full LRU map evicts the oldest datagram, whose later fragments are then denied.
+    let _ = FRAGS.insert(datagram_key(p), 1, 0);
+}
+
+#[inline(always)]
+fn datagram_allowed(p: &Packet) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { FRAGS.get(datagram_key(p)).is_some() }
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -158,32 +266,51 @@ const ICMP_PARAMETERPROB: u8 = 12;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PARAMPROB: u8 = 4;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 const ICMPV6_MLD_QUERY: u8 = 130;
 const ICMPV6_MLD_DONE: u8 = 132;
 const ICMPV6_ND_FIRST: u8 = 133; // router solicitation
+const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 const ICMPV6_ND_LAST: u8 = 137; // redirect
 const ICMPV6_MLD2_REPORT: u8 = 143;
 const DHCPV6_SERVER_PORT: u16 = 547;
 /// ff02::1:2, All_DHCP_Relay_Agents_and_Servers: link-local scope, never leaves the link.
 const DHCPV6_SERVERS: Addr = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
+/// The largest ICMP error the kernel sends (from the ICMP header on): it quotes what fits
+/// in 576 bytes of IPv4 (RFC 1812), 1,280 of IPv6 (RFC 4443), after the IP header.
+const ICMP_MAX_ERROR: u32 = 576 - 20;
+const ICMPV6_MAX_ERROR: u32 = 1280 - 40;
+/// Neighbour discovery messages carry hop limit 255 (RFC 4861), MLD messages 1 (RFC 3810):
+/// a receiver drops anything else, so nothing else is neighbour discovery or MLD.
+const ND_HOP_LIMIT: u8 = 255;
+const MLD_HOP_LIMIT: u8 = 1;
+/// A neighbour solicitation or advertisement: 24 bytes and one link-layer address option.
+const ND_MAX_LEN: u32 = 24 + 8;
 
 /// Traffic the network itself needs, whatever the policy says.
 #[inline(always)]
 fn always_allowed<C: Skb>(ctx: &C, p: &Packet) -> bool {
-    if is_loopback(&p.dst) {
+    if ctx.on_loopback() || is_loopback(&p.dst) {
         return true;
     }
     match p.proto {
         proto::ICMPV6 => match p.icmp_type {
-            ICMPV6_MLD_QUERY..=ICMPV6_MLD_DONE
-            | ICMPV6_ND_FIRST..=ICMPV6_ND_LAST
-            | ICMPV6_MLD2_REPORT => true,
-            ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB => quotes_known_flow(ctx, p),
+            ICMPV6_MLD_QUERY..=ICMPV6_MLD_DONE | ICMPV6_MLD2_REPORT => {
+                p.hop_limit == MLD_HOP_LIMIT && is_multicast(&p.dst)
+            }
+            ICMPV6_ND_FIRST..=ICMPV6_ND_LAST => {
+                p.hop_limit == ND_HOP_LIMIT
+                    && (is_link_scope(&p.dst) || is_neighbour_unicast(ctx, p))
+            }
+            ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB => {
+                error_about_known_flow(ctx, p, ICMPV6_MAX_ERROR)
+            }
             _ => false,
         },
         proto::ICMP => match p.icmp_type {
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
-                quotes_known_flow(ctx, p)
+                error_about_known_flow(ctx, p, ICMP_MAX_ERROR)
             }
             _ => false,
         },
@@ -200,15 +327,59 @@ fn is_loopback(a: &Addr) -> bool {
         || (head_zero && a[10..15].iter().all(|b| *b == 0) && a[15] == 1)
 }
 
-/// An ICMP error passes when the packet it quotes belongs to a flow already allowed.
+/// `ff00::/8`.
 #[inline(always)]
-fn quotes_known_flow<C: Skb>(ctx: &C, p: &Packet) -> bool {
+fn is_multicast(a: &Addr) -> bool {
+    a[0] == 0xff
+}
+
+/// Addresses no router forwards: `fe80::/10`, and multicast of interface- or link-local
+/// scope (`ff01::/16`, `ff02::/16`).
+#[inline(always)]
+fn is_link_scope(a: &Addr) -> bool {
+    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || (a[0] == 0xff && matches!(a[1] & 0x0f, 1 | 2))
+}
+
+/// A neighbour solicitation or advertisement to a neighbour's routable address (address
+/// resolution answers, and unreachability probes, go to the neighbour's own address): only
+/// when it carries nothing of its own, so that it cannot carry data to a distant address.
+/// The target must be the destination (a solicitation) or the source (an advertisement),
+/// the reserved bits zero, and there is room for one link-layer address option.
+#[inline(always)]
+fn is_neighbour_unicast<C: Skb>(ctx: &C, p: &Packet) -> bool {
+    let about = match p.icmp_type {
+        ICMPV6_NEIGHBOUR_SOLICITATION => &p.dst,
+        ICMPV6_NEIGHBOUR_ADVERTISEMENT => &p.src,
+        _ => return false,
+    };
+    if ctx.skb_len().saturating_sub(p.l4 as u32) > ND_MAX_LEN {
+        return false;
+    }
+    let Some(m) = ctx.read::<[u8; 24]>(p.l4) else {
+        return false;
+    };
+    // NS: 32 reserved bits; NA: the R, S and O flags, then 29 reserved bits.
+    let reserved = u32::from_be_bytes([m[4], m[5], m[6], m[7]]) & 0x1fff_ffff;
+    reserved == 0 && m[8..24] == about[..]
+}
+
+/// An ICMP error passes when it quotes a packet of a flow already allowed or started from
+/// outside, goes to that flow's remote end (the quoted packet's source), and is no longer
+/// than the errors the kernel sends: never to anyone else, never a carrier of data.
+#[inline(always)]
+fn error_about_known_flow<C: Skb>(ctx: &C, p: &Packet, max_len: u32) -> bool {
+    if ctx.skb_len().saturating_sub(p.l4 as u32) > max_len {
+        return false;
+    }
     let Some((remote, remote_port, local_port, proto)) = quoted_flow(ctx, p) else {
         return false;
     };
+    if remote != p.dst {
+        return false;
+    }
     let key = flow_key(remote, remote_port, local_port, proto);
     // SAFETY: the reference is only read within this program run.
-    matches!(unsafe { FLOWS.get(key) }, Some(f) if f.state == FLOW_ALLOWED)
+    matches!(unsafe { FLOWS.get(key) }, Some(f) if f.state == FLOW_ALLOWED || f.state == FLOW_INBOUND)
 }
 
 /// Static CIDR rules first, then DNS-learned addresses.
@@ -284,7 +455,7 @@ fn deny<C: Skb>(
         (event.dst, event.dport, event.proto) = (p.dst, p.dport, p.proto);
         if !enforce {
             // One event per audited flow: later packets pass quietly while in audit mode.
-            remember(key, FLOW_AUDITED, now);
+            remember(key, FLOW_AUDITED, 0, now);
         }
     }
     emit(settings, now, &event);

@@ -116,11 +116,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let addresses = opts.names * u32::from(RECORDS);
     let policy = parse(&policy_yaml(opts.zones, addresses), "learn.yaml")?;
     let compiled = compile(&policy)?;
-    let mut enforcer = Enforcer::load(
-        &settings(Mode::Enforce, &policy.dns),
-        policy.dns.max_ips,
-        None,
-    )?;
+    let mut enforcer =
+        Enforcer::load_for_test_run(&settings(Mode::Enforce, &policy.dns), policy.dns.max_ips)?;
     enforcer.write_policy(&compiled)?;
     enforcer.write_resolvers(&[RESOLVER.into()])?;
     let mut ring = enforcer.take_dns_events()?;

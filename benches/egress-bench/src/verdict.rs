@@ -198,10 +198,9 @@ pub fn run(opts: &Options) -> Result<()> {
             };
             let compile_t = t.elapsed();
             let t = Instant::now();
-            let mut e = Enforcer::load(
+            let mut e = Enforcer::load_for_test_run(
                 &settings(Mode::Enforce, &policy.dns),
                 policy.dns.max_ips,
-                None,
             )
             .context("loading the kernel object")?;
             let load_t = t.elapsed();
