@@ -286,6 +286,20 @@ impl BackgroundProbe {
         ProbeResult::parse(status, &stdout, &self.stderr.lines().join("\n"))
     }
 
+    /// Every stdout line so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.stdout.lines()
+    }
+
+    /// Waits until `find` succeeds on the stdout lines so far, or `timeout` passes.
+    pub(crate) fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        find: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        self.stdout.wait_for(timeout, find)
+    }
+
     fn broken(&self, what: &str) -> ! {
         panic!(
             "background probe {what}; stdout: {:?}, stderr: {:?}",
