@@ -782,3 +782,38 @@ fn assert_fragment_did_not_leave(base: &Base, sniffer: &Sniffer, sent: &ProbeRes
         "a lone fragment reached REMOTE_V4_B: {leaked:?} (send: {sent:?})"
     );
 }
+
+// --- 8. Packet sockets -----------------------------------------------------------------
+
+/// Closes (if it can be closed at all): frames written to the link itself. A root
+/// process with `CAP_NET_RAW` opens a packet socket and sends a whole Ethernet frame,
+/// UDP to `REMOTE_V4_B:9`, to its gateway's MAC address. Packet sockets hand frames to
+/// the device directly: no IP output path runs, so no cgroup `cgroup_skb` program sees
+/// them; only a TC program on the link (or taking `CAP_NET_RAW` away) can stop them.
+#[test]
+fn packet_socket_frame_from_the_cgroup_does_not_leave() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start(POLICY);
+    let _echo = Server::udp(&base.topo.server, None, REMOTE_V4_B, DISCARD);
+    let sniffer = base.sniff_server();
+    let gateway_mac = mac_of(&base.topo.server, &base.topo.server_veth);
+    let sent = raw_udp(
+        &base.client(),
+        v4(CLIENT_V4, LOCAL_PORT),
+        v4(REMOTE_V4_B, DISCARD),
+        &["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac],
+    );
+    assert_ok(
+        &probe_udp(&base.topo.client, None, REMOTE_V4_B, DISCARD),
+        "the marker, from outside the cgroup",
+    );
+    let to_b9 = |p: &Value| p["dst"] == REMOTE_V4_B.to_string() && p["dport"] == DISCARD;
+    sniffer.wait_received("the marker", |p| to_b9(p) && p["sport"] != LOCAL_PORT);
+    let leaked = sniffer.received(|p| to_b9(p) && p["sport"] == LOCAL_PORT);
+    assert!(
+        leaked.is_empty(),
+        "a frame from a packet socket in the cgroup reached the server: {leaked:?} (send: {sent:?})"
+    );
+}
