@@ -2,7 +2,7 @@
 //! probe's DNS clients and forger, and what the agent says about what it learned.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ pub enum Record<'a> {
     HostWithTtl(&'a str, IpAddr, u32),
     /// `alias` is a CNAME for `target` (`--cname`); aliases may chain.
     Cname(&'a str, &'a str),
+    /// Names in `domain` are asked of the upstream server `upstream` (`--server`).
+    Forward(&'a str, IpAddr),
 }
 
 impl Record<'_> {
@@ -42,6 +44,7 @@ impl Record<'_> {
             Record::Host(name, addr) => format!("--host-record={name},{addr}"),
             Record::HostWithTtl(name, addr, ttl) => format!("--host-record={name},{addr},{ttl}"),
             Record::Cname(alias, target) => format!("--cname={alias},{target}"),
+            Record::Forward(domain, upstream) => format!("--server=/{domain}/{upstream}"),
         }
     }
 }
@@ -59,6 +62,11 @@ impl DnsServer {
     /// Starts dnsmasq in `netns` (which must hold the `SERVER_*` addresses, as a
     /// [`super::Topology`]'s server does), answering with TTL `ttl`.
     pub fn start(netns: &Netns, ttl: u32, records: &[Record]) -> DnsServer {
+        DnsServer::start_at(netns, &[SERVER_V4.into(), SERVER_V6.into()], ttl, records)
+    }
+
+    /// Like [`DnsServer::start`], listening on `addrs` (which `netns` must hold).
+    pub fn start_at(netns: &Netns, addrs: &[IpAddr], ttl: u32, records: &[Record]) -> DnsServer {
         let mut args = vec![
             DNSMASQ.to_owned(),
             "--keep-in-foreground".into(),
@@ -68,13 +76,12 @@ impl DnsServer {
             // No pid file: concurrent tests would share the default one.
             "--pid-file".into(),
             "--bind-interfaces".into(),
-            format!("--listen-address={SERVER_V4}"),
-            format!("--listen-address={SERVER_V6}"),
             format!("--local-ttl={ttl}"),
             "--cache-size=0".into(),
             "--log-facility=-".into(),
             "--log-queries".into(),
         ];
+        args.extend(addrs.iter().map(|addr| format!("--listen-address={addr}")));
         args.extend(records.iter().map(Record::dnsmasq_arg));
         let mut cmd = netns.exec(&args);
         cmd.stdin(Stdio::null())
@@ -191,14 +198,7 @@ pub fn resolve_connect(
     if lookup.tcp {
         args.push("--tcp-dns".into());
     }
-    let mut cmd = probe_command(netns, cgroup, &args);
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {cmd:?}: {err}"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let (result, line) = ProbeResult::parse(output.status, &stdout, &stderr);
+    let (result, line) = ProbeResult::run(&mut probe_command(netns, cgroup, &args));
     Resolved {
         result,
         addr: line["addr"].as_str().map(|a| {
@@ -219,7 +219,12 @@ pub struct BackgroundProbe {
 
 impl BackgroundProbe {
     fn spawn(netns: &Netns, cgroup: Option<&TestCgroup>, args: &[String]) -> BackgroundProbe {
-        let (child, stdout, stderr) = spawn_captured(&mut probe_command(netns, cgroup, args));
+        BackgroundProbe::spawn_command(&mut probe_command(netns, cgroup, args))
+    }
+
+    /// Starts a prepared probe command, e.g. one that runs in a user namespace.
+    pub(crate) fn spawn_command(cmd: &mut Command) -> BackgroundProbe {
+        let (child, stdout, stderr) = spawn_captured(cmd);
         BackgroundProbe {
             child,
             stdout,
@@ -279,6 +284,20 @@ impl BackgroundProbe {
         self.stderr.wait_closed(PROGRESS_TIMEOUT);
         let stdout = self.stdout.lines().join("\n");
         ProbeResult::parse(status, &stdout, &self.stderr.lines().join("\n"))
+    }
+
+    /// Every stdout line so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.stdout.lines()
+    }
+
+    /// Waits until `find` succeeds on the stdout lines so far, or `timeout` passes.
+    pub(crate) fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        find: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        self.stdout.wait_for(timeout, find)
     }
 
     fn broken(&self, what: &str) -> ! {
@@ -358,17 +377,25 @@ pub fn query_wait(
     id: u16,
     count: usize,
 ) -> BackgroundProbe {
-    let args = [
+    BackgroundProbe::spawn(
+        netns,
+        cgroup,
+        &query_wait_args(name, server.into(), id, count),
+    )
+}
+
+/// The arguments of [`query_wait`].
+pub(crate) fn query_wait_args(name: &str, server: IpAddr, id: u16, count: usize) -> Vec<String> {
+    vec![
         "query-wait".to_owned(),
         name.to_owned(),
         "--server".into(),
-        server.into().to_string(),
+        server.to_string(),
         "--id".into(),
         id.to_string(),
         "--count".into(),
         count.to_string(),
-    ];
-    BackgroundProbe::spawn(netns, cgroup, &args)
+    ]
 }
 
 /// A DNS answer to forge: from `src` port 53 to `dst:dport`, claiming `name` is at `a`.
@@ -385,17 +412,15 @@ pub struct Forged<'a> {
 /// Sends `answer` from `netns` over a raw socket (any source address).
 pub fn forge_answer(netns: &Netns, answer: Forged) {
     let args = [
-        "forge-answer".to_owned(),
+        "raw-udp".to_owned(),
         "--src".into(),
-        answer.src.to_string(),
+        format!("{}:53", answer.src),
         "--dst".into(),
-        answer.dst.to_string(),
-        "--dport".into(),
-        answer.dport.to_string(),
+        format!("{}:{}", answer.dst, answer.dport),
+        "--dns-answer".into(),
+        answer.name.to_owned(),
         "--id".into(),
         answer.id.to_string(),
-        "--name".into(),
-        answer.name.to_owned(),
         "--a".into(),
         answer.a.to_string(),
     ];

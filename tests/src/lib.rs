@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod attack;
 pub mod dns;
+pub mod packet;
 
 /// Client end of the veth pair.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -670,6 +672,18 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
+    /// Runs a probe client command to the end (stdin closed) and returns its result and
+    /// whole result line; see [`ProbeResult::parse`].
+    fn run(cmd: &mut Command) -> (ProbeResult, Value) {
+        let output = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run {cmd:?}: {err}"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ProbeResult::parse(output.status, &stdout, &stderr)
+    }
+
     /// Parses a finished probe's result line; see [`ProbeResult::parse`].
     fn from_output(output: &Output) -> ProbeResult {
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -1045,9 +1059,15 @@ pub fn start_pinned_agent(
     extra: &[&str],
 ) -> Agent {
     let mut cmd = Command::new(bin);
-    cmd.args(run_args(policy, cgroup, pins))
-        .args(extra)
-        .env("RUST_LOG", AGENT_LOG);
+    cmd.args(run_args(policy, cgroup, pins)).args(extra);
+    start_agent_command(cmd, mode)
+}
+
+/// Starts a prepared `run` command of the agent (e.g. one that runs it in another
+/// network namespace) with the tests' log filter, and waits until it reports that it
+/// enforces. `mode` overrides the policy's mode.
+fn start_agent_command(mut cmd: Command, mode: Option<&str>) -> Agent {
+    cmd.env("RUST_LOG", AGENT_LOG);
     if let Some(mode) = mode {
         cmd.args(["--mode", mode]);
     }

@@ -82,7 +82,7 @@ impl Env {
         let hosts: BTreeSet<IpAddr> = (records.iter())
             .filter_map(|record| match record {
                 Record::Host(_, addr) | Record::HostWithTtl(_, addr, _) => Some(*addr),
-                Record::Cname(..) => None,
+                Record::Cname(..) | Record::Forward(..) => None,
             })
             .collect();
         for addr in hosts {

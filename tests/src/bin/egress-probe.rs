@@ -1,16 +1,21 @@
-//! Client, echo server, DNS client and DNS forger that the end-to-end tests run inside
-//! network namespaces.
+//! Client, echo server, DNS client, DNS server, packet forger and packet sniffer that the
+//! end-to-end tests run inside network namespaces.
 //!
 //! Clients print one JSON line with `"ok"` (`{"ok":true}` or
 //! `{"ok":false,"errno":N,"error":"..."}`, plus fields of their own) as their last line and
 //! exit 0 or 1 accordingly, so a test can tell "blocked" from "broken" without scraping
-//! error text. `tcp-hold`, `connect-loop` and `query-wait` print progress lines before it (each without
-//! `"ok"`), so a test can act while they run. Usage errors and a failure to join the
+//! error text. `tcp-hold`, `connect-loop`, `query-wait` and `udp-listen` print progress
+//! lines before it (each without `"ok"`), so a test can act while they run. The `raw-*`
+//! modes send one packet built here, whatever its addresses say; `sniff` prints every IP
+//! packet an interface sees until it is killed. Usage errors and a failure to join the
 //! cgroup exit 2: those are harness bugs, not probe results.
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -18,12 +23,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use egress_tests::packet::{self, Fragment};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
 use serde_json::{Value, json};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const USAGE: &str = "\
 usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms N]
+                    [--bind ADDR:PORT] [--size N]
        egress-probe [--cgroup DIR] serve-tcp|serve-udp ADDR PORT
        egress-probe [--cgroup DIR] resolve-connect NAME PORT --server ADDR
                     [--type A|AAAA] [--tcp-dns] [--timeout-ms N]
@@ -33,8 +41,17 @@ usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms 
                     [--timeout-ms N]
        egress-probe [--cgroup DIR] query-wait NAME --server ADDR --id ID [--count N]
                     [--timeout-ms N]
-       egress-probe forge-answer --src ADDR --dst ADDR --dport PORT --id ID --name NAME
-                    --a ADDR";
+       egress-probe [--cgroup DIR] udp-listen ADDR PORT [--count N] [--reply ADDR:PORT]
+                    [--timeout-ms N]
+       egress-probe [--cgroup DIR] serve-dns ADDR PORT --a ADDR
+       egress-probe [--cgroup DIR] raw-udp --src ADDR:PORT --dst ADDR:PORT
+                    [--dns-query NAME | --dns-answer NAME --a ADDR] [--id ID]
+                    [--link IFACE --dst-mac MAC]
+       egress-probe [--cgroup DIR] raw-tcp-syn --src ADDR:PORT --dst ADDR:PORT
+       egress-probe [--cgroup DIR] raw-fragment --src ADDR --dst ADDR --offset N --len N
+       egress-probe [--cgroup DIR] raw-icmp --dst ADDR --type T [--code C]
+                    [--quote-src ADDR:PORT --quote-dst ADDR:PORT] [--extra N]
+       egress-probe sniff IFACE";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Per step of `resolve-connect` (DNS, connect, echo): long enough that a first SYN lost to
@@ -52,15 +69,30 @@ const FORGED_TTL: u32 = 300;
 const PAYLOAD: &[u8] = b"egress-probe ping\n";
 
 enum Mode {
-    TcpConnect(SocketAddr, Duration),
-    UdpSend(SocketAddr, Duration),
+    TcpConnect(Client),
+    UdpSend(Client),
     ServeTcp(SocketAddr),
     ServeUdp(SocketAddr),
     ResolveConnect(ResolveConnect),
     TcpHold(TcpHold),
     ConnectLoop(ConnectLoop),
     QueryWait(QueryWait),
-    ForgeAnswer(Forgery),
+    UdpListen(UdpListen),
+    ServeDns(SocketAddr, Ipv4Addr),
+    RawUdp(RawUdp),
+    RawTcpSyn(SocketAddrV4, SocketAddrV4),
+    RawFragment(RawFragment),
+    RawIcmp(RawIcmp),
+    Sniff(String),
+}
+
+/// `tcp-connect` and `udp-send`: one exchange of `size` bytes with an echo server.
+struct Client {
+    addr: SocketAddr,
+    timeout: Duration,
+    /// The local address and port to send from (`SO_REUSEADDR`), instead of any.
+    bind: Option<SocketAddr>,
+    size: usize,
 }
 
 /// `resolve-connect`: one name, or each name of a file in turn.
@@ -102,14 +134,49 @@ struct QueryWait {
     timeout: Duration,
 }
 
-/// A DNS answer sent from any source address, over a raw socket.
-struct Forgery {
+/// A UDP socket that waits for `count` datagrams, then (with `reply`) sends to `reply` from
+/// the same socket and waits for the echo.
+struct UdpListen {
+    addr: SocketAddr,
+    count: usize,
+    reply: Option<SocketAddr>,
+    timeout: Duration,
+}
+
+/// A UDP datagram from any source address and port.
+struct RawUdp {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    data: RawData,
+    /// Sent as an Ethernet frame to `dst_mac` out of this interface (a packet socket),
+    /// instead of routed by the kernel.
+    link: Option<(String, [u8; 6])>,
+}
+
+/// What a [`RawUdp`] carries.
+enum RawData {
+    Payload,
+    DnsQuery { name: String, id: u16 },
+    DnsAnswer { name: String, id: u16, a: Ipv4Addr },
+}
+
+/// A later fragment of a UDP datagram, alone.
+struct RawFragment {
     src: Ipv4Addr,
     dst: Ipv4Addr,
-    dport: u16,
-    id: u16,
-    name: String,
-    a: Ipv4Addr,
+    offset: u16,
+    len: usize,
+}
+
+/// An ICMP or ICMPv6 message of any type, through the kernel's raw ICMP socket.
+struct RawIcmp {
+    dst: IpAddr,
+    icmp_type: u8,
+    code: u8,
+    /// For an ICMP error: the UDP datagram it is about (its source, its destination).
+    quote: Option<(SocketAddrV4, SocketAddrV4)>,
+    /// Bytes carried after the quote.
+    extra: usize,
 }
 
 /// Why a client probe failed, in the shape it is reported.
@@ -174,15 +241,21 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match mode {
-        Mode::TcpConnect(addr, t) => report(tcp_connect(addr, t).map(|()| json!({}))),
-        Mode::UdpSend(addr, t) => report(udp_send(addr, t).map(|()| json!({}))),
+        Mode::TcpConnect(client) => report(tcp_connect(&client).map(|()| json!({}))),
+        Mode::UdpSend(client) => report(udp_send(&client).map(|()| json!({}))),
         Mode::ServeTcp(addr) => exit_on_error(serve_tcp(addr)),
         Mode::ServeUdp(addr) => exit_on_error(serve_udp(addr)),
         Mode::ResolveConnect(rc) => resolve_connect_all(&rc),
         Mode::TcpHold(hold) => report_with(tcp_hold(&hold)),
         Mode::ConnectLoop(cl) => report(Ok(connect_loop(&cl))),
         Mode::QueryWait(qw) => report_with(query_wait(&qw)),
-        Mode::ForgeAnswer(forgery) => report(forge_answer(&forgery).map(|()| json!({}))),
+        Mode::UdpListen(ul) => report_with(udp_listen(&ul)),
+        Mode::ServeDns(addr, a) => exit_on_error(serve_dns(addr, a)),
+        Mode::RawUdp(raw) => report(raw_udp(&raw).map(|()| json!({}))),
+        Mode::RawTcpSyn(src, dst) => report(raw_tcp_syn(src, dst).map(|()| json!({}))),
+        Mode::RawFragment(f) => report(raw_fragment(&f).map(|()| json!({}))),
+        Mode::RawIcmp(icmp) => report(raw_icmp(&icmp).map(|()| json!({}))),
+        Mode::Sniff(iface) => exit_on_error(sniff(&iface)),
     }
 }
 
@@ -273,8 +346,8 @@ fn parse_mode(args: &mut Args) -> Result<Mode, String> {
         ))
     };
     let parsed = match mode.as_str() {
-        "tcp-connect" => Mode::TcpConnect(endpoint(&mode)?, args.timeout(DEFAULT_TIMEOUT)?),
-        "udp-send" => Mode::UdpSend(endpoint(&mode)?, args.timeout(DEFAULT_TIMEOUT)?),
+        "tcp-connect" => Mode::TcpConnect(parse_client(args, endpoint(&mode)?)?),
+        "udp-send" => Mode::UdpSend(parse_client(args, endpoint(&mode)?)?),
         "serve-tcp" => Mode::ServeTcp(endpoint(&mode)?),
         "serve-udp" => Mode::ServeUdp(endpoint(&mode)?),
         "resolve-connect" => Mode::ResolveConnect(parse_resolve_connect(args, positional)?),
@@ -300,22 +373,100 @@ fn parse_mode(args: &mut Args) -> Result<Mode, String> {
                 timeout: args.timeout(QUERY_WAIT_TIMEOUT)?,
             })
         }
-        "forge-answer" => {
+        "udp-listen" => Mode::UdpListen(UdpListen {
+            addr: endpoint(&mode)?,
+            count: args.parsed("--count")?.unwrap_or(1),
+            reply: args.parsed("--reply")?,
+            timeout: args.timeout(QUERY_WAIT_TIMEOUT)?,
+        }),
+        "serve-dns" => Mode::ServeDns(endpoint(&mode)?, args.required("--a")?),
+        "sniff" => {
+            let [iface] = <[String; 1]>::try_from(positional)
+                .map_err(|_| "sniff takes an IFACE".to_owned())?;
+            Mode::Sniff(iface)
+        }
+        raw if raw.starts_with("raw-") => {
             if !positional.is_empty() {
-                return Err("forge-answer takes options only".to_owned());
+                return Err(format!("{raw} takes options only"));
             }
-            Mode::ForgeAnswer(Forgery {
-                src: args.required("--src")?,
-                dst: args.required("--dst")?,
-                dport: args.required("--dport")?,
-                id: args.required("--id")?,
-                name: args.required("--name")?,
-                a: args.required("--a")?,
-            })
+            parse_raw(raw, args)?
         }
         _ => return Err(format!("unknown subcommand {mode:?}")),
     };
     Ok(parsed)
+}
+
+fn parse_client(args: &mut Args, addr: SocketAddr) -> Result<Client, String> {
+    Ok(Client {
+        addr,
+        timeout: args.timeout(DEFAULT_TIMEOUT)?,
+        bind: args.parsed("--bind")?,
+        size: args.parsed("--size")?.unwrap_or(PAYLOAD.len()),
+    })
+}
+
+fn parse_raw(mode: &str, args: &mut Args) -> Result<Mode, String> {
+    Ok(match mode {
+        "raw-udp" => {
+            let query = args.take("--dns-query");
+            let answer = args.take("--dns-answer");
+            let data = match (query, answer) {
+                (None, None) => RawData::Payload,
+                (Some(name), None) => RawData::DnsQuery {
+                    name,
+                    id: args.required("--id")?,
+                },
+                (None, Some(name)) => RawData::DnsAnswer {
+                    name,
+                    id: args.required("--id")?,
+                    a: args.required("--a")?,
+                },
+                (Some(_), Some(_)) => return Err("--dns-query or --dns-answer, not both".into()),
+            };
+            let link = match args.take("--link") {
+                Some(iface) => Some((iface, parse_mac(&args.required::<String>("--dst-mac")?)?)),
+                None => None,
+            };
+            Mode::RawUdp(RawUdp {
+                src: args.required("--src")?,
+                dst: args.required("--dst")?,
+                data,
+                link,
+            })
+        }
+        "raw-tcp-syn" => Mode::RawTcpSyn(args.required("--src")?, args.required("--dst")?),
+        "raw-fragment" => Mode::RawFragment(RawFragment {
+            src: args.required("--src")?,
+            dst: args.required("--dst")?,
+            offset: args.required("--offset")?,
+            len: args.required("--len")?,
+        }),
+        "raw-icmp" => {
+            let quote = match (args.parsed("--quote-src")?, args.parsed("--quote-dst")?) {
+                (Some(src), Some(dst)) => Some((src, dst)),
+                (None, None) => None,
+                _ => return Err("--quote-src and --quote-dst go together".into()),
+            };
+            Mode::RawIcmp(RawIcmp {
+                dst: args.required("--dst")?,
+                icmp_type: args.required("--type")?,
+                code: args.parsed("--code")?.unwrap_or(0),
+                quote,
+                extra: args.parsed("--extra")?.unwrap_or(0),
+            })
+        }
+        _ => return Err(format!("unknown subcommand {mode:?}")),
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad MAC address {text:?}"))?;
+    <[u8; 6]>::try_from(bytes).map_err(|_| format!("bad MAC address {text:?}"))
 }
 
 fn parse_resolve_connect(
@@ -417,20 +568,46 @@ fn remaining(deadline: Instant) -> Result<Duration, Failure> {
     }
 }
 
-fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<(), Failure> {
-    let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    echo(&mut stream, deadline)
+fn tcp_connect(c: &Client) -> Result<(), Failure> {
+    let deadline = Instant::now() + c.timeout;
+    let mut stream = match c.bind {
+        None => TcpStream::connect_timeout(&c.addr, c.timeout)?,
+        Some(bind) => {
+            let socket = bound_socket(bind, Type::STREAM)?;
+            socket.connect_timeout(&c.addr.into(), c.timeout)?;
+            socket.into()
+        }
+    };
+    echo_bytes(&mut stream, &payload(c.size), deadline)
+}
+
+/// A socket of `bind`'s family bound to it with `SO_REUSEADDR`, so that it can take a
+/// port a socket just gave up.
+fn bound_socket(bind: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(bind), ty, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&bind.into())?;
+    Ok(socket)
+}
+
+/// [`PAYLOAD`], repeated to `size` bytes.
+fn payload(size: usize) -> Vec<u8> {
+    PAYLOAD.iter().copied().cycle().take(size).collect()
 }
 
 /// Sends the payload on `stream` and checks that it comes back before `deadline`.
 fn echo(stream: &mut TcpStream, deadline: Instant) -> Result<(), Failure> {
+    echo_bytes(stream, PAYLOAD, deadline)
+}
+
+/// Sends `data` on `stream` and checks that it comes back before `deadline`.
+fn echo_bytes(stream: &mut TcpStream, data: &[u8], deadline: Instant) -> Result<(), Failure> {
     stream.set_write_timeout(Some(remaining(deadline)?))?;
-    stream.write_all(PAYLOAD)?;
+    stream.write_all(data)?;
     stream.set_read_timeout(Some(remaining(deadline)?))?;
-    let mut reply = [0; PAYLOAD.len()];
+    let mut reply = vec![0; data.len()];
     read_exact(stream, &mut reply, "connection closed before the echo")?;
-    check_echo(&reply)
+    check_echo(&reply, data)
 }
 
 /// `read_exact`, with an early end reported as a protocol error.
@@ -455,22 +632,35 @@ fn udp_socket_for(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Uses an unconnected socket and `sendto`, so a cgroup egress drop surfaces as the
 /// `sendto` error (EPERM) and the reply is matched by its source address.
-fn udp_send(addr: SocketAddr, timeout: Duration) -> Result<(), Failure> {
-    let deadline = Instant::now() + timeout;
-    let socket = udp_socket_for(addr)?;
-    socket.send_to(PAYLOAD, addr)?;
-    let mut buf = [0; 2 * PAYLOAD.len()];
+fn udp_send(c: &Client) -> Result<(), Failure> {
+    let deadline = Instant::now() + c.timeout;
+    let socket = match c.bind {
+        None => udp_socket_for(c.addr)?,
+        Some(bind) => bound_socket(bind, Type::DGRAM)?.into(),
+    };
+    udp_echo(&socket, c.addr, &payload(c.size), deadline)
+}
+
+/// Sends `data` to `addr` from `socket` and waits for it to come back from there.
+fn udp_echo(
+    socket: &UdpSocket,
+    addr: SocketAddr,
+    data: &[u8],
+    deadline: Instant,
+) -> Result<(), Failure> {
+    socket.send_to(data, addr)?;
+    let mut buf = vec![0; data.len() + 1];
     loop {
         socket.set_read_timeout(Some(remaining(deadline)?))?;
         let (len, from) = socket.recv_from(&mut buf)?;
         if from == addr {
-            return check_echo(&buf[..len]);
+            return check_echo(&buf[..len], data);
         }
     }
 }
 
-fn check_echo(echo: &[u8]) -> Result<(), Failure> {
-    if echo == PAYLOAD {
+fn check_echo(echo: &[u8], sent: &[u8]) -> Result<(), Failure> {
+    if echo == sent {
         Ok(())
     } else {
         Err(protocol_error(format!(
@@ -742,10 +932,21 @@ fn query_wait(qw: &QueryWait) -> Result<Value, (Failure, Value)> {
     let port = send_query(&socket, qw).map_err(received(0))?;
     emit(&json!({ "sent": true, "port": port }));
     let deadline = Instant::now() + qw.timeout;
+    print_datagrams(&socket, qw.count, deadline).map_err(|(n, f)| received(n)(f))?;
+    Ok(json!({ "received": qw.count }))
+}
+
+/// Prints a line for each of the next `count` datagrams on `socket` (`from`, `len`, and
+/// `id` and `addrs` when it is a DNS message); on failure, how many had come.
+fn print_datagrams(
+    socket: &UdpSocket,
+    count: usize,
+    deadline: Instant,
+) -> Result<(), (usize, Failure)> {
     let mut buf = [0; 65535];
-    for n in 0..qw.count {
-        let (len, from) = recv_until(&socket, &mut buf, deadline).map_err(received(n))?;
-        let mut line = json!({ "from": from.to_string() });
+    for n in 0..count {
+        let (len, from) = recv_until(socket, &mut buf, deadline).map_err(|f| (n, f))?;
+        let mut line = json!({ "from": from.to_string(), "len": len });
         match Message::from_vec(&buf[..len]) {
             Ok(msg) => {
                 line["id"] = msg.metadata.id.into();
@@ -755,7 +956,57 @@ fn query_wait(qw: &QueryWait) -> Result<Value, (Failure, Value)> {
         }
         emit(&line);
     }
-    Ok(json!({ "received": qw.count }))
+    Ok(())
+}
+
+/// Binds, prints `{"listening":true,"port":P}`, prints each of `count` datagrams as
+/// `query-wait` does, then with `--reply` sends a line to that address from the same socket
+/// and waits for its echo.
+fn udp_listen(ul: &UdpListen) -> Result<Value, (Failure, Value)> {
+    let received = |n: usize| move |f: Failure| (f, json!({ "received": n }));
+    let socket = UdpSocket::bind(ul.addr).map_err(|e| received(0)(e.into()))?;
+    let port = socket
+        .local_addr()
+        .map_err(|e| received(0)(e.into()))?
+        .port();
+    emit(&json!({ "listening": true, "port": port }));
+    let deadline = Instant::now() + ul.timeout;
+    print_datagrams(&socket, ul.count, deadline).map_err(|(n, f)| received(n)(f))?;
+    if let Some(reply) = ul.reply {
+        udp_echo(&socket, reply, PAYLOAD, Instant::now() + DEFAULT_TIMEOUT)
+            .map_err(|f| received(ul.count)(f.during("reply")))?;
+    }
+    Ok(json!({ "received": ul.count }))
+}
+
+/// Answers every A query with one record, `name` (the question's) at `a`.
+fn serve_dns(addr: SocketAddr, a: Ipv4Addr) -> io::Result<()> {
+    let socket = UdpSocket::bind(addr)?;
+    announce_listening();
+    let mut buf = [0; 65535];
+    loop {
+        let (len, peer) = socket.recv_from(&mut buf)?;
+        let Some((id, name)) = Message::from_vec(&buf[..len])
+            .ok()
+            .and_then(|q| Some((q.metadata.id, q.queries.first()?.name().clone())))
+        else {
+            continue;
+        };
+        if let Ok(answer) = answer_message(id, name, a) {
+            let _ = socket.send_to(&answer, peer);
+        }
+    }
+}
+
+/// An answer with id `id` saying that `name` is at `a`.
+fn answer_message(id: u16, name: Name, a: Ipv4Addr) -> Result<Vec<u8>, Failure> {
+    let mut msg = Message::new(id, MessageType::Response, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.metadata.recursion_available = true;
+    msg.add_query(Query::query(name.clone(), RecordType::A));
+    msg.add_answer(Record::from_rdata(name, FORGED_TTL, RData::A(A(a))));
+    msg.to_vec()
+        .map_err(|e| protocol_error(format!("cannot encode the answer: {e}")))
 }
 
 /// Sends `qw`'s query; returns the local port it left from.
@@ -774,96 +1025,227 @@ fn recv_until(
     Ok(socket.recv_from(buf)?)
 }
 
-/// Sends an answer claiming `name` is at `a`, from `src` port 53 to `dst:dport`, whatever
-/// `src` is: the IP header is written here (a raw socket with IP_HDRINCL).
-fn forge_answer(f: &Forgery) -> Result<(), Failure> {
-    let name = Name::from_ascii(&f.name).map_err(|e| protocol_error(format!("bad name: {e}")))?;
-    let mut msg = Message::new(f.id, MessageType::Response, OpCode::Query);
-    msg.metadata.recursion_desired = true;
-    msg.metadata.recursion_available = true;
-    msg.add_query(Query::query(name.clone(), RecordType::A));
-    msg.add_answer(Record::from_rdata(name, FORGED_TTL, RData::A(A(f.a))));
-    let dns = msg
-        .to_vec()
-        .map_err(|e| protocol_error(format!("cannot encode the answer: {e}")))?;
-    let packet = ipv4_udp_packet(f.src, f.dst, DNS_PORT, f.dport, &dns);
+/// Sends a UDP datagram from `raw.src`, whatever that is: the IP header is written here.
+fn raw_udp(raw: &RawUdp) -> Result<(), Failure> {
+    let name = |n: &str| Name::from_ascii(n).map_err(|e| protocol_error(format!("bad name: {e}")));
+    let data = match &raw.data {
+        RawData::Payload => PAYLOAD.to_vec(),
+        RawData::DnsQuery { name: n, id } => query_message(n, RecordType::A, *id)?,
+        RawData::DnsAnswer { name: n, id, a } => answer_message(*id, name(n)?, *a)?,
+    };
+    let (src, dst) = (raw.src, raw.dst);
+    let packet = packet::ipv4_udp(*src.ip(), *dst.ip(), src.port(), dst.port(), &data);
+    match &raw.link {
+        None => send_raw(*dst.ip(), &packet),
+        Some((iface, dst_mac)) => send_frame(iface, *dst_mac, &packet),
+    }
+}
+
+/// Sends a TCP connection request from `src`, whatever that is.
+fn raw_tcp_syn(src: SocketAddrV4, dst: SocketAddrV4) -> Result<(), Failure> {
+    let seq = u32::from(random_id()) << 16;
+    let packet = packet::ipv4_tcp_syn(*src.ip(), *dst.ip(), src.port(), dst.port(), seq);
+    send_raw(*dst.ip(), &packet)
+}
+
+/// Sends the last fragment of a UDP datagram whose first fragment never comes.
+fn raw_fragment(f: &RawFragment) -> Result<(), Failure> {
+    let fragment = Fragment::At {
+        offset: f.offset,
+        more: false,
+    };
+    let data = payload(f.len);
+    let packet = packet::ipv4(
+        f.src,
+        f.dst,
+        packet::PROTO_UDP,
+        random_id(),
+        fragment,
+        &data,
+    );
     send_raw(f.dst, &packet)
 }
 
-/// An IPv4 header (checksum and id left to the kernel) and a UDP header with its checksum.
-fn ipv4_udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    const IPV4_HEADER: usize = 20;
-    const UDP_HEADER: usize = 8;
-    let udp_len = (UDP_HEADER + data.len()) as u16;
-    let total = (IPV4_HEADER + usize::from(udp_len)) as u16;
-    let mut p = Vec::with_capacity(usize::from(total));
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let mut udp = Vec::with_capacity(usize::from(udp_len));
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&udp_len.to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(data);
-    let mut pseudo = Vec::with_capacity(12 + udp.len());
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, libc::IPPROTO_UDP as u8]);
-    pseudo.extend_from_slice(&udp_len.to_be_bytes());
-    pseudo.extend_from_slice(&udp);
-    // 0 means "no checksum" in UDP over IPv4; a sum of 0 is sent as all ones.
-    let sum = match internet_checksum(&pseudo) {
-        0 => 0xffff,
-        s => s,
+/// Sends an ICMP message of any type from this host's address: an error quotes the UDP
+/// datagram it is about; `extra` bytes follow.
+fn raw_icmp(m: &RawIcmp) -> Result<(), Failure> {
+    let mut body = match m.quote {
+        Some((src, dst)) => packet::quoted_udp(*src.ip(), src.port(), *dst.ip(), dst.port()),
+        None => Vec::new(),
     };
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
-    p.extend_from_slice(&udp);
-    p
+    body.extend(payload(m.extra));
+    let (domain, protocol) = match m.dst {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    // ICMPv6 has the same layout; the kernel fills in its checksum (pseudo header).
+    let message = packet::icmp(m.icmp_type, m.code, [0; 4], &body);
+    let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
+    socket.send_to(&message, &SocketAddr::new(m.dst, 0).into())?;
+    Ok(())
 }
 
-/// RFC 1071.
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
+/// Sends a whole IPv4 packet, header included, routed by the kernel to `dst`.
 fn send_raw(dst: Ipv4Addr, packet: &[u8]) -> Result<(), Failure> {
-    // SAFETY: plain socket creation; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `packet` and `to` are valid for the lengths passed; IPPROTO_RAW implies
-    // IP_HDRINCL, so the kernel sends `packet` as the whole IP datagram.
+    // IPPROTO_RAW implies IP_HDRINCL: the kernel sends `packet` as the whole IP datagram.
+    let socket = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    socket.send_to(packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))?;
+    Ok(())
+}
+
+const ETH_HEADER: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ALL: u16 = 0x0003;
+
+/// Sends an IPv4 packet as an Ethernet frame to `dst_mac` out of `iface`, through a packet
+/// socket: no routing, and no local delivery even when the destination is this host.
+fn send_frame(iface: &str, dst_mac: [u8; 6], ip_packet: &[u8]) -> Result<(), Failure> {
+    let address = fs::read_to_string(format!("/sys/class/net/{iface}/address"))?;
+    let src_mac = parse_mac(address.trim()).map_err(protocol_error)?;
+    let mut frame = Vec::with_capacity(ETH_HEADER + ip_packet.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(ip_packet);
+    let (fd, addr) = packet_socket(iface, ETH_P_IP)?;
+    // SAFETY: `frame` and `addr` are valid for the lengths passed.
     let sent = unsafe {
         libc::sendto(
-            fd,
-            packet.as_ptr().cast(),
-            packet.len(),
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
             0,
-            (&raw const to).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
     };
-    let err = io::Error::last_os_error();
-    // SAFETY: closes the descriptor opened above, once.
-    unsafe { libc::close(fd) };
-    if sent < 0 { Err(err.into()) } else { Ok(()) }
+    if sent < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// A packet socket for `protocol` frames bound to `iface`, and its address.
+fn packet_socket(iface: &str, protocol: u16) -> io::Result<(OwnedFd, libc::sockaddr_ll)> {
+    let name = std::ffi::CString::new(iface).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let protocol = protocol.to_be();
+    // SAFETY: plain socket creation; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
+    // SAFETY: `addr` is a valid sockaddr_ll of the length passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((fd, addr))
+}
+
+/// Prints `{"listening":true}`, then one line for every IP packet `iface` receives or sends
+/// (see [`summary`]), until killed.
+fn sniff(iface: &str) -> io::Result<()> {
+    let (fd, _) = packet_socket(iface, ETH_P_ALL)?;
+    announce_listening();
+    let mut buf = vec![0u8; 65536 + ETH_HEADER];
+    loop {
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `buf` and `from` are valid for the lengths passed.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw mut from).cast(),
+                &raw mut from_len,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return Err(io::Error::last_os_error());
+        };
+        let ethertype = u16::from_be(from.sll_protocol);
+        if let Some(mut line) = summary(ethertype, buf.get(ETH_HEADER..n).unwrap_or_default()) {
+            line["out"] = (from.sll_pkttype == libc::PACKET_OUTGOING).into();
+            emit(&line);
+        }
+    }
+}
+
+/// What a test asks of a sniffed packet: `src`, `dst`, `proto`, `len` (of the IP packet);
+/// `frag_offset` (bytes) and `more_fragments` for IPv4; `sport` and `dport` for TCP and
+/// UDP (not in later fragments), `tcp_flags`, and `icmp_type` for ICMP and ICMPv6 (the
+/// first header only: no IPv6 extension headers are walked).
+fn summary(ethertype: u16, ip: &[u8]) -> Option<Value> {
+    let byte = |i: usize| ip.get(i).copied();
+    let (src, dst, proto, l4, frag_offset, more) = match ethertype {
+        ETH_P_IP => {
+            let octets = |at: usize| -> Option<Ipv4Addr> {
+                Some(<[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?.into())
+            };
+            let flags = u16::from_be_bytes([byte(6)?, byte(7)?]);
+            let l4 = usize::from(byte(0)? & 0x0f) * 4;
+            let (src, dst) = (IpAddr::V4(octets(12)?), IpAddr::V4(octets(16)?));
+            (
+                src,
+                dst,
+                byte(9)?,
+                l4,
+                (flags & 0x1fff) * 8,
+                flags & 0x2000 != 0,
+            )
+        }
+        ETH_P_IPV6 => {
+            let octets = |at: usize| -> Option<Ipv6Addr> {
+                Some(<[u8; 16]>::try_from(ip.get(at..at + 16)?).ok()?.into())
+            };
+            let (src, dst) = (IpAddr::V6(octets(8)?), IpAddr::V6(octets(24)?));
+            (src, dst, byte(6)?, 40, 0, false)
+        }
+        _ => return None,
+    };
+    let mut line = json!({
+        "src": src.to_string(), "dst": dst.to_string(), "proto": proto, "len": ip.len(),
+        "frag_offset": frag_offset, "more_fragments": more,
+    });
+    let port = |at: usize| Some(u16::from_be_bytes([byte(l4 + at)?, byte(l4 + at + 1)?]));
+    if frag_offset == 0 {
+        match proto {
+            6 | 17 => {
+                line["sport"] = port(0).into();
+                line["dport"] = port(2).into();
+                if proto == 6 {
+                    line["tcp_flags"] = byte(l4 + 13).into();
+                }
+            }
+            1 | 58 => line["icmp_type"] = byte(l4).into(),
+            _ => {}
+        }
+    }
+    Some(line)
 }
