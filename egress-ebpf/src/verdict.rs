@@ -172,6 +172,11 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     if C::SOCKET_HOOK {
         dns::query_delivered(ctx, &p);
     }
+    // A later fragment has no ports: it cannot start a flow (one with ports 0 would let
+    // any later fragment to its sender out).
+    if p.fragment == LATER_FRAGMENT {
+        return;
+    }
     let starts_flow = match p.proto {
         proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         proto::UDP => true,

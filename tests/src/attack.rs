@@ -137,10 +137,15 @@ pub fn client_from(
         args.extend(["--bind", bind]);
     }
     if let Some(size) = &size {
-        args.extend(["--size", size]);
+        // A bulk transfer may wait for a retransmission timeout (path MTU discovery
+        // with a rate-limited ICMP error): a bound for failure, not a measurement.
+        args.extend(["--size", size, "--timeout-ms", BULK_TIMEOUT_MS]);
     }
     probe_at(place, &args).0
 }
+
+/// How long a bulk transfer of [`client_from`] may take before it counts as failed.
+const BULK_TIMEOUT_MS: &str = "10000";
 
 /// A UDP datagram from any address and port (`raw-udp`), sent by the kernel's routing or,
 /// with `link`, as a frame to a MAC address out of an interface. `dns` makes it a DNS
