@@ -14,6 +14,7 @@ use std::{
     os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::OnceLock,
     time::Instant,
 };
 
@@ -301,7 +302,7 @@ const TEST_RUN: &str = "TEST_RUN";
 /// A `struct __sk_buff` for `BPF_PROG_TEST_RUN` that puts the packet on a real interface:
 /// by default the kernel puts it on loopback, which the programs wave through. The first
 /// non-loopback interface of this network namespace serves; nothing is sent on it.
-fn test_run_context() -> Result<Vec<u8>, LoadError> {
+fn test_run_context() -> Option<Vec<u8>> {
     let ifindex = std::fs::read_dir("/sys/class/net")
         .ok()
         .into_iter()
@@ -310,11 +311,10 @@ fn test_run_context() -> Result<Vec<u8>, LoadError> {
         .filter_map(|dev| std::fs::read_to_string(dev.path().join("ifindex")).ok())
         .filter_map(|index| index.trim().parse::<u32>().ok())
         .filter(|index| *index > 1)
-        .min()
-        .ok_or(LoadError::NoTestInterface)?;
+        .min()?;
     let mut ctx = vec![0; SK_BUFF_SIZE];
     ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-    Ok(ctx)
+    Some(ctx)
 }
 
 /// `struct __sk_buff` (UAPI, stable): its size in 6.x (a kernel with a smaller one takes a
@@ -957,10 +957,15 @@ impl Enforcer {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunResult, LoadError> {
-        let ctx = test_run_context()?;
+        static CONTEXT: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+        // Built once: reading sysfs between runs would also evict what a run finds cached.
+        let ctx = CONTEXT
+            .get_or_init(test_run_context)
+            .as_deref()
+            .ok_or(LoadError::NoTestInterface)?;
         let opts = TestRunOptions {
             data_in: Some(frame),
-            ctx_in: Some(&ctx),
+            ctx_in: Some(ctx),
             repeat,
             ..Default::default()
         };
