@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::str::FromStr;
@@ -16,6 +17,20 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer};
 
 use crate::presets::{self, API_SERVER_PORTS, Params};
+
+mod nesting;
+
+/// The largest policy file read, in bytes. The largest policy the benchmarks run, a million
+/// single-host IPv6 entries (`  - cidr: 2001:db8:f:423f::1`, 30 bytes a line), is 29 MB;
+/// 64 MiB still takes a million entries with a short `ports` list each. Reading stops one
+/// byte past it, so a file that never ends (a FIFO fed forever, `/dev/zero`) is refused
+/// rather than read until memory runs out.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// How deeply a policy file may nest its collections. A policy needs four levels (the
+/// file's mapping, `allow`, an entry, its `ports`); the bound is there because the YAML
+/// parser's time grows with the square of the nesting, see [`nesting`].
+pub const MAX_DEPTH: usize = 64;
 
 /// What the enforcer does with traffic the policy does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -316,6 +331,12 @@ pub enum PolicyError {
     /// The file could not be read (missing, unreadable or not UTF-8).
     #[error("{file}: cannot read: {error}")]
     Read { file: String, error: std::io::Error },
+    /// The file holds more than [`MAX_FILE_BYTES`], or never ends.
+    #[error(
+        "{file}: larger than {} MiB, the most a policy file may hold",
+        MAX_FILE_BYTES >> 20
+    )]
+    TooLarge { file: String },
     /// Bad YAML or an unknown key; serde's message has the line and column.
     #[error("{file}: {error}")]
     Yaml {
@@ -334,15 +355,44 @@ pub enum PolicyError {
 
 /// Reads and validates the policy file at `path`.
 pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    parse_bytes(&read(path)?, &path.display().to_string())
+}
+
+/// The policy file's bytes, at most [`MAX_FILE_BYTES`] of them.
+pub fn read(path: &Path) -> Result<Vec<u8>, PolicyError> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
-        Err(error) => Err(PolicyError::Read { file, error }),
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|error| PolicyError::Read {
+            file: file.clone(),
+            error,
+        })?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(PolicyError::TooLarge { file });
     }
+    Ok(bytes)
+}
+
+/// Parses and validates the bytes of a policy file; `source` names the file in error
+/// messages.
+pub fn parse_bytes(bytes: &[u8], source: &str) -> Result<Policy, PolicyError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| PolicyError::Read {
+        file: source.to_string(),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    parse(text, source)
 }
 
 /// Parses and validates policy YAML; `source` names the file in error messages.
 pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
+    if let Some(line) = nesting::line_too_deep(text, MAX_DEPTH) {
+        return Err(invalid(
+            source,
+            format!("line {line}"),
+            format!("collections nested more than {MAX_DEPTH} levels deep; a policy needs four"),
+        ));
+    }
     let raw: RawPolicy = serde_norway::from_str(text).map_err(|error| PolicyError::Yaml {
         file: source.to_string(),
         error,
@@ -1196,6 +1246,121 @@ allow:
             "{message}"
         );
         assert!(message.contains("cannot read"), "{message}");
+    }
+
+    /// A file in the temp directory, removed on drop.
+    struct TempPath(std::path::PathBuf);
+
+    impl TempPath {
+        fn new(name: &str) -> Self {
+            Self(std::env::temp_dir().join(format!("policy-test-{}-{name}", std::process::id())))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn read_takes_a_file_up_to_the_limit_and_no_more() {
+        let file = TempPath::new("limit.yaml");
+        let f = std::fs::File::create(&file.0).expect("create temp file");
+        f.set_len(MAX_FILE_BYTES).expect("size it");
+        assert_eq!(
+            read(&file.0).expect("at the limit").len() as u64,
+            MAX_FILE_BYTES
+        );
+        f.set_len(MAX_FILE_BYTES + 1).expect("size it");
+        let message = read(&file.0).expect_err("past the limit").to_string();
+        assert_eq!(
+            message,
+            format!(
+                "{}: larger than 64 MiB, the most a policy file may hold",
+                file.0.display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_largest_benchmark_policy_fits_with_ports() {
+        // As `benches/run.sh` writes it (`egress-bench addresses 1000000`), with a `ports`
+        // list on every entry.
+        let mut len = "mode: enforce\nallow:\n".len();
+        for i in 0..1_000_000u32 {
+            len += format!("  - cidr: 2001:db8:{:x}:{:x}::1\n", i >> 16, i & 0xffff).len();
+            len += "    ports: [HTTPS:443]\n".len();
+        }
+        assert!(len as u64 <= MAX_FILE_BYTES, "{len} bytes");
+    }
+
+    #[test]
+    fn read_stops_at_the_limit_on_files_that_never_end() {
+        let message = load(Path::new("/dev/zero"))
+            .expect_err("endless")
+            .to_string();
+        assert!(
+            message.starts_with("/dev/zero: larger than 64 MiB"),
+            "{message}"
+        );
+
+        let fifo = TempPath::new("fifo.yaml");
+        let c_path = std::ffi::CString::new(fifo.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let path = fifo.0.clone();
+        // Writes until the reader closes its end (EPIPE; Rust ignores SIGPIPE).
+        let writer = std::thread::spawn(move || {
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let line = b"# a policy that never ends\n".repeat(1024);
+            while std::io::Write::write_all(&mut pipe, &line).is_ok() {}
+        });
+        let message = load(&fifo.0).expect_err("endless").to_string();
+        assert!(message.contains("larger than 64 MiB"), "{message}");
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused() {
+        assert_error(
+            parse_bytes(b"allow:\n  - cidr: 10.0.0.0/8 # caf\xe9\n", "policy.yaml"),
+            "cannot read",
+            "invalid utf-8",
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_yaml_parser_sees_it() {
+        let started = std::time::Instant::now();
+        let flow = format!(
+            "mode: audit\nallow: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_error(
+            parse(&flow, "policy.yaml"),
+            "line 2",
+            "collections nested more than 64 levels deep; a policy needs four",
+        );
+        let compact = format!("allow:\n{}x\n", "  - ".repeat(100_000));
+        assert_error(
+            parse(&compact, "policy.yaml"),
+            "line 2",
+            "more than 64 levels",
+        );
+        let indented: String = (0..100)
+            .map(|i| format!("{}a{i}:\n", " ".repeat(i)))
+            .collect();
+        assert_error(
+            parse(&indented, "policy.yaml"),
+            "line 65",
+            "more than 64 levels",
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // 64 levels are still parsed, and refused for what they hold.
+        let deepest = format!("allow: {}{}\n", "[".repeat(63), "]".repeat(63));
+        assert_error(parse(&deepest, "policy.yaml"), "allow[0]", "invalid type");
     }
 
     // Error paths: one test each.
