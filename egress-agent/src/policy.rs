@@ -386,6 +386,9 @@ pub fn parse_bytes(bytes: &[u8], source: &str) -> Result<Policy, PolicyError> {
 
 /// Parses and validates policy YAML; `source` names the file in error messages.
 pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
+    // Editors on Windows start UTF-8 files with a byte order mark, which the YAML parser
+    // refuses ("more than one document").
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if let Some(line) = nesting::line_too_deep(text, MAX_DEPTH) {
         return Err(invalid(
             source,
@@ -1319,6 +1322,24 @@ allow:
         let message = load(&fifo.0).expect_err("endless").to_string();
         assert!(message.contains("larger than 64 MiB"), "{message}");
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        let file = TempPath::new("bom.yaml");
+        std::fs::write(&file.0, format!("\u{feff}{EXAMPLE}")).expect("write temp file");
+        assert_eq!(
+            load(&file.0).expect("valid policy"),
+            parse(EXAMPLE, "x").unwrap()
+        );
+        assert_error(
+            parse(
+                "\u{feff}mode: audit\nallow: [{cidr: 10.0.0.1/8}]\n",
+                "policy.yaml",
+            ),
+            "allow[0] (cidr 10.0.0.1/8)",
+            "host bits are set",
+        );
     }
 
     #[test]
