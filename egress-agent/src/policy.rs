@@ -5,6 +5,7 @@
 //! error, never a warning: an allowlist that quietly admits more, or less, than its author
 //! meant is worse than one that refuses to load.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read as _;
@@ -464,6 +465,7 @@ fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
             rules.add(target, Ports::All, Origin::ClusterCidr(entry));
         }
     }
+    refuse_whole_family(&rules.rules, source)?;
     if rules.rules.is_empty() {
         let problem = if allow_given {
             "is empty, so all egress would be dropped; list at least one destination, or use `presets`"
@@ -477,6 +479,96 @@ fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
         rules: rules.rules,
         dns,
     })
+}
+
+/// Refuses CIDR rules that together allow every destination of an address family:
+/// `0.0.0.0/1` and `128.0.0.0/1` admit as much as `0.0.0.0/0`, which [`parse_cidr`] refuses.
+/// As for `/0`, the rules' ports do not matter: every destination on a port is a hole an
+/// allowlist is there to close. Names the rules that do it, the widest ones only.
+fn refuse_whole_family(rules: &[Rule], source: &str) -> Result<(), PolicyError> {
+    /// Rules named in the error at most; thousands of /16s can cover IPv4.
+    const NAMED: usize = 8;
+    // IPv6 rules may not hold the IPv4-mapped range (see `parse_cidr`), and no IPv6 packet
+    // goes there: rules that cover all else cover every IPv6 destination.
+    let mapped = Ipv6Net::new_assert(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96);
+    let mapped: (u128, u128, Option<usize>) =
+        (mapped.network().into(), mapped.broadcast().into(), None);
+    for (ipv4, family, last, implied) in [
+        (true, "IPv4", u128::from(u32::MAX), None),
+        (false, "IPv6", u128::MAX, Some(mapped)),
+    ] {
+        let ranges = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rule)| match rule.target {
+                Target::Cidr(IpNet::V4(net)) if ipv4 => Some((
+                    u32::from(net.network()).into(),
+                    u32::from(net.broadcast()).into(),
+                    Some(i),
+                )),
+                Target::Cidr(IpNet::V6(net)) if !ipv4 => {
+                    Some((net.network().into(), net.broadcast().into(), Some(i)))
+                }
+                _ => None,
+            });
+        let Some(widest) = covering(ranges.chain(implied), last) else {
+            continue;
+        };
+        let mut named: Vec<String> = widest
+            .iter()
+            .take(NAMED)
+            .map(|&i| {
+                let origins: Vec<String> = rules[i].origins.iter().map(Origin::to_string).collect();
+                format!("{} ({})", origins.join(" and "), rules[i].target)
+            })
+            .collect();
+        if widest.len() > NAMED {
+            named.push(format!("and {} more", widest.len() - NAMED));
+        }
+        return Err(invalid(
+            source,
+            named.join(", "),
+            format!(
+                "together allow every {family} destination, as a /0 would; the enforcer would admit everything"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the ranges `(first, last, rule)` cover every number from 0 to `last`; if so, the
+/// rules of the widest ranges, which are all it takes since CIDR ranges nest or are apart.
+fn covering(
+    ranges: impl Iterator<Item = (u128, u128, Option<usize>)> + Clone,
+    last: u128,
+) -> Option<Vec<usize>> {
+    // Ranges that add up to less than the whole cannot cover it: most policies stop here,
+    // without the memory and time a sort of a million entries takes.
+    let total = ranges.clone().fold(0u128, |sum, (first, end, _)| {
+        sum.saturating_add((end - first).saturating_add(1))
+    });
+    // (`<`, not `<=`: for IPv6 the sum saturates at `u128::MAX`, one short of the whole.)
+    if total < last {
+        return None;
+    }
+    let mut ranges: Vec<_> = ranges.collect();
+    ranges.sort_unstable_by_key(|&(first, end, _)| (first, Reverse(end)));
+    // The first number not covered yet; `None` once past `u128::MAX`.
+    let mut next = Some(0u128);
+    let mut widest = Vec::new();
+    for (first, end, rule) in ranges {
+        let Some(uncovered) = next else {
+            break;
+        };
+        if first > uncovered {
+            return None;
+        }
+        if end >= uncovered {
+            next = end.checked_add(1);
+            widest.extend(rule);
+        }
+    }
+    next.is_none_or(|n| n > last).then_some(widest)
 }
 
 /// Validates one `allow` entry. Entries repeating an earlier one are refused: unlike preset
@@ -1580,6 +1672,68 @@ allow:
             "cidr: '::/0'",
             "allow[0] (cidr ::/0)",
             "allows every IPv6 destination; the enforcer would admit everything",
+        );
+    }
+
+    /// A policy allowing each of `cidrs`, every port.
+    fn allowing(cidrs: &[String]) -> String {
+        let entries: Vec<String> = cidrs.iter().map(|c| format!("  - cidr: '{c}'\n")).collect();
+        format!("allow:\n{}", entries.concat())
+    }
+
+    /// Asserts that a policy allowing `cidrs` is refused with `at` and `phrase`, and that one
+    /// without the first of them, which leaves a gap, is not.
+    #[track_caller]
+    fn assert_covering(cidrs: &[String], at: &str, phrase: &str) {
+        assert_error(parse(&allowing(cidrs), "policy.yaml"), at, phrase);
+        parse(&allowing(&cidrs[1..]), "policy.yaml").expect("a gap where the first was");
+    }
+
+    #[test]
+    fn cidrs_that_together_allow_every_ipv4_destination() {
+        // Ports do not matter, as for `0.0.0.0/0`.
+        assert_error(
+            parse(
+                "allow:\n  - cidr: 0.0.0.0/1\n  - cidr: 128.0.0.0/1\n    ports: [HTTPS:443]\n",
+                "policy.yaml",
+            ),
+            "allow[0] (0.0.0.0/1), allow[1] (128.0.0.0/1): ",
+            "together allow every IPv4 destination, as a /0 would; the enforcer would admit everything",
+        );
+        // Only the widest rules are named, whatever part of the policy they come from.
+        assert_error(
+            parse(
+                "allow:\n  - cidr: 10.0.0.0/8\n  - cidr: 128.0.0.0/1\n  - cidr: 0.0.0.0/1\ncluster_cidrs: [128.0.0.0/1, 10.0.0.0/16]\n",
+                "policy.yaml",
+            ),
+            "policy.yaml: allow[2] (0.0.0.0/1), allow[1] and cluster_cidrs[0] (128.0.0.0/1): ",
+            "every IPv4 destination",
+        );
+        let mut cidrs: Vec<String> = (0..255).map(|n| format!("{n}.0.0.0/8")).collect();
+        parse(&allowing(&cidrs), "policy.yaml").expect("255.0.0.0/8 is left");
+        cidrs.extend(["255.0.0.0/9".into(), "255.128.0.0/9".into()]);
+        assert_covering(
+            &cidrs,
+            "allow[0] (0.0.0.0/8), allow[1] (1.0.0.0/8), allow[2] (2.0.0.0/8), allow[3] (3.0.0.0/8), allow[4] (4.0.0.0/8), allow[5] (5.0.0.0/8), allow[6] (6.0.0.0/8), allow[7] (7.0.0.0/8), and 249 more: ",
+            "every IPv4 destination",
+        );
+    }
+
+    #[test]
+    fn cidrs_that_together_allow_every_ipv6_destination() {
+        // IPv6 rules cannot hold the IPv4-mapped range: all around it is all of IPv6.
+        let mapped = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        let cidrs: Vec<String> = (0..96u8)
+            .map(|bits| {
+                let flipped = mapped ^ (1 << (127 - bits));
+                let net = Ipv6Net::new_assert(flipped.into(), bits + 1).trunc();
+                net.to_string()
+            })
+            .collect();
+        assert_covering(
+            &cidrs,
+            "policy.yaml: allow[80] (::/81), allow[81] (::8000:0:0/82), ",
+            "allow[87] (::fe00:0:0/88), and 88 more: together allow every IPv6 destination",
         );
     }
 
