@@ -882,7 +882,7 @@ impl Enforcer {
             link.unpin()
                 .map_err(|source| LoadError::PinRoot(pin::PinError::Io { path, source }))?;
         }
-        pinned.root.remove_all()?;
+        pinned.root.remove_all().complete()?;
         Ok(())
     }
 

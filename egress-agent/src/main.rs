@@ -102,11 +102,22 @@ fn uninstall(root: PathBuf) -> anyhow::Result<()> {
         return Ok(());
     }
     let _lock = pins.lock(false)?;
-    for link in pins.remove_all()? {
+    let removal = pins.remove_all();
+    for link in &removal.detached {
         println!("detached {}", link.point);
     }
-    println!("removed {}", pins.root().display());
-    Ok(())
+    if removal.left.is_empty() {
+        println!("removed {}", pins.root().display());
+        return Ok(());
+    }
+    for left in &removal.left {
+        println!("left {left}");
+    }
+    anyhow::bail!(
+        "{} entries left under {}, each named above",
+        removal.left.len(),
+        pins.root().display()
+    )
 }
 
 fn print_rules(rules: &[Rule]) {

@@ -39,6 +39,13 @@ pub enum PinError {
          pinned state itself)"
     )]
     Busy(PathBuf),
+    #[error("{0}: not a link pin of egress-agent, so not removed")]
+    Stray(PathBuf),
+    #[error(
+        "left in place: {}",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Left(Vec<PinError>),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
@@ -54,6 +61,16 @@ pub struct LinkPin {
     pub path: PathBuf,
     /// `cgroup-<inode>-egress`, `tc-eth0-ingress`, ...: the attach point and direction.
     pub point: String,
+}
+
+/// What [`PinRoot::remove_all`] did.
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// The link pins removed, which detached their programs.
+    pub detached: Vec<LinkPin>,
+    /// What is still there, and why: entries that are not ours, and what could not be
+    /// removed (the directories holding them among it).
+    pub left: Vec<PinError>,
 }
 
 /// The pin root: the versioned directory inside it, and its lock.
@@ -139,7 +156,8 @@ impl PinRoot {
         Ok(flock(&dir, libc::LOCK_SH | libc::LOCK_NB).is_err())
     }
 
-    /// Every link pinned under any layout version.
+    /// Every link pinned under any layout version. Other entries in a `links` directory
+    /// are not ours, and are left out.
     pub fn links(&self) -> Result<Vec<LinkPin>, PinError> {
         let mut links = Vec::new();
         for version in self.versions()? {
@@ -148,10 +166,10 @@ impl PinRoot {
                 continue;
             };
             for entry in entries {
-                let path = entry.map_err(io_err(&dir))?.path();
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                let point = name.split_once('@').map_or(&*name, |(p, _)| p).to_owned();
-                links.push(LinkPin { path, point });
+                let entry = entry.map_err(io_err(&dir))?;
+                if let Some(link) = link_pin(&entry) {
+                    links.push(link);
+                }
             }
         }
         links.sort_by(|a, b| a.path.cmp(&b.path));
@@ -190,33 +208,107 @@ impl PinRoot {
     }
 
     /// Removes every pin: links first, so programs detach before their maps' pins go; the
-    /// root itself last. Returns the links removed.
-    pub fn remove_all(&self) -> Result<Vec<LinkPin>, PinError> {
-        let links = self.links()?;
-        for link in &links {
-            remove_file(&link.path)?;
+    /// root itself last. An entry of a `links` directory that is not a link pin of ours is
+    /// someone else's, and stays, with the directories holding it. Goes on past what it
+    /// cannot remove, so that whatever is left is only what has to be.
+    pub fn remove_all(&self) -> Removal {
+        let mut removal = Removal::default();
+        let versions = match self.versions() {
+            Ok(versions) => versions,
+            Err(e) => {
+                removal.left.push(e);
+                return removal;
+            }
+        };
+        for version in &versions {
+            let dir = version.join("links");
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    removal.left.push(io_err(&dir)(e));
+                    continue;
+                }
+            };
+            for entry in entries.flatten() {
+                match link_pin(&entry) {
+                    Some(link) => match remove_file(&link.path) {
+                        Ok(()) => removal.detached.push(link),
+                        Err(e) => removal.left.push(e),
+                    },
+                    None => removal.left.push(PinError::Stray(entry.path())),
+                }
+            }
         }
-        for version in self.versions()? {
-            remove_tree(&version)?;
+        removal.detached.sort_by(|a, b| a.path.cmp(&b.path));
+        for version in &versions {
+            // `links` is empty now, unless something is left in it; the rest (`maps`, and
+            // whatever another release keeps) is all ours.
+            match fs::read_dir(version) {
+                Ok(entries) => {
+                    for entry in entries.flatten() {
+                        let path = entry.path();
+                        let removed = if entry.file_name() == "links" {
+                            remove_dir(&path)
+                        } else {
+                            remove_tree(&path)
+                        };
+                        removal.left.extend(removed.err());
+                    }
+                }
+                Err(e) => removal.left.push(io_err(version)(e)),
+            }
+            removal.left.extend(remove_dir(version).err());
         }
-        match fs::remove_dir(&self.root) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&self.root)(e)),
-            _ => Ok(links),
+        removal.left.extend(remove_dir(&self.root).err());
+        removal
+    }
+}
+
+impl Removal {
+    /// The links removed if nothing is left, else what is left as one error.
+    pub fn complete(self) -> Result<Vec<LinkPin>, PinError> {
+        if self.left.is_empty() {
+            Ok(self.detached)
+        } else {
+            Err(PinError::Left(self.left))
         }
     }
 }
 
-pub fn remove_file(path: &Path) -> Result<(), PinError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
-        _ => Ok(()),
+/// The link pin `entry` of a `links` directory is, if it is one: `<point>@<link id>`, as
+/// [`PinRoot::link_path`] names them, and not a directory.
+fn link_pin(entry: &fs::DirEntry) -> Option<LinkPin> {
+    let name = entry.file_name();
+    let (point, id) = name.to_str()?.rsplit_once('@')?;
+    let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+    if point.is_empty() || id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || is_dir {
+        return None;
     }
+    Some(LinkPin {
+        path: entry.path(),
+        point: point.to_owned(),
+    })
+}
+
+pub fn remove_file(path: &Path) -> Result<(), PinError> {
+    unless_gone(path, fs::remove_file(path))
+}
+
+/// Removes an empty directory.
+fn remove_dir(dir: &Path) -> Result<(), PinError> {
+    unless_gone(dir, fs::remove_dir(dir))
 }
 
 /// Removes a directory of pins; bpffs files are removed with `unlink`, like any file.
 fn remove_tree(dir: &Path) -> Result<(), PinError> {
-    match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(dir)(e)),
+    unless_gone(dir, fs::remove_dir_all(dir))
+}
+
+/// The error of removing `path`, unless it was gone already.
+fn unless_gone(path: &Path, removed: io::Result<()>) -> Result<(), PinError> {
+    match removed {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
         _ => Ok(()),
     }
 }
@@ -283,6 +375,103 @@ mod tests {
             pins.link_path("cgroup-1-egress", 42),
             PathBuf::from(format!("{v}/links/cgroup-1-egress@42"))
         );
+    }
+
+    /// A pin root in the temp directory (plain files stand in for pins), removed on drop.
+    struct TempRoot(PinRoot);
+
+    impl TempRoot {
+        fn new(name: &str) -> Self {
+            let root = std::env::temp_dir().join(format!("pin-test-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            Self(PinRoot::new(root))
+        }
+
+        /// Creates `path` below the root: a directory if it ends in `/`, else a file.
+        fn add(&self, path: &str) -> PathBuf {
+            let full = self.0.root().join(path);
+            if path.ends_with('/') {
+                fs::create_dir_all(&full).unwrap();
+            } else {
+                fs::create_dir_all(full.parent().unwrap()).unwrap();
+                fs::write(&full, "").unwrap();
+            }
+            full
+        }
+    }
+
+    impl Drop for TempRoot {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(self.0.root());
+        }
+    }
+
+    #[test]
+    fn remove_all_removes_every_pin_of_ours_and_leaves_the_rest() {
+        let root = TempRoot::new("strays");
+        let v = format!("v{LAYOUT_VERSION}");
+        let old_link = root.add("v0/links/cgroup-1-egress@3");
+        root.add("v0/maps/CIDRS");
+        let links = [
+            root.add(&format!("{v}/links/cgroup-1-egress@5")),
+            root.add(&format!("{v}/links/tc-eth0-ingress@6")),
+        ];
+        root.add(&format!("{v}/maps/CIDRS"));
+        root.add(&format!("{v}/maps/PORTS"));
+        let strays = [
+            root.add(&format!("{v}/links/notes.txt")),
+            root.add(&format!("{v}/links/cgroup-1-egress@7/")),
+            root.add(&format!("{v}/links/other/")),
+        ];
+        let pins = &root.0;
+        assert_eq!(
+            pins.links()
+                .unwrap()
+                .iter()
+                .map(|l| &l.path)
+                .collect::<Vec<_>>(),
+            [&old_link, &links[0], &links[1]],
+            "strays are no links"
+        );
+
+        let removal = pins.remove_all();
+        let detached: Vec<_> = removal.detached.iter().map(|l| l.point.as_str()).collect();
+        assert_eq!(
+            detached,
+            ["cgroup-1-egress", "cgroup-1-egress", "tc-eth0-ingress"]
+        );
+        let mut left: Vec<String> = removal.left.iter().map(ToString::to_string).collect();
+        left.sort();
+        let dir = pins.dir().display().to_string();
+        let not_empty = "Directory not empty (os error 39)";
+        let stray = "not a link pin of egress-agent, so not removed";
+        let mut expected = [
+            format!("{}: {not_empty}", pins.root().display()),
+            format!("{dir}/links/cgroup-1-egress@7: {stray}"),
+            format!("{dir}/links/notes.txt: {stray}"),
+            format!("{dir}/links/other: {stray}"),
+            format!("{dir}/links: {not_empty}"),
+            format!("{dir}: {not_empty}"),
+        ];
+        expected.sort();
+        assert_eq!(left, expected);
+        assert!(
+            strays.iter().all(|s| s.exists()),
+            "strays are left in place"
+        );
+        assert!(!pins.map_path("CIDRS").exists() && !pins.root().join("v0").exists());
+        let error = removal.complete().unwrap_err().to_string();
+        assert!(error.starts_with("left in place: "), "{error}");
+
+        for stray in strays {
+            fs::remove_file(&stray)
+                .or_else(|_| fs::remove_dir(&stray))
+                .unwrap();
+        }
+        let removal = pins.remove_all();
+        assert!(removal.detached.is_empty());
+        assert!(removal.complete().is_ok());
+        assert!(!pins.exists());
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! error, never a warning: an allowlist that quietly admits more, or less, than its author
 //! meant is worse than one that refuses to load.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::str::FromStr;
@@ -16,6 +18,20 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer};
 
 use crate::presets::{self, API_SERVER_PORTS, Params};
+
+mod nesting;
+
+/// The largest policy file read, in bytes. The largest policy the benchmarks run, a million
+/// single-host IPv6 entries (`  - cidr: 2001:db8:f:423f::1`, 30 bytes a line), is 29 MB;
+/// 64 MiB still takes a million entries with a short `ports` list each. Reading stops one
+/// byte past it, so a file that never ends (a FIFO fed forever, `/dev/zero`) is refused
+/// rather than read until memory runs out.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// How deeply a policy file may nest its collections. A policy needs four levels (the
+/// file's mapping, `allow`, an entry, its `ports`); the bound is there because the YAML
+/// parser's time grows with the square of the nesting, see [`nesting`].
+pub const MAX_DEPTH: usize = 64;
 
 /// What the enforcer does with traffic the policy does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -316,6 +332,12 @@ pub enum PolicyError {
     /// The file could not be read (missing, unreadable or not UTF-8).
     #[error("{file}: cannot read: {error}")]
     Read { file: String, error: std::io::Error },
+    /// The file holds more than [`MAX_FILE_BYTES`], or never ends.
+    #[error(
+        "{file}: larger than {} MiB, the most a policy file may hold",
+        MAX_FILE_BYTES >> 20
+    )]
+    TooLarge { file: String },
     /// Bad YAML or an unknown key; serde's message has the line and column.
     #[error("{file}: {error}")]
     Yaml {
@@ -334,15 +356,47 @@ pub enum PolicyError {
 
 /// Reads and validates the policy file at `path`.
 pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    parse_bytes(&read(path)?, &path.display().to_string())
+}
+
+/// The policy file's bytes, at most [`MAX_FILE_BYTES`] of them.
+pub fn read(path: &Path) -> Result<Vec<u8>, PolicyError> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
-        Err(error) => Err(PolicyError::Read { file, error }),
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|error| PolicyError::Read {
+            file: file.clone(),
+            error,
+        })?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(PolicyError::TooLarge { file });
     }
+    Ok(bytes)
+}
+
+/// Parses and validates the bytes of a policy file; `source` names the file in error
+/// messages.
+pub fn parse_bytes(bytes: &[u8], source: &str) -> Result<Policy, PolicyError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| PolicyError::Read {
+        file: source.to_string(),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    parse(text, source)
 }
 
 /// Parses and validates policy YAML; `source` names the file in error messages.
 pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
+    // Editors on Windows start UTF-8 files with a byte order mark, which the YAML parser
+    // refuses ("more than one document").
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some(line) = nesting::line_too_deep(text, MAX_DEPTH) {
+        return Err(invalid(
+            source,
+            format!("line {line}"),
+            format!("collections nested more than {MAX_DEPTH} levels deep; a policy needs four"),
+        ));
+    }
     let raw: RawPolicy = serde_norway::from_str(text).map_err(|error| PolicyError::Yaml {
         file: source.to_string(),
         error,
@@ -411,6 +465,7 @@ fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
             rules.add(target, Ports::All, Origin::ClusterCidr(entry));
         }
     }
+    refuse_whole_family(&rules.rules, source)?;
     if rules.rules.is_empty() {
         let problem = if allow_given {
             "is empty, so all egress would be dropped; list at least one destination, or use `presets`"
@@ -424,6 +479,96 @@ fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
         rules: rules.rules,
         dns,
     })
+}
+
+/// Refuses CIDR rules that together allow every destination of an address family:
+/// `0.0.0.0/1` and `128.0.0.0/1` admit as much as `0.0.0.0/0`, which [`parse_cidr`] refuses.
+/// As for `/0`, the rules' ports do not matter: every destination on a port is a hole an
+/// allowlist is there to close. Names the rules that do it, the widest ones only.
+fn refuse_whole_family(rules: &[Rule], source: &str) -> Result<(), PolicyError> {
+    /// Rules named in the error at most; thousands of /16s can cover IPv4.
+    const NAMED: usize = 8;
+    // IPv6 rules may not hold the IPv4-mapped range (see `parse_cidr`), and no IPv6 packet
+    // goes there: rules that cover all else cover every IPv6 destination.
+    let mapped = Ipv6Net::new_assert(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96);
+    let mapped: (u128, u128, Option<usize>) =
+        (mapped.network().into(), mapped.broadcast().into(), None);
+    for (ipv4, family, last, implied) in [
+        (true, "IPv4", u128::from(u32::MAX), None),
+        (false, "IPv6", u128::MAX, Some(mapped)),
+    ] {
+        let ranges = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rule)| match rule.target {
+                Target::Cidr(IpNet::V4(net)) if ipv4 => Some((
+                    u32::from(net.network()).into(),
+                    u32::from(net.broadcast()).into(),
+                    Some(i),
+                )),
+                Target::Cidr(IpNet::V6(net)) if !ipv4 => {
+                    Some((net.network().into(), net.broadcast().into(), Some(i)))
+                }
+                _ => None,
+            });
+        let Some(widest) = covering(ranges.chain(implied), last) else {
+            continue;
+        };
+        let mut named: Vec<String> = widest
+            .iter()
+            .take(NAMED)
+            .map(|&i| {
+                let origins: Vec<String> = rules[i].origins.iter().map(Origin::to_string).collect();
+                format!("{} ({})", origins.join(" and "), rules[i].target)
+            })
+            .collect();
+        if widest.len() > NAMED {
+            named.push(format!("and {} more", widest.len() - NAMED));
+        }
+        return Err(invalid(
+            source,
+            named.join(", "),
+            format!(
+                "together allow every {family} destination, as a /0 would; the enforcer would admit everything"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the ranges `(first, last, rule)` cover every number from 0 to `last`; if so, the
+/// rules of the widest ranges, which are all it takes since CIDR ranges nest or are apart.
+fn covering(
+    ranges: impl Iterator<Item = (u128, u128, Option<usize>)> + Clone,
+    last: u128,
+) -> Option<Vec<usize>> {
+    // Ranges that add up to less than the whole cannot cover it: most policies stop here,
+    // without the memory and time a sort of a million entries takes.
+    let total = ranges.clone().fold(0u128, |sum, (first, end, _)| {
+        sum.saturating_add((end - first).saturating_add(1))
+    });
+    // (`<`, not `<=`: for IPv6 the sum saturates at `u128::MAX`, one short of the whole.)
+    if total < last {
+        return None;
+    }
+    let mut ranges: Vec<_> = ranges.collect();
+    ranges.sort_unstable_by_key(|&(first, end, _)| (first, Reverse(end)));
+    // The first number not covered yet; `None` once past `u128::MAX`.
+    let mut next = Some(0u128);
+    let mut widest = Vec::new();
+    for (first, end, rule) in ranges {
+        let Some(uncovered) = next else {
+            break;
+        };
+        if first > uncovered {
+            return None;
+        }
+        if end >= uncovered {
+            next = end.checked_add(1);
+            widest.extend(rule);
+        }
+    }
+    next.is_none_or(|n| n > last).then_some(widest)
 }
 
 /// Validates one `allow` entry. Entries repeating an earlier one are refused: unlike preset
@@ -1198,6 +1343,139 @@ allow:
         assert!(message.contains("cannot read"), "{message}");
     }
 
+    /// A file in the temp directory, removed on drop.
+    struct TempPath(std::path::PathBuf);
+
+    impl TempPath {
+        fn new(name: &str) -> Self {
+            Self(std::env::temp_dir().join(format!("policy-test-{}-{name}", std::process::id())))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn read_takes_a_file_up_to_the_limit_and_no_more() {
+        let file = TempPath::new("limit.yaml");
+        let f = std::fs::File::create(&file.0).expect("create temp file");
+        f.set_len(MAX_FILE_BYTES).expect("size it");
+        assert_eq!(
+            read(&file.0).expect("at the limit").len() as u64,
+            MAX_FILE_BYTES
+        );
+        f.set_len(MAX_FILE_BYTES + 1).expect("size it");
+        let message = read(&file.0).expect_err("past the limit").to_string();
+        assert_eq!(
+            message,
+            format!(
+                "{}: larger than 64 MiB, the most a policy file may hold",
+                file.0.display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_largest_benchmark_policy_fits_with_ports() {
+        // As `benches/run.sh` writes it (`egress-bench addresses 1000000`), with a `ports`
+        // list on every entry.
+        let mut len = "mode: enforce\nallow:\n".len();
+        for i in 0..1_000_000u32 {
+            len += format!("  - cidr: 2001:db8:{:x}:{:x}::1\n", i >> 16, i & 0xffff).len();
+            len += "    ports: [HTTPS:443]\n".len();
+        }
+        assert!(len as u64 <= MAX_FILE_BYTES, "{len} bytes");
+    }
+
+    #[test]
+    fn read_stops_at_the_limit_on_files_that_never_end() {
+        let message = load(Path::new("/dev/zero"))
+            .expect_err("endless")
+            .to_string();
+        assert!(
+            message.starts_with("/dev/zero: larger than 64 MiB"),
+            "{message}"
+        );
+
+        let fifo = TempPath::new("fifo.yaml");
+        let c_path = std::ffi::CString::new(fifo.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let path = fifo.0.clone();
+        // Writes until the reader closes its end (EPIPE; Rust ignores SIGPIPE).
+        let writer = std::thread::spawn(move || {
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let line = b"# a policy that never ends\n".repeat(1024);
+            while std::io::Write::write_all(&mut pipe, &line).is_ok() {}
+        });
+        let message = load(&fifo.0).expect_err("endless").to_string();
+        assert!(message.contains("larger than 64 MiB"), "{message}");
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        let file = TempPath::new("bom.yaml");
+        std::fs::write(&file.0, format!("\u{feff}{EXAMPLE}")).expect("write temp file");
+        assert_eq!(
+            load(&file.0).expect("valid policy"),
+            parse(EXAMPLE, "x").unwrap()
+        );
+        assert_error(
+            parse(
+                "\u{feff}mode: audit\nallow: [{cidr: 10.0.0.1/8}]\n",
+                "policy.yaml",
+            ),
+            "allow[0] (cidr 10.0.0.1/8)",
+            "host bits are set",
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused() {
+        assert_error(
+            parse_bytes(b"allow:\n  - cidr: 10.0.0.0/8 # caf\xe9\n", "policy.yaml"),
+            "cannot read",
+            "invalid utf-8",
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_yaml_parser_sees_it() {
+        let started = std::time::Instant::now();
+        let flow = format!(
+            "mode: audit\nallow: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_error(
+            parse(&flow, "policy.yaml"),
+            "line 2",
+            "collections nested more than 64 levels deep; a policy needs four",
+        );
+        let compact = format!("allow:\n{}x\n", "  - ".repeat(100_000));
+        assert_error(
+            parse(&compact, "policy.yaml"),
+            "line 2",
+            "more than 64 levels",
+        );
+        let indented: String = (0..100)
+            .map(|i| format!("{}a{i}:\n", " ".repeat(i)))
+            .collect();
+        assert_error(
+            parse(&indented, "policy.yaml"),
+            "line 65",
+            "more than 64 levels",
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // 64 levels are still parsed, and refused for what they hold.
+        let deepest = format!("allow: {}{}\n", "[".repeat(63), "]".repeat(63));
+        assert_error(parse(&deepest, "policy.yaml"), "allow[0]", "invalid type");
+    }
+
     // Error paths: one test each.
 
     #[test]
@@ -1394,6 +1672,68 @@ allow:
             "cidr: '::/0'",
             "allow[0] (cidr ::/0)",
             "allows every IPv6 destination; the enforcer would admit everything",
+        );
+    }
+
+    /// A policy allowing each of `cidrs`, every port.
+    fn allowing(cidrs: &[String]) -> String {
+        let entries: Vec<String> = cidrs.iter().map(|c| format!("  - cidr: '{c}'\n")).collect();
+        format!("allow:\n{}", entries.concat())
+    }
+
+    /// Asserts that a policy allowing `cidrs` is refused with `at` and `phrase`, and that one
+    /// without the first of them, which leaves a gap, is not.
+    #[track_caller]
+    fn assert_covering(cidrs: &[String], at: &str, phrase: &str) {
+        assert_error(parse(&allowing(cidrs), "policy.yaml"), at, phrase);
+        parse(&allowing(&cidrs[1..]), "policy.yaml").expect("a gap where the first was");
+    }
+
+    #[test]
+    fn cidrs_that_together_allow_every_ipv4_destination() {
+        // Ports do not matter, as for `0.0.0.0/0`.
+        assert_error(
+            parse(
+                "allow:\n  - cidr: 0.0.0.0/1\n  - cidr: 128.0.0.0/1\n    ports: [HTTPS:443]\n",
+                "policy.yaml",
+            ),
+            "allow[0] (0.0.0.0/1), allow[1] (128.0.0.0/1): ",
+            "together allow every IPv4 destination, as a /0 would; the enforcer would admit everything",
+        );
+        // Only the widest rules are named, whatever part of the policy they come from.
+        assert_error(
+            parse(
+                "allow:\n  - cidr: 10.0.0.0/8\n  - cidr: 128.0.0.0/1\n  - cidr: 0.0.0.0/1\ncluster_cidrs: [128.0.0.0/1, 10.0.0.0/16]\n",
+                "policy.yaml",
+            ),
+            "policy.yaml: allow[2] (0.0.0.0/1), allow[1] and cluster_cidrs[0] (128.0.0.0/1): ",
+            "every IPv4 destination",
+        );
+        let mut cidrs: Vec<String> = (0..255).map(|n| format!("{n}.0.0.0/8")).collect();
+        parse(&allowing(&cidrs), "policy.yaml").expect("255.0.0.0/8 is left");
+        cidrs.extend(["255.0.0.0/9".into(), "255.128.0.0/9".into()]);
+        assert_covering(
+            &cidrs,
+            "allow[0] (0.0.0.0/8), allow[1] (1.0.0.0/8), allow[2] (2.0.0.0/8), allow[3] (3.0.0.0/8), allow[4] (4.0.0.0/8), allow[5] (5.0.0.0/8), allow[6] (6.0.0.0/8), allow[7] (7.0.0.0/8), and 249 more: ",
+            "every IPv4 destination",
+        );
+    }
+
+    #[test]
+    fn cidrs_that_together_allow_every_ipv6_destination() {
+        // IPv6 rules cannot hold the IPv4-mapped range: all around it is all of IPv6.
+        let mapped = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        let cidrs: Vec<String> = (0..96u8)
+            .map(|bits| {
+                let flipped = mapped ^ (1 << (127 - bits));
+                let net = Ipv6Net::new_assert(flipped.into(), bits + 1).trunc();
+                net.to_string()
+            })
+            .collect();
+        assert_covering(
+            &cidrs,
+            "policy.yaml: allow[80] (::/81), allow[81] (::8000:0:0/82), ",
+            "allow[87] (::fe00:0:0/88), and 88 more: together allow every IPv6 destination",
         );
     }
 

@@ -12,24 +12,103 @@ use crate::policy::{self, Policy};
 
 const POLL_PERIOD: Duration = Duration::from_secs(2);
 
-pub async fn watch(path: PathBuf, reloads: mpsc::Sender<Policy>) -> anyhow::Result<()> {
+/// Sends each new policy to `reloads`. `loaded` is the content the running policy was
+/// parsed from: the agent reads the file long before it starts watching (loading and
+/// attaching come between), and a change made meanwhile must be applied, not taken for
+/// the running policy.
+pub async fn watch(
+    path: PathBuf,
+    loaded: Vec<u8>,
+    reloads: mpsc::Sender<Policy>,
+) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(POLL_PERIOD);
-    let mut last = std::fs::read(&path).ok();
+    let source = path.display().to_string();
+    let mut last = Some(loaded);
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick() => "the policy file changed",
         };
-        let now = std::fs::read(&path).ok();
-        if why != "SIGHUP" && now == last {
+        let now = policy::read(&path);
+        if why != "SIGHUP" && now.as_ref().ok() == last.as_ref() {
             continue;
         }
-        last = now;
         log::info!("{why}: reloading {}", path.display());
-        match policy::load(&path) {
+        // Parsed from the very bytes kept as `last`: a change after this read is a change.
+        let parsed = now
+            .as_ref()
+            .map_err(ToString::to_string)
+            .and_then(|bytes| policy::parse_bytes(bytes, &source).map_err(|e| e.to_string()));
+        last = now.ok();
+        match parsed {
             Ok(p) => reloads.send(p).await?,
             Err(e) => log::error!("policy reload rejected: {e}; the running policy stays in force"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "allow:\n  - cidr: 203.0.113.10/32\n";
+    const NEW: &str = "allow:\n  - cidr: 203.0.113.20/32\n";
+
+    /// A policy file in the temp directory, removed on drop.
+    struct TempPolicy(PathBuf);
+
+    impl Drop for TempPolicy {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// The watcher on a file holding `now`, started as if the agent had loaded `loaded`.
+    fn watching(
+        name: &str,
+        loaded: &str,
+        now: &str,
+    ) -> (
+        TempPolicy,
+        mpsc::Receiver<Policy>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let file = TempPolicy(
+            std::env::temp_dir().join(format!("reload-test-{}-{name}.yaml", std::process::id())),
+        );
+        std::fs::write(&file.0, now).expect("write the policy");
+        let (tx, rx) = mpsc::channel(4);
+        let watcher = tokio::spawn(watch(file.0.clone(), loaded.as_bytes().to_vec(), tx));
+        (file, rx, watcher)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_made_before_the_watcher_starts_is_applied() {
+        let (file, mut reloads, watcher) = watching("before", OLD, NEW);
+        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+            .await
+            .expect("the change is applied")
+            .expect("the watcher runs");
+        assert_eq!(policy, policy::parse(NEW, "new").unwrap());
+        // Applied once: the content now is the content applied.
+        let again = tokio::time::timeout(POLL_PERIOD * 3, reloads.recv()).await;
+        assert!(again.is_err(), "reloaded again: {again:?}");
+
+        std::fs::write(&file.0, OLD).expect("write the policy");
+        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+            .await
+            .expect("the change is applied")
+            .expect("the watcher runs");
+        assert_eq!(policy, policy::parse(OLD, "old").unwrap());
+        watcher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_content_loaded_is_not_applied_again() {
+        let (_file, mut reloads, watcher) = watching("same", OLD, OLD);
+        let reload = tokio::time::timeout(POLL_PERIOD * 3, reloads.recv()).await;
+        assert!(reload.is_err(), "reloaded: {reload:?}");
+        watcher.abort();
     }
 }

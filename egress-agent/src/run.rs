@@ -101,7 +101,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // aya probes the kernel's BPF features once, loading a few dozen test programs and maps
     // (~25 ms): done meanwhile, the policy's parse and compile hide it.
     std::thread::spawn(aya::features);
-    let policy = policy::load(&opts.config)?;
+    // The bytes go to the policy watcher: a change made while the agent starts is one.
+    let loaded = policy::read(&opts.config)?;
+    let policy = policy::parse_bytes(&loaded, &opts.config.display().to_string())?;
     // Checked before anything in the kernel changes; compiled again below into the port set
     // registry that follows a previous agent's.
     let has_names = !compile(&policy)
@@ -240,7 +242,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let server = tokio::spawn(metrics::serve(listener, snapshot_rx));
     let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
-    let watcher = tokio::spawn(reload::watch(opts.config.clone(), reload_tx));
+    let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
     let mut control =
         tokio::spawn(control.run(dns_ring, old_dns_ring, reload_rx, snapshot_tx, stop_rx));
     let outcome = tokio::select! {

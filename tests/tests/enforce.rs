@@ -2,14 +2,16 @@
 //! from the enforced cgroup is dropped (TCP connects time out, UDP sends fail with
 //! EPERM) and reported, in both address families; audit mode passes everything and
 //! reports exactly what enforcement would drop; the cgroup scope, inbound flows and
-//! loopback are respected; SIGTERM leaves nothing attached; and a bad policy is rejected
-//! without touching the kernel.
+//! loopback are respected; SIGTERM leaves nothing attached; and a bad policy, or a policy
+//! file that never ends or nests too deep, is rejected without touching the kernel.
 //!
 //! The agent runs in the host namespace (inside `ip netns exec` the cgroup2 mount is
 //! hidden) and is attached only to a fresh [`TestCgroup`], never to the cgroup2 root:
 //! only the probes placed in that cgroup are enforced.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -410,6 +412,71 @@ fn check_command() {
         "the error should name {bad_path} and allow[0]: {stderr}"
     );
     assert!(agent.events().is_empty(), "events from a rejected run");
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        Vec::<Value>::new(),
+        "a rejected run attached programs"
+    );
+    assert!(!pins.root().exists(), "a rejected run pinned state");
+}
+
+/// `egress-agent ARGS...` with at most 1 GiB of address space: an agent that reads a file
+/// that never ends to its end fails there, instead of taking the machine's memory.
+fn spawn_bounded(args: &[OsString]) -> Agent {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Agent::spawn_command(cmd)
+}
+
+#[test]
+fn a_policy_file_that_never_ends_or_nests_too_deep_is_refused_at_once() {
+    if !require_root() {
+        return;
+    }
+    let deep = TempFile::new(&format!(
+        "allow: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    ));
+    let cgroup = TestCgroup::new();
+    let pins = PinDir::new();
+    for (config, problem) in [
+        (std::path::Path::new("/dev/zero"), "larger than 64 MiB"),
+        (
+            deep.path(),
+            "line 1: collections nested more than 64 levels deep",
+        ),
+    ] {
+        let check: Vec<OsString> = vec!["check".into(), "--config".into(), config.into()];
+        let mut run = run_args(&deep, &cgroup, &pins);
+        let policy_arg = 1 + run.iter().position(|a| a == "--config").expect("--config");
+        run[policy_arg] = config.into();
+        for args in [check, run] {
+            let mut agent = spawn_bounded(&args);
+            let status = agent.wait_for_exit(EXIT_TIMEOUT);
+            let stderr = agent.stderr_lines().join("\n");
+            assert!(!status.success(), "{args:?} succeeded: {stderr}");
+            let expected = format!("{}: {problem}", config.display());
+            assert!(
+                stderr.contains(&expected),
+                "{args:?}: no {expected:?} in: {stderr}"
+            );
+        }
+    }
     assert_eq!(
         attached_programs(cgroup.path()),
         Vec::<Value>::new(),

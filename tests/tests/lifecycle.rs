@@ -439,3 +439,58 @@ fn a_dns_ring_buffer_of_another_size_is_replaced_and_read() {
     new.wait_learned(APP, APP_V4);
     assert_loops(&mut allowed, &mut denied);
 }
+
+/// `uninstall` with entries in `links/` that are not the agent's (a map someone pinned
+/// there, a directory): it detaches the programs and removes the maps all the same, leaves
+/// those entries where they are, names each, and fails. Once they are gone, it finishes.
+#[test]
+fn uninstall_removes_all_it_owns_and_names_what_it_leaves() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(&format!(
+        "mode: enforce\nallow:\n  - cidr: {REMOTE_V4_A}/32\n"
+    ));
+    let cgroup = TestCgroup::new();
+    let pins = PinDir::new();
+    let mut agent = start_pinned_agent(&agent_bin(), &policy, &cgroup, &pins, None, &KEEP);
+    assert!(agent.terminate().success());
+    assert_eq!(attached_programs(cgroup.path()).len(), 2, "kept attached");
+    let links = fs::read_dir(pins.root())
+        .expect("the pin root")
+        .map(|entry| entry.expect("an entry").path().join("links"))
+        .find(|dir| dir.is_dir())
+        .expect("a links directory");
+    let (stray_map, stray_dir) = (links.join("someone-elses-map"), links.join("a-directory"));
+    let pinned = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stray_map)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+        .args(["name", "stray"])
+        .status()
+        .expect("cannot run bpftool");
+    assert!(pinned.success(), "bpftool map create");
+    fs::create_dir(&stray_dir).expect("create a directory");
+
+    let (ok, out) = pins.uninstall();
+    assert!(!ok, "uninstall must fail while it leaves something: {out}");
+    assert_eq!(out.matches("detached cgroup-").count(), 2, "{out}");
+    for stray in [&stray_map, &stray_dir] {
+        let line = format!("left {}: not a link pin of egress-agent", stray.display());
+        assert!(out.contains(&line), "no {line:?} in:\n{out}");
+        assert!(stray.exists(), "{} was removed", stray.display());
+    }
+    assert!(out.contains("entries left under"), "{out}");
+    assert!(
+        attached_programs(cgroup.path()).is_empty(),
+        "programs after uninstall"
+    );
+    let maps = links.with_file_name("maps");
+    assert!(!maps.exists(), "{} after uninstall", maps.display());
+
+    fs::remove_file(&stray_map).expect("unpin the stray map");
+    fs::remove_dir(&stray_dir).expect("remove the stray directory");
+    let (ok, out) = pins.uninstall();
+    assert!(ok && out.contains("removed"), "{out}");
+    assert!(!pins.root().exists(), "pins after the second uninstall");
+}

@@ -1,21 +1,24 @@
 //! Operating a running agent: policy reloads (a rename over the file, SIGHUP, a bad
-//! policy) apply atomically without dropping established flows, and the metrics and
-//! health endpoints answer.
+//! policy, an edit while the agent starts) apply atomically without dropping established
+//! flows, and the metrics and health endpoints answer.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
     time::Duration,
 };
 
 use egress_tests::{
-    Netns, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile, TestCgroup, Topology,
-    assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, probe_tcp, probe_udp, require_root,
-    start_agent,
+    Agent, Netns, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile, TestCgroup,
+    Topology, agent_bin, assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, probe_tcp,
+    probe_udp, require_root, run_args, start_agent,
 };
 
 const HTTPS: u16 = 443;
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Loading and attaching the programs; generous for a loaded 2-core machine.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn allow_only(addr: &str) -> String {
     format!("mode: enforce\nallow:\n  - cidr: {addr}/32\n    ports: [HTTPS:443]\n")
@@ -29,19 +32,24 @@ fn replace(policy: &TempFile, contents: &str) {
     fs::rename(&next, policy.path()).expect("rename it over the old one");
 }
 
+/// A policy that allows only `a`, HTTPS servers on `a` and `b`, and the cgroup to enforce.
+fn reload_world(a: Ipv4Addr, b: Ipv4Addr) -> (TempFile, Topology, TestCgroup, [Server; 2]) {
+    let topo = Topology::new();
+    let servers = [
+        Server::tcp(&topo.server, None, a, HTTPS),
+        Server::tcp(&topo.server, None, b, HTTPS),
+    ];
+    let policy = TempFile::new(&allow_only(&a.to_string()));
+    (policy, topo, TestCgroup::new(), servers)
+}
+
 #[test]
 fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     if !require_root() {
         return;
     }
     let (a, b) = (REMOTE_V4_A, REMOTE_V4_B);
-    let policy = TempFile::new(&allow_only(&a.to_string()));
-    let topo = Topology::new();
-    let cgroup = TestCgroup::new();
-    let _servers = [
-        Server::tcp(&topo.server, None, a, HTTPS),
-        Server::tcp(&topo.server, None, b, HTTPS),
-    ];
+    let (policy, topo, cgroup, _servers) = reload_world(a, b);
     let agent = start_agent(&policy, &cgroup, None);
     let cg = Some(&cgroup);
     assert_ok(
@@ -92,6 +100,36 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
 
     let held = held.finish();
     assert_ok(&held, "the connection established before the reload");
+}
+
+/// The agent reads the policy long before it watches the file: loading and attaching the
+/// programs come between. An edit made then is applied once it watches.
+#[test]
+fn an_edit_while_the_agent_starts_is_applied() {
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (REMOTE_V4_A, REMOTE_V4_B);
+    let (policy, topo, cgroup, _servers) = reload_world(a, b);
+    let pins = PinDir::new();
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(run_args(&policy, &cgroup, &pins))
+        .env("RUST_LOG", "info");
+    let agent = Agent::spawn_command(cmd);
+    // Logged after the policy is read, before the programs load.
+    agent.wait_for_stderr("serving /metrics", STARTUP_TIMEOUT);
+    replace(&policy, &allow_only(&b.to_string()));
+    agent.wait_for_stderr("attached: mode enforce, 1 rules", STARTUP_TIMEOUT);
+    agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
+    let cg = Some(&cgroup);
+    assert_ok(
+        &probe_tcp(&topo.client, cg, b, HTTPS),
+        "b, allowed by the edit",
+    );
+    assert_timeout(
+        &probe_tcp(&topo.client, cg, a, HTTPS),
+        "a, allowed before the edit",
+    );
 }
 
 /// `GET path` on the agent's metrics listener: (status line, body).
