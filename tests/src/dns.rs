@@ -67,6 +67,29 @@ impl DnsServer {
 
     /// Like [`DnsServer::start`], listening on `addrs` (which `netns` must hold).
     pub fn start_at(netns: &Netns, addrs: &[IpAddr], ttl: u32, records: &[Record]) -> DnsServer {
+        DnsServer::spawn(netns, None, addrs, ttl, records, &[])
+    }
+
+    /// A stub resolver, as systemd-resolved is on a host: dnsmasq on `listen` (a loopback
+    /// address) in `netns`, running inside `cgroup`, asking `upstream` for every name.
+    pub fn start_stub(
+        netns: &Netns,
+        cgroup: &TestCgroup,
+        listen: IpAddr,
+        upstream: IpAddr,
+    ) -> DnsServer {
+        let forward_all = format!("--server={upstream}");
+        DnsServer::spawn(netns, Some(cgroup), &[listen], 0, &[], &[forward_all])
+    }
+
+    fn spawn(
+        netns: &Netns,
+        cgroup: Option<&TestCgroup>,
+        addrs: &[IpAddr],
+        ttl: u32,
+        records: &[Record],
+        extra: &[String],
+    ) -> DnsServer {
         let mut args = vec![
             DNSMASQ.to_owned(),
             "--keep-in-foreground".into(),
@@ -83,7 +106,20 @@ impl DnsServer {
         ];
         args.extend(addrs.iter().map(|addr| format!("--listen-address={addr}")));
         args.extend(records.iter().map(Record::dnsmasq_arg));
-        let mut cmd = netns.exec(&args);
+        args.extend_from_slice(extra);
+        let mut cmd = match cgroup {
+            Some(cgroup) => {
+                // A shell joins the cgroup (through an inherited fd: `ip netns exec`
+                // hides the cgroup mount), then becomes dnsmasq.
+                let mut cmd =
+                    netns.exec(&["sh", "-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#]);
+                let dir = cgroup.inherit_into(&mut cmd);
+                cmd.arg(dir);
+                cmd
+            }
+            None => netns.exec::<&str>(&[]),
+        };
+        cmd.args(&args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

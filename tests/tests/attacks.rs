@@ -43,6 +43,8 @@ const PWN: &str = "pwn.hcp.eastus.azmk8s.io";
 const OK_NAME: &str = "ok.hcp.eastus.azmk8s.io";
 /// The id of the attacker's query.
 const QUERY_ID: u16 = 0x0bad;
+/// Where systemd-resolved's stub listens.
+const STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 /// A resolver a hop behind the server, and an upstream it asks that never answers (the
 /// server routes it into a blackhole), so its answers for names it must forward come
@@ -231,6 +233,39 @@ fn real_answer_from_the_resolver_is_learned() {
         &r.result,
         "resolve and connect through the trusted resolver",
     );
+    base.agent.wait_learned(OK_NAME, REMOTE_V4_A);
+}
+
+/// The legitimate use that loopback's distrust must not break: host processes that ask a
+/// stub resolver on `127.0.0.53` (systemd-resolved on Ubuntu nodes), which asks the
+/// trusted resolver. The stub's own upstream query and its answer teach the address
+/// before the stub answers over loopback, so the connect right after passes.
+#[test]
+fn a_stub_resolver_s_upstream_answers_are_learned() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start(&zone_policy(SERVER_V4));
+    let _dns = DnsServer::start(
+        &base.topo.server,
+        LONG_TTL,
+        &[Record::Host(OK_NAME, REMOTE_V4_A.into())],
+    );
+    let _stub = DnsServer::start_stub(
+        &base.topo.client,
+        &base.cgroup,
+        STUB.into(),
+        SERVER_V4.into(),
+    );
+    let _server = Server::tcp(&base.topo.server, None, REMOTE_V4_A, HTTPS);
+    let r = resolve_connect(
+        &base.topo.client,
+        Some(&base.cgroup),
+        Lookup::a(OK_NAME, STUB),
+        HTTPS,
+    );
+    assert_eq!(r.addr, Some(REMOTE_V4_A.into()), "{r:?}");
+    assert_ok(&r.result, "resolve through the stub and connect");
     base.agent.wait_learned(OK_NAME, REMOTE_V4_A);
 }
 
