@@ -118,6 +118,21 @@ impl Base {
         }
     }
 
+    /// Looks [`OK_NAME`] up through `resolver` from the cgroup and connects to the answer
+    /// at once: the connect must pass, and the agent must have learned the address.
+    fn resolve_ok_and_connect(&self, resolver: Ipv4Addr, through: &str) {
+        let _server = Server::tcp(&self.topo.server, None, REMOTE_V4_A, HTTPS);
+        let r = resolve_connect(
+            &self.topo.client,
+            Some(&self.cgroup),
+            Lookup::a(OK_NAME, resolver),
+            HTTPS,
+        );
+        assert_eq!(r.addr, Some(REMOTE_V4_A.into()), "{r:?}");
+        assert_ok(&r.result, &format!("resolve through {through} and connect"));
+        self.agent.wait_learned(OK_NAME, REMOTE_V4_A);
+    }
+
     /// The client namespace, in the enforced cgroup: where the attacker runs.
     fn client(&self) -> At<'_> {
         At(&self.topo.client, Some(&self.cgroup))
@@ -216,24 +231,8 @@ fn real_answer_from_the_resolver_is_learned() {
         return;
     }
     let base = Base::start(&zone_policy(SERVER_V4));
-    let _dns = DnsServer::start(
-        &base.topo.server,
-        LONG_TTL,
-        &[Record::Host(OK_NAME, REMOTE_V4_A.into())],
-    );
-    let _server = Server::tcp(&base.topo.server, None, REMOTE_V4_A, HTTPS);
-    let r = resolve_connect(
-        &base.topo.client,
-        Some(&base.cgroup),
-        Lookup::a(OK_NAME, SERVER_V4),
-        HTTPS,
-    );
-    assert_eq!(r.addr, Some(REMOTE_V4_A.into()), "{r:?}");
-    assert_ok(
-        &r.result,
-        "resolve and connect through the trusted resolver",
-    );
-    base.agent.wait_learned(OK_NAME, REMOTE_V4_A);
+    let _dns = ok_name_server(&base);
+    base.resolve_ok_and_connect(SERVER_V4, "the trusted resolver");
 }
 
 /// The legitimate use that loopback's distrust must not break: host processes that ask a
@@ -246,27 +245,23 @@ fn a_stub_resolver_s_upstream_answers_are_learned() {
         return;
     }
     let base = Base::start(&zone_policy(SERVER_V4));
-    let _dns = DnsServer::start(
-        &base.topo.server,
-        LONG_TTL,
-        &[Record::Host(OK_NAME, REMOTE_V4_A.into())],
-    );
+    let _dns = ok_name_server(&base);
     let _stub = DnsServer::start_stub(
         &base.topo.client,
         &base.cgroup,
         STUB.into(),
         SERVER_V4.into(),
     );
-    let _server = Server::tcp(&base.topo.server, None, REMOTE_V4_A, HTTPS);
-    let r = resolve_connect(
-        &base.topo.client,
-        Some(&base.cgroup),
-        Lookup::a(OK_NAME, STUB),
-        HTTPS,
-    );
-    assert_eq!(r.addr, Some(REMOTE_V4_A.into()), "{r:?}");
-    assert_ok(&r.result, "resolve through the stub and connect");
-    base.agent.wait_learned(OK_NAME, REMOTE_V4_A);
+    base.resolve_ok_and_connect(STUB, "the stub");
+}
+
+/// The trusted resolver in the server namespace, knowing [`OK_NAME`] at `REMOTE_V4_A`.
+fn ok_name_server(base: &Base) -> DnsServer {
+    DnsServer::start(
+        &base.topo.server,
+        LONG_TTL,
+        &[Record::Host(OK_NAME, REMOTE_V4_A.into())],
+    )
 }
 
 // --- 2. Answers from the workload's own namespaces -------------------------------------
