@@ -16,10 +16,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use egress_tests::{
-    Agent, CLIENT_V4, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4,
-    Server, TempFile, TestCgroup, Topology, agent_bin, assert_eperm, assert_ok,
-    assert_reported_exactly, assert_timeout, attached_programs, probe_tcp, probe_udp, require_root,
-    run_args, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
+    Agent, CLIENT_V4, CLIENT_V6, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B,
+    SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup, Topology, agent_bin, assert_eperm,
+    assert_ok, assert_reported_exactly, assert_timeout, attached_programs, probe_tcp, probe_udp,
+    require_root, run_args, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
 };
 use serde_json::Value;
 
@@ -196,6 +196,20 @@ fn server_in_cgroup_answers_unlisted_client() {
     if !require_root() {
         return;
     }
+    server_in_cgroup_answers(CLIENT_V4.into(), SERVER_V4.into());
+}
+
+#[test]
+fn server_in_cgroup_answers_unlisted_client_over_ipv6() {
+    if !require_root() {
+        return;
+    }
+    server_in_cgroup_answers(CLIENT_V6.into(), SERVER_V6.into());
+}
+
+/// Servers in the cgroup (on `client`) answer a client no rule lists (`server`), over TCP
+/// and UDP, while the cgroup may not start traffic to that client.
+fn server_in_cgroup_answers(client: IpAddr, server: IpAddr) {
     const ECHO_TCP: u16 = 7443;
     const ECHO_UDP: u16 = 7453;
     const OUT_TCP: u16 = 7444;
@@ -205,36 +219,36 @@ fn server_in_cgroup_answers_unlisted_client() {
     let cgroup = TestCgroup::new();
     let cg = Some(&cgroup);
     // Servers inside the enforced cgroup, in the client namespace...
-    let tcp_server = Server::tcp(&topo.client, cg, CLIENT_V4, ECHO_TCP);
-    let udp_server = Server::udp(&topo.client, cg, CLIENT_V4, ECHO_UDP);
+    let tcp_server = Server::tcp(&topo.client, cg, client, ECHO_TCP);
+    let udp_server = Server::udp(&topo.client, cg, client, ECHO_UDP);
     assert!(cgroup.procs().contains(&tcp_server.pid()));
     assert!(cgroup.procs().contains(&udp_server.pid()));
     // ...and, for the outbound check, servers on the client's address outside it.
-    let _out_tcp = Server::tcp(&topo.server, None, SERVER_V4, OUT_TCP);
-    let _out_udp = Server::udp(&topo.server, None, SERVER_V4, OUT_UDP);
+    let _out_tcp = Server::tcp(&topo.server, None, server, OUT_TCP);
+    let _out_udp = Server::udp(&topo.server, None, server, OUT_UDP);
     let mut agent = start_agent(&policy, &cgroup, None);
 
-    // SERVER_V4 is on no rule, yet its requests to the cgroup's servers get answers.
+    // server is on no rule, yet its requests to the cgroup's servers get answers.
     assert_ok(
-        &probe_tcp(&topo.server, None, CLIENT_V4, ECHO_TCP),
+        &probe_tcp(&topo.server, None, client, ECHO_TCP),
         "inbound tcp to the server in the cgroup",
     );
     assert_ok(
-        &probe_udp(&topo.server, None, CLIENT_V4, ECHO_UDP),
+        &probe_udp(&topo.server, None, client, ECHO_UDP),
         "inbound udp to the server in the cgroup",
     );
     // But nothing in the cgroup may start traffic to that client.
     assert_timeout(
-        &probe_tcp(&topo.client, cg, SERVER_V4, OUT_TCP),
+        &probe_tcp(&topo.client, cg, server, OUT_TCP),
         "outbound tcp from the cgroup to the unlisted client",
     );
     assert_eperm(
-        &probe_udp(&topo.client, cg, SERVER_V4, OUT_UDP),
+        &probe_udp(&topo.client, cg, server, OUT_UDP),
         "outbound udp from the cgroup to the unlisted client",
     );
 
     // The replies were never denied: only the outbound attempts are reported.
-    let expected = [tcp(SERVER_V4, OUT_TCP), udp(SERVER_V4, OUT_UDP)];
+    let expected = [tcp(server, OUT_TCP), udp(server, OUT_UDP)];
     wait_for_flows(&agent, &expected);
     let reported = stop_and_collect(&mut agent, "deny", &cgroup);
     assert_reported_exactly(&reported, &expected);
