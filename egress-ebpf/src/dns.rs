@@ -27,7 +27,7 @@ use crate::{
         DNS_EVENTS, DNS_QUERIES, DNS_QUERY, DNS_SCRATCH, DNS_WORK, DnsWork, LEARNED, NAMES,
         NameWork, QUERY_BYTES, QueryWork, RESOLVERS, SETTINGS,
     },
-    packet::{Packet, Skb},
+    packet::{Packet, Skb, carries_payload},
     report::count,
 };
 
@@ -90,13 +90,13 @@ fn load<C: Skb>(ctx: &C, p: &Packet, to: *mut u8, max: usize) -> Option<usize> {
     (rc == 0).then_some(n)
 }
 
-/// An outgoing packet that claims to come from a trusted resolver's DNS port but is sent
-/// by a raw socket: a forged answer (the real resolver answers from its UDP or TCP
-/// socket), which a router could send straight back to the asking socket ahead of the
-/// real one.
+/// An outgoing packet that claims to come from a trusted resolver's DNS port, carries a
+/// message, and is sent by a raw socket: a forged answer (the real resolver answers from
+/// its UDP or TCP socket; the kernel's own raw sockets send only resets and bare ACKs),
+/// which a router could send straight back to the asking socket ahead of the real one.
 #[inline(always)]
 pub fn forged_answer<C: Skb>(ctx: &C, p: &Packet) -> bool {
-    from_dns_port(p) && ctx.raw_socket() && is_resolver(&p.src)
+    from_dns_port(p) && carries_payload(ctx, p) && ctx.raw_socket() && is_resolver(&p.src)
 }
 
 /// An outgoing packet to a trusted resolver's DNS port from a UDP or TCP socket: remember

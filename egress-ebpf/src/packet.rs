@@ -355,6 +355,12 @@ fn skip_ipv6_extensions<C: Skb>(
     None
 }
 
+/// Whether a TCP or UDP packet carries bytes after its transport header.
+#[inline(always)]
+pub fn carries_payload<C: Skb>(ctx: &C, p: &Packet) -> bool {
+    p.payload != 0 && ctx.skb_len() as usize > p.payload
+}
+
 /// The flow an ICMP error quotes: the offending packet's headers follow the 8-byte ICMP
 /// header. Returns (remote, remote port, local port, proto) of the quoted packet, which was
 /// sent *to* this host, so its source is the remote end.

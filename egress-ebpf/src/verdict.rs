@@ -28,7 +28,8 @@ use crate::{
     dns,
     maps::{CIDRS, FLOWS, FRAGS, LEARNED, PORTS, SETTINGS},
     packet::{
-        FIRST_FRAGMENT, L3Start, LATER_FRAGMENT, Packet, Skb, TCP_ACK, TCP_SYN, parse, quoted_flow,
+        FIRST_FRAGMENT, L3Start, LATER_FRAGMENT, Packet, Skb, TCP_ACK, TCP_SYN, carries_payload,
+        parse, quoted_flow,
     },
     report::{count, emit},
 };
@@ -136,9 +137,10 @@ fn replies_inbound<C: Skb>(ctx: &C, p: &Packet, flow: &mut FlowValue) -> bool {
         return false;
     }
     if flow.owner == 0 {
-        // Past its handshake a TCP flow is the kernel's own: only a raw socket could
-        // write segments into it from elsewhere.
-        return p.proto != proto::TCP || !ctx.raw_socket();
+        // Past its handshake a TCP flow is the kernel's own: a raw socket elsewhere could
+        // write data into it. The kernel's own raw sockets send resets and bare ACKs
+        // (time-wait), which carry none.
+        return p.proto != proto::TCP || !carries_payload(ctx, p) || !ctx.raw_socket();
     }
     if flow.owner != ctx.socket_cookie() {
         return false;
