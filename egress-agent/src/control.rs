@@ -130,7 +130,10 @@ impl Control {
                     policy: self.enforcer.policy_entries(),
                 }));
             }
-            Err(e) => log::warn!("reading counters for /metrics: {e}"),
+            Err(e) => log::warn!(
+                "reading counters for /metrics: {:#}",
+                anyhow::Error::from(e)
+            ),
         }
     }
 

@@ -83,37 +83,38 @@ pub const INGRESS_CGROUP: &str = "ingress_cgroup";
 pub const EGRESS_TC: &str = "egress_tc";
 pub const INGRESS_TC: &str = "ingress_tc";
 
+/// The messages leave out their sources' text: `{:#}` prints the chain, each once.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("loading the BPF object: {0}")]
+    #[error("loading the BPF object")]
     Object(#[from] aya::EbpfError),
     #[error("BPF program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("BPF map {0} is missing from the object")]
     MissingMap(&'static str),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Program {
         what: String,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Map {
         what: String,
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("the policy's names: {0}")]
+    #[error("the policy's names")]
     Name(#[source] NameError),
-    #[error("opening cgroup {path}: {source}")]
+    #[error("opening cgroup {path}")]
     Cgroup {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("reading the BPF object's map definitions: {0}")]
+    #[error("reading the BPF object's map definitions")]
     Parse(#[from] aya_obj::ParseError),
-    #[error("pinning {what}: {source}")]
+    #[error("pinning {what}")]
     Pin {
         what: String,
         #[source]
@@ -123,7 +124,7 @@ pub enum LoadError {
     PinRoot(#[from] pin::PinError),
     #[error("no network interface other than loopback to run test packets on")]
     NoTestInterface,
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Link {
         what: String,
         #[source]
@@ -880,7 +881,7 @@ impl Enforcer {
         }
         for (path, link) in pinned.links {
             link.unpin()
-                .map_err(|source| LoadError::PinRoot(pin::PinError::Io { path, source }))?;
+                .map_err(|error| LoadError::PinRoot(pin::PinError::Io { path, error }))?;
         }
         pinned.root.remove_all().complete()?;
         Ok(())

@@ -26,12 +26,10 @@ const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The OS error's text is part of the message, and so not also a source: `Left` lists
+    /// these one per line, and a chain would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("{0} has no parent directory to mount bpffs on")]
     NoParent(PathBuf),
     #[error(
@@ -49,9 +47,9 @@ pub enum PinError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
-    move |source| PinError::Io {
+    move |error| PinError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
