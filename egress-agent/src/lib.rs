@@ -13,4 +13,5 @@ pub mod policy;
 pub mod presets;
 pub mod reload;
 pub mod run;
+pub mod statfs;
 pub mod status;

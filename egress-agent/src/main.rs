@@ -97,11 +97,10 @@ fn check(config: &std::path::Path) -> anyhow::Result<()> {
 
 fn uninstall(root: PathBuf) -> anyhow::Result<()> {
     let pins = PinRoot::new(root);
-    if !pins.exists() {
+    let Some(_lock) = pins.lock(false)? else {
         println!("nothing is pinned under {}", pins.root().display());
         return Ok(());
-    }
-    let _lock = pins.lock(false)?;
+    };
     let removal = pins.remove_all();
     for link in &removal.detached {
         println!("detached {}", link.point);

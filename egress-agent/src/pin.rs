@@ -11,18 +11,17 @@
 //! it. Link names carry the link id, so a new agent pins its links beside its predecessor's
 //! and removes theirs only once its own are attached.
 use std::{
-    ffi::CString,
     fs::{self, File},
     io,
-    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
 use egress_common::LAYOUT_VERSION;
 
+use crate::statfs::{BPF_FS_MAGIC, c_path, filesystem_type};
+
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress-enforcer";
-/// `statfs(2)`'s `f_type` for bpffs.
-const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -114,26 +113,55 @@ impl PinRoot {
     }
 
     /// Makes sure the root's parent is on bpffs (mounting it there if not, as on hosts that
-    /// do not mount `/sys/fs/bpf`), and creates this version's directories.
-    pub fn prepare(&self) -> Result<(), PinError> {
+    /// do not mount `/sys/fs/bpf`), and that the root, which agents lock, exists.
+    fn create(&self) -> Result<(), PinError> {
         let parent = self
             .root
             .parent()
             .ok_or_else(|| PinError::NoParent(self.root.clone()))?;
-        if !is_bpffs(parent).map_err(io_err(parent))? {
+        if filesystem_type(parent).map_err(io_err(parent))? != BPF_FS_MAGIC {
             mount_bpffs(parent).map_err(io_err(parent))?;
             log::info!("mounted bpffs on {}", parent.display());
         }
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))
+    }
+
+    /// Creates this version's directories. Done holding the lock: created before it, they
+    /// could be removed by the agent that held it on its way out.
+    pub fn prepare(&self) -> Result<(), PinError> {
         for dir in [self.dir().join("maps"), self.links_dir()] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         Ok(())
     }
 
-    /// Takes the root's lock, waiting for another agent to exit if `wait` (an upgrade starts
-    /// the new agent while the old one still runs); without `wait`, fails with `Busy`.
-    pub fn lock(&self, wait: bool) -> Result<Lock, PinError> {
-        let dir = File::open(&self.root).map_err(io_err(&self.root))?;
+    /// Takes the lock for an agent about to load, creating the root, and waits for the agent
+    /// that holds it to exit (an upgrade starts the new agent while the old one still runs).
+    /// That one finishes with its pins before it lets go: with `--on-exit detach` it removes
+    /// the root too, and the lock then taken is on a directory no path names any more, so the
+    /// root is created and locked afresh.
+    pub fn take(&self) -> Result<Lock, PinError> {
+        loop {
+            self.create()?;
+            if let Some(lock) = self.lock(true)? {
+                return Ok(lock);
+            }
+            log::info!(
+                "the agent that held {} removed it on exit; starting afresh",
+                self.root.display()
+            );
+        }
+    }
+
+    /// Takes the root's lock, waiting for another agent to exit if `wait`; without `wait`,
+    /// fails with `Busy`. `None` when there is no root, or when it was removed or replaced
+    /// while this waited: the lock is then on a directory that is no longer the root.
+    pub fn lock(&self, wait: bool) -> Result<Option<Lock>, PinError> {
+        let dir = match File::open(&self.root) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
         let nonblocking = libc::LOCK_EX | libc::LOCK_NB;
         if flock(&dir, nonblocking).is_err() {
             if !wait {
@@ -145,7 +173,13 @@ impl PinRoot {
             );
             flock(&dir, libc::LOCK_EX).map_err(io_err(&self.root))?;
         }
-        Ok(Lock { _dir: dir })
+        let locked = dir.metadata().map_err(io_err(&self.root))?;
+        let current = match fs::metadata(&self.root) {
+            Ok(now) => (now.dev(), now.ino()) == (locked.dev(), locked.ino()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
+        Ok(current.then_some(Lock { _dir: dir }))
     }
 
     /// Whether an agent holds the lock now.
@@ -320,21 +354,6 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
-fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = c_path(path)?;
-    // SAFETY: statfs writes only into `buf`; `c` is a NUL-terminated path.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(buf.f_type as libc::c_long == BPF_FS_MAGIC)
-}
-
 fn mount_bpffs(target: &Path) -> io::Result<()> {
     let target = c_path(target)?;
     let fs = c"bpf";
@@ -470,6 +489,22 @@ mod tests {
         assert!(removal.detached.is_empty());
         assert!(removal.complete().is_ok());
         assert!(!pins.exists());
+    }
+
+    #[test]
+    fn a_lock_on_a_root_removed_while_waiting_is_no_lock() {
+        let root = TempRoot::new("removed");
+        root.add("v1/maps/");
+        let pins = root.0.clone();
+        let holder = pins.lock(false).unwrap().expect("the root exists");
+        let waiter = std::thread::spawn(move || pins.lock(true).map(|lock| lock.is_some()));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // What an exiting agent does with `--on-exit detach`, holding its lock.
+        fs::remove_dir_all(root.0.root()).unwrap();
+        drop(holder);
+        assert!(!waiter.join().unwrap().unwrap(), "locked a removed root");
+        fs::create_dir(root.0.root()).unwrap();
+        assert!(root.0.lock(false).unwrap().is_some());
     }
 
     #[test]

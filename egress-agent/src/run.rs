@@ -115,11 +115,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     let resolvers = resolvers::for_policy(&policy.dns, has_names)?;
     // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
-    // before binding the address its predecessor still serves.
+    // before binding the address its predecessor still serves, and looks at the pin root
+    // only once its predecessor is done with it.
     let pins = PinRoot::new(&opts.pin_root);
+    let _lock = pins
+        .take()
+        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
     pins.prepare()
-        .context("preparing the pin directory in bpffs")?;
-    let _lock = pins.lock(true).context("locking the pin directory")?;
+        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
     let listener = metrics::bind(opts.listen).await?;
     log::info!(
         "serving /metrics, /healthz and /readyz on http://{}",

@@ -494,3 +494,89 @@ fn uninstall_removes_all_it_owns_and_names_what_it_leaves() {
     assert!(ok && out.contains("removed"), "{out}");
     assert!(!pins.root().exists(), "pins after the second uninstall");
 }
+
+/// Agents A and B with `on_exit`, on one pin root: A enforcing, B started while A runs,
+/// waiting for A's lock. Returns the policy, the pin root, A, B and A's programs.
+fn a_and_b_waiting(world: &World, on_exit: &[&str]) -> (TempFile, PinDir, Agent, Agent, Vec<u64>) {
+    let policy = TempFile::new(&policy_text(""));
+    let pins = PinDir::new();
+    let a = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, on_exit);
+    let programs = program_ids(world);
+    let mut cmd = std::process::Command::new(agent_bin());
+    cmd.args(egress_tests::run_args(&policy, &world.cgroup, &pins))
+        .args(on_exit)
+        .env("RUST_LOG", "info,egress_agent=debug");
+    let b = Agent::spawn_command(cmd);
+    b.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    (policy, pins, a, b, programs)
+}
+
+/// B's programs, and no others, are on the cgroup, pinned, and `status` says B runs.
+fn assert_b_enforces(world: &World, pins: &PinDir, a_programs: &[u64]) {
+    let programs = program_ids(world);
+    assert_eq!(
+        programs.len(),
+        2,
+        "programs after the handover: {programs:?}"
+    );
+    assert!(
+        programs.iter().all(|id| !a_programs.contains(id)),
+        "A's programs are still attached: {a_programs:?} -> {programs:?}"
+    );
+    let cgroup = world.cgroup.path().display().to_string();
+    wait_status(
+        pins,
+        &[
+            "agent      running",
+            &format!("attached   cgroup {cgroup} (egress)"),
+            &format!("attached   cgroup {cgroup} (ingress)"),
+            "1 CIDR entries",
+        ],
+    );
+}
+
+/// With `--on-exit keep` A leaves its state enforcing and B takes it over: no connection
+/// sees a gap.
+#[test]
+fn a_handover_with_keep_leaves_no_gap() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let (_policy, pins, mut a, b, a_programs) = a_and_b_waiting(&world, &KEEP);
+    let (mut allowed, mut denied) = world.loops();
+    assert!(a.terminate().success());
+    b.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    b.wait_for_stderr("attached: mode enforce", TAKEOVER_TIMEOUT);
+    assert_b_enforces(&world, &pins, &a_programs);
+    assert_loops(&mut allowed, &mut denied);
+}
+
+/// With the default `--on-exit detach` A removes its state, the pin root included, while it
+/// still holds the lock; B, which waited on that root, starts afresh on a new one.
+#[test]
+fn a_handover_with_detach_starts_afresh() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let (_policy, pins, mut a, b, a_programs) = a_and_b_waiting(&world, &[]);
+    assert!(a.terminate().success());
+    b.wait_for_stderr("attached: mode enforce", TAKEOVER_TIMEOUT);
+    b.wait_for_stderr("removed it on exit; starting afresh", TAKEOVER_TIMEOUT);
+    assert!(
+        !b.stderr_lines()
+            .iter()
+            .any(|line| line.contains("took over the pinned state")),
+        "B took over a state A removed"
+    );
+    assert_b_enforces(&world, &pins, &a_programs);
+    assert_ok(
+        &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_A, HTTPS),
+        "allowed after the handover",
+    );
+    assert_timeout(
+        &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_B, HTTPS),
+        "denied after the handover",
+    );
+}
