@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::statfs::{CGROUP2_SUPER_MAGIC, filesystem_type};
+
 /// The mount point of the cgroup2 hierarchy, from `/proc/self/mounts`.
 ///
 /// Hosts differ (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones),
@@ -29,6 +31,12 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         io::ErrorKind::NotFound,
         "no cgroup2 filesystem in /proc/self/mounts (cgroup v2 is required)",
     ))
+}
+
+/// Whether `path` is a directory of the cgroup v2 hierarchy: the only thing the programs
+/// attach to. Checked before anything is attached, so that a typo fails the start cleanly.
+pub fn is_cgroup2_dir(path: &Path) -> io::Result<bool> {
+    Ok(fs::metadata(path)?.is_dir() && filesystem_type(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// `/proc/self/mounts` writes space, tab, newline and backslash as octal escapes.

@@ -11,6 +11,7 @@
 //! it. Link names carry the link id, so a new agent pins its links beside its predecessor's
 //! and removes theirs only once its own are attached.
 use std::{
+    collections::HashSet,
     fs::{self, File},
     io,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -68,6 +69,21 @@ pub struct Removal {
     /// What is still there, and why: entries that are not ours, and what could not be
     /// removed (the directories holding them among it).
     pub left: Vec<PinError>,
+}
+
+/// What a pin root held when a starting agent took its lock: its predecessor's state, which
+/// a failed start leaves as it was.
+#[derive(Debug)]
+pub struct Contents {
+    paths: HashSet<PathBuf>,
+    /// The predecessor's link pins: attachments that go on enforcing.
+    pub links: Vec<LinkPin>,
+}
+
+impl Contents {
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
 }
 
 /// The pin root: the versioned directory inside it, and its lock.
@@ -180,6 +196,52 @@ impl PinRoot {
             Err(e) => return Err(io_err(&self.root)(e)),
         };
         Ok(current.then_some(Lock { _dir: dir }))
+    }
+
+    /// What the root holds now: taken by a starting agent once it holds the lock, to know
+    /// what is its predecessor's.
+    pub fn contents(&self) -> Result<Contents, PinError> {
+        Ok(Contents {
+            paths: entries_below(&self.root)?
+                .into_iter()
+                .map(|e| e.path())
+                .collect(),
+            links: self.links()?,
+        })
+    }
+
+    /// Removes what the root holds beyond `before` (what a failed start added): link pins
+    /// first, so its programs detach before its maps' pins go, then the rest, directories
+    /// once empty, and the root too if nothing is left in it. What was there before stays.
+    pub fn remove_added(&self, before: &Contents) -> Removal {
+        let mut removal = Removal::default();
+        let added: Vec<fs::DirEntry> = match entries_below(&self.root) {
+            Ok(entries) => entries
+                .into_iter()
+                .filter(|e| !before.paths.contains(&e.path()))
+                .collect(),
+            Err(e) => {
+                removal.left.push(e);
+                return removal;
+            }
+        };
+        let (links, rest): (Vec<_>, Vec<_>) = added.iter().partition(|e| link_pin(e).is_some());
+        for link in links.into_iter().filter_map(link_pin) {
+            match remove_file(&link.path) {
+                Ok(()) => removal.detached.push(link),
+                Err(e) => removal.left.push(e),
+            }
+        }
+        for entry in rest {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                removal.left.extend(remove_dir_if_empty(&path).err());
+            } else {
+                removal.left.extend(remove_file(&path).err());
+            }
+        }
+        removal.left.extend(remove_dir_if_empty(&self.root).err());
+        removal
     }
 
     /// Whether an agent holds the lock now.
@@ -330,6 +392,35 @@ pub fn remove_file(path: &Path) -> Result<(), PinError> {
 /// Removes an empty directory.
 fn remove_dir(dir: &Path) -> Result<(), PinError> {
     unless_gone(dir, fs::remove_dir(dir))
+}
+
+/// Removes a directory unless something is still in it: what is, is someone else's, or was
+/// named where it could not be removed.
+fn remove_dir_if_empty(dir: &Path) -> Result<(), PinError> {
+    match remove_dir(dir) {
+        Err(PinError::Io { error, .. }) if error.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Every entry below `dir` (none if it is gone), each directory after what it holds.
+fn entries_below(dir: &Path) -> Result<Vec<fs::DirEntry>, PinError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut below = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            below.extend(entries_below(&entry.path())?);
+        }
+        below.push(entry);
+    }
+    Ok(below)
 }
 
 /// Removes a directory of pins; bpffs files are removed with `unlink`, like any file.
@@ -505,6 +596,38 @@ mod tests {
         assert!(!waiter.join().unwrap().unwrap(), "locked a removed root");
         fs::create_dir(root.0.root()).unwrap();
         assert!(root.0.lock(false).unwrap().is_some());
+    }
+
+    #[test]
+    fn remove_added_leaves_what_was_there_before() {
+        let root = TempRoot::new("added");
+        let v = format!("v{LAYOUT_VERSION}");
+        let theirs = [
+            root.add(&format!("{v}/links/cgroup-1-egress@3")),
+            root.add(&format!("{v}/maps/CIDRS")),
+        ];
+        let pins = &root.0;
+        let before = pins.contents().unwrap();
+        assert_eq!(before.links.len(), 1);
+        root.add(&format!("{v}/links/cgroup-1-egress@9"));
+        root.add(&format!("{v}/maps/LEARNED_NAMES"));
+        root.add("v9/maps/CIDRS");
+        let removal = pins.remove_added(&before);
+        assert!(removal.left.is_empty(), "{:?}", removal.left);
+        let detached: Vec<_> = removal.detached.iter().map(|l| l.path.clone()).collect();
+        assert_eq!(detached, [pins.link_path("cgroup-1-egress", 9)]);
+        assert!(theirs.iter().all(|p| p.exists()));
+        assert!(!pins.map_path("LEARNED_NAMES").exists() && !pins.root().join("v9").exists());
+
+        let empty = TempRoot::new("added-empty");
+        fs::create_dir(empty.0.root()).unwrap();
+        let before = empty.0.contents().unwrap();
+        assert!(before.is_empty());
+        empty.add(&format!("{v}/links/cgroup-1-egress@9"));
+        empty.add(&format!("{v}/maps/CIDRS"));
+        let removal = empty.0.remove_added(&before);
+        assert!(removal.left.is_empty() && removal.detached.len() == 1);
+        assert!(!empty.0.exists(), "the root is left");
     }
 
     #[test]

@@ -1,18 +1,24 @@
 //! `egress-agent run`: load (taking over a previous agent's pinned state), fill, attach,
 //! report, reload on change, and on SIGTERM/SIGINT leave the pinned state enforcing or
 //! remove it (`--on-exit`).
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    ffi::CString,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
 use tokio::{
+    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
 
 use crate::{
     adopt::LegacySets,
-    cgroup::{CgroupNames, cgroup2_mount},
+    cgroup::{CgroupNames, cgroup2_mount, is_cgroup2_dir},
     compile::{PortSets, compile, compile_with},
     control::{Control, boot_time_ns},
     dns::{
@@ -22,8 +28,8 @@ use crate::{
     events,
     loader::Enforcer,
     metrics,
-    pin::PinRoot,
-    policy::{self, DnsSettings, Mode},
+    pin::{Contents, LinkPin, PinRoot},
+    policy::{self, DnsSettings, Mode, Policy},
     reload,
 };
 
@@ -93,47 +99,66 @@ fn task_failure(
     }
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    // First of all: a SIGTERM that came before the handlers would kill the agent without
-    // `--on-exit` taking effect. One that comes while loading is acted on once attached.
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    // aya probes the kernel's BPF features once, loading a few dozen test programs and maps
-    // (~25 ms): done meanwhile, the policy's parse and compile hide it.
-    std::thread::spawn(aya::features);
-    // The bytes go to the policy watcher: a change made while the agent starts is one.
-    let loaded = policy::read(&opts.config)?;
-    let policy = policy::parse_bytes(&loaded, &opts.config.display().to_string())?;
-    // Checked before anything in the kernel changes; compiled again below into the port set
-    // registry that follows a previous agent's.
-    let has_names = !compile(&policy)
-        .with_context(|| format!("{}", opts.config.display()))?
-        .names
-        .is_empty();
-    let mode = opts.mode.unwrap_or(policy.mode);
-    let root = cgroup2_mount().context("finding the cgroup2 mount")?;
-    let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
-    let resolvers = resolvers::for_policy(&policy.dns, has_names)?;
-    // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
-    // before binding the address its predecessor still serves, and looks at the pin root
-    // only once its predecessor is done with it.
-    let pins = PinRoot::new(&opts.pin_root);
-    let _lock = pins
-        .take()
-        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
-    pins.prepare()
-        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+/// Checks what `run` was given before anything is attached: a bad input found later would
+/// fail the start with part of it attached.
+fn check_inputs(cgroup: &Path, root: &Path, interfaces: &[String]) -> anyhow::Result<()> {
+    let is_cgroup =
+        is_cgroup2_dir(cgroup).with_context(|| format!("--cgroup {}", cgroup.display()))?;
+    anyhow::ensure!(
+        is_cgroup,
+        "--cgroup {}: not a cgroup v2 directory (the cgroup2 hierarchy is mounted on {})",
+        cgroup.display(),
+        root.display()
+    );
+    for interface in interfaces {
+        anyhow::ensure!(
+            interface_exists(interface),
+            "--interface {interface}: no such network interface"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the agent's network namespace has an interface `name`.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated string, which if_nametoindex only reads.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// What a successful start hands over to the tasks that run the agent.
+struct Started {
+    listener: TcpListener,
+    enforcer: Enforcer,
+    learner: Learner,
+    legacy: LegacySets,
+    ring: RingBuf<MapData>,
+    dns_ring: RingBuf<MapData>,
+    old_dns_ring: Option<RingBuf<MapData>>,
+}
+
+/// Binds the address, loads (taking over what a previous agent left pinned), fills the
+/// maps, attaches and retires the predecessor's programs. On error the enforcer is dropped,
+/// closing every fd of this start: unpinning what it pinned then detaches it.
+async fn start(
+    opts: &RunOptions,
+    policy: &Policy,
+    resolvers: &[IpAddr],
+    mode: Mode,
+    cgroup: &Path,
+    pins: &PinRoot,
+) -> anyhow::Result<Started> {
     let listener = metrics::bind(opts.listen).await?;
     log::info!(
         "serving /metrics, /healthz and /readyz on http://{}",
         listener.local_addr()?
     );
-    let mut enforcer = Enforcer::load(
-        &settings(mode, &policy.dns),
-        policy.dns.max_ips,
-        Some(&pins),
-    )
-    .context("loading the kernel programs")?;
+    pins.prepare()
+        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips, Some(pins))
+        .context("loading the kernel programs")?;
     let now = boot_time_ns();
     let (legacy, port_sets, unused_sets) = if enforcer.adopted() {
         let learned = enforcer
@@ -150,12 +175,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         (LegacySets::default(), PortSets::default(), Vec::new())
     };
     let compiled =
-        compile_with(&policy, port_sets).with_context(|| format!("{}", opts.config.display()))?;
+        compile_with(policy, port_sets).with_context(|| format!("{}", opts.config.display()))?;
     enforcer
         .write_policy(&compiled)
         .context("writing the policy into the kernel maps")?;
     enforcer
-        .write_resolvers(&resolvers)
+        .write_resolvers(resolvers)
         .context("writing the trusted resolvers")?;
     let pinned_names = enforcer
         .learned_names()
@@ -174,7 +199,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .take_dns_events()
         .context("opening the DNS ring buffer")?;
     enforcer
-        .attach_cgroup(&cgroup)
+        .attach_cgroup(cgroup)
         .context("attaching to the cgroup")?;
     for interface in &opts.interfaces {
         enforcer
@@ -224,30 +249,140 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             OnExit::Detach => "detach",
         }
     );
+    Ok(Started {
+        listener,
+        enforcer,
+        learner,
+        legacy,
+        ring,
+        dns_ring,
+        old_dns_ring,
+    })
+}
+
+/// After a failed start: with `--on-exit detach`, removes what this start pinned, which
+/// detaches what it attached, and never what a predecessor left (its programs go on
+/// enforcing, as they did before this start); with `keep`, leaves it. Says what is left.
+fn undo_start(
+    error: anyhow::Error,
+    pins: &PinRoot,
+    before: &Contents,
+    on_exit: OnExit,
+) -> anyhow::Error {
+    let mut left = Vec::new();
+    match on_exit {
+        OnExit::Detach => {
+            let removal = pins.remove_added(before);
+            left.extend(removal.left.iter().map(|e| format!("{e}")));
+        }
+        OnExit::Keep => match pins.links() {
+            Ok(links) => {
+                let added: Vec<_> = links
+                    .into_iter()
+                    .filter(|link| !before.links.contains(link))
+                    .collect();
+                if !added.is_empty() {
+                    left.push(format!(
+                        "this agent's attachments, kept by --on-exit keep: {}",
+                        points(&added)
+                    ));
+                }
+            }
+            Err(e) => left.push(format!("whatever this agent pinned ({e})")),
+        },
+    }
+    if !before.links.is_empty() {
+        left.push(format!(
+            "the previous agent's pinned state in {}, enforcing through its attachments {}",
+            pins.root().display(),
+            points(&before.links)
+        ));
+    } else if !before.is_empty() {
+        left.push(format!(
+            "what a previous agent left pinned in {} (no attachments)",
+            pins.root().display()
+        ));
+    }
+    if left.is_empty() {
+        error.context("the start failed; nothing of it is left attached or pinned")
+    } else {
+        error.context(format!("the start failed; left: {}", left.join("; ")))
+    }
+}
+
+/// `cgroup-<inode>-egress, ...`: the attach points of `links`.
+fn points(links: &[LinkPin]) -> String {
+    links
+        .iter()
+        .map(|link| link.point.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // First of all: a SIGTERM that came before the handlers would kill the agent without
+    // `--on-exit` taking effect. One that comes while loading is acted on once attached.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // aya probes the kernel's BPF features once, loading a few dozen test programs and maps
+    // (~25 ms): done meanwhile, the policy's parse and compile hide it.
+    std::thread::spawn(aya::features);
+    // The bytes go to the policy watcher: a change made while the agent starts is one.
+    let loaded = policy::read(&opts.config)?;
+    let policy = policy::parse_bytes(&loaded, &opts.config.display().to_string())?;
+    // Checked before anything in the kernel changes; compiled again below into the port set
+    // registry that follows a previous agent's.
+    let has_names = !compile(&policy)
+        .with_context(|| format!("{}", opts.config.display()))?
+        .names
+        .is_empty();
+    let mode = opts.mode.unwrap_or(policy.mode);
+    let root = cgroup2_mount().context("finding the cgroup2 mount")?;
+    let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
+    let resolvers = resolvers::for_policy(&policy.dns, has_names)?;
+    check_inputs(&cgroup, &root, &opts.interfaces)?;
+    // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
+    // before binding the address its predecessor still serves, and looks at the pin root
+    // only once its predecessor is done with it.
+    let pins = PinRoot::new(&opts.pin_root);
+    let _lock = pins
+        .take()
+        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+    let before = pins
+        .contents()
+        .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+    let started = start(&opts, &policy, &resolvers, mode, &cgroup, &pins)
+        .await
+        .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
-    // Enforcing needs neither the parsed policy nor its CIDR list (a reload reads the file
-    // again), and with a large policy they are tens of MiB.
-    drop((policy, compiled.cidrs));
+    // Enforcing does not need the parsed policy (a reload reads the file again), and with
+    // a large policy it is tens of MiB.
+    drop(policy);
     give_back_freed_memory();
 
     let control = Control {
-        enforcer,
-        learner,
+        enforcer: started.enforcer,
+        learner: started.learner,
         mode_override: opts.mode,
         learned_capacity,
         keep_on_exit: opts.on_exit == OnExit::Keep,
-        legacy,
+        legacy: started.legacy,
         journal_behind: false,
         dns_events_lost: 0,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
-    let server = tokio::spawn(metrics::serve(listener, snapshot_rx));
-    let reader = tokio::spawn(events::forward(ring, CgroupNames::new(root)));
+    let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
+    let reader = tokio::spawn(events::forward(started.ring, CgroupNames::new(root)));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
-    let mut control =
-        tokio::spawn(control.run(dns_ring, old_dns_ring, reload_rx, snapshot_tx, stop_rx));
+    let mut control = tokio::spawn(control.run(
+        started.dns_ring,
+        started.old_dns_ring,
+        reload_rx,
+        snapshot_tx,
+        stop_rx,
+    ));
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),

@@ -6,6 +6,7 @@
 //! Clients loop new connections through every step: an allowed destination must never
 //! fail and a denied one must never pass.
 use std::{
+    ffi::OsString,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt as _,
@@ -579,4 +580,149 @@ fn a_handover_with_detach_starts_afresh() {
         &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_B, HTTPS),
         "denied after the handover",
     );
+}
+
+/// `args` with the value after `flag` replaced by `value`.
+fn with_arg(mut args: Vec<OsString>, flag: &str, value: impl Into<OsString>) -> Vec<OsString> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    args[at + 1] = value.into();
+    args
+}
+
+/// Runs the agent with `args` (detach, the default), which must fail; returns its stderr.
+fn failed_start(args: &[OsString]) -> String {
+    let mut agent = Agent::spawn(&agent_bin(), args);
+    let status = agent.wait_for_exit(TAKEOVER_TIMEOUT);
+    let stderr = agent.stderr_lines().join("\n");
+    assert!(!status.success(), "the start did not fail:\n{stderr}");
+    stderr
+}
+
+/// Each bad input fails the start before anything is attached, or undoes what was: nothing
+/// on the cgroup, nothing pinned, and the error names the input, each OS error once.
+#[test]
+fn a_failed_start_leaves_nothing_attached_or_pinned() {
+    if !require_root() {
+        return;
+    }
+    let policy = TempFile::new(&policy_text(""));
+    let cgroup = TestCgroup::new();
+    let pins = PinDir::new();
+    let args = || egress_tests::run_args(&policy, &cgroup, &pins);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let in_use = taken.local_addr().expect("its address").to_string();
+    let not_cgroup =
+        std::env::temp_dir().join(format!("egress-not-a-cgroup-{}", std::process::id()));
+    fs::create_dir_all(&not_cgroup).expect("create a directory");
+    let not_dir = TempFile::new("");
+    let unusable = not_dir.path().join("egress-enforcer");
+    let mut missing_interface = args();
+    missing_interface.extend(["--interface".into(), "no-such-if0".into()]);
+    let cases = [
+        (
+            missing_interface,
+            "--interface no-such-if0: no such network interface".to_string(),
+        ),
+        (
+            with_arg(args(), "--cgroup", &not_cgroup),
+            format!(
+                "--cgroup {}: not a cgroup v2 directory",
+                not_cgroup.display()
+            ),
+        ),
+        (
+            with_arg(args(), "--listen", &in_use),
+            format!("listening on {in_use}: Address already in use"),
+        ),
+        (
+            with_arg(args(), "--pin-root", &unusable),
+            format!(
+                "--pin-root {}: {}: Not a directory (os error 20)",
+                unusable.display(),
+                not_dir.path().display()
+            ),
+        ),
+    ];
+    for (args, error) in cases {
+        let stderr = failed_start(&args);
+        let what = format!("{args:?}:\n{stderr}");
+        assert!(
+            attached_programs(cgroup.path()).is_empty(),
+            "programs left attached by {what}"
+        );
+        assert!(!pins.root().exists(), "pins left by {what}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains(&error), "no {error:?} in the error of {what}");
+        assert!(
+            last.matches("os error").count() <= 1,
+            "an OS error printed twice: {what}"
+        );
+    }
+    fs::remove_dir(&not_cgroup).expect("remove the directory");
+}
+
+/// B waits for A (`--on-exit keep`) with an interface that is gone by the time it takes
+/// over, so its start fails after attaching to the cgroup: B detaches its own programs and
+/// removes its pins, and A's state goes on enforcing as before, without a gap.
+#[test]
+fn a_failed_takeover_leaves_the_predecessor_enforcing() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let (policy, pins, mut a) = start_keeping(&world);
+    let a_programs = program_ids(&world);
+    let a_links = link_pins(&pins);
+    // B runs in the client's namespace, where the interface is.
+    world
+        .topo
+        .client
+        .ip("link add egress-gone type veth peer name egress-gone-p");
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", world.topo.client.name()))
+        .arg("--")
+        .arg(agent_bin())
+        .args(egress_tests::run_args(&policy, &world.cgroup, &pins))
+        .args(["--interface", "egress-gone"])
+        .env("RUST_LOG", "info,egress_agent=debug");
+    let mut b = Agent::spawn_command(cmd);
+    b.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    world.topo.client.ip("link del egress-gone");
+    let (mut allowed, mut denied) = world.loops();
+    assert!(a.terminate().success());
+    let status = b.wait_for_exit(TAKEOVER_TIMEOUT);
+    let stderr = b.stderr_lines().join("\n");
+    assert!(!status.success(), "B did not fail:\n{stderr}");
+    assert_eq!(program_ids(&world), a_programs, "A's programs, alone");
+    let error = stderr.lines().last().unwrap_or_default();
+    assert!(
+        error.contains("egress-gone")
+            && error.contains("the previous agent's pinned state")
+            && error.contains("cgroup-"),
+        "{error}"
+    );
+    wait_status(
+        &pins,
+        &[
+            "not running: the pinned programs go on enforcing",
+            "1 CIDR entries",
+        ],
+    );
+    assert_eq!(link_pins(&pins), a_links, "B's link pins are left");
+    assert_loops(&mut allowed, &mut denied);
+}
+
+/// The link pins under every version directory of the pin root.
+fn link_pins(pins: &PinDir) -> Vec<std::path::PathBuf> {
+    let mut links: Vec<_> = fs::read_dir(pins.root())
+        .expect("the pin root")
+        .filter_map(|version| fs::read_dir(version.expect("an entry").path().join("links")).ok())
+        .flatten()
+        .map(|link| link.expect("a link").path())
+        .collect();
+    links.sort();
+    links
 }
