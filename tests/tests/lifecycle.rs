@@ -601,6 +601,15 @@ fn failed_start(args: &[OsString]) -> String {
     stderr
 }
 
+/// An empty directory of a test's own, removed when the test ends, also when it fails.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 /// Each bad input fails the start before anything is attached, or undoes what was: nothing
 /// on the cgroup, nothing pinned, and the error names the input, each OS error once.
 #[test]
@@ -614,9 +623,11 @@ fn a_failed_start_leaves_nothing_attached_or_pinned() {
     let args = || egress_tests::run_args(&policy, &cgroup, &pins);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
     let in_use = taken.local_addr().expect("its address").to_string();
-    let not_cgroup =
-        std::env::temp_dir().join(format!("egress-not-a-cgroup-{}", std::process::id()));
-    fs::create_dir_all(&not_cgroup).expect("create a directory");
+    let not_cgroup = RemovedOnDrop(
+        std::env::temp_dir().join(format!("egress-not-a-cgroup-{}", std::process::id())),
+    );
+    let not_cgroup = &not_cgroup.0;
+    fs::create_dir_all(not_cgroup).expect("create a directory");
     let not_dir = TempFile::new("");
     let unusable = not_dir.path().join("egress-enforcer");
     let mut missing_interface = args();
@@ -627,7 +638,7 @@ fn a_failed_start_leaves_nothing_attached_or_pinned() {
             "--interface no-such-if0: no such network interface".to_string(),
         ),
         (
-            with_arg(args(), "--cgroup", &not_cgroup),
+            with_arg(args(), "--cgroup", not_cgroup),
             format!(
                 "--cgroup {}: not a cgroup v2 directory",
                 not_cgroup.display()
@@ -661,7 +672,6 @@ fn a_failed_start_leaves_nothing_attached_or_pinned() {
             "an OS error printed twice: {what}"
         );
     }
-    fs::remove_dir(&not_cgroup).expect("remove the directory");
 }
 
 /// B waits for A (`--on-exit keep`) with an interface that is gone by the time it takes
