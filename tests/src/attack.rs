@@ -181,7 +181,24 @@ pub fn raw_dns_query(
 /// A TCP connection request from any address and port.
 pub fn raw_syn(place: &impl Place, src: SocketAddrV4, dst: SocketAddrV4) -> ProbeResult {
     let (src, dst) = (src.to_string(), dst.to_string());
-    probe_at(place, &["raw-tcp-syn", "--src", &src, "--dst", &dst]).0
+    probe_at(place, &["raw-tcp", "--src", &src, "--dst", &dst]).0
+}
+
+/// A TCP ACK with `size` bytes of data (0: a bare ACK) from any address and port.
+pub fn raw_ack(
+    place: &impl Place,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    size: usize,
+) -> ProbeResult {
+    let (src, dst, size) = (src.to_string(), dst.to_string(), size.to_string());
+    probe_at(
+        place,
+        &[
+            "raw-tcp", "--src", &src, "--dst", &dst, "--ack", "--size", &size,
+        ],
+    )
+    .0
 }
 
 /// An ICMP or ICMPv6 message of type `icmp_type` to `dst`, quoting the UDP datagram

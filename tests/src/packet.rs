@@ -13,7 +13,9 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 const DONT_FRAGMENT: u16 = 0x4000;
 const MORE_FRAGMENTS: u16 = 0x2000;
-const TCP_SYN: u8 = 0x02;
+/// TCP flags.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 const TTL: u8 = 64;
 
 /// Where an IPv4 packet sits among the fragments of its datagram.
@@ -86,16 +88,24 @@ pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8
     ipv4_whole(src, dst, PROTO_UDP, &udp(src, dst, sport, dport, data))
 }
 
-/// A TCP connection request (SYN, no options) inside its IPv4 header.
-pub fn ipv4_tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(TCP_HEADER);
+/// A TCP segment (no options) with `flags` and `data`, inside its IPv4 header.
+pub fn ipv4_tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    (sport, dport): (u16, u16),
+    seq: u32,
+    flags: u8,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(TCP_HEADER + data.len());
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
     tcp.extend_from_slice(&seq.to_be_bytes());
     tcp.extend_from_slice(&0u32.to_be_bytes());
-    tcp.extend_from_slice(&[(TCP_HEADER as u8 / 4) << 4, TCP_SYN]);
+    tcp.extend_from_slice(&[(TCP_HEADER as u8 / 4) << 4, flags]);
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.extend_from_slice(data);
     let sum = transport_checksum(src, dst, PROTO_TCP, &tcp);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     ipv4_whole(src, dst, PROTO_TCP, &tcp)

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use egress_tests::attack::{
-    At, Island, Sniffer, Spur, client_from, mac_of, netstat, query_wait_at, raw_dns_query,
+    At, Island, Sniffer, Spur, client_from, mac_of, netstat, query_wait_at, raw_ack, raw_dns_query,
     raw_fragment, raw_icmp, raw_syn, raw_udp, serve_at, start_agent_in, tcp_from, udp_from,
     udp_listen_at, wait_until,
 };
@@ -536,6 +536,47 @@ fn inbound_connection_in_own_user_namespace_opens_no_reply_path_outside_it() {
         &reply_after_island_exchange(&base, "tcp", REMOTE_PORT),
         "TCP from port L to the real REMOTE_V4_B:P",
     );
+}
+
+/// Closes: data written into an inbound TCP connection from outside it. A real client
+/// (the server namespace, on no rule) connects to a server in the cgroup; once the
+/// listener has answered, the connection's replies pass from any of the kernel's
+/// sockets. A root process's raw socket then writes a segment with data "from" the
+/// server's port to that client: it must not leave. A bare ACK, as the kernel's own raw
+/// sockets send in time-wait, still does.
+#[test]
+fn raw_data_into_an_inbound_connection_does_not_leave() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start(POLICY);
+    let _server = Server::tcp(&base.topo.client, Some(&base.cgroup), CLIENT_V4, LOCAL_PORT);
+    let sniffer = base.sniff_server();
+    let (client, server) = (v4(SERVER_V4, REMOTE_PORT), v4(CLIENT_V4, LOCAL_PORT));
+    assert_ok(
+        &client_from(
+            &At(&base.topo.server, None),
+            "tcp-connect",
+            Some(client.into()),
+            server.into(),
+            None,
+        ),
+        "the real client's connection to the server in the cgroup",
+    );
+    assert_eperm(
+        &raw_ack(&base.client(), server, client, 64),
+        "a raw segment with data into the inbound connection",
+    );
+    assert_ok(
+        &raw_ack(&base.client(), server, client, 0),
+        "a bare ACK into the inbound connection",
+    );
+    let raw = |p: &Value| {
+        p["out"] == false && p["dst"] == SERVER_V4.to_string() && p["dport"] == REMOTE_PORT
+    };
+    sniffer.wait_received("the bare ACK", |p| raw(p) && p["len"] == 40);
+    let leaked = sniffer.received(|p| raw(p) && p["len"] == 40 + 64);
+    assert!(leaked.is_empty(), "the data segment left: {leaked:?}");
 }
 
 /// In an island with `REMOTE_V4_B` on its `lo`, a real `proto` ("udp" or "tcp") exchange

@@ -47,7 +47,7 @@ usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms 
        egress-probe [--cgroup DIR] raw-udp --src ADDR:PORT --dst ADDR:PORT
                     [--dns-query NAME | --dns-answer NAME --a ADDR] [--id ID]
                     [--link IFACE --dst-mac MAC]
-       egress-probe [--cgroup DIR] raw-tcp-syn --src ADDR:PORT --dst ADDR:PORT
+       egress-probe [--cgroup DIR] raw-tcp --src ADDR:PORT --dst ADDR:PORT [--ack] [--size N]
        egress-probe [--cgroup DIR] raw-fragment --src ADDR --dst ADDR --offset N --len N
        egress-probe [--cgroup DIR] raw-icmp --dst ADDR --type T [--code C]
                     [--quote-src ADDR:PORT --quote-dst ADDR:PORT] [--extra N]
@@ -80,7 +80,7 @@ enum Mode {
     UdpListen(UdpListen),
     ServeDns(SocketAddr, Ipv4Addr),
     RawUdp(RawUdp),
-    RawTcpSyn(SocketAddrV4, SocketAddrV4),
+    RawTcp(RawTcp),
     RawFragment(RawFragment),
     RawIcmp(RawIcmp),
     Sniff(String),
@@ -151,6 +151,14 @@ struct RawUdp {
     /// Sent as an Ethernet frame to `dst_mac` out of this interface (a packet socket),
     /// instead of routed by the kernel.
     link: Option<(String, [u8; 6])>,
+}
+
+/// A `raw-tcp` segment: a SYN, or with `ack` an ACK carrying `size` bytes.
+struct RawTcp {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ack: bool,
+    size: usize,
 }
 
 /// What a [`RawUdp`] carries.
@@ -252,7 +260,7 @@ fn main() -> ExitCode {
         Mode::UdpListen(ul) => report_with(udp_listen(&ul)),
         Mode::ServeDns(addr, a) => exit_on_error(serve_dns(addr, a)),
         Mode::RawUdp(raw) => report(raw_udp(&raw).map(|()| json!({}))),
-        Mode::RawTcpSyn(src, dst) => report(raw_tcp_syn(src, dst).map(|()| json!({}))),
+        Mode::RawTcp(segment) => report(raw_tcp(&segment).map(|()| json!({}))),
         Mode::RawFragment(f) => report(raw_fragment(&f).map(|()| json!({}))),
         Mode::RawIcmp(icmp) => report(raw_icmp(&icmp).map(|()| json!({}))),
         Mode::Sniff(iface) => exit_on_error(sniff(&iface)),
@@ -271,7 +279,7 @@ struct Args {
 }
 
 /// Options that take no value.
-const FLAGS: &[&str] = &["--tcp-dns"];
+const FLAGS: &[&str] = &["--tcp-dns", "--ack"];
 
 impl Args {
     fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -434,7 +442,12 @@ fn parse_raw(mode: &str, args: &mut Args) -> Result<Mode, String> {
                 link,
             })
         }
-        "raw-tcp-syn" => Mode::RawTcpSyn(args.required("--src")?, args.required("--dst")?),
+        "raw-tcp" => Mode::RawTcp(RawTcp {
+            src: args.required("--src")?,
+            dst: args.required("--dst")?,
+            ack: args.flag("--ack"),
+            size: args.parsed("--size")?.unwrap_or(0),
+        }),
         "raw-fragment" => Mode::RawFragment(RawFragment {
             src: args.required("--src")?,
             dst: args.required("--dst")?,
@@ -1041,11 +1054,25 @@ fn raw_udp(raw: &RawUdp) -> Result<(), Failure> {
     }
 }
 
-/// Sends a TCP connection request from `src`, whatever that is.
-fn raw_tcp_syn(src: SocketAddrV4, dst: SocketAddrV4) -> Result<(), Failure> {
+/// Sends a TCP segment from `src`, whatever that is: a connection request, or an ACK with
+/// `size` bytes of data.
+fn raw_tcp(t: &RawTcp) -> Result<(), Failure> {
     let seq = u32::from(random_id()) << 16;
-    let packet = packet::ipv4_tcp_syn(*src.ip(), *dst.ip(), src.port(), dst.port(), seq);
-    send_raw(*dst.ip(), &packet)
+    let flags = if t.ack {
+        packet::TCP_ACK
+    } else {
+        packet::TCP_SYN
+    };
+    let ports = (t.src.port(), t.dst.port());
+    let packet = packet::ipv4_tcp(
+        *t.src.ip(),
+        *t.dst.ip(),
+        ports,
+        seq,
+        flags,
+        &payload(t.size),
+    );
+    send_raw(*t.dst.ip(), &packet)
 }
 
 /// Sends the last fragment of a UDP datagram whose first fragment never comes.
