@@ -385,6 +385,9 @@ fn nobody() -> [&'static str; 5] {
     ["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"]
 }
 
+/// The MSS of a 1,500-byte Ethernet MTU.
+const FULL_SIZE_MSS: u32 = 1460;
+
 /// A third namespace behind the topology's server, which routes for it (forwarding on,
 /// reverse path filtering off): the client reaches [`Spur::addr`] through the server, as
 /// it would reach a host a few hops away.
@@ -397,10 +400,13 @@ pub struct Spur {
 }
 
 impl Spur {
-    /// Builds the spur holding `addr`. With `server_mtu`, the server's end of the link
-    /// has that MTU: what it forwards there in larger packets with Don't Fragment set, it
-    /// refuses with "fragmentation needed", as a router before a narrower link does.
-    pub fn new(topo: &Topology, addr: Ipv4Addr, server_mtu: Option<u32>) -> Spur {
+    /// Builds the spur holding `addr`. With `link_mtu`, the server's end of the link has
+    /// that MTU: what the server forwards there in larger packets with Don't Fragment set,
+    /// it refuses with "fragmentation needed", as a router before a narrower link does.
+    /// The spur still offers a full-size MSS, as a host behind such a router does, but
+    /// sends no larger packets itself (its routes carry the MTU): a veth drops what exceeds
+    /// its receiver's MTU without an error.
+    pub fn new(topo: &Topology, addr: Ipv4Addr, link_mtu: Option<u32>) -> Spur {
         let netns = Netns::new();
         let id = next_id();
         let (server_veth, spur_veth) = (format!("sv{id}a"), format!("sv{id}b"));
@@ -411,15 +417,21 @@ impl Spur {
             )
             .split_whitespace(),
         ));
-        if let Some(mtu) = server_mtu {
-            topo.server.ip(&format!("link set {server_veth} mtu {mtu}"));
-        }
+        let route_mtu = match link_mtu {
+            Some(mtu) => {
+                topo.server.ip(&format!("link set {server_veth} mtu {mtu}"));
+                format!(" mtu lock {mtu} advmss {FULL_SIZE_MSS}")
+            }
+            None => String::new(),
+        };
         topo.server.ip(&format!("link set {server_veth} up"));
         netns.ip(&format!("link set {spur_veth} up"));
         netns.ip(&format!("addr add {addr}/32 dev {spur_veth}"));
-        netns.ip(&format!("route add {SERVER_V4}/32 dev {spur_veth}"));
         netns.ip(&format!(
-            "route add default via {SERVER_V4} dev {spur_veth}"
+            "route add {SERVER_V4}/32 dev {spur_veth}{route_mtu}"
+        ));
+        netns.ip(&format!(
+            "route add default via {SERVER_V4} dev {spur_veth}{route_mtu}"
         ));
         topo.server
             .ip(&format!("route add {addr}/32 dev {server_veth}"));
