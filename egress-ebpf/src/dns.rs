@@ -52,6 +52,12 @@ pub fn from_dns_port(p: &Packet) -> bool {
     p.sport == DNS_PORT && is_dns_transport(p)
 }
 
+/// A packet to a trusted resolver's DNS port (a query, if anything).
+#[inline(always)]
+fn to_resolver(p: &Packet) -> bool {
+    p.dport == DNS_PORT && is_dns_transport(p) && is_resolver(&p.dst)
+}
+
 #[inline(always)]
 fn is_dns_transport(p: &Packet) -> bool {
     p.proto == proto::UDP || p.proto == proto::TCP
@@ -104,7 +110,7 @@ pub fn forged_answer<C: Skb>(ctx: &C, p: &Packet) -> bool {
 /// packet; a raw socket's are decided by the policy like any other, and teach nothing.
 #[inline(always)]
 pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
-    if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) || ctx.raw_socket() {
+    if !to_resolver(p) || ctx.raw_socket() {
         return false;
     }
     if let Some(q) = per_cpu(&DNS_QUERY)
@@ -132,7 +138,7 @@ pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
 /// is forgotten. A local resolver's names are learned from its upstream's answers.
 #[inline(always)]
 pub fn query_delivered<C: Skb>(ctx: &C, p: &Packet) {
-    if p.dport != DNS_PORT || !is_dns_transport(p) || !is_resolver(&p.dst) {
+    if !to_resolver(p) {
         return;
     }
     let Some(id) = ctx.read::<[u8; 2]>(message_start(p)) else {
@@ -186,13 +192,7 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     msg.resolver = p.src;
     msg.client = p.dst;
     work.query = query_key(p.src, p.dst, p.dport, 0, p.proto);
-    // The socket the answer is delivered to; the TC programs see none.
-    let cookie = if C::SOCKET_HOOK {
-        ctx.socket_cookie()
-    } else {
-        0
-    };
-    let stat = dns_learn(now, cookie);
+    let stat = dns_learn(now, ctx.receiving_socket());
     if stat == LOCAL_SOCKET {
         return;
     }

@@ -43,6 +43,17 @@ pub trait Skb: EbpfContext {
         }
     }
 
+    /// On ingress, the cookie of the local socket the packet is delivered to; 0 for the TC
+    /// programs, which see packets before any socket does.
+    #[inline(always)]
+    fn receiving_socket(&self) -> u64 {
+        if Self::SOCKET_HOOK {
+            self.socket_cookie()
+        } else {
+            0
+        }
+    }
+
     /// Whether the packet went through (egress) or arrives on (ingress) a loopback device,
     /// in whatever network namespace: it never left the namespace, so whoever sent it is
     /// there too, possibly the workload itself with a forged source.

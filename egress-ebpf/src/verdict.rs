@@ -189,11 +189,7 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     if !starts_flow {
         return;
     }
-    let owner = if C::SOCKET_HOOK {
-        ctx.socket_cookie()
-    } else {
-        0
-    };
+    let owner = ctx.receiving_socket();
     let key = flow_key(p.src, p.sport, p.dport, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `decide`.
