@@ -12,10 +12,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Debian packages: LLVM 22 for bpf-linker (the nightly's LLVM major), iproute2/bpftool for
-# namespaces and inspection, and the real peers the tests use (dnsmasq, dig, curl).
+# namespaces and inspection, util-linux (unshare, nsenter, setpriv) and procps (sysctl) for
+# the attack tests, and the real peers the tests use (dnsmasq, dig, curl).
 # shellcheck source=scripts/lib/packages.sh
 source scripts/lib/packages.sh
-ensure_packages llvm-22-dev iproute2 bpftool dnsmasq-base dnsutils curl iperf3 nftables
+ensure_packages llvm-22-dev iproute2 bpftool util-linux procps dnsmasq-base dnsutils curl \
+  iperf3 nftables
 
 # The kernel side builds with the nightly toolchain and needs core's source.
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
