@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
+use aya::maps::{Map, MapData, RingBuf};
+use egress_common::{FLOWS, MODE_AUDIT, MODE_ENFORCE, Settings};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -21,11 +21,12 @@ use crate::{
     cgroup::{CgroupNames, cgroup2_mount, is_cgroup2_dir},
     compile::{PortSets, compile, compile_with},
     control::{Control, boot_time_ns},
+    denials::Idle,
     dns::{
         learner::{LearnedStore as _, Learner},
         resolvers,
     },
-    events,
+    events::{self, FlowsMap},
     loader::Enforcer,
     metrics,
     pin::{Contents, LinkPin, PinRoot},
@@ -61,6 +62,7 @@ const EVENTS_BURST: u32 = 1000;
 /// flow outlives the DNS answer that allowed it only while it is in use).
 const TCP_IDLE_SECS: u64 = 3600;
 const OTHER_IDLE_SECS: u64 = 120;
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
     Settings {
@@ -72,8 +74,8 @@ pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
         events_per_sec: EVENTS_PER_SEC,
         events_burst: EVENTS_BURST,
         _pad2: 0,
-        tcp_idle_ns: TCP_IDLE_SECS * 1_000_000_000,
-        other_idle_ns: OTHER_IDLE_SECS * 1_000_000_000,
+        tcp_idle_ns: TCP_IDLE_SECS * NS_PER_SEC,
+        other_idle_ns: OTHER_IDLE_SECS * NS_PER_SEC,
         dns_min_ttl: dns.min_ttl,
         dns_max_ttl: dns.max_ttl,
     }
@@ -135,6 +137,7 @@ struct Started {
     learner: Learner,
     legacy: LegacySets,
     ring: RingBuf<MapData>,
+    flows: FlowsMap,
     dns_ring: RingBuf<MapData>,
     old_dns_ring: Option<RingBuf<MapData>>,
 }
@@ -195,6 +198,7 @@ async fn start(
     let ring = enforcer
         .take_events()
         .context("opening the event ring buffer")?;
+    let flows = open_flows(pins).context("opening the flow map for the deny lines")?;
     let dns_ring = enforcer
         .take_dns_events()
         .context("opening the DNS ring buffer")?;
@@ -255,9 +259,16 @@ async fn start(
         learner,
         legacy,
         ring,
+        flows,
         dns_ring,
         old_dns_ring,
     })
+}
+
+/// A second handle on the pinned `FLOWS`, for the event reader.
+fn open_flows(pins: &PinRoot) -> anyhow::Result<FlowsMap> {
+    let data = MapData::from_pin(pins.map_path(FLOWS))?;
+    Ok(FlowsMap::try_from(Map::LruHashMap(data))?)
 }
 
 /// After a failed start: with `--on-exit detach`, removes what this start pinned, which
@@ -374,7 +385,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
-    let reader = tokio::spawn(events::forward(started.ring, CgroupNames::new(root)));
+    let reader = tokio::spawn(events::forward(
+        started.ring,
+        CgroupNames::new(root),
+        started.flows,
+        Idle {
+            tcp_ns: TCP_IDLE_SECS * NS_PER_SEC,
+            other_ns: OTHER_IDLE_SECS * NS_PER_SEC,
+        },
+    ));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
     let mut control = tokio::spawn(control.run(
         started.dns_ring,
