@@ -31,7 +31,7 @@ use crate::{
     metrics,
     pin::{Contents, LinkPin, PinRoot},
     policy::{self, DnsSettings, Mode, Policy},
-    reload,
+    record, reload,
 };
 
 /// What `run` needs, resolved from the command line.
@@ -147,6 +147,7 @@ struct Started {
 /// closing every fd of this start: unpinning what it pinned then detaches it.
 async fn start(
     opts: &RunOptions,
+    loaded: &[u8],
     policy: &Policy,
     resolvers: &[IpAddr],
     mode: Mode,
@@ -185,6 +186,7 @@ async fn start(
     enforcer
         .write_resolvers(resolvers)
         .context("writing the trusted resolvers")?;
+    record::write(pins, &opts.config, loaded).context("recording the policy")?;
     let pinned_names = enforcer
         .learned_names()
         .context("reading the pinned learned names")?;
@@ -362,7 +364,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let before = pins
         .contents()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
-    let started = start(&opts, &policy, &resolvers, mode, &cgroup, &pins)
+    let started = start(&opts, &loaded, &policy, &resolvers, mode, &cgroup, &pins)
         .await
         .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
@@ -380,6 +382,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         legacy: started.legacy,
         journal_behind: false,
         dns_events_lost: 0,
+        pins: pins.clone(),
+        config: opts.config.clone(),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -560,6 +560,23 @@ impl LearnedName {
     }
 }
 
+/// `POLICY`: `Array<PolicyChunk>`, created and read by the agent only (no program uses it):
+/// the policy file the maps were last filled from, so that `egress-agent status --rules`
+/// and `explain` can name the policy entry each map entry comes from, also while no agent
+/// runs (bpffs holds pinned objects only, no plain files). Entry 0 is a header: the file's
+/// length (u64, native byte order), its path's length (u16, native) and the path (UTF-8,
+/// cut to fit); entries 1.. hold the file, [`POLICY_CHUNK`] bytes each, the last one
+/// zero-padded. Replaced whole when a policy is applied: a new map is pinned beside the old
+/// one and renamed over it, so that a reader sees one policy or the other, never a mix.
+pub const POLICY: &str = "POLICY";
+pub const POLICY_CHUNK: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyChunk {
+    pub bytes: [u8; POLICY_CHUNK],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -582,6 +599,7 @@ mod pod {
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for LearnedNameKey {}
     unsafe impl aya::Pod for LearnedName {}
+    unsafe impl aya::Pod for PolicyChunk {}
 }
 
 #[cfg(test)]

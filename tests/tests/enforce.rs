@@ -382,7 +382,7 @@ fn check_command() {
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"# mode: enforce"), "{stdout}");
-    let rules = &lines[1..];
+    let rules: Vec<&str> = lines.into_iter().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(rules.len(), 2, "one line per rule:\n{stdout}");
     let rule_for = |cidr: &str| -> Vec<&str> {
         let line = rules
