@@ -129,6 +129,23 @@ impl<F: Flows> Denials<F> {
     }
 }
 
+impl<F: Flows> Denials<F> {
+    /// Every line held, with the packets counted so far: the agent stops.
+    pub fn flush(&mut self) -> Vec<Value> {
+        let mut held: Vec<(FlowKey, Held)> = self.held.drain().collect();
+        held.sort_by_key(|(_, h)| h.first_ns);
+        held.into_iter()
+            .filter_map(|(key, mut h)| {
+                let total = match self.flows.flow(&key) {
+                    Some(f) if f.state == FLOW_DENIED => f.owner.max(1),
+                    _ => h.seen,
+                };
+                h.take(total)
+            })
+            .collect()
+    }
+}
+
 impl Held {
     /// The line for the packets counted up to `total` not yet reported, if any.
     fn take(&mut self, total: u64) -> Option<Value> {
@@ -262,6 +279,31 @@ mod tests {
         assert_eq!(d.due(3 * S).len(), 1);
         assert!(!d.held.is_empty(), "still counting");
         assert!(d.due(3601 * S).is_empty());
+        assert!(d.held.is_empty());
+    }
+
+    #[test]
+    fn a_stop_prints_what_is_held_and_what_is_not_yet_reported() {
+        let flows = FakeFlows::default();
+        let mut d = denials(&flows);
+        let (held, printed) = (event(ACTION_DENY, 40004), event(ACTION_DENY, 40005));
+        flows.set(flow_key(&held), FLOW_DENIED, 2, S);
+        flows.set(flow_key(&printed), FLOW_DENIED, 1, 0);
+        d.add(&printed, json!({"n": 1}), 0);
+        assert_eq!(d.due(3 * S).len(), 1);
+        d.add(&held, json!({"n": 2}), S);
+        flows.set(flow_key(&printed), FLOW_DENIED, 4, 3 * S);
+        let lines = d.flush();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            (lines[0]["n"].clone(), lines[0]["packets"].clone()),
+            (json!(1), json!(3))
+        );
+        assert_eq!(lines[0]["repeat"], true);
+        assert_eq!(
+            (lines[1]["n"].clone(), lines[1]["packets"].clone()),
+            (json!(2), json!(2))
+        );
         assert!(d.held.is_empty());
     }
 

@@ -12,7 +12,10 @@ use egress_common::{
     EVENT_V1_LEN, Event, FlowKey, FlowValue, REASON_UNKNOWN, proto,
 };
 use serde_json::{Value, json};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
 
 use crate::{
     cgroup::{CgroupNames, first_process},
@@ -145,12 +148,14 @@ impl Flows for FlowsMap {
 /// How often held deny lines are looked at (see `denials`).
 const DENIALS_TICK: Duration = Duration::from_millis(500);
 
-/// Reads events until the ring buffer fails, writing one JSON line per event; a denied
-/// flow's line waits for its retransmits (see `denials`).
+/// Reads events until the ring buffer fails or `stop` turns true, writing one JSON line per
+/// event; a denied flow's line waits for its retransmits (see `denials`), and what is held
+/// is printed on stop.
 pub async fn forward(
     ring: RingBuf<MapData>,
     mut names: CgroupNames,
     flows: FlowsMap,
+    mut stop: watch::Receiver<bool>,
     idle: Idle,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
@@ -176,18 +181,21 @@ pub async fn forward(
                 out.flush()?;
                 guard.clear_ready();
             }
-            _ = tick.tick() => {
-                let due = denials.due(boot_time_ns());
-                if !due.is_empty() {
-                    let mut out = std::io::stdout().lock();
-                    for line in due {
-                        writeln!(out, "{line}")?;
-                    }
-                    out.flush()?;
-                }
-            }
+            _ = tick.tick() => print(denials.due(boot_time_ns()))?,
+            _ = stop.changed() => return print(denials.flush()),
         }
     }
+}
+
+fn print(lines: Vec<Value>) -> anyhow::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    Ok(out.flush()?)
 }
 
 #[cfg(test)]

@@ -389,10 +389,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
-    let reader = tokio::spawn(events::forward(
+    let mut reader = tokio::spawn(events::forward(
         started.ring,
         CgroupNames::new(root),
         started.flows,
+        stop_rx.clone(),
         Idle {
             tcp_ns: TCP_IDLE_SECS * NS_PER_SEC,
             other_ns: OTHER_IDLE_SECS * NS_PER_SEC,
@@ -409,7 +410,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
-        r = reader => Err(task_failure("the event reader", r)),
+        r = &mut reader => Err(task_failure("the event reader", r)),
         r = watcher => Err(task_failure("the policy watcher", r)),
         r = server => Err(task_failure("the metrics server", r)),
         r = &mut control => {
@@ -422,6 +423,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     // The control task owns the enforcer: stopping it keeps or removes the pinned state.
     let _ = stop_tx.send(true);
+    if !reader.is_finished() {
+        // It prints the deny lines it holds, then ends.
+        reader.await.context("the event reader panicked")??;
+    }
     let report = control.await.context("the control task panicked")??;
     let signal = outcome?;
     let (stats, learned) = (report.stats, report.learner);

@@ -533,7 +533,10 @@ fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     let policy = TempFile::new(&policy());
     let path = policy.path().to_str().expect("temp paths are UTF-8");
     let (comments, rules) = rules_printed_by(&["check", "--config", path]);
-    assert_eq!(comments.first().map(String::as_str), Some("# mode: enforce"));
+    assert_eq!(
+        comments.first().map(String::as_str),
+        Some("# mode: enforce")
+    );
     // Then the effective `dns` settings and what passes whatever the policy says.
     assert!(
         comments[1].starts_with(&format!("# dns: min_ttl {MIN_TTL}s")),
