@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use egress_common::{ACTION_DENY, Event, FLOW_DENIED, FlowKey, FlowValue, REASON_MALFORMED};
 use serde_json::{Value, json};
 
-/// A flow quiet this long has its line printed.
-pub const QUIET_NS: u64 = 2_000_000_000;
+/// A flow quiet this long has its line printed: longer than TCP's first two SYN
+/// retransmission gaps (1 s, then 2 s), so that a connect that gives up within 3 s or so
+/// is one line.
+pub const QUIET_NS: u64 = 3_000_000_000;
 /// No line is held longer than this, however busy its flow.
 pub const MAX_HOLD_NS: u64 = 10_000_000_000;
 /// Flows counted at once, at most; past that, lines are printed at once, without `packets`.
@@ -229,12 +231,12 @@ mod tests {
         flows.set(flow_key(&e), FLOW_DENIED, 1, 100 * S);
         assert!(d.add(&e, json!({"dst": "x"}), 100 * S).is_none(), "held");
         flows.set(flow_key(&e), FLOW_DENIED, 2, 101 * S);
-        assert!(d.due(102 * S).is_empty(), "not quiet yet");
-        let lines = d.due(103 * S);
+        assert!(d.due(103 * S).is_empty(), "not quiet yet");
+        let lines = d.due(104 * S);
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["packets"], 2);
         assert!(lines[0].get("repeat").is_none());
-        assert!(d.due(104 * S).is_empty(), "nothing new");
+        assert!(d.due(105 * S).is_empty(), "nothing new");
         // A retry after a long back-off: one more line, with the new packets only.
         flows.set(flow_key(&e), FLOW_DENIED, 3, 110 * S);
         let lines = d.due(113 * S);
