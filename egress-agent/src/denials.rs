@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use egress_common::{ACTION_DENY, Event, FLOW_DENIED, FlowKey, FlowValue, REASON_MALFORMED};
 use serde_json::{Value, json};
 
-/// A flow quiet this long has its line printed: longer than TCP's first two SYN
-/// retransmission gaps (1 s, then 2 s), so that a connect that gives up within 3 s or so
-/// is one line.
+/// A flow quiet this long has its line printed: longer than TCP's early SYN retransmission
+/// gaps (1 s apart for the first four since Linux 6.5's `tcp_syn_linear_timeouts`, else
+/// 1 s then 2 s), so that a connect that gives up within a few seconds is one line.
 pub const QUIET_NS: u64 = 3_000_000_000;
 /// No line is held longer than this, however busy its flow.
 pub const MAX_HOLD_NS: u64 = 10_000_000_000;

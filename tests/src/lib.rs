@@ -741,7 +741,7 @@ pub fn probe_tcp(
 }
 
 /// [`probe_tcp`] with a connect timeout of `timeout`: long enough, the kernel retransmits
-/// a dropped SYN (after 1 s, then 2 s more).
+/// a dropped SYN (after 1 s, and again 1 or 2 s later).
 pub fn probe_tcp_for(
     netns: &Netns,
     cgroup: Option<&TestCgroup>,

@@ -270,7 +270,8 @@ fn a_denied_connect_is_one_line_with_its_reason_and_its_retransmits_counted() {
     }
     let mut world = World::start(false);
     let cg = Some(&world.cgroup);
-    // Long enough for the kernel to retransmit the SYN twice (after 1 s, then 2 s more).
+    // Long enough for the kernel to retransmit the SYN at least twice (after 1 s, and again
+    // 1 s later with `tcp_syn_linear_timeouts`, else 2 s later).
     let attempt = probe_tcp_for(
         &world.topo.client,
         cg,
