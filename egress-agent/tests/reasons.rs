@@ -13,7 +13,7 @@ use egress_agent::{
     control::boot_time_ns,
     dns::learner::LearnedStore as _,
     events::decode_event,
-    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer},
+    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP},
     policy::{Mode, parse},
     reason::Reason,
 };
@@ -149,4 +149,28 @@ fn enforce_mode_reports_a_flow_once_and_counts_its_retransmits() {
     e.write_policy(&compile(&allowing).expect("compiles"))
         .expect("maps accept the policy");
     assert_eq!(run(&e, EGRESS_CGROUP, &attempt(40000)), PASS);
+}
+
+#[test]
+fn a_denied_packet_of_an_inbound_flow_leaves_its_replies_passing() {
+    if !privileged() {
+        return;
+    }
+    for mode in [Mode::Enforce, Mode::Audit] {
+        let e = enforcer(mode);
+        let remote = Ipv4Addr::new(198, 51, 100, 79);
+        let syn_in = ethernet(
+            0x0800,
+            &ipv4(remote, CLIENT4, proto::TCP, &tcp(6000, 7000, TCP_SYN)),
+        );
+        assert_eq!(run(&e, INGRESS_CGROUP, &syn_in), PASS);
+        // A connection request from the server's port is no reply: the policy decides.
+        let syn_out = v4_frame(remote, proto::TCP, &tcp(7000, 6000, TCP_SYN));
+        let want = if mode == Mode::Enforce { DROP } else { PASS };
+        assert_eq!(run(&e, EGRESS_CGROUP, &syn_out), want, "{mode}");
+        let answer = v4_frame(remote, proto::TCP, &tcp(7000, 6000, TCP_SYN_ACK));
+        assert_eq!(run(&e, EGRESS_CGROUP, &answer), PASS, "{mode}: the reply");
+        let stats = e.stats().expect("counters");
+        assert_eq!(stats.allowed.tcp, 1, "{mode}: the reply passed as a reply");
+    }
 }

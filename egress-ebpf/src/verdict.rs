@@ -500,19 +500,21 @@ fn deny<C: Skb>(
         STAT_AUDITED_BASE
     };
     count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _)| stat_proto(p.proto)));
-    if enforce
-        && let Some((p, key)) = packet
+    let mut keep_entry = false;
+    if let Some((p, key)) = packet
         && let Some(flow) = FLOWS.get_ptr_mut(key)
     {
         // SAFETY: as in `decide`.
         let flow = unsafe { &mut *flow };
-        if flow.state == FLOW_DENIED
-            && now.saturating_sub(flow.last_seen_ns) <= idle_timeout(settings, p.proto)
-        {
+        let live = now.saturating_sub(flow.last_seen_ns) <= idle_timeout(settings, p.proto);
+        if enforce && live && flow.state == FLOW_DENIED {
             flow.owner += 1;
             flow.last_seen_ns = now;
             return false;
         }
+        // A live flow started from outside keeps its entry, so that its replies still
+        // pass after a packet of it that is none (a forged one, say) was denied.
+        keep_entry = live && flow.state == FLOW_INBOUND;
     }
     // SAFETY: both helpers only read the skb the program was called with.
     let (cgroup_id, uid) = unsafe { (bpf_skb_cgroup_id(ctx.skb()), bpf_get_socket_uid(ctx.skb())) };
@@ -531,7 +533,9 @@ fn deny<C: Skb>(
         (event.dst, event.dport, event.proto, event.sport) = (p.dst, p.dport, p.proto, p.sport);
     }
     let sent = emit(settings, now, &event);
-    if let Some((_, key)) = packet {
+    if let Some((_, key)) = packet
+        && !keep_entry
+    {
         if !enforce {
             // One event per audited flow: later packets pass quietly while in audit mode.
             remember(key, FLOW_AUDITED, 0, now);
