@@ -17,14 +17,27 @@ use crate::{
 /// the containing ones whose ports it carries too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Origins {
+    /// Whether a recorded policy was there to ask (the default, `false`, says nothing).
+    pub known: bool,
     pub own: Vec<String>,
     /// `<target> (<its origins>)` of each containing rule.
     pub inside: Vec<String>,
 }
 
 impl Origins {
+    /// None found yet, from a recorded policy.
+    fn known() -> Self {
+        Self {
+            known: true,
+            ..Self::default()
+        }
+    }
+
     /// As one phrase, e.g. `allow[1]; inside 203.0.113.0/24 (allow[0])`.
     pub fn text(&self) -> String {
+        if !self.known {
+            return "origins unknown: no policy recorded".to_owned();
+        }
         let mut parts = Vec::new();
         if !self.own.is_empty() {
             parts.push(self.own.join(", "));
@@ -51,7 +64,7 @@ fn origin_list(rule: &Rule) -> String {
 /// The rules behind a `CIDRS` entry.
 pub fn of_cidr(policy: &Policy, entry: &CidrMatch) -> Origins {
     let network = u128::from_be_bytes(entry.network);
-    let mut out = Origins::default();
+    let mut out = Origins::known();
     for rule in &policy.rules {
         let Target::Cidr(net) = &rule.target else {
             continue;
@@ -68,7 +81,7 @@ pub fn of_cidr(policy: &Policy, entry: &CidrMatch) -> Origins {
 
 /// The rules behind a `NAMES` entry.
 pub fn of_name(policy: &Policy, pattern: &NamePattern) -> Origins {
-    let mut out = Origins::default();
+    let mut out = Origins::known();
     for rule in &policy.rules {
         let Target::Name(rule_pattern) = &rule.target else {
             continue;
@@ -90,7 +103,7 @@ pub fn of_name(policy: &Policy, pattern: &NamePattern) -> Origins {
 
 /// The rules a learned address was allowed by: those of the names it was learned through.
 pub fn of_learned_name(policy: &Policy, name: &str) -> Origins {
-    let mut out = Origins::default();
+    let mut out = Origins::known();
     for rule in &policy.rules {
         if let Target::Name(pattern) = &rule.target
             && pattern.matches(name)
@@ -217,6 +230,10 @@ api_server: 198.51.100.5
         assert_eq!(
             of_cidr(&p, &cidr([192, 0, 2, 0], 24)).text(),
             "not in the recorded policy"
+        );
+        assert_eq!(
+            Origins::default().text(),
+            "origins unknown: no policy recorded"
         );
     }
 
