@@ -15,3 +15,4 @@ pub mod reload;
 pub mod run;
 pub mod statfs;
 pub mod status;
+pub mod workloads;

@@ -35,6 +35,12 @@ enum Command {
         /// Also enforce traffic leaving this interface (TC), e.g. forwarded pod traffic.
         #[arg(long = "interface")]
         interfaces: Vec<String>,
+        /// The node's ends of the links to workloads (a pod's veth: `azv*` under Azure CNI,
+        /// `lxc*` Cilium, `cali*` Calico; the bridge `cbr0` under kubenet): an interface
+        /// name, or a prefix followed by `*`. Present and future matches get the TC
+        /// programs facing the workload, which decide what packet sockets send too.
+        #[arg(long = "workload-interface", value_name = "NAME|PREFIX*")]
+        workload_interfaces: Vec<String>,
         /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one.
         #[arg(long, env = "EGRESS_LISTEN", default_value = "127.0.0.1:9977")]
         listen: SocketAddr,
@@ -179,6 +185,7 @@ fn main() -> ExitCode {
             mode,
             cgroup,
             interfaces,
+            workload_interfaces,
             listen,
             pin_root,
             on_exit,
@@ -192,6 +199,7 @@ fn main() -> ExitCode {
                     mode,
                     cgroup,
                     interfaces,
+                    workload_interfaces,
                     listen,
                     pin_root,
                     on_exit,

@@ -1,6 +1,8 @@
 //! The per-packet decision, shared by the cgroup and TC programs.
 //!
 //! Egress, in order (first match wins):
+//! 0. on a link to workloads (`from_workload_tc`), a packet whose source the node does not
+//!    route back over that link is denied: a forgery (see `route`);
 //! 1. a later fragment passes when its datagram's first fragment did (`FRAGS`);
 //! 2. a forged DNS answer (a raw socket claiming a trusted resolver's port 53) is denied,
 //!    and DNS queries to trusted resolvers pass (see `dns`);
@@ -32,6 +34,7 @@ use crate::{
         parse, quoted_flow,
     },
     report::{count, emit},
+    route,
 };
 
 /// A flow's `last_seen_ns` is rewritten at most this often, so that busy flows do not dirty
@@ -41,9 +44,10 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// What `decide` returns for a packet the policy does not let through.
 const DENIED: u32 = u32::MAX;
 
-/// Decides an outgoing packet: `true` lets it pass.
+/// Decides an outgoing packet: `true` lets it pass. `from_workload`: the packet comes in
+/// over a link from workloads (`from_workload_tc`), not from this host's own stack.
 #[inline(always)]
-pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
+pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (a one-entry array always has index 0); fail closed if it does.
         return false;
@@ -53,7 +57,11 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
         return deny(ctx, settings, None, now);
     };
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
-    let verdict = decide(ctx, settings, &p, &key, now);
+    let verdict = if from_workload && !route::source_routes_back(ctx, &p) {
+        DENIED
+    } else {
+        decide(ctx, settings, &p, &key, now)
+    };
     let pass = if verdict == DENIED {
         deny(ctx, settings, Some((&p, &key)), now)
     } else {
