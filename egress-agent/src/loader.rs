@@ -267,6 +267,10 @@ struct Pinned {
     taken: Vec<(&'static str, MapData)>,
     /// The links this enforcer attached and pinned, with their pins' paths.
     links: Vec<(PathBuf, PinnedLink)>,
+    /// TC programs attached as netlink filters (no TCX before kernel 6.6), by interface:
+    /// they are no BPF links and cannot be pinned, so they are held here and removed with
+    /// the enforcer (a filter outlives the process that added it).
+    netlink_filters: Vec<(String, tc::SchedClassifierLink)>,
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
@@ -670,6 +674,7 @@ impl Enforcer {
                 replaced: replaced_names,
                 taken: Vec::new(),
                 links: Vec::new(),
+                netlink_filters: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
                 old_dns_events,
@@ -847,14 +852,23 @@ impl Enforcer {
             let id = prog
                 .attach(interface, attach_type)
                 .map_err(prog_err(what()))?;
-            if self.pinned.is_some() {
+            if let Some(pinned) = &mut self.pinned {
                 let link = prog.take_link(id).map_err(prog_err(what()))?;
-                match FdLink::try_from(link) {
-                    Ok(link) => self.pin_link(link, &tc_point(side, interface, direction))?,
-                    Err(_) => log::warn!(
-                        "{name} on {interface} is a netlink filter (no TCX before kernel 6.6): \
-                         it ends with this agent and is not kept by --on-exit keep"
-                    ),
+                // Only a netlink filter has a priority.
+                if link.priority().is_ok() {
+                    if pinned.netlink_filters.is_empty() {
+                        log::warn!(
+                            "the TC programs are netlink filters on this kernel (no TCX before \
+                             6.6): they end with this agent, also with --on-exit keep"
+                        );
+                    }
+                    pinned.netlink_filters.push((interface.to_owned(), link));
+                } else {
+                    let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+                        what: what(),
+                        source,
+                    })?;
+                    self.pin_link(link, &tc_point(side, interface, direction))?;
                 }
             }
         }
@@ -875,6 +889,7 @@ impl Enforcer {
                 pin::link_point(path).is_some_and(|p| points.iter().any(|point| point == p))
             });
         pinned.links = kept;
+        pinned.netlink_filters.retain(|(name, _)| name != interface);
         for (path, link) in gone {
             link.unpin()
                 .map_err(|error| LoadError::PinRoot(pin::PinError::Io { path, error }))?;

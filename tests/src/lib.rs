@@ -448,17 +448,20 @@ impl PinDir {
         self.mount.join("egress-enforcer")
     }
 
-    /// The names of the link pins under the root (`<point>@<link id>`), of every version.
+    /// The names of the link pins under the root (`<point>@<link id>`), of every version,
+    /// sorted.
     pub fn link_pins(&self) -> Vec<String> {
         let Ok(versions) = fs::read_dir(self.root()) else {
             return Vec::new();
         };
-        versions
+        let mut names: Vec<String> = versions
             .flatten()
             .filter_map(|version| fs::read_dir(version.path().join("links")).ok())
             .flat_map(|links| links.flatten())
             .map(|link| link.file_name().to_string_lossy().into_owned())
-            .collect()
+            .collect();
+        names.sort();
+        names
     }
 
     /// `egress-agent status` on this root: its exit status and output.
