@@ -23,8 +23,8 @@ use egress_tests::attack::{
 use egress_tests::dns::{DnsServer, Lookup, Record, resolve_connect};
 use egress_tests::{
     Agent, CLIENT_V4, Netns, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B,
-    SERVER_V4, Server, TempFile, TestCgroup, Topology, assert_eperm, assert_ok, assert_timeout,
-    probe_tcp, probe_udp, require_root, start_agent,
+    SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup, Topology, assert_eperm, assert_ok,
+    assert_timeout, probe_tcp, probe_udp, require_root, start_agent,
 };
 use serde_json::{Value, json};
 
@@ -920,8 +920,11 @@ impl Base {
     /// The agent in the server namespace, on the cgroup and, facing the workload, on the
     /// links matching `pattern` (the server's end of the client's link by default).
     fn start_on_node(policy: &str, pattern: Option<&str>) -> Base {
+        Base::start_on_node_with(policy, Topology::new(), pattern)
+    }
+
+    fn start_on_node_with(policy: &str, topo: Topology, pattern: Option<&str>) -> Base {
         let policy = TempFile::new(policy);
-        let topo = Topology::new();
         let cgroup = TestCgroup::new();
         let pattern = pattern.unwrap_or(&topo.server_veth).to_owned();
         // A node forwards, IPv6 included (the check on the pod's link depends on it).
@@ -948,8 +951,36 @@ impl Base {
 
     /// The server's MAC on the client's link: where a pod's frames to the world go.
     fn gateway_mac(&self) -> String {
-        mac_of(&self.topo.server, &self.topo.server_veth)
+        mac_of(&self.topo.server, self.node_link())
     }
+
+    /// The interface that holds the server's addresses on the client's link: the veth
+    /// end, or the bridge it is a port of.
+    fn node_link(&self) -> &str {
+        let links = self.topo.server.ip("-j link show");
+        if links.contains(&format!("\"ifname\":\"{BRIDGE}\"")) {
+            BRIDGE
+        } else {
+            &self.topo.server_veth
+        }
+    }
+}
+
+/// The bridge of `start_on_bridge`, named as kubenet names its own.
+const BRIDGE: &str = "cbr0";
+
+/// As kubenet lays out a node: the pods' links are ports of a bridge that holds the
+/// node's address on the pods' network, and the agent guards the bridge.
+fn start_on_bridge(policy: &str) -> Base {
+    let topo = Topology::new();
+    let server = &topo.server;
+    server.ip(&format!("link add {BRIDGE} type bridge"));
+    server.ip(&format!("addr flush dev {}", topo.server_veth));
+    server.ip(&format!("link set {} master {BRIDGE}", topo.server_veth));
+    server.ip(&format!("addr add {SERVER_V4}/24 dev {BRIDGE}"));
+    server.ip(&format!("-6 addr add {SERVER_V6}/64 dev {BRIDGE} nodad"));
+    server.ip(&format!("link set {BRIDGE} up"));
+    Base::start_on_node_with(policy, topo, Some(BRIDGE))
 }
 
 /// Closes, on the node: the answer of `forged_answer_routed_back_by_the_next_hop_teaches_
@@ -1174,4 +1205,49 @@ fn a_workload_link_that_appears_later_is_guarded() {
             || node_pins().is_empty(),
         );
     }
+}
+
+/// Under kubenet the node's end of every pod's link is a port of the bridge `cbr0`, which
+/// holds the node's address: guarding the bridge decides what the pods send through the
+/// node, and the pods' sources route back over the bridge. The packet-socket frame of
+/// `packet_socket_frame_from_a_workload_is_dropped_at_the_node`, and the reflected
+/// forged answer, are dropped there.
+#[test]
+fn a_bridge_to_workloads_is_guarded_like_their_links() {
+    if !require_root() {
+        return;
+    }
+    let base = start_on_bridge(&zone_policy(FAR_RESOLVER));
+    let (spur, _dns) = far_resolver(&base);
+    let sniffer = Sniffer::start(&spur.netns, &spur.spur_veth);
+    let gateway_mac = base.gateway_mac();
+    let link = ["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac];
+    let sent = raw_udp(
+        &base.client(),
+        v4(CLIENT_V4, LOCAL_PORT),
+        v4(FAR_RESOLVER, DISCARD),
+        &link,
+    );
+    let client = base.client();
+    let (_query, port) = query_wait_at(&client, PWN, FAR_RESOLVER.into(), QUERY_ID, 1);
+    let at_pod = Sniffer::start(&base.topo.client, &base.topo.client_veth);
+    let _ = raw_udp(
+        &client,
+        v4(FAR_RESOLVER, DNS),
+        v4(CLIENT_V4, port),
+        &strs(&pwn_answer(&link)),
+    );
+    // The marker: a real lookup and connect, which must pass.
+    base.resolve_ok_and_connect(FAR_RESOLVER, "the resolver behind the bridged node");
+    sniffer.assert_none_before_marker(
+        |p| p["dport"] == DNS && p["src"] == CLIENT_V4.to_string(),
+        |p| p["dport"] == DISCARD,
+        &format!("a packet-socket frame from the pod left the node (send: {sent:?})"),
+    );
+    let back = at_pod.received(|p| p["src"] == FAR_RESOLVER.to_string() && p["dport"] == port);
+    assert!(
+        back.is_empty(),
+        "the node sent the forged answer back: {back:?}"
+    );
+    base.assert_b_https_dropped("a forged answer the bridged node would reflect");
 }
