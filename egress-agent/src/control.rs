@@ -1,6 +1,6 @@
 //! The agent's control task: the one owner of the kernel state (the enforcer and its maps)
 //! and of the DNS learner. It applies DNS answers, expires learned addresses once a second,
-//! applies policy reloads, keeps the pinned name records and a previous agent's port sets
+//! applies policy reloads, attaches to new links to workloads, keeps the pinned name records and a previous agent's port sets
 //! up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
 //! pinned state in place or removes it (`--on-exit`) and reports the counters.
 use std::{path::PathBuf, time::Duration};
@@ -27,6 +27,7 @@ use crate::{
     record,
     reload::Reloaded,
     run::{give_back_freed_memory, settings},
+    workloads::WorkloadLinks,
 };
 
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
@@ -209,6 +210,7 @@ impl Control {
     /// like a record that finds the ring full.
     pub async fn run(
         mut self,
+        mut workloads: Option<WorkloadLinks>,
         dns_ring: RingBuf<MapData>,
         old_dns_ring: Option<RingBuf<MapData>>,
         mut reloads: mpsc::Receiver<Reloaded>,
@@ -243,6 +245,7 @@ impl Control {
                     self.tick(stats.as_ref().ok())?;
                     self.publish(stats, &snapshots);
                 }
+                followed = follow(&mut workloads, &mut self.enforcer) => followed?,
                 Some(policy) = reloads.recv() => {
                     if let Err(e) = self.reload(policy) {
                         log::error!("policy reload failed: {e:#}; the running policy stays in force");
@@ -264,5 +267,13 @@ impl Control {
             stats,
             learner: self.learner.counters,
         })
+    }
+}
+
+/// Follows the links to workloads, if there are any to follow.
+async fn follow(links: &mut Option<WorkloadLinks>, enforcer: &mut Enforcer) -> anyhow::Result<()> {
+    match links {
+        Some(links) => links.follow(enforcer).await,
+        None => std::future::pending().await,
     }
 }

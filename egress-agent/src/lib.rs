@@ -22,3 +22,4 @@ pub mod reload;
 pub mod run;
 pub mod statfs;
 pub mod status;
+pub mod workloads;

@@ -82,6 +82,48 @@ pub const EGRESS_CGROUP: &str = "egress_cgroup";
 pub const INGRESS_CGROUP: &str = "ingress_cgroup";
 pub const EGRESS_TC: &str = "egress_tc";
 pub const INGRESS_TC: &str = "ingress_tc";
+pub const FROM_WORKLOAD_TC: &str = "from_workload_tc";
+
+/// A TC link's attach point, as its pin names it: `tc-eth0-ingress` on an uplink,
+/// `workload-azv1234-ingress` on a link to workloads.
+fn tc_point(side: LinkSide, interface: &str, direction: &str) -> String {
+    let kind = match side {
+        LinkSide::Uplink => "tc",
+        LinkSide::Workload => "workload",
+    };
+    format!("{kind}-{interface}-{direction}")
+}
+
+/// Which way an interface faces, which decides the TC programs on its two hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkSide {
+    /// A link off the node (`--interface`): what leaves by it is decided (`egress_tc`),
+    /// what arrives is learned from (`ingress_tc`).
+    Uplink,
+    /// The node's end of a link to workloads (`--workload-interface`, a pod's veth): what
+    /// arrives was sent by a workload, packet sockets included, and is decided with its
+    /// source checked (`from_workload_tc`); what leaves goes to the workload
+    /// (`ingress_tc`).
+    Workload,
+}
+
+impl LinkSide {
+    /// The program on the interface's ingress hook, and the one on its egress hook.
+    fn programs(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+        let arriving = match self {
+            LinkSide::Uplink => INGRESS_TC,
+            LinkSide::Workload => FROM_WORKLOAD_TC,
+        };
+        let leaving = match self {
+            LinkSide::Uplink => EGRESS_TC,
+            LinkSide::Workload => INGRESS_TC,
+        };
+        [
+            (arriving, TcAttachType::Ingress, "ingress"),
+            (leaving, TcAttachType::Egress, "egress"),
+        ]
+    }
+}
 
 /// The messages leave out their sources' text: `{:#}` prints the chain, each once.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +267,10 @@ struct Pinned {
     taken: Vec<(&'static str, MapData)>,
     /// The links this enforcer attached and pinned, with their pins' paths.
     links: Vec<(PathBuf, PinnedLink)>,
+    /// TC programs attached as netlink filters (no TCX before kernel 6.6), by interface:
+    /// they are no BPF links and cannot be pinned, so they are held here and removed with
+    /// the enforcer (a filter outlives the process that added it).
+    netlink_filters: Vec<(String, tc::SchedClassifierLink)>,
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
@@ -628,6 +674,7 @@ impl Enforcer {
                 replaced: replaced_names,
                 taken: Vec::new(),
                 links: Vec::new(),
+                netlink_filters: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
                 old_dns_events,
@@ -774,9 +821,9 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Loads the TC programs, once.
-    pub fn load_tc(&mut self) -> Result<(), LoadError> {
-        for name in [EGRESS_TC, INGRESS_TC] {
+    /// Loads the TC programs an interface on `side` needs, once each.
+    pub fn load_tc(&mut self, side: LinkSide) -> Result<(), LoadError> {
+        for (name, _, _) in side.programs() {
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             if prog.fd().is_err() {
                 let started = Instant::now();
@@ -787,36 +834,65 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Attaches the TC programs to an interface: TCX on kernels >= 6.6, a clsact qdisc with
-    /// netlink filters before that (the qdisc is created if missing and left in place).
-    /// With a pin root, TCX links are pinned like cgroup links. Netlink filters are not
-    /// links: they cannot be pinned, and end with the agent (logged when it starts).
-    pub fn attach_interface(&mut self, interface: &str) -> Result<(), LoadError> {
-        self.load_tc()?;
+    /// Attaches the TC programs to an interface that faces `side`: TCX on kernels >= 6.6, a
+    /// clsact qdisc with netlink filters before that (the qdisc is created if missing and
+    /// left in place). With a pin root, TCX links are pinned like cgroup links. Netlink
+    /// filters are not links: they cannot be pinned, and end with the agent (logged when it
+    /// starts).
+    pub fn attach_interface(&mut self, interface: &str, side: LinkSide) -> Result<(), LoadError> {
+        self.load_tc(side)?;
         if let Err(e) = tc::qdisc_add_clsact(interface) {
             log::debug!(
                 "clsact qdisc on {interface}: {e} (TCX needs none; an existing one is reused)"
             );
         }
-        for (name, attach_type, direction) in [
-            (INGRESS_TC, TcAttachType::Ingress, "ingress"),
-            (EGRESS_TC, TcAttachType::Egress, "egress"),
-        ] {
+        for (name, attach_type, direction) in side.programs() {
             let what = || format!("attaching {name} to {interface}");
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             let id = prog
                 .attach(interface, attach_type)
                 .map_err(prog_err(what()))?;
-            if self.pinned.is_some() {
+            if let Some(pinned) = &mut self.pinned {
                 let link = prog.take_link(id).map_err(prog_err(what()))?;
-                match FdLink::try_from(link) {
-                    Ok(link) => self.pin_link(link, &format!("tc-{interface}-{direction}"))?,
-                    Err(_) => log::warn!(
-                        "{name} on {interface} is a netlink filter (no TCX before kernel 6.6): \
-                         it ends with this agent and is not kept by --on-exit keep"
-                    ),
+                // Only a netlink filter has a priority.
+                if link.priority().is_ok() {
+                    if pinned.netlink_filters.is_empty() {
+                        log::warn!(
+                            "the TC programs are netlink filters on this kernel (no TCX before \
+                             6.6): they end with this agent, also with --on-exit keep"
+                        );
+                    }
+                    pinned.netlink_filters.push((interface.to_owned(), link));
+                } else {
+                    let link = FdLink::try_from(link).map_err(|source| LoadError::Link {
+                        what: what(),
+                        source,
+                    })?;
+                    self.pin_link(link, &tc_point(side, interface, direction))?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Forgets a link to workloads that is gone: its TCX links went with it, and their pins
+    /// would otherwise pile up as workloads come and go.
+    pub fn forget_interface(&mut self, interface: &str) -> Result<(), LoadError> {
+        let Some(pinned) = &mut self.pinned else {
+            return Ok(());
+        };
+        let points = ["ingress", "egress"]
+            .map(|direction| tc_point(LinkSide::Workload, interface, direction));
+        let (gone, kept) = std::mem::take(&mut pinned.links)
+            .into_iter()
+            .partition(|(path, _)| {
+                pin::link_point(path).is_some_and(|p| points.iter().any(|point| point == p))
+            });
+        pinned.links = kept;
+        pinned.netlink_filters.retain(|(name, _)| name != interface);
+        for (path, link) in gone {
+            link.unpin()
+                .map_err(|error| LoadError::PinRoot(pin::PinError::Io { path, error }))?;
         }
         Ok(())
     }

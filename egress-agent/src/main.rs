@@ -42,6 +42,18 @@ enum Command {
         /// Also enforce traffic leaving this interface (TC), e.g. forwarded pod traffic.
         #[arg(long = "interface")]
         interfaces: Vec<String>,
+        /// The node's ends of the links to workloads (a pod's veth: `azv*` under Azure CNI,
+        /// `cali*` under Calico; the bridge `cbr0` under kubenet): an interface name, or a
+        /// prefix followed by `*`. The node's routes must lead each pod's address to it.
+        /// Present and future matches get the TC programs facing the workload, which decide
+        /// what packet sockets send too. The variable takes a comma-separated list.
+        #[arg(
+            long = "workload-interface",
+            value_name = "NAME|PREFIX*",
+            env = "EGRESS_WORKLOAD_INTERFACES",
+            value_delimiter = ','
+        )]
+        workload_interfaces: Vec<String>,
         /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one.
         #[arg(long, env = "EGRESS_LISTEN", default_value = "127.0.0.1:9977")]
         listen: SocketAddr,
@@ -251,6 +263,7 @@ fn main() -> ExitCode {
             mode,
             cgroup,
             interfaces,
+            workload_interfaces,
             listen,
             pin_root,
             on_exit,
@@ -264,6 +277,7 @@ fn main() -> ExitCode {
                     mode,
                     cgroup,
                     interfaces,
+                    workload_interfaces,
                     listen,
                     pin_root,
                     on_exit,

@@ -4,7 +4,8 @@
 //! ```text
 //! <root>/                      flock(2)ed by the running agent
 //!   v1/maps/CIDRS, ...         every map programs share, plus LEARNED_NAMES
-//!   v1/links/cgroup-<inode>-egress@<link id>, tc-<interface>-ingress@<link id>, ...
+//!   v1/links/cgroup-<inode>-egress@<link id>, tc-<interface>-ingress@<link id>,
+//!   workload-<interface>-ingress@<link id>, ...
 //! ```
 //!
 //! A link pin keeps its program attached after the agent exits; removing the pin detaches
@@ -373,16 +374,17 @@ impl Removal {
 /// The link pin `entry` of a `links` directory is, if it is one: `<point>@<link id>`, as
 /// [`PinRoot::link_path`] names them, and not a directory.
 fn link_pin(entry: &fs::DirEntry) -> Option<LinkPin> {
-    let name = entry.file_name();
-    let (point, id) = name.to_str()?.rsplit_once('@')?;
+    let path = entry.path();
     let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-    if point.is_empty() || id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || is_dir {
-        return None;
-    }
-    Some(LinkPin {
-        path: entry.path(),
-        point: point.to_owned(),
-    })
+    let point = link_point(&path).filter(|_| !is_dir)?.to_owned();
+    Some(LinkPin { path, point })
+}
+
+/// The attach point a link pin's name holds (`<point>@<link id>`), if it is one.
+pub fn link_point(path: &Path) -> Option<&str> {
+    let (point, id) = path.file_name()?.to_str()?.rsplit_once('@')?;
+    let valid = !point.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
+    valid.then_some(point)
 }
 
 pub fn remove_file(path: &Path) -> Result<(), PinError> {

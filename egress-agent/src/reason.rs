@@ -3,7 +3,7 @@
 use egress_common::{
     REASON_FORGED_DNS, REASON_FRAGMENT, REASON_ICMP_ERROR, REASON_LEARNED_EXPIRED,
     REASON_LEARNED_PORT, REASON_MALFORMED, REASON_NEIGHBOUR, REASON_NO_RULE, REASON_PORT,
-    REASON_UNKNOWN,
+    REASON_SPOOFED_SOURCE, REASON_UNKNOWN,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,11 +17,12 @@ pub enum Reason {
     Malformed,
     IcmpError,
     Neighbour,
+    SpoofedSource,
     /// A code this agent does not know, or an event of a release that sent none.
     Unknown,
 }
 
-const ALL: [Reason; 10] = [
+const ALL: [Reason; 11] = [
     Reason::NoRule,
     Reason::Port,
     Reason::LearnedExpired,
@@ -31,6 +32,7 @@ const ALL: [Reason; 10] = [
     Reason::Malformed,
     Reason::IcmpError,
     Reason::Neighbour,
+    Reason::SpoofedSource,
     Reason::Unknown,
 ];
 
@@ -52,6 +54,7 @@ impl Reason {
             Reason::Malformed => REASON_MALFORMED,
             Reason::IcmpError => REASON_ICMP_ERROR,
             Reason::Neighbour => REASON_NEIGHBOUR,
+            Reason::SpoofedSource => REASON_SPOOFED_SOURCE,
             Reason::Unknown => REASON_UNKNOWN,
         }
     }
@@ -68,6 +71,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::IcmpError => "icmp_error",
             Reason::Neighbour => "neighbour_scope",
+            Reason::SpoofedSource => "spoofed_source",
             Reason::Unknown => "unknown",
         }
     }
@@ -91,6 +95,9 @@ impl Reason {
                  remote, or longer than the kernel's own"
             }
             Reason::Neighbour => "neighbour discovery or MLD beyond the link",
+            Reason::SpoofedSource => {
+                "from a link to workloads, with a source the node does not route back over it"
+            }
             Reason::Unknown => "no reason recorded (an older kernel program)",
         }
     }

@@ -2,7 +2,6 @@
 //! report, reload on change, and on SIGTERM/SIGINT leave the pinned state enforcing or
 //! remove it (`--on-exit`).
 use std::{
-    ffi::CString,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -27,11 +26,12 @@ use crate::{
         resolvers,
     },
     events::{self, FlowsMap},
-    loader::Enforcer,
+    loader::{Enforcer, LinkSide},
     metrics,
     pin::{Contents, LinkPin, PinRoot},
     policy::{self, DnsSettings, Mode, Policy},
     record, reload,
+    workloads::{InterfacePatterns, WorkloadLinks, interface_index},
 };
 
 /// What `run` needs, resolved from the command line.
@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub mode: Option<Mode>,
     pub cgroup: Option<PathBuf>,
     pub interfaces: Vec<String>,
+    /// `--workload-interface`, as given (checked by `run`).
+    pub workload_interfaces: Vec<String>,
     pub listen: SocketAddr,
     pub pin_root: PathBuf,
     pub on_exit: OnExit,
@@ -114,26 +116,18 @@ fn check_inputs(cgroup: &Path, root: &Path, interfaces: &[String]) -> anyhow::Re
     );
     for interface in interfaces {
         anyhow::ensure!(
-            interface_exists(interface),
+            interface_index(interface).is_some(),
             "--interface {interface}: no such network interface"
         );
     }
     Ok(())
 }
 
-/// Whether the agent's network namespace has an interface `name`.
-fn interface_exists(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else {
-        return false;
-    };
-    // SAFETY: a NUL-terminated string, which if_nametoindex only reads.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
-}
-
 /// What a successful start hands over to the tasks that run the agent.
 struct Started {
     listener: TcpListener,
     enforcer: Enforcer,
+    workloads: Option<WorkloadLinks>,
     learner: Learner,
     legacy: LegacySets,
     ring: RingBuf<MapData>,
@@ -147,11 +141,11 @@ struct Started {
 /// closing every fd of this start: unpinning what it pinned then detaches it.
 async fn start(
     opts: &RunOptions,
-    loaded: &[u8],
     policy: &Policy,
     resolvers: &[IpAddr],
     mode: Mode,
     cgroup: &Path,
+    workload_interfaces: InterfacePatterns,
     pins: &PinRoot,
 ) -> anyhow::Result<Started> {
     let listener = metrics::bind(opts.listen).await?;
@@ -186,7 +180,6 @@ async fn start(
     enforcer
         .write_resolvers(resolvers)
         .context("writing the trusted resolvers")?;
-    record::write(pins, &opts.config, loaded).context("recording the policy")?;
     let pinned_names = enforcer
         .learned_names()
         .context("reading the pinned learned names")?;
@@ -209,9 +202,23 @@ async fn start(
         .context("attaching to the cgroup")?;
     for interface in &opts.interfaces {
         enforcer
-            .attach_interface(interface)
+            .attach_interface(interface, LinkSide::Uplink)
             .with_context(|| format!("attaching to interface {interface}"))?;
     }
+    let workloads = if workload_interfaces.is_empty() {
+        None
+    } else {
+        let links = WorkloadLinks::start(workload_interfaces.clone(), &mut enforcer)?;
+        let mut names: Vec<&str> = links.attached().collect();
+        names.sort_unstable();
+        log::info!(
+            "workload interfaces {workload_interfaces}: attached to {} present ({}); \
+             watching for new ones",
+            names.len(),
+            names.join(",")
+        );
+        Some(links)
+    };
     let (retired, versions) = enforcer
         .retire_predecessors()
         .context("detaching the previous agent's programs")?;
@@ -258,6 +265,7 @@ async fn start(
     Ok(Started {
         listener,
         enforcer,
+        workloads,
         learner,
         legacy,
         ring,
@@ -354,6 +362,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     let resolvers = resolvers::for_policy(&policy.dns, has_names)?;
     check_inputs(&cgroup, &root, &opts.interfaces)?;
+    let workload_interfaces = InterfacePatterns::parse(&opts.workload_interfaces)?;
     // The lock first: an agent started while its predecessor runs (an upgrade) waits here,
     // before binding the address its predecessor still serves, and looks at the pin root
     // only once its predecessor is done with it.
@@ -364,9 +373,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let before = pins
         .contents()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
-    let started = start(&opts, &loaded, &policy, &resolvers, mode, &cgroup, &pins)
-        .await
-        .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
+    let started = start(
+        &opts,
+        &policy,
+        &resolvers,
+        mode,
+        &cgroup,
+        workload_interfaces,
+        &pins,
+    )
+    .await
+    .and_then(|started| {
+        // What `status --rules` and `explain` name the maps' entries by.
+        record::write(&pins, &opts.config, &loaded).context("recording the policy")?;
+        Ok(started)
+    })
+    .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
     // a large policy it is tens of MiB.
@@ -401,6 +423,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
     let mut control = tokio::spawn(control.run(
+        started.workloads,
         started.dns_ring,
         started.old_dns_ring,
         reload_rx,

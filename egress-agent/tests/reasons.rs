@@ -13,7 +13,7 @@ use egress_agent::{
     control::boot_time_ns,
     dns::learner::LearnedStore as _,
     events::decode_event,
-    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP},
+    loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, LinkSide},
     policy::{Mode, parse},
     reason::Reason,
 };
@@ -46,7 +46,7 @@ fn each_deny_point_reports_its_reason() {
         return;
     }
     let mut e = enforcer(Mode::Enforce);
-    e.load_tc().expect("TC programs load");
+    e.load_tc(LinkSide::Uplink).expect("TC programs load");
     let hour = 3600 * 1_000_000_000;
     let learned_live = Ipv4Addr::new(198, 51, 100, 70);
     let learned_gone = Ipv4Addr::new(198, 51, 100, 71);

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{
     events::decode,
-    loader::{ByProto, EGRESS_CGROUP, EGRESS_TC, INGRESS_CGROUP, Stats},
+    loader::{ByProto, EGRESS_CGROUP, EGRESS_TC, INGRESS_CGROUP, LinkSide, Stats},
     policy::{DnsSettings, Mode},
     run::settings,
 };
@@ -150,7 +150,7 @@ fn the_tc_program_makes_the_same_decisions_and_passes_non_ip() {
         return;
     }
     let mut e = enforcer(Mode::Enforce);
-    e.load_tc().expect("TC programs load");
+    e.load_tc(LinkSide::Uplink).expect("TC programs load");
     assert_eq!(
         run(&e, EGRESS_TC, &tcp_to(ip("203.0.113.10"), 443)),
         TC_ACT_OK
@@ -302,7 +302,7 @@ fn later_fragments_follow_their_first() {
         return;
     }
     let mut e = enforcer(Mode::Enforce);
-    e.load_tc().expect("TC programs load");
+    e.load_tc(LinkSide::Uplink).expect("TC programs load");
     let allowed = Ipv4Addr::new(203, 0, 113, 10);
     let denied = Ipv4Addr::new(198, 51, 100, 9);
     let first = ipv4_fragment(allowed, proto::UDP, 77, 0, true, &udp(40000, 123));

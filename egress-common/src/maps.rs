@@ -415,6 +415,9 @@ pub const REASON_ICMP_ERROR: u8 = 8;
 /// Neighbour discovery or MLD out of scope: a hop limit other than the protocol's, an
 /// address beyond the link, or a unicast neighbour message that carries more than its own.
 pub const REASON_NEIGHBOUR: u8 = 9;
+/// A packet from a link to workloads whose source address the node does not route back
+/// over that link: a forged source.
+pub const REASON_SPOOFED_SOURCE: u8 = 10;
 
 /// `RATE`: `PerCpuArray<RateState>` with one entry: each CPU's event token bucket.
 pub const RATE: &str = "RATE";

@@ -14,7 +14,7 @@
 //! one live state per iteration: what one iteration hands to the next goes through map
 //! memory (volatile), where the verifier sees "some number" rather than one exact range
 //! per path.
-use aya_ebpf::{check_bounds_signed, helpers::bpf_skb_load_bytes};
+use aya_ebpf::{bindings::BPF_NOEXIST, check_bounds_signed, helpers::bpf_skb_load_bytes};
 use egress_common::{
     Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
     NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
@@ -126,7 +126,11 @@ pub fn query<C: Skb>(ctx: &C, p: &Packet) -> bool {
                 name_hash,
                 cookie: ctx.socket_cookie(),
             };
-            let _ = DNS_QUERIES.insert(key, value, 0);
+            // A TC program sees a local socket's query after the cgroup program has
+            // remembered it with the socket (a pod's query, on the node's end of the pod's
+            // link): it must not overwrite that with no socket at all.
+            let flags = if C::SOCKET_HOOK { 0 } else { BPF_NOEXIST };
+            let _ = DNS_QUERIES.insert(key, value, flags.into());
         }
     }
     true

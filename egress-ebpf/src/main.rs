@@ -6,6 +6,10 @@
 //!   server in the cgroup always gets its replies out.
 //! - `egress_tc` / `ingress_tc` (TC classifiers): the same two jobs for traffic no local
 //!   socket sends, e.g. pod traffic forwarded by the node under kubenet.
+//! - `from_workload_tc` (TC ingress on the node's end of a link to workloads, e.g. a pod's
+//!   veth): `egress_tc`'s decision for what the workload sends, which also refuses sources
+//!   the workload does not own; `ingress_tc` serves the link's other direction. This sees
+//!   frames that packet sockets write, which no cgroup program sees.
 //!
 //! Both attach kinds share one decision path (`verdict`); only the header offset differs.
 #![no_std]
@@ -15,6 +19,7 @@ mod dns;
 mod maps;
 mod packet;
 mod report;
+mod route;
 mod verdict;
 
 use aya_ebpf::{
@@ -32,7 +37,7 @@ const CGROUP_DROP: i32 = 0;
 #[cgroup_skb(egress)]
 pub fn egress_cgroup(ctx: SkBuffContext) -> i32 {
     // cgroup_skb data starts at the IP header.
-    if verdict::egress(&ctx, L3Start::at(0)) {
+    if verdict::egress(&ctx, L3Start::at(0), false) {
         CGROUP_PASS
     } else {
         CGROUP_DROP
@@ -51,7 +56,20 @@ pub fn egress_tc(ctx: TcContext) -> i32 {
     let Some(l3) = tc_l3_start(&ctx) else {
         return TC_ACT_OK;
     };
-    if verdict::egress(&ctx, l3) {
+    if verdict::egress(&ctx, l3, false) {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[classifier]
+pub fn from_workload_tc(ctx: TcContext) -> i32 {
+    // Not IP: the node routes none of it (ARP is answered, not forwarded).
+    let Some(l3) = tc_l3_start(&ctx) else {
+        return TC_ACT_OK;
+    };
+    if verdict::egress(&ctx, l3, true) {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

@@ -1,6 +1,8 @@
 //! The per-packet decision, shared by the cgroup and TC programs.
 //!
 //! Egress, in order (first match wins):
+//! 0. on a link to workloads (`from_workload_tc`), a packet whose source the node does not
+//!    route back over that link is denied: a forgery (see `route`);
 //! 1. a later fragment passes when its datagram's first fragment did (`FRAGS`);
 //! 2. a forged DNS answer (a raw socket claiming a trusted resolver's port 53) is denied,
 //!    and DNS queries to trusted resolvers pass (see `dns`);
@@ -23,8 +25,8 @@ use egress_common::{
     FLOW_DENIED, FLOW_INBOUND, FlowKey, FlowValue, FragKey, MODE_ENFORCE, NO_PORT_SET, PortKey,
     REASON_FORGED_DNS, REASON_FRAGMENT, REASON_ICMP_ERROR, REASON_LEARNED_EXPIRED,
     REASON_LEARNED_PORT, REASON_MALFORMED, REASON_NEIGHBOUR, REASON_NO_RULE, REASON_PORT,
-    STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DROPPED_BASE, STAT_PROTO_OTHER, Settings, proto,
-    stat_proto,
+    REASON_SPOOFED_SOURCE, STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DROPPED_BASE,
+    STAT_PROTO_OTHER, Settings, proto, stat_proto,
 };
 
 use crate::{
@@ -35,6 +37,7 @@ use crate::{
         parse, quoted_flow,
     },
     report::{count, emit},
+    route,
 };
 
 /// A flow's `last_seen_ns` is rewritten at most this often, so that busy flows do not dirty
@@ -50,9 +53,10 @@ fn denied(reason: u8) -> u32 {
     DENIED + u32::from(reason)
 }
 
-/// Decides an outgoing packet: `true` lets it pass.
+/// Decides an outgoing packet: `true` lets it pass. `from_workload`: the packet comes in
+/// over a link from workloads (`from_workload_tc`), not from this host's own stack.
 #[inline(always)]
-pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
+pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
         // Cannot happen (a one-entry array always has index 0); fail closed if it does.
         return false;
@@ -62,7 +66,11 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start) -> bool {
         return deny(ctx, settings, None, REASON_MALFORMED, now);
     };
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
-    let verdict = decide(ctx, settings, &p, &key, now);
+    let verdict = if from_workload && !route::source_routes_back(ctx, &p) {
+        denied(REASON_SPOOFED_SOURCE)
+    } else {
+        decide(ctx, settings, &p, &key, now)
+    };
     let pass = if verdict >= DENIED {
         deny(
             ctx,
@@ -512,9 +520,10 @@ fn deny<C: Skb>(
             flow.last_seen_ns = now;
             return false;
         }
-        // A live flow started from outside keeps its entry, so that its replies still
-        // pass after a packet of it that is none (a forged one, say) was denied.
-        keep_entry = live && flow.state == FLOW_INBOUND;
+        // A live flow allowed or started from outside keeps its entry, so that its
+        // packets still pass after a packet with its key was denied (one that is no reply,
+        // or a forged one, which is denied before the flow is looked at).
+        keep_entry = live && (flow.state == FLOW_INBOUND || flow.state == FLOW_ALLOWED);
     }
     // SAFETY: both helpers only read the skb the program was called with.
     let (cgroup_id, uid) = unsafe { (bpf_skb_cgroup_id(ctx.skb()), bpf_get_socket_uid(ctx.skb())) };

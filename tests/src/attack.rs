@@ -397,6 +397,8 @@ pub struct Spur {
     pub addr: Ipv4Addr,
     /// The server's end of the link.
     pub server_veth: String,
+    /// The spur's end of the link.
+    pub spur_veth: String,
 }
 
 impl Spur {
@@ -449,6 +451,7 @@ impl Spur {
             netns,
             addr,
             server_veth,
+            spur_veth,
         }
     }
 }
@@ -495,6 +498,20 @@ impl Sniffer {
             )
         })
     }
+
+    /// The negative check on the wire: waits for the marker (a packet sent after the
+    /// attack on the same path, which must arrive), then asserts that no packet received
+    /// matches `is_leak`, naming `leak` if one does.
+    pub fn assert_none_before_marker(
+        &self,
+        is_marker: impl FnMut(&Value) -> bool,
+        mut is_leak: impl FnMut(&Value) -> bool,
+        leak: &str,
+    ) {
+        self.wait_received("the marker", is_marker);
+        let leaked = self.received(|p| is_leak(p));
+        assert!(leaked.is_empty(), "{leak}: {leaked:?}");
+    }
 }
 
 /// The packets among sniffed lines that came in (the first line is the ready line).
@@ -507,23 +524,21 @@ fn received(lines: &[String]) -> impl Iterator<Item = Value> + '_ {
 }
 
 /// The agent, run inside `netns` (its network namespace only: the cgroup2 mount stays
-/// visible) so that `--interface` can name that namespace's links, with its own pin root;
-/// returns once it enforces.
+/// visible) so that `--interface` and `--workload-interface`, among `args`, can name that
+/// namespace's links, with its own pin root; returns once it enforces.
 pub fn start_agent_in(
     netns: &Netns,
     policy: &TempFile,
     cgroup: &TestCgroup,
-    interfaces: &[&str],
+    args: &[&str],
 ) -> Agent {
     let pins = PinDir::new();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", netns.name()))
         .arg("--")
         .arg(agent_bin())
-        .args(run_args(policy, cgroup, &pins));
-    for iface in interfaces {
-        cmd.args(["--interface", iface]);
-    }
+        .args(run_args(policy, cgroup, &pins))
+        .args(args);
     let mut agent = start_agent_command(cmd, None);
     agent.pins = Some(pins);
     agent

@@ -448,6 +448,22 @@ impl PinDir {
         self.mount.join("egress-enforcer")
     }
 
+    /// The names of the link pins under the root (`<point>@<link id>`), of every version,
+    /// sorted.
+    pub fn link_pins(&self) -> Vec<String> {
+        let Ok(versions) = fs::read_dir(self.root()) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = versions
+            .flatten()
+            .filter_map(|version| fs::read_dir(version.path().join("links")).ok())
+            .flat_map(|links| links.flatten())
+            .map(|link| link.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// `egress-agent status` on this root: its exit status and output.
     pub fn status(&self) -> (bool, String) {
         self.agent(&["status"])
@@ -925,6 +941,11 @@ impl Agent {
             stderr,
             pins: None,
         }
+    }
+
+    /// The pin root of an agent started with one of its own.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
     }
 
     /// The agent's pid.

@@ -22,9 +22,9 @@ use egress_tests::attack::{
 };
 use egress_tests::dns::{DnsServer, Lookup, Record, resolve_connect};
 use egress_tests::{
-    Agent, CLIENT_V4, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, SERVER_V4,
-    Server, TempFile, TestCgroup, Topology, assert_eperm, assert_ok, assert_timeout, probe_tcp,
-    probe_udp, require_root, start_agent,
+    Agent, CLIENT_V4, Netns, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B,
+    SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup, Topology, assert_eperm, assert_ok,
+    assert_timeout, probe_tcp, probe_udp, require_root, start_agent,
 };
 use serde_json::{Value, json};
 
@@ -111,7 +111,12 @@ impl Base {
         let policy = TempFile::new(policy);
         let topo = Topology::new();
         let cgroup = TestCgroup::new();
-        let agent = start_agent_in(&topo.client, &policy, &cgroup, &[&topo.client_veth]);
+        let agent = start_agent_in(
+            &topo.client,
+            &policy,
+            &cgroup,
+            &["--interface", &topo.client_veth],
+        );
         Base {
             agent,
             cgroup,
@@ -455,12 +460,11 @@ fn spoofed_inbound_datagram_over_loopback_opens_no_reply_path() {
         &probe_udp(&base.topo.client, None, REMOTE_V4_B, DISCARD),
         "the marker, from outside the cgroup",
     );
-    let is_marker = |p: &Value| p["dst"] == REMOTE_V4_B.to_string() && p["sport"] != port;
-    sniffer.wait_received("the marker", is_marker);
-    let leaked = sniffer.received(|p| p["dst"] == REMOTE_V4_B.to_string() && p["sport"] == port);
-    assert!(
-        leaked.is_empty(),
-        "the \"reply\" reached the server: {leaked:?}"
+    let to_b = |p: &Value| p["dst"] == REMOTE_V4_B.to_string();
+    sniffer.assert_none_before_marker(
+        |p| to_b(p) && p["sport"] != port,
+        |p| to_b(p) && p["sport"] == port,
+        "the \"reply\" reached the server",
     );
 }
 
@@ -910,4 +914,347 @@ fn packet_socket_frame_from_the_cgroup_does_not_leave() {
         leaked.is_empty(),
         "a frame from a packet socket in the cgroup reached the server: {leaked:?} (send: {sent:?})"
     );
+}
+
+// --- 9. Links to workloads (`--workload-interface`) ----------------------------------------
+//
+// On a node, the packet-socket attacks above are closed by the TC programs on the node's
+// end of each pod's link, facing the pod. Here the server namespace plays the node (the
+// agent runs there) and the client namespace a pod behind it; the agent's cgroup programs
+// are on the pod's cgroup as before.
+
+impl Base {
+    /// The agent in the server namespace, on the cgroup and, facing the workload, on the
+    /// links matching `pattern` (the server's end of the client's link by default).
+    fn start_on_node(policy: &str, pattern: Option<&str>) -> Base {
+        Base::start_on_node_with(policy, Topology::new(), pattern)
+    }
+
+    fn start_on_node_with(policy: &str, topo: Topology, pattern: Option<&str>) -> Base {
+        let policy = TempFile::new(policy);
+        let cgroup = TestCgroup::new();
+        let pattern = pattern.unwrap_or(&topo.server_veth).to_owned();
+        // A node forwards, IPv6 included (the check on the pod's link depends on it).
+        for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            let status = topo.server.exec(&["sysctl", "-q", "-w", setting]).status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "sysctl -w {setting} failed"
+            );
+        }
+        let agent = start_agent_in(
+            &topo.server,
+            &policy,
+            &cgroup,
+            &["--workload-interface", &pattern],
+        );
+        Base {
+            agent,
+            cgroup,
+            topo,
+            _policy: policy,
+        }
+    }
+
+    /// The server's MAC on the client's link: where a pod's frames to the world go.
+    fn gateway_mac(&self) -> String {
+        mac_of(&self.topo.server, self.node_link())
+    }
+
+    /// The interface that holds the server's addresses on the client's link: the veth
+    /// end, or the bridge it is a port of.
+    fn node_link(&self) -> &str {
+        let links = self.topo.server.ip("-j link show");
+        if links.contains(&format!("\"ifname\":\"{BRIDGE}\"")) {
+            BRIDGE
+        } else {
+            &self.topo.server_veth
+        }
+    }
+}
+
+/// The bridge of `start_on_bridge`, named as kubenet names its own.
+const BRIDGE: &str = "cbr0";
+
+/// As kubenet lays out a node: the pods' links are ports of a bridge that holds the
+/// node's address on the pods' network, and the agent guards the bridge.
+fn start_on_bridge(policy: &str) -> Base {
+    let topo = Topology::new();
+    let server = &topo.server;
+    server.ip(&format!("link add {BRIDGE} type bridge"));
+    server.ip(&format!("addr flush dev {}", topo.server_veth));
+    server.ip(&format!("link set {} master {BRIDGE}", topo.server_veth));
+    server.ip(&format!("addr add {SERVER_V4}/24 dev {BRIDGE}"));
+    server.ip(&format!("-6 addr add {SERVER_V6}/64 dev {BRIDGE} nodad"));
+    server.ip(&format!("link set {BRIDGE} up"));
+    Base::start_on_node_with(policy, topo, Some(BRIDGE))
+}
+
+/// Closes, on the node: the answer of `forged_answer_routed_back_by_the_next_hop_teaches_
+/// nothing`, forged by a pod with a packet socket, which the node would route straight
+/// back to the pod's socket. On the node's end of the pod's link its source, the
+/// resolver's address, is not one the node routes to that link: the frame is dropped
+/// there and never comes back. (With the cgroup programs alone it comes back and
+/// teaches: SECURITY.md.)
+#[test]
+fn forged_answer_reflected_by_the_node_is_dropped_on_the_workload_link() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start_on_node(&zone_policy(FAR_RESOLVER), None);
+    let (_spur, _dns) = far_resolver(&base);
+    let client = base.client();
+    let (_query, port) = query_wait_at(&client, PWN, FAR_RESOLVER.into(), QUERY_ID, 1);
+    let gateway_mac = base.gateway_mac();
+    let link = ["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac];
+    let sniffer = Sniffer::start(&base.topo.client, &base.topo.client_veth);
+    let _ = raw_udp(
+        &client,
+        v4(FAR_RESOLVER, DNS),
+        v4(CLIENT_V4, port),
+        &strs(&pwn_answer(&link)),
+    );
+    // The marker: a real answer from the resolver, to a query sent after the forgery.
+    let (_marker, marker_port) =
+        query_wait_at(&base.client_outside(), OK_NAME, FAR_RESOLVER.into(), 1, 1);
+    let from_resolver = |p: &Value, port: u16| {
+        p["out"] == false && p["src"] == FAR_RESOLVER.to_string() && p["dport"] == port
+    };
+    sniffer.assert_none_before_marker(
+        |p| from_resolver(p, marker_port),
+        |p| from_resolver(p, port),
+        "the node sent the forged answer back",
+    );
+
+    base.assert_b_https_dropped("a forged answer the node would reflect");
+}
+
+/// Closes, on the node: a frame a pod writes with a packet socket, to an address the
+/// policy does not allow (UDP to [`FAR_HOST`], allowed on TCP 443 only), which no cgroup
+/// program sees: the node does not forward it.
+#[test]
+fn packet_socket_frame_from_a_workload_is_dropped_at_the_node() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start_on_node(POLICY, None);
+    let spur = Spur::new(&base.topo, FAR_HOST, None);
+    let _https = Server::tcp(&spur.netns, None, FAR_HOST, HTTPS);
+    let sniffer = Sniffer::start(&spur.netns, &spur.spur_veth);
+    let gateway_mac = base.gateway_mac();
+    let sent = raw_udp(
+        &base.client(),
+        v4(CLIENT_V4, LOCAL_PORT),
+        v4(FAR_HOST, DISCARD),
+        &["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac],
+    );
+    assert_far_host_marker_only(&base, &sniffer, &sent);
+}
+
+/// An allowed connection from the client (outside the cgroup: only the node's programs
+/// decide it) reached [`FAR_HOST`], and nothing to its UDP port 9 did before it.
+fn assert_far_host_marker_only(base: &Base, sniffer: &Sniffer, sent: &ProbeResult) {
+    assert_ok(
+        &probe_tcp(&base.topo.client, None, FAR_HOST, HTTPS),
+        "the marker",
+    );
+    let to_far_host = |p: &Value, port: u16| p["dst"] == FAR_HOST.to_string() && p["dport"] == port;
+    sniffer.assert_none_before_marker(
+        |p| to_far_host(p, HTTPS),
+        |p| to_far_host(p, DISCARD),
+        &format!("a datagram to FAR_HOST:9 left the node (send: {sent:?})"),
+    );
+}
+
+/// Closes, on the node: a "reply" flow opened by a datagram the pod writes itself, "from"
+/// `FAR_HOST:9` to its own socket, as a frame to the node, which would route it straight
+/// back: the pod's socket would then "reply" to `FAR_HOST:9`, which the policy does not
+/// allow. The frame is dropped on the node's end of the link (its source is not the
+/// pod's), so the socket receives nothing, and sends nothing there.
+#[test]
+fn spoofed_inbound_datagram_reflected_by_the_node_opens_no_reply_path() {
+    if !require_root() {
+        return;
+    }
+    let base = Base::start_on_node(POLICY, None);
+    let spur = Spur::new(&base.topo, FAR_HOST, None);
+    let _https = Server::tcp(&spur.netns, None, FAR_HOST, HTTPS);
+    let at_pod = Sniffer::start(&base.topo.client, &base.topo.client_veth);
+    let at_far_host = Sniffer::start(&spur.netns, &spur.spur_veth);
+    let client = base.client();
+    let far9 = SocketAddr::from((FAR_HOST, DISCARD));
+    let (mut socket, port) = udp_listen_at(&client, any_port(0), 1, Some(far9));
+    let gateway_mac = base.gateway_mac();
+    let sent = raw_udp(
+        &client,
+        v4(FAR_HOST, DISCARD),
+        v4(CLIENT_V4, port),
+        &["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac],
+    );
+    assert_far_host_marker_only(&base, &at_far_host, &sent);
+    let back = at_pod.received(|p| p["src"] == FAR_HOST.to_string() && p["dport"] == port);
+    assert!(
+        back.is_empty(),
+        "the node sent the spoofed datagram back: {back:?}"
+    );
+    assert!(socket.running(), "the socket received a datagram");
+    socket.stop();
+}
+
+/// The legitimate use next to the tests above, with the node's programs on the pod's
+/// link as well as the cgroup programs: a name looked up through the resolver a hop
+/// away is learned and reached at once; allowed addresses are reached over TCP, UDP and
+/// IPv6 (neighbour discovery with the node included); a server in the pod answers a
+/// client no rule lists; and what the policy does not allow is still dropped.
+#[test]
+fn workloads_behind_a_workload_link_keep_working() {
+    if !require_root() {
+        return;
+    }
+    let policy = format!(
+        "{POLICY}  - fqdn: \"{ZONE}\"\n    ports: [TCP:{HTTPS}]\ndns:\n  resolvers: [{FAR_RESOLVER}]\n"
+    );
+    let base = Base::start_on_node(&policy, None);
+    let (_spur, _dns) = far_resolver(&base);
+    base.resolve_ok_and_connect(FAR_RESOLVER, "the resolver behind the node");
+    let cg = Some(&base.cgroup);
+    let _ntp = Server::udp(&base.topo.server, None, REMOTE_V4_A, NTP);
+    let _v6 = Server::tcp(&base.topo.server, None, REMOTE_V6_A, HTTPS);
+    assert_ok(
+        &probe_udp(&base.topo.client, cg, REMOTE_V4_A, NTP),
+        "UDP to an allowed address",
+    );
+    assert_ok(
+        &probe_tcp(&base.topo.client, cg, REMOTE_V6_A, HTTPS),
+        "TCP to an allowed IPv6 address",
+    );
+    const ECHO: u16 = 7443;
+    let _echo = Server::tcp(&base.topo.client, cg, CLIENT_V4, ECHO);
+    assert_ok(
+        &probe_tcp(&base.topo.server, None, CLIENT_V4, ECHO),
+        "the node's connection to a server in the pod",
+    );
+    assert_ok(
+        &probe_udp(&base.topo.client, None, REMOTE_V4_A, NTP),
+        "UDP to an allowed address from outside the cgroup",
+    );
+    base.assert_b_https_dropped("nothing");
+}
+
+/// A pod's link that appears after the agent started is guarded within moments, and
+/// forgotten (its pins removed) when it goes: a second pod, its link named to match the
+/// agent's pattern, writes the forbidden frame once its link is attached, next to an
+/// allowed connection.
+#[test]
+fn a_workload_link_that_appears_later_is_guarded() {
+    if !require_root() {
+        return;
+    }
+    const POD2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
+    let prefix = format!("wl{}", std::process::id() % 100_000);
+    let base = Base::start_on_node(POLICY, Some(&format!("{prefix}*")));
+    let spur = Spur::new(&base.topo, FAR_HOST, None);
+    let _https = Server::tcp(&spur.netns, None, FAR_HOST, HTTPS);
+    let pod = Netns::new();
+    let (pod_veth, node_veth) = (format!("{prefix}a"), format!("{prefix}b"));
+    base.topo.server.ip(&format!(
+        "link add {node_veth} type veth peer name {pod_veth} netns {}",
+        pod.name()
+    ));
+    base.agent.wait_for_stderr(
+        &format!("attached to workload interface {node_veth}"),
+        Duration::from_secs(10),
+    );
+    pod.ip(&format!("link set {pod_veth} up"));
+    pod.ip(&format!("addr add {POD2}/32 dev {pod_veth}"));
+    pod.ip(&format!("route add {SERVER_V4}/32 dev {pod_veth}"));
+    pod.ip(&format!("route add default via {SERVER_V4} dev {pod_veth}"));
+    base.topo.server.ip(&format!("link set {node_veth} up"));
+    base.topo
+        .server
+        .ip(&format!("route add {POD2}/32 dev {node_veth}"));
+
+    let sniffer = Sniffer::start(&spur.netns, &spur.spur_veth);
+    let gateway_mac = mac_of(&base.topo.server, &node_veth);
+    let sent = raw_udp(
+        &At(&pod, None),
+        v4(POD2, LOCAL_PORT),
+        v4(FAR_HOST, DISCARD),
+        &["--link", &pod_veth, "--dst-mac", &gateway_mac],
+    );
+    assert_ok(
+        &probe_tcp(&pod, None, FAR_HOST, HTTPS),
+        "the marker, from the second pod",
+    );
+    sniffer.assert_none_before_marker(
+        |p| p["src"] == POD2.to_string() && p["dport"] == HTTPS,
+        |p| p["dst"] == FAR_HOST.to_string() && p["dport"] == DISCARD,
+        &format!("a packet-socket frame from the second pod left the node (send: {sent:?})"),
+    );
+
+    let pins = base
+        .agent
+        .pin_dir()
+        .expect("the agent has a pin root of its own");
+    let node_pins = || -> Vec<String> {
+        pins.link_pins()
+            .into_iter()
+            .filter(|p| p.starts_with(&format!("workload-{node_veth}-")))
+            .collect()
+    };
+    // TCX links (kernel 6.6 and later) are pinned; netlink filters are not.
+    let pinned = !node_pins().is_empty();
+    base.topo.server.ip(&format!("link del {node_veth}"));
+    if pinned {
+        wait_until(
+            "the gone link's pins removed",
+            Duration::from_secs(10),
+            || node_pins().is_empty(),
+        );
+    }
+}
+
+/// Under kubenet the node's end of every pod's link is a port of the bridge `cbr0`, which
+/// holds the node's address: guarding the bridge decides what the pods send through the
+/// node, and the pods' sources route back over the bridge. The packet-socket frame of
+/// `packet_socket_frame_from_a_workload_is_dropped_at_the_node`, and the reflected
+/// forged answer, are dropped there.
+#[test]
+fn a_bridge_to_workloads_is_guarded_like_their_links() {
+    if !require_root() {
+        return;
+    }
+    let base = start_on_bridge(&zone_policy(FAR_RESOLVER));
+    let (spur, _dns) = far_resolver(&base);
+    let sniffer = Sniffer::start(&spur.netns, &spur.spur_veth);
+    let gateway_mac = base.gateway_mac();
+    let link = ["--link", &base.topo.client_veth, "--dst-mac", &gateway_mac];
+    let sent = raw_udp(
+        &base.client(),
+        v4(CLIENT_V4, LOCAL_PORT),
+        v4(FAR_RESOLVER, DISCARD),
+        &link,
+    );
+    let client = base.client();
+    let (_query, port) = query_wait_at(&client, PWN, FAR_RESOLVER.into(), QUERY_ID, 1);
+    let at_pod = Sniffer::start(&base.topo.client, &base.topo.client_veth);
+    let _ = raw_udp(
+        &client,
+        v4(FAR_RESOLVER, DNS),
+        v4(CLIENT_V4, port),
+        &strs(&pwn_answer(&link)),
+    );
+    // The marker: a real lookup and connect, which must pass.
+    base.resolve_ok_and_connect(FAR_RESOLVER, "the resolver behind the bridged node");
+    sniffer.assert_none_before_marker(
+        |p| p["dport"] == DNS && p["src"] == CLIENT_V4.to_string(),
+        |p| p["dport"] == DISCARD,
+        &format!("a packet-socket frame from the pod left the node (send: {sent:?})"),
+    );
+    let back = at_pod.received(|p| p["src"] == FAR_RESOLVER.to_string() && p["dport"] == port);
+    assert!(
+        back.is_empty(),
+        "the node sent the forged answer back: {back:?}"
+    );
+    base.assert_b_https_dropped("a forged answer the bridged node would reflect");
 }

@@ -17,6 +17,7 @@ use std::{
 use egress_tests::{
     Agent, PinDir, REMOTE_V4_A, REMOTE_V4_B, SERVER_V4, Server, TempFile, TestCgroup, Topology,
     agent_bin, assert_ok, assert_timeout, attached_programs,
+    attack::start_agent_in,
     dns::{BackgroundProbe, DnsServer, Lookup, Record, connect_loop, resolve_connect},
     probe_tcp, require_root, start_pinned_agent,
 };
@@ -685,7 +686,7 @@ fn a_failed_takeover_leaves_the_predecessor_enforcing() {
     let world = World::new();
     let (policy, pins, mut a) = start_keeping(&world);
     let a_programs = program_ids(&world);
-    let a_links = link_pins(&pins);
+    let a_links = pins.link_pins();
     // B runs in the client's namespace, where the interface is.
     world
         .topo
@@ -721,18 +722,47 @@ fn a_failed_takeover_leaves_the_predecessor_enforcing() {
             "1 CIDR entries",
         ],
     );
-    assert_eq!(link_pins(&pins), a_links, "B's link pins are left");
+    assert_eq!(pins.link_pins(), a_links, "B's link pins are left");
     assert_loops(&mut allowed, &mut denied);
 }
 
-/// The link pins under every version directory of the pin root.
-fn link_pins(pins: &PinDir) -> Vec<std::path::PathBuf> {
-    let mut links: Vec<_> = fs::read_dir(pins.root())
-        .expect("the pin root")
-        .filter_map(|version| fs::read_dir(version.expect("an entry").path().join("links")).ok())
-        .flatten()
-        .map(|link| link.expect("a link").path())
-        .collect();
-    links.sort();
-    links
+/// The TC programs leave with an agent that detaches on exit: on kernels before 6.6 they
+/// are netlink filters, which outlive the process that added them unless it removes them.
+#[test]
+fn tc_programs_go_with_a_detaching_agent() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let policy = TempFile::new(&policy_text(""));
+    let mut agent = start_agent_in(
+        &world.topo.client,
+        &policy,
+        &world.cgroup,
+        &["--interface", &world.topo.client_veth],
+    );
+    let veth = world.topo.client_veth.clone();
+    let filters = || {
+        ["ingress", "egress"].map(|hook| {
+            let out = world
+                .topo
+                .client
+                .exec(&["tc", "filter", "show", "dev", &veth, hook])
+                .output()
+                .expect("tc runs");
+            assert!(out.status.success(), "tc filter show {hook}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let tcx = !agent
+        .stderr_lines()
+        .iter()
+        .any(|l| l.contains("netlink filters on this kernel"));
+    assert!(
+        tcx || filters().iter().all(|f| !f.is_empty()),
+        "no netlink filters while the agent runs: {:?}",
+        filters()
+    );
+    assert!(agent.terminate().success());
+    assert_eq!(filters(), [String::new(), String::new()], "filters left");
 }
