@@ -1025,6 +1025,15 @@ fn forged_answer_reflected_by_the_node_is_dropped_on_the_workload_link() {
         |p| from_resolver(p, port),
         "the node sent the forged answer back",
     );
+    // The deny line names the forgery.
+    base.agent.wait_for_event(
+        |e| {
+            e["reason"] == "spoofed_source"
+                && e["dst"] == CLIENT_V4.to_string()
+                && e["dport"] == port
+        },
+        FORGED_EVENT_TIMEOUT,
+    );
 
     base.assert_b_https_dropped("a forged answer the node would reflect");
 }
