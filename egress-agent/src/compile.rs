@@ -132,7 +132,7 @@ impl PortSets {
 }
 
 /// A CIDR as (prefix length over 128 bits, address as a 128-bit integer).
-fn to_key_space(net: &IpNet) -> (u32, u128) {
+pub fn to_key_space(net: &IpNet) -> (u32, u128) {
     match net {
         IpNet::V4(n) => (
             V4_MAPPED_PREFIX + u32::from(n.prefix_len()),

@@ -3,7 +3,7 @@
 //! applies policy reloads, attaches to new links to workloads, keeps the pinned name records and a previous agent's port sets
 //! up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
 //! pinned state in place or removes it (`--on-exit`) and reports the counters.
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -22,7 +22,10 @@ use crate::{
     events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
     metrics::Snapshot,
-    policy::{Mode, Policy},
+    pin::PinRoot,
+    policy::Mode,
+    record,
+    reload::Reloaded,
     run::{give_back_freed_memory, settings},
     workloads::WorkloadLinks,
 };
@@ -64,6 +67,9 @@ pub struct Control {
     pub journal_behind: bool,
     /// `DNS_EVENTS` records the kernel lost to a full ring, as of the last recheck's start.
     pub dns_events_lost: u64,
+    /// Where the applied policy is recorded (see `record`), and the file it is read from.
+    pub pins: PinRoot,
+    pub config: PathBuf,
 }
 
 /// What the agent did, for its last log lines.
@@ -140,7 +146,7 @@ impl Control {
 
     /// Applies a reloaded policy; on error the running policy stays in force (a compile
     /// error changes nothing; a kernel map error mid-way is logged as such).
-    fn reload(&mut self, policy: Policy) -> anyhow::Result<()> {
+    fn reload(&mut self, Reloaded { policy, bytes }: Reloaded) -> anyhow::Result<()> {
         let compiled = compile_with(&policy, self.learner.port_sets().clone())?;
         let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
         let policy_sets = compiled.sets_in_use()?;
@@ -171,6 +177,7 @@ impl Control {
             &policy_sets,
             boot_time_ns(),
         )?;
+        record::write(&self.pins, &self.config, &bytes).context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
             policy.rules.len(),
@@ -206,7 +213,7 @@ impl Control {
         mut workloads: Option<WorkloadLinks>,
         dns_ring: RingBuf<MapData>,
         old_dns_ring: Option<RingBuf<MapData>>,
-        mut reloads: mpsc::Receiver<Policy>,
+        mut reloads: mpsc::Receiver<Reloaded>,
         snapshots: watch::Sender<Option<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Report> {

@@ -3,18 +3,26 @@ use std::{
     io::Write as _,
     mem::offset_of,
     net::{IpAddr, Ipv6Addr},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{HashMap, MapData, RingBuf};
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent,
-    Event, proto,
+    EVENT_V1_LEN, Event, FlowKey, FlowValue, REASON_UNKNOWN, proto,
 };
 use serde_json::{Value, json};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
 
-use crate::cgroup::{CgroupNames, first_process};
+use crate::{
+    cgroup::{CgroupNames, first_process},
+    control::boot_time_ns,
+    denials::{Denials, Flows, Idle},
+    reason::Reason,
+};
 
 /// The address as written in events: IPv4-mapped addresses as plain IPv4.
 pub fn display_addr(addr: &Addr) -> IpAddr {
@@ -41,6 +49,20 @@ pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     (bytes.len() == size_of::<T>())
         // SAFETY: the length matches and T is plain old data.
         .then(|| unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one `EVENTS` record: an [`Event`], or the previous release's shorter one (no
+/// source port, no reason), found in a ring an upgrade took over.
+pub fn decode_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() != EVENT_V1_LEN {
+        return decode(bytes);
+    }
+    let mut whole = [0u8; size_of::<Event>()];
+    whole[..EVENT_V1_LEN].copy_from_slice(bytes);
+    decode::<Event>(&whole).map(|e| Event {
+        reason: REASON_UNKNOWN,
+        ..e
+    })
 }
 
 /// A `DNS_EVENTS` record as the learner reads it, borrowed from the ring buffer: a record
@@ -92,9 +114,11 @@ pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
     let mut v = json!({
         "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         "action": action,
+        "reason": Reason::from_code(event.reason).name(),
         "proto": proto_name(event.proto),
         "dst": display_addr(&event.dst).to_string(),
         "dport": event.dport,
+        "sport": event.sport,
         "cgroup_id": event.cgroup_id,
     });
     if event.uid != u32::MAX {
@@ -112,28 +136,71 @@ pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
     v
 }
 
-/// Reads events until the ring buffer fails, writing one JSON line per event.
-pub async fn forward(ring: RingBuf<MapData>, mut names: CgroupNames) -> anyhow::Result<()> {
+/// The kernel's `FLOWS` map, where it counts the packets of a denied flow.
+pub type FlowsMap = HashMap<MapData, FlowKey, FlowValue>;
+
+impl Flows for FlowsMap {
+    fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.get(key, 0).ok()
+    }
+}
+
+/// How often held deny lines are looked at (see `denials`).
+const DENIALS_TICK: Duration = Duration::from_millis(500);
+
+/// Reads events until the ring buffer fails or `stop` turns true, writing one JSON line per
+/// event; a denied flow's line waits for its retransmits (see `denials`), and what is held
+/// is printed on stop.
+pub async fn forward(
+    ring: RingBuf<MapData>,
+    mut names: CgroupNames,
+    flows: FlowsMap,
+    mut stop: watch::Receiver<bool>,
+    idle: Idle,
+) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut denials = Denials::new(flows, idle);
+    let mut tick = tokio::time::interval(DENIALS_TICK);
     loop {
-        let mut guard = ring.readable_mut().await?;
-        let mut out = std::io::stdout().lock();
-        while let Some(item) = guard.get_inner_mut().next() {
-            match decode::<Event>(&item) {
-                Some(event) => writeln!(out, "{}", render(&event, &mut names))?,
-                None => log::warn!("ignoring an event of {} bytes", item.len()),
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let mut out = std::io::stdout().lock();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    let Some(event) = decode_event(&item) else {
+                        log::warn!("ignoring an event of {} bytes", item.len());
+                        continue;
+                    };
+                    let line = render(&event, &mut names);
+                    if let Some(line) = denials.add(&event, line, boot_time_ns()) {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                out.flush()?;
+                guard.clear_ready();
             }
+            _ = tick.tick() => print(denials.due(boot_time_ns()))?,
+            _ = stop.changed() => return print(denials.flush()),
         }
-        out.flush()?;
-        guard.clear_ready();
     }
+}
+
+fn print(lines: Vec<Value>) -> anyhow::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    Ok(out.flush()?)
 }
 
 #[cfg(test)]
 mod tests {
-    use egress_common::v4_mapped;
+    use egress_common::{REASON_NO_RULE, REASON_PORT, v4_mapped};
 
     use super::*;
 
@@ -157,11 +224,25 @@ mod tests {
             proto: proto::TCP,
             action: ACTION_DENY,
             uid: 0,
+            sport: 40000,
+            reason: REASON_PORT,
+            _pad: [0; 5],
         };
         // SAFETY: Event is plain old data.
         let bytes =
             unsafe { core::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<Event>()) };
         assert_eq!(decode(bytes), Some(e));
+        assert_eq!(decode_event(bytes), Some(e));
+        assert_eq!(
+            decode_event(&bytes[..EVENT_V1_LEN]),
+            Some(Event {
+                sport: 0,
+                reason: REASON_UNKNOWN,
+                ..e
+            }),
+            "the previous release's record"
+        );
+        assert!(decode_event(&bytes[..EVENT_V1_LEN + 1]).is_none());
     }
 
     /// The event as the kernel sends it: its header and `msg`.
@@ -240,6 +321,9 @@ mod tests {
             proto: proto::TCP,
             action: ACTION_AUDIT,
             uid: 1000,
+            sport: 40000,
+            reason: REASON_NO_RULE,
+            _pad: [0; 5],
         };
         let mut names = CgroupNames::new("/nonexistent-cgroup-root".into());
         let v = render(&e, &mut names);
@@ -248,6 +332,8 @@ mod tests {
         assert_eq!(v["dst"], "198.51.100.1");
         assert_eq!(v["dport"], 443);
         assert_eq!(v["uid"], 1000);
+        assert_eq!(v["reason"], "no_rule");
+        assert_eq!(v["sport"], 40000);
         assert!(v.get("cgroup").is_none());
     }
 }

@@ -1,9 +1,16 @@
 //! `egress-agent`: the command line.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use egress_agent::{
     compile::compile,
+    dns::resolvers,
+    explain::{self, Proto},
+    origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
     policy::{self, Mode, Rule},
     presets::{PRESETS, Params},
@@ -65,6 +72,28 @@ enum Command {
     Status {
         #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Also every CIDR and name entry in the maps, with its ports and the policy entry
+        /// it comes from, and what passes whatever the policy says.
+        #[arg(long)]
+        rules: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Say whether a new connection to ADDR PORT would pass the live (pinned) maps, by
+    /// which rule or learned name, or why not.
+    Explain {
+        addr: IpAddr,
+        /// The destination port (ignored for ICMP).
+        #[arg(default_value_t = 0)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove every attachment and pin a stopped agent left (`--on-exit keep`).
     Uninstall {
@@ -103,7 +132,29 @@ fn check(config: &std::path::Path) -> anyhow::Result<()> {
     let policy = policy::load(config)?;
     compile(&policy).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     println!("# mode: {}", policy.mode);
+    let dns = &policy.dns;
+    let (trusted, source) = match resolvers::trusted(dns) {
+        Ok(t) => (t.addrs, t.source.to_owned()),
+        Err(e) => (Vec::new(), format!("nowhere: {e:#}")),
+    };
+    let source = if dns.resolvers.is_none() {
+        format!("{source} (the policy has no dns.resolvers: the node's resolvers are trusted)")
+    } else {
+        source
+    };
+    println!(
+        "# dns: min_ttl {}s, max_ttl {}s, max_ips_per_name {}, max_ips {}",
+        dns.min_ttl, dns.max_ttl, dns.max_ips_per_name, dns.max_ips
+    );
+    for allow in origins::implicit_allows(&trusted, &source) {
+        println!("# implicit: {}  ({})", allow.what, allow.why);
+    }
     print_rules(&policy.rules);
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -182,9 +233,30 @@ fn main() -> ExitCode {
         } => policy::preset_rules(&name, Params { location, fqdn })
             .map(|rules| print_rules(&rules))
             .map_err(anyhow::Error::from),
-        Command::Status { pin_root } => {
-            status::report(&PinRoot::new(pin_root)).map(|report| print!("{report}"))
-        }
+        Command::Status {
+            pin_root,
+            rules,
+            json,
+        } => status::collect(&PinRoot::new(pin_root), rules).and_then(|s| {
+            if json {
+                print_json(&s)
+            } else {
+                status::text(&s).map(|t| print!("{t}"))
+            }
+        }),
+        Command::Explain {
+            addr,
+            port,
+            proto,
+            pin_root,
+            json,
+        } => explain::explain(&PinRoot::new(pin_root), addr, port, proto).and_then(|e| {
+            if json {
+                print_json(&e)
+            } else {
+                explain::text(&e).map(|t| print!("{t}"))
+            }
+        }),
         Command::Uninstall { pin_root } => uninstall(pin_root),
         Command::Run {
             config,

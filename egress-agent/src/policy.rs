@@ -1081,7 +1081,7 @@ fn port_number(text: &str, item: &str) -> Result<u16, String> {
 }
 
 /// Sorts ranges and joins those of one protocol that overlap or touch.
-fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+pub fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     ranges.sort_unstable();
     let mut merged: Vec<PortRange> = Vec::with_capacity(ranges.len());
     for range in ranges {

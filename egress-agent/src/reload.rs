@@ -12,6 +12,13 @@ use crate::policy::{self, Policy};
 
 const POLL_PERIOD: Duration = Duration::from_secs(2);
 
+/// A new policy, with the bytes it was parsed from (recorded once applied, see `record`).
+#[derive(Debug)]
+pub struct Reloaded {
+    pub policy: Policy,
+    pub bytes: Vec<u8>,
+}
+
 /// Sends each new policy to `reloads`. `loaded` is the content the running policy was
 /// parsed from: the agent reads the file long before it starts watching (loading and
 /// attaching come between), and a change made meanwhile must be applied, not taken for
@@ -19,7 +26,7 @@ const POLL_PERIOD: Duration = Duration::from_secs(2);
 pub async fn watch(
     path: PathBuf,
     loaded: Vec<u8>,
-    reloads: mpsc::Sender<Policy>,
+    reloads: mpsc::Sender<Reloaded>,
 ) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(POLL_PERIOD);
@@ -42,7 +49,10 @@ pub async fn watch(
             .and_then(|bytes| policy::parse_bytes(bytes, &source).map_err(|e| e.to_string()));
         last = now.ok();
         match parsed {
-            Ok(p) => reloads.send(p).await?,
+            Ok(policy) => {
+                let bytes = last.clone().unwrap_or_default();
+                reloads.send(Reloaded { policy, bytes }).await?;
+            }
             Err(e) => log::error!("policy reload rejected: {e}; the running policy stays in force"),
         }
     }
@@ -71,7 +81,7 @@ mod tests {
         now: &str,
     ) -> (
         TempPolicy,
-        mpsc::Receiver<Policy>,
+        mpsc::Receiver<Reloaded>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ) {
         let file = TempPolicy(
@@ -86,21 +96,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_change_made_before_the_watcher_starts_is_applied() {
         let (file, mut reloads, watcher) = watching("before", OLD, NEW);
-        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+        let reloaded = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
             .await
             .expect("the change is applied")
             .expect("the watcher runs");
-        assert_eq!(policy, policy::parse(NEW, "new").unwrap());
+        assert_eq!(reloaded.policy, policy::parse(NEW, "new").unwrap());
+        assert_eq!(reloaded.bytes, NEW.as_bytes());
         // Applied once: the content now is the content applied.
         let again = tokio::time::timeout(POLL_PERIOD * 3, reloads.recv()).await;
         assert!(again.is_err(), "reloaded again: {again:?}");
 
         std::fs::write(&file.0, OLD).expect("write the policy");
-        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+        let reloaded = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
             .await
             .expect("the change is applied")
             .expect("the watcher runs");
-        assert_eq!(policy, policy::parse(OLD, "old").unwrap());
+        assert_eq!(reloaded.policy, policy::parse(OLD, "old").unwrap());
         watcher.abort();
     }
 

@@ -7,8 +7,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use egress_common::{MODE_AUDIT, MODE_ENFORCE, Settings};
+use aya::maps::{Map, MapData, RingBuf};
+use egress_common::{FLOWS, MODE_AUDIT, MODE_ENFORCE, Settings};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -20,16 +20,17 @@ use crate::{
     cgroup::{CgroupNames, cgroup2_mount, is_cgroup2_dir},
     compile::{PortSets, compile, compile_with},
     control::{Control, boot_time_ns},
+    denials::Idle,
     dns::{
         learner::{LearnedStore as _, Learner},
         resolvers,
     },
-    events,
+    events::{self, FlowsMap},
     loader::{Enforcer, LinkSide},
     metrics,
     pin::{Contents, LinkPin, PinRoot},
     policy::{self, DnsSettings, Mode, Policy},
-    reload,
+    record, reload,
     workloads::{InterfacePatterns, WorkloadLinks, interface_index},
 };
 
@@ -63,6 +64,7 @@ const EVENTS_BURST: u32 = 1000;
 /// flow outlives the DNS answer that allowed it only while it is in use).
 const TCP_IDLE_SECS: u64 = 3600;
 const OTHER_IDLE_SECS: u64 = 120;
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
     Settings {
@@ -74,8 +76,8 @@ pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
         events_per_sec: EVENTS_PER_SEC,
         events_burst: EVENTS_BURST,
         _pad2: 0,
-        tcp_idle_ns: TCP_IDLE_SECS * 1_000_000_000,
-        other_idle_ns: OTHER_IDLE_SECS * 1_000_000_000,
+        tcp_idle_ns: TCP_IDLE_SECS * NS_PER_SEC,
+        other_idle_ns: OTHER_IDLE_SECS * NS_PER_SEC,
         dns_min_ttl: dns.min_ttl,
         dns_max_ttl: dns.max_ttl,
     }
@@ -129,6 +131,7 @@ struct Started {
     learner: Learner,
     legacy: LegacySets,
     ring: RingBuf<MapData>,
+    flows: FlowsMap,
     dns_ring: RingBuf<MapData>,
     old_dns_ring: Option<RingBuf<MapData>>,
 }
@@ -190,6 +193,7 @@ async fn start(
     let ring = enforcer
         .take_events()
         .context("opening the event ring buffer")?;
+    let flows = open_flows(pins).context("opening the flow map for the deny lines")?;
     let dns_ring = enforcer
         .take_dns_events()
         .context("opening the DNS ring buffer")?;
@@ -265,9 +269,16 @@ async fn start(
         learner,
         legacy,
         ring,
+        flows,
         dns_ring,
         old_dns_ring,
     })
+}
+
+/// A second handle on the pinned `FLOWS`, for the event reader.
+fn open_flows(pins: &PinRoot) -> anyhow::Result<FlowsMap> {
+    let data = MapData::from_pin(pins.map_path(FLOWS))?;
+    Ok(FlowsMap::try_from(Map::LruHashMap(data))?)
 }
 
 /// After a failed start: with `--on-exit detach`, removes what this start pinned, which
@@ -372,6 +383,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         &pins,
     )
     .await
+    .and_then(|started| {
+        // What `status --rules` and `explain` name the maps' entries by.
+        record::write(&pins, &opts.config, &loaded).context("recording the policy")?;
+        Ok(started)
+    })
     .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
@@ -388,12 +404,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         legacy: started.legacy,
         journal_behind: false,
         dns_events_lost: 0,
+        pins: pins.clone(),
+        config: opts.config.clone(),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
-    let reader = tokio::spawn(events::forward(started.ring, CgroupNames::new(root)));
+    let mut reader = tokio::spawn(events::forward(
+        started.ring,
+        CgroupNames::new(root),
+        started.flows,
+        stop_rx.clone(),
+        Idle {
+            tcp_ns: TCP_IDLE_SECS * NS_PER_SEC,
+            other_ns: OTHER_IDLE_SECS * NS_PER_SEC,
+        },
+    ));
     let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
     let mut control = tokio::spawn(control.run(
         started.workloads,
@@ -406,7 +433,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
-        r = reader => Err(task_failure("the event reader", r)),
+        r = &mut reader => Err(task_failure("the event reader", r)),
         r = watcher => Err(task_failure("the policy watcher", r)),
         r = server => Err(task_failure("the metrics server", r)),
         r = &mut control => {
@@ -419,6 +446,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     // The control task owns the enforcer: stopping it keeps or removes the pinned state.
     let _ = stop_tx.send(true);
+    if !reader.is_finished() {
+        // It prints the deny lines it holds, then ends.
+        reader.await.context("the event reader panicked")??;
+    }
     let report = control.await.context("the control task panicked")??;
     let signal = outcome?;
     let (stats, learned) = (report.stats, report.learner);

@@ -1,44 +1,87 @@
 //! `egress-agent status`: what the pinned state enforces, read from bpffs alone, so it works
-//! the same while an agent runs and while none does.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
-    path::Path,
-};
+//! the same while an agent runs and while none does. `--rules` adds every entry the policy
+//! maps hold, with the policy entries it comes from, and what passes whatever the policy
+//! says; `--json` prints the same as one JSON object.
+use std::{fmt::Write as _, path::Path};
 
-use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
-use egress_common::{
-    Addr, CIDRS, CidrKey, CidrValue, LEARNED, LEARNED_NAMES, LearnedName, LearnedNameKey,
-    LearnedValue, MODE_ENFORCE, NAMES, NameKey, PORTS, PortKey, RESOLVERS, SETTINGS, STATS,
-    Settings,
-};
+use anyhow::bail;
+use egress_common::{Addr, MODE_ENFORCE};
+use serde::Serialize;
 
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
     control::boot_time_ns,
     events::display_addr,
-    loader::read_stats,
+    loader::Stats,
+    origins::{self, ImplicitAllow},
     pin::{LinkPin, PinRoot},
+    pinned::{PinnedMaps, set_ports},
+    policy::{self, Policy, Ports},
+    record,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-fn open(pins: &PinRoot, name: &str) -> anyhow::Result<MapData> {
-    let path = pins.map_path(name);
-    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_root: String,
+    pub agent_running: bool,
+    pub attached: Vec<String>,
+    /// `None` when the pin root holds no maps of this agent's layout (see `other_layouts`).
+    pub maps: Option<Maps>,
+    pub other_layouts: Vec<String>,
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(
-    pins: &PinRoot,
-    name: &str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
-    Ok(HashMap::try_from(Map::HashMap(open(pins, name)?))?)
+#[derive(Debug, Serialize)]
+pub struct Maps {
+    pub mode: &'static str,
+    pub cidr_entries: usize,
+    pub name_entries: usize,
+    pub port_sets: usize,
+    pub trusted_resolvers: Vec<String>,
+    pub counters: Stats,
+    pub learned: Vec<Learned>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Rules>,
 }
 
-fn trie_len<K: aya::Pod>(pins: &PinRoot, name: &str) -> anyhow::Result<usize> {
-    let trie: LpmTrie<MapData, K, CidrValue> = LpmTrie::try_from(Map::LpmTrie(open(pins, name)?))?;
-    Ok(trie.keys().filter(Result::is_ok).count())
+#[derive(Debug, Serialize)]
+pub struct Learned {
+    pub addr: String,
+    pub ttl_secs: u64,
+    /// Empty until the agent's once-a-second record of names has caught up.
+    pub names: Vec<String>,
+}
+
+/// What the policy maps hold, entry by entry (`--rules`).
+#[derive(Debug, Serialize)]
+pub struct Rules {
+    /// The policy file recorded when it was applied; `None` if no agent of this release
+    /// recorded one.
+    pub policy: Option<String>,
+    /// Why the recorded policy cannot be read back, if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_error: Option<String>,
+    pub cidrs: Vec<Entry>,
+    pub names: Vec<Entry>,
+    pub implicit: Vec<ImplicitAllow>,
+}
+
+/// One map entry: its target, the ports it allows, and where it comes from.
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    pub target: String,
+    pub ports: String,
+    pub from: origins::Origins,
+}
+
+/// Ports as `check` prints them; a set the maps do not hold is `none`.
+fn ports_text(ports: &Ports) -> String {
+    match ports {
+        Ports::Some(ranges) if ranges.is_empty() => "none".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// Where a link pin is attached, in words.
@@ -59,8 +102,8 @@ fn attach_point(link: &LinkPin, cgroups: &mut Option<CgroupNames>) -> String {
     }
 }
 
-/// The report, as `status` prints it.
-pub fn report(pins: &PinRoot) -> anyhow::Result<String> {
+/// Reads the pinned state; `rules` adds every policy entry.
+pub fn collect(pins: &PinRoot, rules: bool) -> anyhow::Result<Status> {
     if !pins.exists() {
         bail!(
             "nothing is pinned under {} (no agent ran with this --pin-root, or it was \
@@ -68,123 +111,211 @@ pub fn report(pins: &PinRoot) -> anyhow::Result<String> {
             pins.root().display()
         );
     }
+    let mut cgroups = cgroup2_mount().ok().map(CgroupNames::new);
+    let attached = pins
+        .links()?
+        .iter()
+        .map(|link| attach_point(link, &mut cgroups))
+        .collect();
+    let maps = match PinnedMaps::open(pins)? {
+        Some(maps) => Some(read_maps(pins, &maps, rules)?),
+        None => None,
+    };
+    let other_layouts = if maps.is_none() {
+        pins.versions()?
+            .iter()
+            .map(|v| v.display().to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Status {
+        pin_root: pins.dir().display().to_string(),
+        agent_running: pins.held()?,
+        attached,
+        maps,
+        other_layouts,
+    })
+}
+
+fn read_maps(pins: &PinRoot, maps: &PinnedMaps, rules: bool) -> anyhow::Result<Maps> {
+    let now = boot_time_ns();
+    let mut names = maps.learned_names();
+    let learned = maps
+        .live_learned(now)
+        .into_iter()
+        .map(|(addr, value): (Addr, _)| Learned {
+            addr: display_addr(&addr).to_string(),
+            ttl_secs: (value.expires_ns - now).div_ceil(NS_PER_SEC),
+            names: names
+                .remove(&addr)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+        })
+        .collect();
+    let cidrs = maps.cidr_entries()?;
+    let name_entries = maps.name_entries()?;
+    let sets = maps.port_sets()?;
+    let resolvers = maps.resolvers()?;
+    let rules = if rules {
+        let (recorded, policy, policy_error) = recorded_policy(pins)?;
+        let from =
+            |f: &dyn Fn(&Policy) -> origins::Origins| policy.as_ref().map(f).unwrap_or_default();
+        Some(Rules {
+            policy: recorded,
+            policy_error,
+            cidrs: cidrs
+                .iter()
+                .map(|c| Entry {
+                    target: origins::cidr_of(c),
+                    ports: ports_text(&set_ports(&sets, c.port_set)),
+                    from: from(&|p| origins::of_cidr(p, c)),
+                })
+                .collect(),
+            names: name_entries
+                .iter()
+                .map(|n| Entry {
+                    target: n.pattern.to_string(),
+                    ports: ports_text(&set_ports(&sets, n.port_set)),
+                    from: from(&|p| origins::of_name(p, &n.pattern)),
+                })
+                .collect(),
+            implicit: origins::implicit_allows(
+                &resolvers,
+                &origins::resolver_source(policy.as_ref()),
+            ),
+        })
+    } else {
+        None
+    };
+    Ok(Maps {
+        mode: if maps.settings().mode == MODE_ENFORCE {
+            "enforce"
+        } else {
+            "audit"
+        },
+        cidr_entries: cidrs.len(),
+        name_entries: name_entries.len(),
+        port_sets: sets.len(),
+        trusted_resolvers: resolvers.iter().map(ToString::to_string).collect(),
+        counters: *maps.stats(),
+        learned,
+        rules,
+    })
+}
+
+/// The recorded policy: its path, the policy, and why it could not be read if it could not.
+pub fn recorded_policy(
+    pins: &PinRoot,
+) -> anyhow::Result<(Option<String>, Option<Policy>, Option<String>)> {
+    let Some(rec) = record::read(pins)? else {
+        return Ok((None, None, None));
+    };
+    match policy::parse_bytes(&rec.bytes, &rec.path) {
+        Ok(p) => Ok((Some(rec.path), Some(p), None)),
+        Err(e) => Ok((Some(rec.path), None, Some(e.to_string()))),
+    }
+}
+
+/// The report, as `status` prints it.
+pub fn text(status: &Status) -> anyhow::Result<String> {
     let mut out = String::new();
-    let running = pins.held()?;
-    writeln!(out, "pin root   {}", pins.dir().display())?;
+    writeln!(out, "pin root   {}", status.pin_root)?;
     writeln!(
         out,
         "agent      {}",
-        if running {
+        if status.agent_running {
             "running"
         } else {
             "not running: the pinned programs go on enforcing"
         }
     )?;
-    let links = pins.links()?;
-    let mut cgroups = cgroup2_mount().ok().map(CgroupNames::new);
-    if links.is_empty() {
+    if status.attached.is_empty() {
         writeln!(out, "attached   nothing")?;
     }
-    for link in &links {
-        writeln!(out, "attached   {}", attach_point(link, &mut cgroups))?;
+    for point in &status.attached {
+        writeln!(out, "attached   {point}")?;
     }
-    if !pins.map_path(SETTINGS).exists() {
+    let Some(maps) = &status.maps else {
         writeln!(
             out,
             "maps       none of this agent's layout under {} (another version's: {})",
-            pins.dir().display(),
-            pins.versions()?
-                .iter()
-                .map(|v| v.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            status.pin_root,
+            status.other_layouts.join(", ")
         )?;
         return Ok(out);
-    }
-    let settings: Array<MapData, Settings> = Array::try_from(Map::Array(open(pins, SETTINGS)?))?;
-    let settings = settings.get(&0, 0).context("reading SETTINGS")?;
-    writeln!(
-        out,
-        "mode       {}",
-        if settings.mode == MODE_ENFORCE {
-            "enforce"
-        } else {
-            "audit"
-        }
-    )?;
-    let port_sets: BTreeSet<u32> = hash::<PortKey, u8>(pins, PORTS)?
-        .keys()
-        .filter_map(Result::ok)
-        .map(|k| k.port_set)
-        .collect();
-    let resolvers: Vec<String> = hash::<Addr, u8>(pins, RESOLVERS)?
-        .keys()
-        .filter_map(Result::ok)
-        .map(|a| display_addr(&a).to_string())
-        .collect();
+    };
+    writeln!(out, "mode       {}", maps.mode)?;
     writeln!(
         out,
         "rules      {} CIDR entries, {} name entries, {} port sets, trusted resolvers: {}",
-        trie_len::<CidrKey>(pins, CIDRS)?,
-        trie_len::<NameKey>(pins, NAMES)?,
-        port_sets.len(),
-        if resolvers.is_empty() {
+        maps.cidr_entries,
+        maps.name_entries,
+        maps.port_sets,
+        if maps.trusted_resolvers.is_empty() {
             "none".to_owned()
         } else {
-            resolvers.join(" ")
+            maps.trusted_resolvers.join(" ")
         }
     )?;
-    let stats = read_stats(&Map::PerCpuArray(open(pins, STATS)?))?;
+    let c = &maps.counters;
     writeln!(
         out,
         "counters   allowed {} dropped {} audited {} events lost {}; dns answers {} learned {}",
-        stats.allowed,
-        stats.dropped,
-        stats.audited,
-        stats.events_lost,
-        stats.dns_answers,
-        stats.dns_learned
+        c.allowed, c.dropped, c.audited, c.events_lost, c.dns_answers, c.dns_learned
     )?;
-    learned(pins, &mut out)?;
-    Ok(out)
-}
-
-/// The learned addresses, each with its remaining TTL and the names it was learned through.
-fn learned(pins: &PinRoot, out: &mut String) -> anyhow::Result<()> {
-    let now = boot_time_ns();
-    let mut names: BTreeMap<Addr, Vec<String>> = BTreeMap::new();
-    if pins.map_path(LEARNED_NAMES).exists() {
-        for (key, value) in hash::<LearnedNameKey, LearnedName>(pins, LEARNED_NAMES)?
-            .iter()
-            .filter_map(Result::ok)
-        {
-            names
-                .entry(key.addr)
-                .or_default()
-                .push(String::from_utf8_lossy(value.name_bytes()).into_owned());
-        }
-    }
-    let mut live: Vec<(Addr, LearnedValue)> = hash::<Addr, LearnedValue>(pins, LEARNED)?
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.expires_ns > now)
-        .collect();
-    live.sort_by_key(|(a, _)| *a);
-    writeln!(out, "learned    {} addresses", live.len())?;
-    for (addr, value) in live {
-        let mut of = names.remove(&addr).unwrap_or_default();
-        of.sort();
+    writeln!(out, "learned    {} addresses", maps.learned.len())?;
+    for l in &maps.learned {
         writeln!(
             out,
             "  {:<40} {:>6}s  {}",
-            display_addr(&addr).to_string(),
-            (value.expires_ns - now).div_ceil(NS_PER_SEC),
-            if of.is_empty() {
+            l.addr,
+            l.ttl_secs,
+            if l.names.is_empty() {
                 "(names not recorded yet)".to_owned()
             } else {
-                of.join(", ")
+                l.names.join(", ")
             }
         )?;
+    }
+    if let Some(rules) = &maps.rules {
+        rules_text(rules, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn rules_text(rules: &Rules, out: &mut String) -> anyhow::Result<()> {
+    match (&rules.policy, &rules.policy_error) {
+        (Some(path), None) => writeln!(out, "policy     {path} (as recorded when applied)")?,
+        (Some(path), Some(e)) => writeln!(out, "policy     {path}: cannot be read back: {e}")?,
+        (None, _) => writeln!(
+            out,
+            "policy     not recorded (filled by an earlier release): origins unknown"
+        )?,
+    }
+    let entries: Vec<(&str, &Entry)> = rules
+        .cidrs
+        .iter()
+        .map(|e| ("cidr", e))
+        .chain(rules.names.iter().map(|e| ("name", e)))
+        .collect();
+    let target_width = entries.iter().map(|(_, e)| e.target.len()).max();
+    let ports_width = entries.iter().map(|(_, e)| e.ports.len()).max();
+    for (kind, e) in &entries {
+        writeln!(
+            out,
+            "  {kind} {:tw$}  {:pw$}  # {}",
+            e.target,
+            e.ports,
+            e.from.text(),
+            tw = target_width.unwrap_or_default(),
+            pw = ports_width.unwrap_or_default()
+        )?;
+    }
+    for i in &rules.implicit {
+        writeln!(out, "  implicit {}  # {}", i.what, i.why)?;
     }
     Ok(())
 }

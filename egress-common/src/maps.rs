@@ -165,9 +165,9 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// For [`FLOW_INBOUND`]: the socket cookie of the local socket that received the flow's
     /// first packet, the only socket whose packets are replies (0: any socket; see
-    /// [`FLOW_INBOUND`]). 0 in the other states.
+    /// [`FLOW_INBOUND`]). For [`FLOW_DENIED`]: the packets dropped. 0 in the other states.
     pub owner: u64,
-    /// [`FLOW_ALLOWED`], [`FLOW_AUDITED`] or [`FLOW_INBOUND`].
+    /// [`FLOW_ALLOWED`], [`FLOW_AUDITED`], [`FLOW_INBOUND`] or [`FLOW_DENIED`].
     pub state: u8,
     pub _pad: [u8; 7],
 }
@@ -183,6 +183,12 @@ pub const FLOW_AUDITED: u8 = 2;
 /// the accepted socket (a socket of its own) answers too: the kernel sends it only for a
 /// SYN it received. The TC programs, which see no receiving socket, record 0.
 pub const FLOW_INBOUND: u8 = 3;
+/// The flow was dropped (enforce mode) and its first packet reported: later packets are
+/// still decided by the policy (a reload or a DNS answer may allow them), and those it
+/// drops are counted in `owner` (packets dropped in all, the first one included) instead of
+/// being reported again, while the flow is not idle for longer than its idle timeout.
+/// Programs of releases without this state decide such an entry's packets afresh.
+pub const FLOW_DENIED: u8 = 4;
 
 /// `FRAGS`: `LruHashMap<FragKey, u8>`. IP datagrams whose first fragment was allowed: later
 /// fragments carry no ports and pass only when their datagram is here (value 1). Only the
@@ -339,10 +345,26 @@ pub struct DnsEvent {
 /// Answer records the kernel walks and may learn from, at most.
 pub const DNS_MAX_LEARNED: usize = 16;
 
-/// `EVENTS`: `RingBuf` of [`Event`]s, one per dropped or audited packet, rate limited.
+/// `EVENTS`: `RingBuf` of [`Event`]s, one per dropped or audited flow, rate limited.
 pub const EVENTS: &str = "EVENTS";
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
+///
+/// One event per flow, at its first denied packet: in audit mode the flow is then
+/// remembered as [`FLOW_AUDITED`] and passes quietly; in enforce mode it is remembered as
+/// [`FLOW_DENIED`], whose later packets (retransmits) are dropped without an event and
+/// counted in the flow's entry, where the agent reads the count.
+///
+/// | offset | field |
+/// |---|---|
+/// | 0 | `cgroup_id` (u64) |
+/// | 8 | `dst` (16 bytes) |
+/// | 24 | `dport` (u16), `proto` (u8), `action` (u8) |
+/// | 28 | `uid` (u32) |
+/// | 32 | `sport` (u16), `reason` (u8), 5 bytes of padding |
+///
+/// Releases before this one sent the first 32 bytes only ([`EVENT_V1_LEN`]); an agent that
+/// takes over their ring reads those with [`REASON_UNKNOWN`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -357,10 +379,45 @@ pub struct Event {
     pub action: u8,
     /// Owner uid of the sending socket, `u32::MAX` when unknown.
     pub uid: u32,
+    /// The local (source) port, host byte order; 0 for protocols without ports. With `dst`,
+    /// `dport` and `proto` it is the flow's [`FlowKey`].
+    pub sport: u16,
+    /// Why the packet was not allowed: one of the `REASON_*` codes.
+    pub reason: u8,
+    pub _pad: [u8; 5],
 }
+
+/// Bytes of an [`Event`] as releases before `reason` sent it.
+pub const EVENT_V1_LEN: usize = 32;
 
 pub const ACTION_DENY: u8 = 1;
 pub const ACTION_AUDIT: u8 = 2;
+
+/// [`Event::reason`]: an event of a release that sent no reason.
+pub const REASON_UNKNOWN: u8 = 0;
+/// No CIDR rule covers the address, and it is not a learned address.
+pub const REASON_NO_RULE: u8 = 1;
+/// A CIDR rule covers the address, but not this protocol and port.
+pub const REASON_PORT: u8 = 2;
+/// The address was learned from a DNS answer, but its TTL has ended.
+pub const REASON_LEARNED_EXPIRED: u8 = 3;
+/// The address was learned for a name whose ports do not include this protocol and port.
+pub const REASON_LEARNED_PORT: u8 = 4;
+/// A raw socket sent a message from a trusted resolver's DNS port: a forged answer.
+pub const REASON_FORGED_DNS: u8 = 5;
+/// A later fragment of a datagram whose first fragment was not allowed (or not seen).
+pub const REASON_FRAGMENT: u8 = 6;
+/// The IP or transport header could not be read.
+pub const REASON_MALFORMED: u8 = 7;
+/// An ICMP error that quotes no allowed or inbound flow, goes to another address than the
+/// quoted packet's source, or is longer than the kernel's own errors.
+pub const REASON_ICMP_ERROR: u8 = 8;
+/// Neighbour discovery or MLD out of scope: a hop limit other than the protocol's, an
+/// address beyond the link, or a unicast neighbour message that carries more than its own.
+pub const REASON_NEIGHBOUR: u8 = 9;
+/// A packet from a link to workloads whose source address the node does not route back
+/// over that link: a forged source.
+pub const REASON_SPOOFED_SOURCE: u8 = 10;
 
 /// `RATE`: `PerCpuArray<RateState>` with one entry: each CPU's event token bucket.
 pub const RATE: &str = "RATE";
@@ -506,6 +563,23 @@ impl LearnedName {
     }
 }
 
+/// `POLICY`: `Array<PolicyChunk>`, created and read by the agent only (no program uses it):
+/// the policy file the maps were last filled from, so that `egress-agent status --rules`
+/// and `explain` can name the policy entry each map entry comes from, also while no agent
+/// runs (bpffs holds pinned objects only, no plain files). Entry 0 is a header: the file's
+/// length (u64, native byte order), its path's length (u16, native) and the path (UTF-8,
+/// cut to fit); entries 1.. hold the file, [`POLICY_CHUNK`] bytes each, the last one
+/// zero-padded. Replaced whole when a policy is applied: a new map is pinned beside the old
+/// one and renamed over it, so that a reader sees one policy or the other, never a mix.
+pub const POLICY: &str = "POLICY";
+pub const POLICY_CHUNK: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyChunk {
+    pub bytes: [u8; POLICY_CHUNK],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -528,6 +602,7 @@ mod pod {
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for LearnedNameKey {}
     unsafe impl aya::Pod for LearnedName {}
+    unsafe impl aya::Pod for PolicyChunk {}
 }
 
 #[cfg(test)]
@@ -555,7 +630,8 @@ mod tests {
             40 + 16 * DNS_MAX_LEARNED + DNS_MAX_PAYLOAD
         );
         assert_eq!(DNS_EVENT_HEADER, 40 + 16 * DNS_MAX_LEARNED);
-        assert_eq!(size_of::<Event>(), 32);
+        assert_eq!(size_of::<Event>(), 40);
+        assert_eq!(core::mem::offset_of!(Event, sport), EVENT_V1_LEN);
         assert_eq!(size_of::<LearnedNameKey>(), 24);
         assert_eq!(size_of::<LearnedName>(), 8 + LEARNED_NAME_LEN);
         assert_eq!(align_of::<Event>(), 8);

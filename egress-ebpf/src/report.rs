@@ -39,14 +39,12 @@ fn take_token(settings: &Settings, now: u64) -> bool {
     }
 }
 
-/// Sends an event to the agent if this CPU's rate limit allows it.
+/// Sends an event to the agent if this CPU's rate limit allows it; whether it did.
 #[inline(always)]
-pub fn emit(settings: &Settings, now: u64, event: &Event) {
-    if !take_token(settings, now) {
-        count(STAT_EVENTS_LOST);
-        return;
-    }
-    if EVENTS.output::<Event>(event, 0).is_err() {
+pub fn emit(settings: &Settings, now: u64, event: &Event) -> bool {
+    let sent = take_token(settings, now) && EVENTS.output::<Event>(event, 0).is_ok();
+    if !sent {
         count(STAT_EVENTS_LOST);
     }
+    sent
 }

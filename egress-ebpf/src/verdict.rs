@@ -12,7 +12,8 @@
 //!    link, DHCPv6 solicitations, and ICMP errors about a known flow sent to its remote;
 //! 5. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses).
 //!
-//! Anything else is denied: dropped in enforce mode, passed and reported in audit mode.
+//! Anything else is denied: dropped in enforce mode, passed and reported in audit mode,
+//! with the reason the decision path knows where it denies (`REASON_*` in egress-common).
 //! An IP packet whose headers cannot be read is denied (fail closed).
 //!
 //! Each way past the policy is narrowed against a workload that forges packets (raw
@@ -21,9 +22,11 @@ use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgrou
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, ALL_PORTS, Addr, CidrKey, Event, FLOW_ALLOWED, FLOW_AUDITED,
-    FLOW_INBOUND, FlowKey, FlowValue, FragKey, MODE_ENFORCE, NO_PORT_SET, PortKey,
-    STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DROPPED_BASE, STAT_PROTO_OTHER, Settings, proto,
-    stat_proto,
+    FLOW_DENIED, FLOW_INBOUND, FlowKey, FlowValue, FragKey, MODE_ENFORCE, NO_PORT_SET, PortKey,
+    REASON_FORGED_DNS, REASON_FRAGMENT, REASON_ICMP_ERROR, REASON_LEARNED_EXPIRED,
+    REASON_LEARNED_PORT, REASON_MALFORMED, REASON_NEIGHBOUR, REASON_NO_RULE, REASON_PORT,
+    REASON_SPOOFED_SOURCE, STAT_ALLOWED_BASE, STAT_AUDITED_BASE, STAT_DROPPED_BASE,
+    STAT_PROTO_OTHER, Settings, proto, stat_proto,
 };
 
 use crate::{
@@ -41,8 +44,14 @@ use crate::{
 /// a shared cache line on every packet.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// What `decide` returns for a packet the policy does not let through.
-const DENIED: u32 = u32::MAX;
+/// What `decide` returns for a packet the policy does not let through: this plus the
+/// packet's `REASON_*` (above every verdict counter base).
+const DENIED: u32 = 0x100;
+
+#[inline(always)]
+fn denied(reason: u8) -> u32 {
+    DENIED + u32::from(reason)
+}
 
 /// Decides an outgoing packet: `true` lets it pass. `from_workload`: the packet comes in
 /// over a link from workloads (`from_workload_tc`), not from this host's own stack.
@@ -54,16 +63,22 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let Some(p) = parse(ctx, l3) else {
-        return deny(ctx, settings, None, now);
+        return deny(ctx, settings, None, REASON_MALFORMED, now);
     };
     let key = flow_key(p.dst, p.dport, p.sport, p.proto);
     let verdict = if from_workload && !route::source_routes_back(ctx, &p) {
-        DENIED
+        denied(REASON_SPOOFED_SOURCE)
     } else {
         decide(ctx, settings, &p, &key, now)
     };
-    let pass = if verdict == DENIED {
-        deny(ctx, settings, Some((&p, &key)), now)
+    let pass = if verdict >= DENIED {
+        deny(
+            ctx,
+            settings,
+            Some((&p, &key)),
+            (verdict - DENIED) as u8,
+            now,
+        )
     } else {
         count(verdict + stat_proto(p.proto));
         true
@@ -75,18 +90,18 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
 }
 
 /// The verdict counter base (`STAT_ALLOWED_BASE` or `STAT_AUDITED_BASE`) of a packet that
-/// passes, or `DENIED`.
+/// passes, or `denied(reason)`.
 #[inline(always)]
 fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: u64) -> u32 {
     if p.fragment == LATER_FRAGMENT {
         return if datagram_allowed(p) {
             STAT_ALLOWED_BASE
         } else {
-            DENIED
+            denied(REASON_FRAGMENT)
         };
     }
     if dns::forged_answer(ctx, p) {
-        return DENIED;
+        return denied(REASON_FORGED_DNS);
     }
     // Before the flow lookup: every query must be seen, also on a socket already in FLOWS.
     if dns::query(ctx, p) {
@@ -120,14 +135,20 @@ fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: 
     }
     // Not remembered as a flow: the flow key has no ICMP type, so an allowed neighbour
     // solicitation must not open the address to every ICMPv6 message.
-    if always_allowed(ctx, p) {
-        return STAT_ALLOWED_BASE;
+    let refused = match always_allowed(ctx, p) {
+        Needed::Yes => return STAT_ALLOWED_BASE,
+        Needed::OutOfScope(reason) => reason,
+        Needed::No => 0,
+    };
+    match policy_allows(p, now) {
+        0 => {
+            remember(key, FLOW_ALLOWED, 0, now);
+            STAT_ALLOWED_BASE
+        }
+        // What the network needs, out of its scope, says more than "no rule".
+        _ if refused != 0 => denied(refused),
+        reason => denied(reason),
     }
-    if policy_allows(p, now) {
-        remember(key, FLOW_ALLOWED, 0, now);
-        return STAT_ALLOWED_BASE;
-    }
-    DENIED
 }
 
 /// Whether a packet of a flow started from outside is a reply the flow allows: never a
@@ -299,34 +320,59 @@ const MLD_HOP_LIMIT: u8 = 1;
 /// A neighbour solicitation or advertisement: 24 bytes and one link-layer address option.
 const ND_MAX_LEN: u32 = 24 + 8;
 
+/// Whether a packet is traffic the network itself needs.
+enum Needed {
+    /// It is: it passes whatever the policy says.
+    Yes,
+    /// It is of a kind the network needs (an ICMP error, neighbour discovery, MLD), but
+    /// not within that kind's scope: the policy decides, and this `REASON_*` explains a deny.
+    OutOfScope(u8),
+    No,
+}
+
+impl Needed {
+    #[inline(always)]
+    fn within(in_scope: bool, reason: u8) -> Self {
+        if in_scope {
+            Needed::Yes
+        } else {
+            Needed::OutOfScope(reason)
+        }
+    }
+}
+
 /// Traffic the network itself needs, whatever the policy says.
 #[inline(always)]
-fn always_allowed<C: Skb>(ctx: &C, p: &Packet) -> bool {
+fn always_allowed<C: Skb>(ctx: &C, p: &Packet) -> Needed {
     if ctx.on_loopback() || is_loopback(&p.dst) {
-        return true;
+        return Needed::Yes;
     }
     match p.proto {
         proto::ICMPV6 => match p.icmp_type {
-            ICMPV6_MLD_QUERY..=ICMPV6_MLD_DONE | ICMPV6_MLD2_REPORT => {
-                p.hop_limit == MLD_HOP_LIMIT && is_multicast(&p.dst)
-            }
-            ICMPV6_ND_FIRST..=ICMPV6_ND_LAST => {
+            ICMPV6_MLD_QUERY..=ICMPV6_MLD_DONE | ICMPV6_MLD2_REPORT => Needed::within(
+                p.hop_limit == MLD_HOP_LIMIT && is_multicast(&p.dst),
+                REASON_NEIGHBOUR,
+            ),
+            ICMPV6_ND_FIRST..=ICMPV6_ND_LAST => Needed::within(
                 p.hop_limit == ND_HOP_LIMIT
-                    && (is_link_scope(&p.dst) || is_neighbour_unicast(ctx, p))
-            }
-            ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB => {
-                error_about_known_flow(ctx, p, ICMPV6_MAX_ERROR)
-            }
-            _ => false,
+                    && (is_link_scope(&p.dst) || is_neighbour_unicast(ctx, p)),
+                REASON_NEIGHBOUR,
+            ),
+            ICMPV6_DEST_UNREACH..=ICMPV6_PARAMPROB => Needed::within(
+                error_about_known_flow(ctx, p, ICMPV6_MAX_ERROR),
+                REASON_ICMP_ERROR,
+            ),
+            _ => Needed::No,
         },
         proto::ICMP => match p.icmp_type {
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
-                error_about_known_flow(ctx, p, ICMP_MAX_ERROR)
-            }
-            _ => false,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => Needed::within(
+                error_about_known_flow(ctx, p, ICMP_MAX_ERROR),
+                REASON_ICMP_ERROR,
+            ),
+            _ => Needed::No,
         },
-        proto::UDP => p.dport == DHCPV6_SERVER_PORT && p.dst == DHCPV6_SERVERS,
-        _ => false,
+        proto::UDP if p.dport == DHCPV6_SERVER_PORT && p.dst == DHCPV6_SERVERS => Needed::Yes,
+        _ => Needed::No,
     }
 }
 
@@ -393,23 +439,30 @@ fn error_about_known_flow<C: Skb>(ctx: &C, p: &Packet, max_len: u32) -> bool {
     matches!(unsafe { FLOWS.get(key) }, Some(f) if f.state == FLOW_ALLOWED || f.state == FLOW_INBOUND)
 }
 
-/// Static CIDR rules first, then DNS-learned addresses.
+/// Static CIDR rules first, then DNS-learned addresses: 0 when they allow the packet,
+/// else why not (a `REASON_*`). A live learned address whose names' ports do not fit says
+/// more than a CIDR rule's ports, and either more than an expired learned address.
 #[inline(always)]
-fn policy_allows(p: &Packet, now: u64) -> bool {
+fn policy_allows(p: &Packet, now: u64) -> u8 {
     let key = Key::new(128, CidrKey { addr: p.dst });
-    if let Some(v) = CIDRS.get(key)
-        && port_set_allows(v.port_set, p)
-    {
-        return true;
-    }
+    let cidr_reason = match CIDRS.get(key) {
+        Some(v) if port_set_allows(v.port_set, p) => return 0,
+        Some(_) => REASON_PORT,
+        None => REASON_NO_RULE,
+    };
     // SAFETY: the reference is only read within this program run.
     match unsafe { LEARNED.get(p.dst) } {
-        Some(l) => {
-            l.expires_ns > now
-                && (port_set_allows(l.port_set, p)
-                    || (l.extra_set != NO_PORT_SET && port_set_allows(l.extra_set, p)))
+        Some(l) if l.expires_ns > now => {
+            if port_set_allows(l.port_set, p)
+                || (l.extra_set != NO_PORT_SET && port_set_allows(l.extra_set, p))
+            {
+                0
+            } else {
+                REASON_LEARNED_PORT
+            }
         }
-        None => false,
+        Some(_) if cidr_reason == REASON_NO_RULE => REASON_LEARNED_EXPIRED,
+        _ => cidr_reason,
     }
 }
 
@@ -436,12 +489,15 @@ fn ports_proto(proto: u8) -> u8 {
     }
 }
 
-/// Applies the mode to a packet the policy does not allow.
+/// Applies the mode to a packet the policy does not allow, for `reason`. One event per
+/// flow: a later packet of a flow already reported passes quietly (audit mode) or is
+/// dropped and counted in the flow's entry (enforce mode: retransmits), see `FLOW_DENIED`.
 #[inline(always)]
 fn deny<C: Skb>(
     ctx: &C,
     settings: &Settings,
     packet: Option<(&Packet, &FlowKey)>,
+    reason: u8,
     now: u64,
 ) -> bool {
     let enforce = settings.mode == MODE_ENFORCE;
@@ -452,6 +508,23 @@ fn deny<C: Skb>(
         STAT_AUDITED_BASE
     };
     count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _)| stat_proto(p.proto)));
+    let mut keep_entry = false;
+    if let Some((p, key)) = packet
+        && let Some(flow) = FLOWS.get_ptr_mut(key)
+    {
+        // SAFETY: as in `decide`.
+        let flow = unsafe { &mut *flow };
+        let live = now.saturating_sub(flow.last_seen_ns) <= idle_timeout(settings, p.proto);
+        if enforce && live && flow.state == FLOW_DENIED {
+            flow.owner += 1;
+            flow.last_seen_ns = now;
+            return false;
+        }
+        // A live flow allowed or started from outside keeps its entry, so that its
+        // packets still pass after a packet with its key was denied (one that is no reply,
+        // or a forged one, which is denied before the flow is looked at).
+        keep_entry = live && (flow.state == FLOW_INBOUND || flow.state == FLOW_ALLOWED);
+    }
     // SAFETY: both helpers only read the skb the program was called with.
     let (cgroup_id, uid) = unsafe { (bpf_skb_cgroup_id(ctx.skb()), bpf_get_socket_uid(ctx.skb())) };
     let mut event = Event {
@@ -461,14 +534,24 @@ fn deny<C: Skb>(
         proto: 0,
         action,
         uid,
+        sport: 0,
+        reason,
+        _pad: [0; 5],
     };
-    if let Some((p, key)) = packet {
-        (event.dst, event.dport, event.proto) = (p.dst, p.dport, p.proto);
+    if let Some((p, _)) = packet {
+        (event.dst, event.dport, event.proto, event.sport) = (p.dst, p.dport, p.proto, p.sport);
+    }
+    let sent = emit(settings, now, &event);
+    if let Some((_, key)) = packet
+        && !keep_entry
+    {
         if !enforce {
             // One event per audited flow: later packets pass quietly while in audit mode.
             remember(key, FLOW_AUDITED, 0, now);
+        } else if sent {
+            // A flow whose event was lost (rate limit) is reported by its next packet.
+            remember(key, FLOW_DENIED, 1, now);
         }
     }
-    emit(settings, now, &event);
     !enforce
 }

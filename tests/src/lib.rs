@@ -466,21 +466,27 @@ impl PinDir {
 
     /// `egress-agent status` on this root: its exit status and output.
     pub fn status(&self) -> (bool, String) {
-        self.agent("status")
+        self.agent(&["status"])
     }
 
     /// `egress-agent uninstall` on this root: its exit status and output.
     pub fn uninstall(&self) -> (bool, String) {
-        self.agent("uninstall")
+        self.agent(&["uninstall"])
     }
 
-    /// `egress-agent COMMAND --pin-root ROOT`: its exit status and output.
-    fn agent(&self, command: &str) -> (bool, String) {
-        let out = Command::new(agent_bin())
-            .args([command, "--pin-root"])
+    /// `egress-agent ARGS... --pin-root ROOT`, run to completion.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--pin-root")
             .arg(self.root())
             .output()
-            .unwrap_or_else(|err| panic!("cannot run egress-agent {command}: {err}"));
+            .unwrap_or_else(|err| panic!("cannot run egress-agent {args:?}: {err}"))
+    }
+
+    /// `egress-agent ARGS... --pin-root ROOT`: its exit status and output.
+    fn agent(&self, args: &[&str]) -> (bool, String) {
+        let out = self.command(args);
         (
             out.status.success(),
             format!(
@@ -748,6 +754,30 @@ pub fn probe_tcp(
     port: u16,
 ) -> ProbeResult {
     run_probe("tcp-connect", netns, cgroup, addr.into(), port)
+}
+
+/// [`probe_tcp`] with a connect timeout of `timeout`: long enough, the kernel retransmits
+/// a dropped SYN (after 1 s, and again 1 or 2 s later).
+pub fn probe_tcp_for(
+    netns: &Netns,
+    cgroup: Option<&TestCgroup>,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> ProbeResult {
+    let args = [
+        "tcp-connect".to_owned(),
+        addr.into().to_string(),
+        port.to_string(),
+        "--timeout-ms".to_owned(),
+        timeout.as_millis().to_string(),
+    ];
+    ProbeResult::from_output(
+        &probe_command(netns, cgroup, &args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run egress-probe: {err}")),
+    )
 }
 
 /// Sends a UDP datagram from `netns` (inside `cgroup` if given) to `addr:port` and waits

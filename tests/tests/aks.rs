@@ -533,7 +533,25 @@ fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     let policy = TempFile::new(&policy());
     let path = policy.path().to_str().expect("temp paths are UTF-8");
     let (comments, rules) = rules_printed_by(&["check", "--config", path]);
-    assert_eq!(comments, ["# mode: enforce"]);
+    assert_eq!(
+        comments.first().map(String::as_str),
+        Some("# mode: enforce")
+    );
+    // Then the effective `dns` settings and what passes whatever the policy says.
+    assert!(
+        comments[1].starts_with(&format!("# dns: min_ttl {MIN_TTL}s")),
+        "{comments:?}"
+    );
+    assert!(
+        comments[2].starts_with(&format!(
+            "# implicit: DNS (UDP:53 TCP:53) to {SERVER_V4} {SERVER_V6}  (trusted resolvers, from dns.resolvers"
+        )),
+        "{comments:?}"
+    );
+    assert!(
+        comments[3..].iter().all(|c| c.starts_with("# implicit: ")),
+        "{comments:?}"
+    );
     let mut want: Vec<(String, &str)> = preset_rules();
     want.push((format!("{API_SERVER}/32 {TUNNEL_PORTS}"), "api_server"));
     want.push((format!("{CLUSTER_CIDR_V4} any"), "cluster_cidrs[0]"));

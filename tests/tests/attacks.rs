@@ -35,6 +35,8 @@ const DISCARD: u16 = 9;
 const DNS: u16 = 53;
 /// TTL of dnsmasq's answers: longer than any test.
 const LONG_TTL: u32 = 300;
+/// A deny line waits for its flow to be quiet for 3 s.
+const FORGED_EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The allowed zone (as in the `aks-global` preset), a name in it the attacker wants to
 /// point at [`REMOTE_V4_B`], and one a real resolver really answers.
@@ -221,8 +223,13 @@ fn forged_answer_over_loopback_teaches_nothing() {
         assert_claims_b(&socket.line(1), "the forged answer");
         assert_ok(&socket.finish(), "the loopback socket");
     } else {
-        // A raw socket may not claim a trusted resolver's port 53 at all.
+        // A raw socket may not claim a trusted resolver's port 53 at all, and the deny
+        // line says so.
         assert_eperm(&forged, "the forged answer from a raw socket");
+        base.agent.wait_for_event(
+            |e| e["reason"] == "forged_dns_answer" && e["dport"] == port,
+            FORGED_EVENT_TIMEOUT,
+        );
     }
 
     base.assert_b_https_dropped("a forged answer over loopback");
@@ -1017,6 +1024,15 @@ fn forged_answer_reflected_by_the_node_is_dropped_on_the_workload_link() {
         |p| from_resolver(p, marker_port),
         |p| from_resolver(p, port),
         "the node sent the forged answer back",
+    );
+    // The deny line names the forgery.
+    base.agent.wait_for_event(
+        |e| {
+            e["reason"] == "spoofed_source"
+                && e["dst"] == CLIENT_V4.to_string()
+                && e["dport"] == port
+        },
+        FORGED_EVENT_TIMEOUT,
     );
 
     base.assert_b_https_dropped("a forged answer the node would reflect");

@@ -382,7 +382,22 @@ fn check_command() {
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"# mode: enforce"), "{stdout}");
-    let rules = &lines[1..];
+    // No `dns` section: the node's resolvers are trusted, and `check` says so.
+    let dns = lines
+        .iter()
+        .find(|l| l.starts_with("# implicit: DNS (UDP:53 TCP:53) to "))
+        .unwrap_or_else(|| panic!("no implicit DNS line:\n{stdout}"));
+    assert!(
+        dns.contains("the policy has no dns.resolvers: the node's resolvers are trusted"),
+        "{stdout}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("# dns: min_ttl 30s, max_ttl 86400s")),
+        "{stdout}"
+    );
+    let rules: Vec<&str> = lines.into_iter().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(rules.len(), 2, "one line per rule:\n{stdout}");
     let rule_for = |cidr: &str| -> Vec<&str> {
         let line = rules

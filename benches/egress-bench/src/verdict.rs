@@ -13,8 +13,9 @@
 //!   cost is estimated as (single-run flow-cache hit) - (repeated flow-cache hit) and
 //!   subtracted in the "corrected" column.
 //!
-//! A denied packet never enters `FLOWS`: every one walks the whole path (flow lookup, trie,
-//! learned-address lookup, counter, rate-limited event).
+//! A denied packet walks the whole path (flow lookup, trie, learned-address lookup,
+//! counter); the first of a flow is reported, the later ones (a repeated run is a
+//! retransmit) are counted in the flow's `FLOWS` entry instead.
 //!
 //! The kernel reports the mean duration of one run in whole nanoseconds (`duration` of
 //! `BPF_PROG_TEST_RUN` is the total divided by `repeat`); each figure is the median of

@@ -50,6 +50,34 @@ pub fn name_entry(name: &str, whole: bool, port_set: u32) -> Result<NameEntry, N
     })
 }
 
+/// What a `NAMES` key of `prefix_len` bits stands for (the inverse of [`name_entry`]):
+/// an exact name when it ends with the zero, else a wildcard zone. `None` for bytes that
+/// are no such key.
+pub fn pattern_of(key: &NameKey, prefix_len: u32) -> Option<NamePattern> {
+    let data = key.bytes.get(..(prefix_len / 8) as usize)?;
+    let mut labels = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let len = usize::from(data[at]);
+        if len == 0 {
+            // The terminating zero of an exact name: the last byte.
+            if at + 1 != data.len() || labels.is_empty() {
+                return None;
+            }
+            labels.reverse();
+            return Some(NamePattern::Exact(labels.join(".")));
+        }
+        let label = data.get(at + 1..at + 1 + len)?;
+        labels.push(String::from_utf8_lossy(label).into_owned());
+        at += 1 + len;
+    }
+    if labels.is_empty() {
+        return None;
+    }
+    labels.reverse();
+    Some(NamePattern::Wildcard(labels.join(".")))
+}
+
 /// The allowed names and zones, each with the union of its own ports and those of every
 /// wildcard zone that contains it: the most specific match answers alone, in the kernel and
 /// here alike.
@@ -162,6 +190,34 @@ mod tests {
         let mut sets = PortSets::default();
         let t = NameTable::new(&policy, &mut sets).expect("names compile");
         (t, sets)
+    }
+
+    #[test]
+    fn keys_decode_back_to_their_names_and_zones() {
+        for (name, whole) in [
+            ("mcr.microsoft.com", true),
+            ("azmk8s.io", false),
+            ("a", true),
+        ] {
+            let e = name_entry(name, whole, 0).expect("fits");
+            let want = if whole {
+                NamePattern::Exact(name.into())
+            } else {
+                NamePattern::Wildcard(name.into())
+            };
+            assert_eq!(pattern_of(&e.key, e.prefix_len), Some(want));
+        }
+        let empty = NameKey {
+            bytes: [0; NAME_KEY_LEN],
+        };
+        assert_eq!(pattern_of(&empty, 8), None, "a zero alone");
+        let mut cut = name_entry("example.com", true, 0).expect("fits");
+        cut.key.bytes[0] = 200;
+        assert_eq!(
+            pattern_of(&cut.key, cut.prefix_len),
+            None,
+            "a label past the key"
+        );
     }
 
     #[test]

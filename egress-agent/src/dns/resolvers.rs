@@ -11,17 +11,34 @@ use crate::policy::{DnsSettings, system_resolvers};
 const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// The policy's own list, as [`Trusted::source`] names it.
+pub const FROM_POLICY: &str = "dns.resolvers";
+
+/// The trusted resolvers, and where they come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trusted {
+    pub addrs: Vec<IpAddr>,
+    /// [`FROM_POLICY`], or the file they were read from.
+    pub source: &'static str,
+}
+
 /// The trusted resolvers: the policy's `dns.resolvers`, else the node's nameservers (without
 /// loopback), else systemd-resolved's upstreams.
-pub fn trusted(dns: &DnsSettings) -> anyhow::Result<Vec<IpAddr>> {
+pub fn trusted(dns: &DnsSettings) -> anyhow::Result<Trusted> {
     if let Some(list) = &dns.resolvers {
-        return Ok(list.clone());
+        return Ok(Trusted {
+            addrs: list.clone(),
+            source: FROM_POLICY,
+        });
     }
     for file in [RESOLV_CONF, RESOLVED_UPSTREAMS] {
         if let Some(found) = read(Path::new(file))?
             && !found.is_empty()
         {
-            return Ok(found);
+            return Ok(Trusted {
+                addrs: found,
+                source: file,
+            });
         }
     }
     bail!(
@@ -33,15 +50,16 @@ pub fn trusted(dns: &DnsSettings) -> anyhow::Result<Vec<IpAddr>> {
 /// names to learn.
 pub fn for_policy(dns: &DnsSettings, has_names: bool) -> anyhow::Result<Vec<IpAddr>> {
     match trusted(dns) {
-        Ok(list) => {
+        Ok(Trusted { addrs, source }) => {
             log::info!(
-                "trusted resolvers: {}",
-                list.iter()
+                "trusted resolvers (from {source}): {}",
+                addrs
+                    .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            Ok(list)
+            Ok(addrs)
         }
         Err(e) if !has_names => {
             log::warn!("{e:#}; DNS is then allowed only where a rule allows it");
@@ -71,7 +89,10 @@ mod tests {
         };
         assert_eq!(
             trusted(&dns).expect("resolvers"),
-            vec!["198.51.100.53".parse::<IpAddr>().expect("literal")]
+            Trusted {
+                addrs: vec!["198.51.100.53".parse::<IpAddr>().expect("literal")],
+                source: FROM_POLICY
+            }
         );
     }
 }
