@@ -22,6 +22,7 @@ use crate::{
     events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
     metrics::Snapshot,
+    plural::counted,
     policy::{Mode, Policy},
     run::{give_back_freed_memory, settings},
 };
@@ -171,9 +172,9 @@ impl Control {
             boot_time_ns(),
         )?;
         log::info!(
-            "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
-            policy.rules.len(),
-            compiled.cidrs.len()
+            "policy reloaded: mode {mode}, {} ({})",
+            counted(policy.rules.len(), "rule", "rules"),
+            counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
         );
         Ok(())
     }

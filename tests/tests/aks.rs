@@ -528,12 +528,27 @@ fn rule_set(rules: &[(String, String)]) -> BTreeMap<&str, &str> {
     set
 }
 
+/// A kubeconfig path that does not exist: the node's own, if this machine had one, must not
+/// narrow the preset under test.
+const NO_KUBECONFIG: &str = "/nonexistent/kubelet/kubeconfig";
+
+/// What `check` and `presets show` say when they keep the regional API server wildcard.
+fn regional_warning() -> String {
+    format!(
+        "# warning: presets[0] (aks-global): `*.hcp.{LOCATION}.azmk8s.io` admits every AKS API server in {LOCATION}, other customers' too; give `api_server` the cluster's API server name (`az aks show -g RG -n NAME --query fqdn`), or run where the kubelet's kubeconfig names it"
+    )
+}
+
 #[test]
 fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     let policy = TempFile::new(&policy());
     let path = policy.path().to_str().expect("temp paths are UTF-8");
-    let (comments, rules) = rules_printed_by(&["check", "--config", path]);
-    assert_eq!(comments, ["# mode: enforce"]);
+    let (comments, rules) =
+        rules_printed_by(&["check", "--config", path, "--kubeconfig", NO_KUBECONFIG]);
+    assert_eq!(
+        comments,
+        ["# mode: enforce".to_string(), regional_warning()]
+    );
     let mut want: Vec<(String, &str)> = preset_rules();
     want.push((format!("{API_SERVER}/32 {TUNNEL_PORTS}"), "api_server"));
     want.push((format!("{CLUSTER_CIDR_V4} any"), "cluster_cidrs[0]"));
@@ -542,9 +557,16 @@ fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     assert_eq!(rule_set(&rules), want);
 
     // `presets show` prints exactly what the preset adds, through the same code.
-    let (comments, rules) =
-        rules_printed_by(&["presets", "show", "aks-global", "--location", LOCATION]);
-    assert_eq!(comments, Vec::<String>::new());
+    let (comments, rules) = rules_printed_by(&[
+        "presets",
+        "show",
+        "aks-global",
+        "--location",
+        LOCATION,
+        "--kubeconfig",
+        NO_KUBECONFIG,
+    ]);
+    assert_eq!(comments, [regional_warning()]);
     let want = preset_rules();
     let want: BTreeMap<&str, &str> = want.iter().map(|(r, o)| (r.as_str(), *o)).collect();
     assert_eq!(rule_set(&rules), want);

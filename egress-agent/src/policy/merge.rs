@@ -4,14 +4,16 @@ use std::collections::HashMap;
 
 use super::PolicyError;
 use super::raw::RawPreset;
-use super::types::{Origin, Ports, Rule, Target};
-use super::validate::invalid;
+use super::types::{Notice, Origin, Ports, Rule, Target};
+use super::validate::{ApiServerName, ApiServerSource, invalid};
 use crate::presets::{self, Params};
 
 /// Adds the rows of the `presets` to `rules`, and the platform addresses with a cloud preset.
 pub(super) fn add_presets(
     presets: Option<Vec<RawPreset>>,
     rules: &mut RuleSet,
+    api_server: Option<ApiServerName>,
+    notices: &mut Vec<Notice>,
     source: &str,
 ) -> Result<(), PolicyError> {
     let Some(presets) = presets else {
@@ -43,10 +45,9 @@ pub(super) fn add_presets(
         }
         let params = Params {
             location: raw.location,
-            fqdn: raw.fqdn,
         };
-        let expanded =
-            presets::expand(preset.name, &params).map_err(|p| invalid(source, &at, p))?;
+        let expanded = expand(preset, &params, api_server.as_ref(), &at, notices)
+            .map_err(|p| invalid(source, &at, p))?;
         for (target, ports) in expanded {
             rules.add(target, ports, Origin::Preset { name: preset.name });
         }
@@ -58,6 +59,61 @@ pub(super) fn add_presets(
         seen.push(preset);
     }
     Ok(())
+}
+
+/// Expands one preset item. A cloud preset allows the cluster's own API server in place of
+/// every one in the region when its name is known, and says which it did: a note when it
+/// narrowed, a warning when it could not. A name from the policy that does not fit the
+/// preset's region is an error; one from the kubeconfig only a warning, as the policy is
+/// not wrong.
+fn expand(
+    preset: &presets::Preset,
+    params: &Params,
+    api_server: Option<&ApiServerName>,
+    at: &str,
+    notices: &mut Vec<Notice>,
+) -> Result<Vec<(Target, Ports)>, String> {
+    let location = params.location.as_deref().unwrap_or_default();
+    let Some(regional) = presets::regional_api_servers(preset, location) else {
+        return presets::expand(preset.name, params, None);
+    };
+    let mut notice = |warning, text| {
+        notices.push(Notice {
+            warning,
+            at: at.to_string(),
+            text,
+        })
+    };
+    let unnarrowed = format!(
+        "`{regional}` admits every AKS API server in {location}, other customers' too; give `api_server` the cluster's API server name (`az aks show -g RG -n NAME --query fqdn`), or run where the kubelet's kubeconfig names it"
+    );
+    let Some(name) = api_server else {
+        let rules = presets::expand(preset.name, params, None)?;
+        notice(true, unnarrowed);
+        return Ok(rules);
+    };
+    let from = match name.from {
+        ApiServerSource::Policy => "`api_server`".to_string(),
+        ApiServerSource::Kubeconfig(file) => format!("the kubelet's kubeconfig {file}"),
+    };
+    match presets::expand(preset.name, params, Some(name.name)) {
+        Ok(rules) => {
+            notice(
+                false,
+                format!(
+                    "allows the cluster's own API server `{}` (from {from}) in place of `{regional}`",
+                    name.name
+                ),
+            );
+            Ok(rules)
+        }
+        Err(problem) if matches!(name.from, ApiServerSource::Kubeconfig(_)) => {
+            let rules = presets::expand(preset.name, params, None)?;
+            notice(true, format!("{problem} (from {from}); {unnarrowed}"));
+            Ok(rules)
+        }
+        Err(problem) => Err(problem),
+    }
 }
 
 /// Rules by target, in the order targets first appear; a repeated target merges into the

@@ -8,12 +8,14 @@
 use std::io::Read as _;
 use std::path::Path;
 
+use crate::kubeconfig::KubeletApiServer;
 use crate::presets::Params;
 
 mod merge;
 mod nesting;
 mod raw;
 mod resolv;
+mod suffix;
 mod syntax;
 mod types;
 mod validate;
@@ -21,7 +23,7 @@ mod validate;
 pub use resolv::system_resolvers;
 pub(crate) use syntax::{parse_fqdn, parse_ports};
 pub use types::{
-    DnsSettings, Mode, NamePattern, Origin, Policy, PortRange, Ports, Proto, Rule, Target,
+    DnsSettings, Mode, NamePattern, Notice, Origin, Policy, PortRange, Ports, Proto, Rule, Target,
     rule_lines,
 };
 
@@ -71,9 +73,10 @@ pub enum PolicyError {
     },
 }
 
-/// Reads and validates the policy file at `path`.
-pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-    parse_bytes(&read(path)?, &path.display().to_string())
+/// Reads and validates the policy file at `path`; `kubelet` is the API server name the
+/// node's kubeconfig gives, if any.
+pub fn load(path: &Path, kubelet: Option<&KubeletApiServer>) -> Result<Policy, PolicyError> {
+    parse_bytes(&read(path)?, &path.display().to_string(), kubelet)
 }
 
 /// The policy file's bytes, at most [`MAX_FILE_BYTES`] of them.
@@ -94,16 +97,29 @@ pub fn read(path: &Path) -> Result<Vec<u8>, PolicyError> {
 
 /// Parses and validates the bytes of a policy file; `source` names the file in error
 /// messages.
-pub fn parse_bytes(bytes: &[u8], source: &str) -> Result<Policy, PolicyError> {
+pub fn parse_bytes(
+    bytes: &[u8],
+    source: &str,
+    kubelet: Option<&KubeletApiServer>,
+) -> Result<Policy, PolicyError> {
     let text = std::str::from_utf8(bytes).map_err(|e| PolicyError::Read {
         file: source.to_string(),
         error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
-    parse(text, source)
+    parse_with(text, source, kubelet)
 }
 
 /// Parses and validates policy YAML; `source` names the file in error messages.
 pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
+    parse_with(text, source, None)
+}
+
+/// [`parse`], with the API server name the node's kubeconfig gives.
+pub fn parse_with(
+    text: &str,
+    source: &str,
+    kubelet: Option<&KubeletApiServer>,
+) -> Result<Policy, PolicyError> {
     // Editors on Windows start UTF-8 files with a byte order mark, which the YAML parser
     // refuses ("more than one document").
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -118,21 +134,38 @@ pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
         file: source.to_string(),
         error,
     })?;
-    validate(raw, source)
+    validate(raw, source, kubelet)
 }
 
-/// The rules one preset adds to a policy, built exactly as `parse` builds them, so that
-/// `presets show` prints what a policy naming the preset would get.
-pub fn preset_rules(name: &str, params: Params) -> Result<Vec<Rule>, PolicyError> {
+/// The rules one preset adds to a policy (with `api_server` if given), built exactly as
+/// `parse` builds them, so that `presets show` prints what a policy naming the preset would
+/// get; its notices say what it did with the API server name.
+pub fn preset_rules(
+    name: &str,
+    params: Params,
+    api_server: Option<String>,
+    kubelet: Option<&KubeletApiServer>,
+) -> Result<Policy, PolicyError> {
     let raw = RawPolicy {
         presets: Some(vec![RawPreset {
             name: name.to_string(),
             location: params.location,
-            fqdn: params.fqdn,
         }]),
+        api_server,
         ..RawPolicy::default()
     };
-    validate(raw, "command line").map(|policy| policy.rules)
+    validate(raw, "command line", kubelet)
+}
+
+/// Logs the notices of a policy just loaded from `source`.
+pub fn log_notices(policy: &Policy, source: &str) {
+    for notice in &policy.notices {
+        if notice.warning {
+            log::warn!("{source}: {notice}");
+        } else {
+            log::info!("{source}: {notice}");
+        }
+    }
 }
 
 #[cfg(test)]

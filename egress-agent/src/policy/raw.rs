@@ -24,7 +24,6 @@ pub(super) struct RawPolicy {
 pub(super) struct RawPreset {
     pub(super) name: String,
     pub(super) location: Option<String>,
-    pub(super) fqdn: Option<String>,
 }
 
 /// Numbers are `Option<u32>` with [`present`], so that a bare `min_ttl:` is refused rather

@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv6Net;
 
 use super::*;
+use crate::kubeconfig::KubeletApiServer;
 
 const EXAMPLE: &str = r#"
 mode: audit
@@ -98,6 +99,7 @@ fn example_parses() {
                 ),
                 rule(4, net("198.51.100.7/32"), Ports::Some(vec![ICMP])),
             ],
+            notices: vec![],
             dns: DnsSettings::default(),
         }
     );
@@ -178,14 +180,18 @@ fn bare_addresses_are_single_hosts() {
 #[test]
 fn names_are_normalised() {
     let policy = parse(
-        "allow: [{fqdn: MCR.Microsoft.COM.}, {fqdn: '*.com'}, {fqdn: _sip._udp.example.com}]",
+        "allow: [{fqdn: MCR.Microsoft.COM.}, {fqdn: '*.Example.com'}, {fqdn: _sip._udp.example.com}]",
         "policy.yaml",
     )
     .expect("valid policy");
     let targets: Vec<String> = policy.rules.iter().map(|r| r.target.to_string()).collect();
     assert_eq!(
         targets,
-        ["mcr.microsoft.com", "*.com", "_sip._udp.example.com"]
+        [
+            "mcr.microsoft.com",
+            "*.example.com",
+            "_sip._udp.example.com"
+        ]
     );
 }
 
@@ -233,11 +239,11 @@ fn ports_union() {
 fn load_reads_the_file_and_names_it_in_errors() {
     let path = std::env::temp_dir().join(format!("policy-test-{}.yaml", std::process::id()));
     std::fs::write(&path, EXAMPLE).expect("write temp file");
-    let loaded = load(&path);
+    let loaded = load(&path, None);
     std::fs::remove_file(&path).expect("remove temp file");
     assert_eq!(loaded.expect("valid policy").rules.len(), 5);
 
-    let message = load(&path).expect_err("file is gone").to_string();
+    let message = load(&path, None).expect_err("file is gone").to_string();
     assert!(
         message.starts_with(&path.display().to_string()),
         "{message}"
@@ -294,7 +300,7 @@ fn the_largest_benchmark_policy_fits_with_ports() {
 
 #[test]
 fn read_stops_at_the_limit_on_files_that_never_end() {
-    let message = load(Path::new("/dev/zero"))
+    let message = load(Path::new("/dev/zero"), None)
         .expect_err("endless")
         .to_string();
     assert!(
@@ -313,7 +319,7 @@ fn read_stops_at_the_limit_on_files_that_never_end() {
         let line = b"# a policy that never ends\n".repeat(1024);
         while std::io::Write::write_all(&mut pipe, &line).is_ok() {}
     });
-    let message = load(&fifo.0).expect_err("endless").to_string();
+    let message = load(&fifo.0, None).expect_err("endless").to_string();
     assert!(message.contains("larger than 64 MiB"), "{message}");
     writer.join().unwrap();
 }
@@ -323,7 +329,7 @@ fn a_byte_order_mark_is_ignored() {
     let file = TempPath::new("bom.yaml");
     std::fs::write(&file.0, format!("\u{feff}{EXAMPLE}")).expect("write temp file");
     assert_eq!(
-        load(&file.0).expect("valid policy"),
+        load(&file.0, None).expect("valid policy"),
         parse(EXAMPLE, "x").unwrap()
     );
     assert_error(
@@ -339,7 +345,11 @@ fn a_byte_order_mark_is_ignored() {
 #[test]
 fn text_that_is_not_utf8_is_refused() {
     assert_error(
-        parse_bytes(b"allow:\n  - cidr: 10.0.0.0/8 # caf\xe9\n", "policy.yaml"),
+        parse_bytes(
+            b"allow:\n  - cidr: 10.0.0.0/8 # caf\xe9\n",
+            "policy.yaml",
+            None,
+        ),
         "cannot read",
         "invalid utf-8",
     );
@@ -1254,7 +1264,6 @@ fn every_cloud_preset_brings_the_platform_addresses_and_no_other_does() {
         ("{name: ubuntu-updates}", false),
         ("{name: gpu}", false),
         ("{name: azure-monitor}", false),
-        ("{name: dev-spaces, fqdn: azds-1.eastus.azds.io}", false),
         ("{name: azure-policy, location: eastus}", false),
         ("{name: windows}", false),
     ] {
@@ -1272,7 +1281,6 @@ fn every_cloud_preset_brings_the_platform_addresses_and_no_other_does() {
 fn preset_rules_are_what_a_policy_gets() {
     let params = Params {
         location: Some("westeurope".into()),
-        fqdn: None,
     };
     let policy = parse(
         "presets: [{name: aks-global, location: westeurope}]",
@@ -1280,10 +1288,10 @@ fn preset_rules_are_what_a_policy_gets() {
     )
     .expect("valid policy");
     assert_eq!(
-        preset_rules("aks-global", params).expect("valid preset"),
-        policy.rules
+        preset_rules("aks-global", params, None, None).expect("valid preset"),
+        policy
     );
-    let message = preset_rules("aks-global", Params::default())
+    let message = preset_rules("aks-global", Params::default(), None, None)
         .expect_err("no location")
         .to_string();
     assert_eq!(
@@ -1297,7 +1305,7 @@ fn preset_errors_name_the_file_and_the_item() {
     assert_error(
         parse("presets: [{name: gpu}, {name: aks}]", "policy.yaml"),
         "presets[1] (aks)",
-        "unknown preset `aks`; expected one of: aks-global, aks-china, aks-government, ubuntu-updates, gpu, azure-monitor, dev-spaces, azure-policy, windows",
+        "unknown preset `aks`; expected one of: aks-global, aks-china, aks-government, ubuntu-updates, gpu, azure-monitor, azure-policy, windows",
     );
     assert_error(
         parse("presets: [{name: aks-global}]", "policy.yaml"),
@@ -1319,11 +1327,16 @@ fn preset_errors_name_the_file_and_the_item() {
     );
     assert_error(
         parse(
-            "presets: [{name: dev-spaces, fqdn: eastus.azds.io}]",
+            "presets: [{name: aks-china, location: eastus}]",
             "policy.yaml",
         ),
+        "presets[0] (aks-china)",
+        "location `eastus` is a region of Azure (global), not of Azure China 21Vianet",
+    );
+    assert_error(
+        parse("presets: [{name: dev-spaces}]", "policy.yaml"),
         "presets[0] (dev-spaces)",
-        "`eastus.azds.io` is not a Dev Spaces controller name",
+        "preset `dev-spaces` is no longer offered",
     );
 }
 
@@ -1335,7 +1348,7 @@ fn preset_item_keys() {
             "policy.yaml",
         ),
         "presets[0]",
-        "unknown field `locaton`, expected one of `name`, `location`, `fqdn`",
+        "unknown field `locaton`, expected `name` or `location`",
     );
     assert_error(
         parse("presets: [{location: eastus}]", "policy.yaml"),
@@ -1455,9 +1468,22 @@ fn api_server_invalid() {
         "host bits are set; did you mean 203.0.113.0/24?",
     );
     assert_error(
-        parse("api_server: myaks-dns.hcp.eastus.azmk8s.io", "policy.yaml"),
-        "api_server (myaks-dns.hcp.eastus.azmk8s.io)",
-        "not an IP address or CIDR",
+        parse("api_server: '*.hcp.eastus.azmk8s.io'", "policy.yaml"),
+        "api_server (*.hcp.eastus.azmk8s.io)",
+        "a wildcard is not one API server; give its name",
+    );
+    assert_error(
+        parse("api_server: my_aks!.example", "policy.yaml"),
+        "api_server (my_aks!.example)",
+        "neither an address nor an API server name: character `!` is not allowed",
+    );
+    assert_error(
+        parse(
+            "presets: [{name: aks-global, location: eastus}]\napi_server: myaks.hcp.westus.azmk8s.io",
+            "policy.yaml",
+        ),
+        "presets[0] (aks-global)",
+        "API server `myaks.hcp.westus.azmk8s.io` is not a cluster's API server in eastus",
     );
     assert_error(
         parse("api_server: 0.0.0.0/0", "policy.yaml"),
@@ -1557,9 +1583,185 @@ fn rule_lines_align_the_origins() {
             "example.com TCP:443             # allow[0]",
             "nvidia.github.io TCP:443        # preset gpu",
             "us.download.nvidia.com TCP:443  # preset gpu",
-            "apt.dockerproject.org TCP:443   # preset gpu",
+            "download.docker.com TCP:443     # preset gpu",
             "10.0.0.0/8 any                  # cluster_cidrs[0]",
         ]
     );
     assert_eq!(rule_lines(&[]), Vec::<String>::new());
+}
+
+const AKS: &str = "presets: [{name: aks-global, location: eastus}]\n";
+const API_SERVER: &str = "myaks-dns-4f1e2d3c.hcp.eastus.azmk8s.io";
+
+fn kubelet(name: &str) -> KubeletApiServer {
+    KubeletApiServer {
+        name: name.to_string(),
+        file: "/var/lib/kubelet/kubeconfig".to_string(),
+    }
+}
+
+#[test]
+fn without_the_api_server_name_the_regional_wildcard_stays_with_a_warning() {
+    let policy = parse(AKS, "policy.yaml").expect("valid policy");
+    assert!(lines(&policy)[0].starts_with("*.hcp.eastus.azmk8s.io "));
+    assert_eq!(
+        policy.notices,
+        [Notice {
+            warning: true,
+            at: "presets[0] (aks-global)".to_string(),
+            text: "`*.hcp.eastus.azmk8s.io` admits every AKS API server in eastus, other customers' too; give `api_server` the cluster's API server name (`az aks show -g RG -n NAME --query fqdn`), or run where the kubelet's kubeconfig names it".to_string(),
+        }]
+    );
+    let with_address =
+        parse(&format!("{AKS}api_server: 203.0.113.5"), "policy.yaml").expect("valid policy");
+    assert!(with_address.notices[0].warning);
+    assert!(
+        rule_for(&with_address, "*.hcp.eastus.azmk8s.io").origins
+            == [Origin::Preset { name: "aks-global" }]
+    );
+}
+
+#[test]
+fn api_server_name_in_the_policy_narrows_the_cloud_preset() {
+    let policy =
+        parse(&format!("{AKS}api_server: {API_SERVER}"), "policy.yaml").expect("valid policy");
+    assert!(!lines(&policy).iter().any(|l| l.starts_with("*.hcp.")));
+    let rule = rule_for(&policy, API_SERVER);
+    assert_eq!(rule.ports.to_string(), "TCP:22 TCP:443 TCP:9000 UDP:1194");
+    assert_eq!(
+        rule.origins,
+        [Origin::Preset { name: "aks-global" }, Origin::ApiServer]
+    );
+    assert_eq!(
+        policy.notices,
+        [Notice {
+            warning: false,
+            at: "presets[0] (aks-global)".to_string(),
+            text: format!(
+                "allows the cluster's own API server `{API_SERVER}` (from `api_server`) in place of `*.hcp.eastus.azmk8s.io`"
+            ),
+        }]
+    );
+}
+
+#[test]
+fn api_server_name_from_the_kubeconfig_narrows_the_cloud_preset() {
+    let policy = parse_with(AKS, "policy.yaml", Some(&kubelet(API_SERVER))).expect("valid policy");
+    assert!(!lines(&policy).iter().any(|l| l.starts_with("*.hcp.")));
+    assert_eq!(
+        rule_for(&policy, API_SERVER).origins,
+        [Origin::Preset { name: "aks-global" }]
+    );
+    assert!(!policy.notices[0].warning);
+    assert!(
+        policy.notices[0]
+            .text
+            .contains("(from the kubelet's kubeconfig /var/lib/kubelet/kubeconfig)")
+    );
+}
+
+#[test]
+fn the_policy_api_server_name_wins_over_the_kubeconfig() {
+    let other = "other.hcp.eastus.azmk8s.io";
+    let policy = parse_with(
+        &format!("{AKS}api_server: {API_SERVER}"),
+        "policy.yaml",
+        Some(&kubelet(other)),
+    )
+    .expect("valid policy");
+    rule_for(&policy, API_SERVER);
+    assert!(!lines(&policy).iter().any(|l| l.starts_with(other)));
+}
+
+#[test]
+fn a_kubeconfig_name_of_another_region_keeps_the_wildcard_with_a_warning() {
+    let policy = parse_with(
+        AKS,
+        "policy.yaml",
+        Some(&kubelet("myaks.hcp.westus.azmk8s.io")),
+    )
+    .expect("the policy is not wrong");
+    rule_for(&policy, "*.hcp.eastus.azmk8s.io");
+    let notice = &policy.notices[0];
+    assert!(notice.warning);
+    assert!(
+        notice.text.starts_with(
+            "API server `myaks.hcp.westus.azmk8s.io` is not a cluster's API server in eastus"
+        ),
+        "{notice}"
+    );
+    assert!(notice.text.contains("(from the kubelet's kubeconfig /var/lib/kubelet/kubeconfig); `*.hcp.eastus.azmk8s.io` admits every AKS API server"), "{notice}");
+}
+
+#[test]
+fn api_server_name_without_a_cloud_preset_is_one_rule() {
+    let policy = parse(&format!("api_server: {API_SERVER}"), "policy.yaml").expect("valid policy");
+    assert_eq!(
+        lines(&policy),
+        [format!(
+            "{API_SERVER} TCP:22 TCP:443 TCP:9000 UDP:1194  # api_server"
+        )]
+    );
+    assert!(policy.notices.is_empty());
+}
+
+#[test]
+fn a_wildcard_over_a_public_suffix_is_refused() {
+    assert_entry_error(
+        r#"fqdn: "*.com""#,
+        "allow[0] (fqdn *.com)",
+        "`*.com` admits every domain anyone registers under `com`, a public suffix; name the domains you need, e.g. `*.example.com` or `www.example.com`",
+    );
+    for (zone, at) in [
+        ("*.co.uk", "allow[0] (fqdn *.co.uk)"),
+        ("*.IO.", "allow[0] (fqdn *.IO.)"),
+        ("*.internal", "allow[0] (fqdn *.internal)"),
+    ] {
+        assert_entry_error(
+            &format!(r#"fqdn: "{zone}", ports: [TCP:443]"#),
+            at,
+            "a public suffix",
+        );
+    }
+}
+
+#[test]
+fn a_wildcard_over_a_shared_provider_zone_is_a_warning() {
+    for zone in ["blob.core.windows.net", "azurewebsites.net"] {
+        let policy = one(&format!(r#"fqdn: "*.{zone}", ports: [HTTPS:443]"#)).expect("valid");
+        assert_eq!(
+            policy.notices,
+            [Notice {
+                warning: true,
+                at: format!("allow[0] (fqdn *.{zone})"),
+                text: format!(
+                    "`*.{zone}` admits every name anyone creates under `{zone}`, a provider's shared zone (Public Suffix List, private section); name your own, e.g. `mine.{zone}`"
+                ),
+            }]
+        );
+    }
+    let own = one(r#"fqdn: "*.mine.blob.core.windows.net""#).expect("valid");
+    assert!(own.notices.is_empty());
+}
+
+#[test]
+fn no_preset_row_reaches_past_one_owner() {
+    for preset in crate::presets::PRESETS {
+        for region in preset.regions.regions() {
+            let params = Params {
+                location: (!preset.params.is_empty()).then(|| region.to_string()),
+            };
+            let rules = crate::presets::expand(preset.name, &params, None).expect("valid");
+            for (target, _) in rules {
+                if let Target::Name(pattern) = &target {
+                    assert_eq!(
+                        suffix::reach(pattern),
+                        suffix::Reach::Owned,
+                        "{} {target}",
+                        preset.name
+                    );
+                }
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use super::syntax::merge;
 
 /// What the enforcer does with traffic the policy does not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Mode {
     /// Log it and let it through: the safe way to try a new policy out.
     #[default]
@@ -48,6 +48,25 @@ pub struct Policy {
     /// `api_server` and `cluster_cidrs` add.
     pub rules: Vec<Rule>,
     pub dns: DnsSettings,
+    /// What `check` says about the policy beside its rules, and the agent logs on loading
+    /// it: what a preset did with the API server name, and doubtful but valid entries.
+    pub notices: Vec<Notice>,
+}
+
+/// A remark on a valid policy: a warning when it admits more than its author may think.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    /// The part of the policy it is about, e.g. `presets[0] (aks-global)`.
+    pub at: String,
+    pub text: String,
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.warning { "warning" } else { "note" };
+        write!(f, "{kind}: {}: {}", self.at, self.text)
+    }
 }
 
 /// Traffic to `target` on `ports` is allowed.

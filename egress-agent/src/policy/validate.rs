@@ -9,11 +9,52 @@ use ipnet::{IpNet, Ipv6Net};
 use super::PolicyError;
 use super::merge::{RuleSet, add_presets};
 use super::raw::{RawDns, RawEntry, RawPolicy};
+use super::suffix::{Reach, reach};
 use super::syntax::{parse_cidr, parse_fqdn, parse_ports};
-use super::types::{DnsSettings, Mode, Origin, Policy, Ports, Rule, Target};
+use super::types::{DnsSettings, Mode, NamePattern, Notice, Origin, Policy, Ports, Rule, Target};
+use crate::kubeconfig::KubeletApiServer;
 use crate::presets::API_SERVER_PORTS;
 
-pub(super) fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyError> {
+/// The cluster's own API server name, and where it was found.
+pub(super) struct ApiServerName<'a> {
+    pub(super) name: &'a str,
+    /// `api_server` in the policy, or the kubelet's kubeconfig file.
+    pub(super) from: ApiServerSource<'a>,
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum ApiServerSource<'a> {
+    Policy,
+    Kubeconfig(&'a str),
+}
+
+/// `api_server`: the address the API server's name resolves to, or that name.
+enum ApiServer {
+    Address(IpNet),
+    Name(String),
+}
+
+fn parse_api_server(text: &str) -> Result<ApiServer, String> {
+    if text.parse::<IpAddr>().is_ok() || text.contains('/') {
+        return parse_cidr(text).map(ApiServer::Address);
+    }
+    match parse_fqdn(text) {
+        Ok(NamePattern::Exact(name)) => Ok(ApiServer::Name(name)),
+        Ok(NamePattern::Wildcard(_)) => Err(
+            "a wildcard is not one API server; give its name (`az aks show -g RG -n NAME --query fqdn`) or its address"
+                .to_string(),
+        ),
+        Err(problem) => Err(format!(
+            "neither an address nor an API server name: {problem}"
+        )),
+    }
+}
+
+pub(super) fn validate(
+    raw: RawPolicy,
+    source: &str,
+    kubelet: Option<&KubeletApiServer>,
+) -> Result<Policy, PolicyError> {
     let mode = match raw.mode {
         None => Mode::default(),
         Some(mode) => mode
@@ -25,17 +66,38 @@ pub(super) fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyErr
         Some(dns) => parse_dns(dns, source)?,
     };
     let mut rules = RuleSet::default();
+    let mut notices = Vec::new();
     let allow_given = raw.allow.is_some();
     for (entry, raw) in raw.allow.into_iter().flatten().enumerate() {
-        let (target, ports) = parse_entry(entry, raw, &rules, source)?;
+        let (target, ports) = parse_entry(entry, raw, &rules, &mut notices, source)?;
         rules.add(target, ports, Origin::Allow(entry));
     }
-    add_presets(raw.presets, &mut rules, source)?;
-    if let Some(api_server) = raw.api_server {
-        let at = format!("api_server ({api_server})");
-        let net = parse_cidr(&api_server).map_err(|p| invalid(source, &at, p))?;
+    let api_server = match &raw.api_server {
+        None => None,
+        Some(text) => {
+            let at = format!("api_server ({text})");
+            let parsed = parse_api_server(text).map_err(|p| invalid(source, &at, p))?;
+            Some((at, parsed))
+        }
+    };
+    let name = match &api_server {
+        Some((_, ApiServer::Name(name))) => Some(ApiServerName {
+            name,
+            from: ApiServerSource::Policy,
+        }),
+        _ => kubelet.map(|k| ApiServerName {
+            name: &k.name,
+            from: ApiServerSource::Kubeconfig(&k.file),
+        }),
+    };
+    add_presets(raw.presets, &mut rules, name, &mut notices, source)?;
+    if let Some((at, api_server)) = api_server {
+        let target = match api_server {
+            ApiServer::Address(net) => Target::Cidr(net),
+            ApiServer::Name(name) => Target::Name(NamePattern::Exact(name)),
+        };
         let ports = parse_ports(API_SERVER_PORTS).map_err(|p| invalid(source, &at, p))?;
-        rules.add(Target::Cidr(net), ports, Origin::ApiServer);
+        rules.add(target, ports, Origin::ApiServer);
     }
     if let Some(cidrs) = raw.cluster_cidrs {
         if cidrs.is_empty() {
@@ -73,6 +135,7 @@ pub(super) fn validate(raw: RawPolicy, source: &str) -> Result<Policy, PolicyErr
         mode,
         rules: rules.rules,
         dns,
+        notices,
     })
 }
 
@@ -172,6 +235,7 @@ fn parse_entry(
     entry: usize,
     raw: RawEntry,
     rules: &RuleSet,
+    notices: &mut Vec<Notice>,
     source: &str,
 ) -> Result<(Target, Ports), PolicyError> {
     let (target, at) = match (raw.cidr, raw.fqdn) {
@@ -199,6 +263,27 @@ fn parse_entry(
         }
     };
     let target = target.map_err(|p| invalid(source, &at, p))?;
+    if let Target::Name(pattern) = &target {
+        match reach(pattern) {
+            Reach::Owned => {}
+            Reach::PublicSuffix(zone) => {
+                return Err(invalid(
+                    source,
+                    at,
+                    format!(
+                        "`{pattern}` admits every domain anyone registers under `{zone}`, a public suffix; name the domains you need, e.g. `*.example.{zone}` or `www.example.{zone}`"
+                    ),
+                ));
+            }
+            Reach::MultiTenant(zone) => notices.push(Notice {
+                warning: true,
+                at: at.clone(),
+                text: format!(
+                    "`{pattern}` admits every name anyone creates under `{zone}`, a provider's shared zone (Public Suffix List, private section); name your own, e.g. `mine.{zone}`"
+                ),
+            }),
+        }
+    }
     if let Some(first) = rules.origins(&target).first() {
         return Err(invalid(
             source,

@@ -8,7 +8,11 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::policy::{PortRange, Ports, Proto, Target, parse_fqdn, parse_ports};
+use crate::policy::{NamePattern, PortRange, Ports, Proto, Target, parse_fqdn, parse_ports};
+
+mod regions;
+
+pub use regions::Cloud;
 
 /// A built-in preset: rows of one article table, plus parameters filled into them.
 #[derive(Debug)]
@@ -17,8 +21,11 @@ pub struct Preset {
     /// One line for `egress-agent presets`.
     pub description: &'static str,
     pub params: &'static [Param],
-    /// One of the three clouds' required sets. A node runs in exactly one cloud, and these
-    /// also bring the Azure platform addresses (see [`platform`]).
+    /// The cloud whose regions `location` must name; for the optional groups the global
+    /// one, whose zone (`azmk8s.io`) their names are in.
+    pub regions: Cloud,
+    /// Whether this is one of the three clouds' required sets. A node runs in exactly one
+    /// cloud, and these also bring the Azure platform addresses (see [`platform`]).
     pub cloud: bool,
     rows: &'static [Row],
 }
@@ -35,18 +42,15 @@ struct Row {
 pub enum Param {
     /// The cluster's Azure region, as in `*.hcp.<location>.azmk8s.io`.
     Location,
-    /// The Dev Spaces controller's exact name, which no pattern can guess.
-    Fqdn,
 }
 
 impl Param {
-    const ALL: [Param; 2] = [Param::Location, Param::Fqdn];
+    const ALL: [Param; 1] = [Param::Location];
 
     /// The key in a `presets` item (and the `presets show` option).
     pub fn key(self) -> &'static str {
         match self {
             Param::Location => "location",
-            Param::Fqdn => "fqdn",
         }
     }
 
@@ -54,30 +58,26 @@ impl Param {
     fn placeholder(self) -> &'static str {
         match self {
             Param::Location => "<location>",
-            Param::Fqdn => "azds-<guid>.<location>.azds.io",
         }
     }
 
     fn value(self, params: &Params) -> Option<&str> {
         match self {
             Param::Location => params.location.as_deref(),
-            Param::Fqdn => params.fqdn.as_deref(),
         }
     }
 
-    fn check(self, value: &str) -> Result<(), String> {
+    fn check(self, value: &str, preset: &Preset) -> Result<(), String> {
         match self {
-            Param::Location => check_location(value),
-            Param::Fqdn => check_dataplane_fqdn(value),
+            Param::Location => {
+                check_location(value).and_then(|()| regions::check(value, preset.regions))
+            }
         }
     }
 
     fn hint(self) -> &'static str {
         match self {
             Param::Location => "the cluster's Azure region, e.g. `eastus`",
-            Param::Fqdn => {
-                "the controller's `dataplaneFqdn` (in %USERPROFILE%\\.azds\\settings.json), `azds-<guid>.<location>.azds.io`"
-            }
         }
     }
 }
@@ -86,7 +86,6 @@ impl Param {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Params {
     pub location: Option<String>,
-    pub fqdn: Option<String>,
 }
 
 /// The API server ports of the article's network rules and of its `*.hcp`/`*.tun` rows:
@@ -190,12 +189,15 @@ const UBUNTU_UPDATES: &[Row] = &[Row {
     ports: HTTP,
 }];
 
-/// "Optional groups": GPU nodes.
+/// "Optional groups": GPU nodes. The 2020 article's third row, `apt.dockerproject.org`,
+/// was Docker's old package repository, shut down on 31 March 2020 in favour of
+/// `download.docker.com`; later revisions of the article list that name instead, and so
+/// does this preset: a name that no longer serves is only a hole to keep open.
 const GPU: &[Row] = &[Row {
     names: &[
         "nvidia.github.io",
         "us.download.nvidia.com",
-        "apt.dockerproject.org",
+        "download.docker.com",
     ],
     ports: HTTPS,
 }];
@@ -208,17 +210,6 @@ const AZURE_MONITOR: &[Row] = &[Row {
         "*.oms.opinsights.azure.com",
         "*.microsoftonline.com",
         "*.monitoring.azure.com",
-    ],
-    ports: HTTPS,
-}];
-
-/// "Optional groups": Azure Dev Spaces.
-const DEV_SPACES: &[Row] = &[Row {
-    names: &[
-        "cloudflare.docker.com",
-        "gcr.io",
-        "storage.googleapis.com",
-        "azds-<guid>.<location>.azds.io",
     ],
     ports: HTTPS,
 }];
@@ -265,6 +256,7 @@ pub const PRESETS: &[Preset] = &[
         name: "aks-global",
         description: "required egress of AKS nodes in Azure (global), and the Azure platform addresses",
         params: &[Param::Location],
+        regions: Cloud::Global,
         cloud: true,
         rows: AKS_GLOBAL,
     },
@@ -272,6 +264,7 @@ pub const PRESETS: &[Preset] = &[
         name: "aks-china",
         description: "required egress of AKS nodes in Azure China 21Vianet, and the Azure platform addresses",
         params: &[Param::Location],
+        regions: Cloud::China,
         cloud: true,
         rows: AKS_CHINA,
     },
@@ -279,6 +272,7 @@ pub const PRESETS: &[Preset] = &[
         name: "aks-government",
         description: "required egress of AKS nodes in Azure Government, and the Azure platform addresses",
         params: &[Param::Location],
+        regions: Cloud::Government,
         cloud: true,
         rows: AKS_GOVERNMENT,
     },
@@ -286,6 +280,7 @@ pub const PRESETS: &[Preset] = &[
         name: "ubuntu-updates",
         description: "recommended: Ubuntu security patches and updates (HTTP)",
         params: &[],
+        regions: Cloud::Global,
         cloud: false,
         rows: UBUNTU_UPDATES,
     },
@@ -293,6 +288,7 @@ pub const PRESETS: &[Preset] = &[
         name: "gpu",
         description: "GPU node pools: NVIDIA driver installation",
         params: &[],
+        regions: Cloud::Global,
         cloud: false,
         rows: GPU,
     },
@@ -300,20 +296,15 @@ pub const PRESETS: &[Preset] = &[
         name: "azure-monitor",
         description: "Azure Monitor for containers",
         params: &[],
+        regions: Cloud::Global,
         cloud: false,
         rows: AZURE_MONITOR,
-    },
-    Preset {
-        name: "dev-spaces",
-        description: "Azure Dev Spaces, with the controller's azds-… name",
-        params: &[Param::Fqdn],
-        cloud: false,
-        rows: DEV_SPACES,
     },
     Preset {
         name: "azure-policy",
         description: "Azure Policy add-on (preview)",
         params: &[Param::Location],
+        regions: Cloud::Global,
         cloud: false,
         rows: AZURE_POLICY,
     },
@@ -321,13 +312,24 @@ pub const PRESETS: &[Preset] = &[
         name: "windows",
         description: "Windows Server node pools, including KMS activation (TCP:1688)",
         params: &[],
+        regions: Cloud::Global,
         cloud: false,
         rows: WINDOWS,
     },
 ];
 
+/// Presets that were dropped, and why: a policy naming one is told rather than left to
+/// guess from the list of valid names.
+const RETIRED: &[(&str, &str)] = &[(
+    "dev-spaces",
+    "Azure Dev Spaces was retired on 31 October 2023 and its controllers are gone; remove the item (Bridge to Kubernetes, its successor, runs on developers' machines and needs no node egress)",
+)];
+
 /// The preset called `name`; the error lists the valid names.
 pub fn find(name: &str) -> Result<&'static Preset, String> {
+    if let Some((_, why)) = RETIRED.iter().find(|(retired, _)| *retired == name) {
+        return Err(format!("preset `{name}` is no longer offered: {why}"));
+    }
     PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
         format!(
@@ -337,9 +339,19 @@ pub fn find(name: &str) -> Result<&'static Preset, String> {
     })
 }
 
+/// How the cloud presets' tables write every AKS API server of the region.
+const REGIONAL_API_SERVERS: &str = "*.hcp.<location>.";
+
 /// The rules of preset `name`: exactly the rows of its table, with `params` filled in.
-/// The platform addresses that cloud presets bring are separate: see [`platform`].
-pub fn expand(name: &str, params: &Params) -> Result<Vec<(Target, Ports)>, String> {
+/// With `api_server`, the cluster's own API server name, a cloud preset allows that name in
+/// place of its `*.hcp.<location>` row, which admits every API server in the region,
+/// another customer's (an attacker's) too. The platform addresses that cloud presets bring
+/// are separate: see [`platform`].
+pub fn expand(
+    name: &str,
+    params: &Params,
+    api_server: Option<&str>,
+) -> Result<Vec<(Target, Ports)>, String> {
     let preset = find(name)?;
     let mut fills = Vec::new();
     for param in Param::ALL {
@@ -360,7 +372,7 @@ pub fn expand(name: &str, params: &Params) -> Result<Vec<(Target, Ports)>, Strin
                 ));
             }
             Some(value) => {
-                param.check(value)?;
+                param.check(value, preset)?;
                 fills.push((param.placeholder(), value));
             }
             None => {}
@@ -370,6 +382,17 @@ pub fn expand(name: &str, params: &Params) -> Result<Vec<(Target, Ports)>, Strin
     for row in preset.rows {
         let ports = parse_ports(row.ports)?;
         for name in row.names {
+            if let Some(api_server) = api_server
+                && name.starts_with(REGIONAL_API_SERVERS)
+            {
+                let location = params.location.as_deref().unwrap_or_default();
+                check_api_server(api_server, preset.regions, location)?;
+                rules.push((
+                    Target::Name(NamePattern::Exact(api_server.to_string())),
+                    ports.clone(),
+                ));
+                continue;
+            }
             let name = fills
                 .iter()
                 .fold(name.to_string(), |name, (placeholder, value)| {
@@ -379,6 +402,36 @@ pub fn expand(name: &str, params: &Params) -> Result<Vec<(Target, Ports)>, Strin
         }
     }
     Ok(rules)
+}
+
+/// The row of a cloud preset that admits every API server of the region, as `expand` fills
+/// it in: `*.hcp.eastus.azmk8s.io`. `None` for the other presets.
+pub fn regional_api_servers(preset: &Preset, location: &str) -> Option<String> {
+    preset
+        .rows
+        .iter()
+        .flat_map(|row| row.names)
+        .find(|name| name.starts_with(REGIONAL_API_SERVERS))
+        .map(|name| name.replace(Param::Location.placeholder(), location))
+}
+
+/// Checks that `name` is the API server of a cluster in `location` of `cloud`:
+/// `<cluster>.hcp.<location>.<zone>`, or `<cluster>.privatelink.<location>.<zone>` for a
+/// private cluster (also with a custom private DNS zone, `<subzone>.privatelink.…`).
+fn check_api_server(name: &str, cloud: Cloud, location: &str) -> Result<(), String> {
+    let zone = cloud.aks_zone();
+    let forms = ["hcp", "privatelink"].map(|kind| format!(".{kind}.{location}.{zone}"));
+    let fits = forms.iter().any(|form| {
+        name.strip_suffix(form.as_str())
+            .is_some_and(|c| !c.is_empty())
+    });
+    if fits {
+        return Ok(());
+    }
+    Err(format!(
+        "API server `{name}` is not a cluster's API server in {location}: expected `<cluster>{}`, or for a private cluster `<cluster>{}`",
+        forms[0], forms[1]
+    ))
 }
 
 /// Which parameters a preset takes, for messages and `egress-agent presets`.
@@ -444,27 +497,6 @@ fn region_shaped(location: &str) -> bool {
         && location
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
-/// Checks that `fqdn` is a Dev Spaces controller name, `azds-<guid>.<location>.azds.io`.
-fn check_dataplane_fqdn(fqdn: &str) -> Result<(), String> {
-    let lower = fqdn.strip_suffix('.').unwrap_or(fqdn).to_ascii_lowercase();
-    let shaped = lower
-        .strip_suffix(".azds.io")
-        .and_then(|rest| rest.split_once('.'))
-        .is_some_and(|(host, location)| {
-            host.strip_prefix("azds-").is_some_and(|id| {
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            }) && region_shaped(location)
-        });
-    if shaped {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{fqdn}` is not a Dev Spaces controller name; expected {}",
-            Param::Fqdn.hint()
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -10,11 +10,11 @@ const HTTP: &str = "TCP:80";
 type Table = (&'static str, Params, Vec<(&'static str, &'static str)>);
 
 /// Every row of every table in `shared/aks-egress-requirements.md`, restated from the
-/// file (not from the tables above), with `<location>` and the Dev Spaces name filled in.
+/// file (not from the tables above), with `<location>` filled in. Two departures, each
+/// tested on its own below: no Dev Spaces (retired), and `gpu`'s Docker repository.
 fn article() -> Vec<Table> {
     let location = Params {
         location: Some("eastus".into()),
-        fqdn: None,
     };
     let none = Params::default();
     vec![
@@ -38,7 +38,6 @@ fn article() -> Vec<Table> {
             "aks-china",
             Params {
                 location: Some("chinaeast2".into()),
-                fqdn: None,
             },
             vec![
                 ("*.hcp.chinaeast2.cx.prod.service.azk8s.cn", TUNNEL),
@@ -57,7 +56,6 @@ fn article() -> Vec<Table> {
             "aks-government",
             Params {
                 location: Some("usgovvirginia".into()),
-                fqdn: None,
             },
             vec![
                 (
@@ -93,7 +91,7 @@ fn article() -> Vec<Table> {
             vec![
                 ("nvidia.github.io", HTTPS),
                 ("us.download.nvidia.com", HTTPS),
-                ("apt.dockerproject.org", HTTPS),
+                ("download.docker.com", HTTPS),
             ],
         ),
         (
@@ -105,22 +103,6 @@ fn article() -> Vec<Table> {
                 ("*.oms.opinsights.azure.com", HTTPS),
                 ("*.microsoftonline.com", HTTPS),
                 ("*.monitoring.azure.com", HTTPS),
-            ],
-        ),
-        (
-            "dev-spaces",
-            Params {
-                location: None,
-                fqdn: Some("azds-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0.westeurope.azds.io".into()),
-            },
-            vec![
-                ("cloudflare.docker.com", HTTPS),
-                ("gcr.io", HTTPS),
-                ("storage.googleapis.com", HTTPS),
-                (
-                    "azds-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0.westeurope.azds.io",
-                    HTTPS,
-                ),
             ],
         ),
         (
@@ -153,27 +135,19 @@ fn article() -> Vec<Table> {
 fn location(location: &str) -> Params {
     Params {
         location: Some(location.into()),
-        fqdn: None,
-    }
-}
-
-fn dev_spaces(fqdn: &str) -> Params {
-    Params {
-        location: None,
-        fqdn: Some(fqdn.into()),
     }
 }
 
 #[track_caller]
 fn assert_refused(name: &str, params: &Params, phrase: &str) {
-    let message = expand(name, params).expect_err("should be refused");
+    let message = expand(name, params, None).expect_err("should be refused");
     assert!(message.contains(phrase), "missing {phrase:?} in {message}");
 }
 
 #[test]
 fn each_preset_expands_to_exactly_its_table() {
     for (name, params, rows) in article() {
-        let expanded: Vec<(String, String)> = expand(name, &params)
+        let expanded: Vec<(String, String)> = expand(name, &params, None)
             .expect("valid parameters")
             .iter()
             .map(|(target, ports)| (target.to_string(), ports.to_string()))
@@ -220,8 +194,25 @@ fn unknown_preset_lists_the_valid_names() {
     assert_refused(
         "aks",
         &Params::default(),
-        "unknown preset `aks`; expected one of: aks-global, aks-china, aks-government, ubuntu-updates, gpu, azure-monitor, dev-spaces, azure-policy, windows",
+        "unknown preset `aks`; expected one of: aks-global, aks-china, aks-government, ubuntu-updates, gpu, azure-monitor, azure-policy, windows",
     );
+}
+
+#[test]
+fn retired_presets_say_why() {
+    assert_refused(
+        "dev-spaces",
+        &Params::default(),
+        "preset `dev-spaces` is no longer offered: Azure Dev Spaces was retired on 31 October 2023",
+    );
+}
+
+#[test]
+fn gpu_uses_the_docker_repository_that_still_serves() {
+    let rules = expand("gpu", &Params::default(), None).expect("no parameters");
+    let names: Vec<String> = rules.iter().map(|(t, _)| t.to_string()).collect();
+    assert!(names.contains(&"download.docker.com".to_string()));
+    assert!(!names.contains(&"apt.dockerproject.org".to_string()));
 }
 
 #[test]
@@ -242,22 +233,6 @@ fn surplus_parameter() {
         &location("eastus"),
         "`gpu` has no parameter `location`; it takes none",
     );
-    assert_refused(
-        "dev-spaces",
-        &Params {
-            location: Some("eastus".into()),
-            fqdn: Some("azds-1.eastus.azds.io".into()),
-        },
-        "`dev-spaces` has no parameter `location`; it takes `fqdn`",
-    );
-    assert_refused(
-        "aks-global",
-        &Params {
-            location: Some("eastus".into()),
-            fqdn: Some("azds-1.eastus.azds.io".into()),
-        },
-        "`aks-global` has no parameter `fqdn`; it takes `location`",
-    );
 }
 
 #[test]
@@ -273,7 +248,7 @@ fn bad_location_shapes() {
         "location `eastus!` is not an Azure region name",
     );
     assert!(
-        !expand("aks-global", &location("eastus!"))
+        !expand("aks-global", &location("eastus!"), None)
             .expect_err("refused")
             .contains("did you mean")
     );
@@ -288,50 +263,129 @@ fn bad_location_shapes() {
 }
 
 #[test]
-fn good_location_shapes() {
-    for good in [
-        "eastus",
-        "westeurope",
-        "chinaeast2",
-        "usgovvirginia",
-        "eastus2euap",
+fn each_cloud_takes_its_own_regions() {
+    for (preset, good) in [
+        ("aks-global", "eastus"),
+        ("aks-global", "westeurope"),
+        ("aks-global", "eastus2euap"),
+        ("azure-policy", "westus2"),
+        ("aks-china", "chinaeast2"),
+        ("aks-government", "usgovvirginia"),
     ] {
-        assert!(expand("aks-global", &location(good)).is_ok(), "{good}");
-    }
-}
-
-#[test]
-fn dev_spaces_needs_its_controller_name() {
-    assert_refused(
-        "dev-spaces",
-        &Params::default(),
-        "`dev-spaces` needs `fqdn`, the controller's `dataplaneFqdn`",
-    );
-    for bad in [
-        "",
-        "azds.io",
-        "eastus.azds.io",
-        "azds-.eastus.azds.io",
-        "x-1234.eastus.azds.io",
-        "azds-1234.azds.io",
-        "azds-1234.East US.azds.io",
-        "azds-1234.eastus.azds.io.evil.example",
-        "azds-1234.a.eastus.azds.io",
-        "azds-12_34.eastus.azds.io",
-        "*.eastus.azds.io",
-    ] {
-        assert_refused(
-            "dev-spaces",
-            &dev_spaces(bad),
-            &format!("`{bad}` is not a Dev Spaces controller name; expected"),
+        assert!(
+            expand(preset, &location(good), None).is_ok(),
+            "{preset} {good}"
         );
     }
 }
 
 #[test]
-fn dev_spaces_name_is_normalised() {
+fn unknown_and_foreign_regions_are_refused() {
+    assert_refused(
+        "aks-global",
+        &location("eastsu"),
+        "location `eastsu` is not a region of Azure (global); did you mean `eastus`?",
+    );
+    assert_refused(
+        "azure-policy",
+        &location("mars"),
+        "location `mars` is not a region of Azure (global); expected one of: ",
+    );
+    assert_refused(
+        "aks-china",
+        &location("eastus"),
+        "location `eastus` is a region of Azure (global), not of Azure China 21Vianet; use the `aks-global` preset there",
+    );
+    assert_refused(
+        "aks-government",
+        &location("chinaeast2"),
+        "use the `aks-china` preset there",
+    );
+}
+
+#[track_caller]
+fn expand_with_api_server(preset: &str, region: &str, name: &str) -> Result<Vec<String>, String> {
+    expand(preset, &location(region), Some(name))
+        .map(|rules| rules.iter().map(|(t, p)| format!("{t} {p}")).collect())
+}
+
+#[test]
+fn a_known_api_server_replaces_the_regional_wildcard() {
+    for (preset, region, name, regional) in [
+        (
+            "aks-global",
+            "eastus",
+            "myaks-dns-4f1e2d3c.hcp.eastus.azmk8s.io",
+            "*.hcp.eastus.azmk8s.io",
+        ),
+        (
+            "aks-global",
+            "eastus",
+            "myaks-dns-4f1e2d3c.0a1b2c3d-e4f5-4a6b-8c7d-9e0f1a2b3c4d.privatelink.eastus.azmk8s.io",
+            "*.hcp.eastus.azmk8s.io",
+        ),
+        (
+            "aks-china",
+            "chinaeast2",
+            "myaks.hcp.chinaeast2.cx.prod.service.azk8s.cn",
+            "*.hcp.chinaeast2.cx.prod.service.azk8s.cn",
+        ),
+        (
+            "aks-government",
+            "usgovvirginia",
+            "myaks.privatelink.usgovvirginia.cx.aks.containerservice.azure.us",
+            "*.hcp.usgovvirginia.cx.aks.containerservice.azure.us",
+        ),
+    ] {
+        let rules = expand_with_api_server(preset, region, name).expect("fits the region");
+        assert!(rules.contains(&format!("{name} {TUNNEL}")), "{rules:?}");
+        assert!(
+            !rules.iter().any(|r| r.starts_with(regional)),
+            "{regional} kept: {rules:?}"
+        );
+        let preset = find(preset).expect("a preset");
+        assert_eq!(
+            regional_api_servers(preset, region).as_deref(),
+            Some(regional)
+        );
+    }
+}
+
+#[test]
+fn the_tunnel_row_stays_with_a_known_api_server() {
     let rules =
-        expand("dev-spaces", &dev_spaces("AZDS-ab12.WestEurope.azds.io.")).expect("valid name");
-    let last = rules.last().expect("four rules");
-    assert_eq!(last.0.to_string(), "azds-ab12.westeurope.azds.io");
+        expand_with_api_server("aks-global", "eastus", "a.hcp.eastus.azmk8s.io").expect("fits");
+    assert!(rules.contains(&format!("*.tun.eastus.azmk8s.io {TUNNEL}")));
+}
+
+#[test]
+fn an_api_server_of_another_region_or_form_is_refused() {
+    for name in [
+        "myaks.hcp.westus.azmk8s.io",
+        "hcp.eastus.azmk8s.io",
+        "myaks.tun.eastus.azmk8s.io",
+        "myaks.hcp.eastus.cx.prod.service.azk8s.cn",
+        "example.com",
+    ] {
+        assert_eq!(
+            expand_with_api_server("aks-global", "eastus", name).expect_err("refused"),
+            format!(
+                "API server `{name}` is not a cluster's API server in eastus: expected `<cluster>.hcp.eastus.azmk8s.io`, or for a private cluster `<cluster>.privatelink.eastus.azmk8s.io`"
+            )
+        );
+    }
+}
+
+#[test]
+fn presets_without_the_regional_row_ignore_the_api_server() {
+    assert_eq!(
+        regional_api_servers(find("azure-policy").expect("a preset"), "eastus"),
+        None
+    );
+    let with = expand(
+        "azure-policy",
+        &location("eastus"),
+        Some("a.hcp.eastus.azmk8s.io"),
+    );
+    assert_eq!(with, expand("azure-policy", &location("eastus"), None));
 }
