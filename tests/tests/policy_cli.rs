@@ -143,7 +143,7 @@ fn check_refuses_a_wildcard_over_a_public_suffix_and_warns_for_a_shared_zone() {
     let path = broad.path().to_str().expect("temp paths are UTF-8");
     let message = refused(&["check", "--config", path]);
     assert!(
-        message.contains(&format!("{path}: allow[0] (fqdn *.com): `*.com` admits every domain anyone registers under `com`, a public suffix")),
+        message.contains(&format!("{path}: line 2: allow[0] (fqdn *.com): `*.com` admits every domain anyone registers under `com`, a public suffix")),
         "{message}"
     );
     let shared =
@@ -153,5 +153,38 @@ fn check_refuses_a_wildcard_over_a_public_suffix_and_warns_for_a_shared_zone() {
     assert!(
         checked.contains("# warning: allow[0] (fqdn *.azurewebsites.net): `*.azurewebsites.net` admits every name anyone creates under `azurewebsites.net`"),
         "{checked}"
+    );
+}
+
+#[test]
+fn check_names_every_mistake_with_its_line_and_fix() {
+    let policy = TempFile::new(
+        "mode: audit
+allow:
+  - cidr: 203.0.113.0/24
+    ports: [HTTPS: 443]
+  - fqdn: example.com
+    ports: [TCP:-1]
+presets:
+  - {name: aks-global, location: eastsu}
+",
+    );
+    let path = policy.path().to_str().expect("temp paths are UTF-8");
+    assert_eq!(
+        refused(&["check", "--config", path, "--kubeconfig", NO_KUBECONFIG]),
+        format!(
+            "egress-agent: {path}: line 3: allow[0] (cidr 203.0.113.0/24): ports item `HTTPS: 443` is a mapping to YAML, because of the space after the colon; write `HTTPS:443`
+{path}: line 5: allow[1] (fqdn example.com): `TCP:-1`: `-1` is not a port number; ports run from 1 to 65535
+{path}: line 8: presets[0] (aks-global): location `eastsu` is not a region of Azure (global); did you mean `eastus`?
+"
+        )
+    );
+    let star = TempFile::new("allow:\n  - fqdn: *.microsoft.com\n    ports: [HTTPS:443]\n");
+    let path = star.path().to_str().expect("temp paths are UTF-8");
+    assert_eq!(
+        refused(&["check", "--config", path]),
+        format!(
+            "egress-agent: {path}: line 2: allow[0] (fqdn: *.microsoft.com): a value that starts with `*` must be quoted, or YAML reads it as an alias; write fqdn: \"*.microsoft.com\"\n"
+        )
     );
 }

@@ -2,10 +2,9 @@
 
 use std::collections::HashMap;
 
-use super::PolicyError;
 use super::raw::RawPreset;
 use super::types::{Notice, Origin, Ports, Rule, Target};
-use super::validate::{ApiServerName, ApiServerSource, invalid};
+use super::validate::{ApiServerName, ApiServerSource, Problems, invalid};
 use crate::presets::{self, Params};
 
 /// Adds the rows of the `presets` to `rules`, and the platform addresses with a cloud preset.
@@ -14,51 +13,65 @@ pub(super) fn add_presets(
     rules: &mut RuleSet,
     api_server: Option<ApiServerName>,
     notices: &mut Vec<Notice>,
+    problems: &mut Problems,
     source: &str,
-) -> Result<(), PolicyError> {
+) {
     let Some(presets) = presets else {
-        return Ok(());
+        return;
     };
     if presets.is_empty() {
-        return Err(invalid(
+        problems.keep::<()>(Err(invalid(
             source,
             "presets",
             "is empty; omit it, or name at least one preset",
+        )));
+    }
+    // The items added so far, with their index.
+    let mut seen: Vec<(usize, &'static presets::Preset)> = Vec::new();
+    for (i, raw) in presets.into_iter().enumerate() {
+        if raw.reported {
+            continue;
+        }
+        let at = format!("presets[{i}] ({})", raw.name);
+        let added = add_preset(raw, &seen, rules, api_server.as_ref(), notices, &at)
+            .map_err(|p| invalid(source, &at, p));
+        if let Some(preset) = problems.keep(added) {
+            seen.push((i, preset));
+        }
+    }
+}
+
+/// Adds the rows of one preset item; returns the preset, to refuse repeating it.
+fn add_preset(
+    raw: RawPreset,
+    seen: &[(usize, &'static presets::Preset)],
+    rules: &mut RuleSet,
+    api_server: Option<&ApiServerName>,
+    notices: &mut Vec<Notice>,
+    at: &str,
+) -> Result<&'static presets::Preset, String> {
+    let preset = presets::find(&raw.name)?;
+    if let Some((j, _)) = seen.iter().find(|(_, p)| p.name == preset.name) {
+        return Err(format!("repeats presets[{j}]"));
+    }
+    if let Some((_, cloud)) = seen.iter().find(|(_, p)| p.cloud && preset.cloud) {
+        return Err(format!(
+            "`{}` is listed too, and a node runs in one cloud; keep one of aks-global, aks-china and aks-government",
+            cloud.name
         ));
     }
-    let mut seen: Vec<&'static presets::Preset> = Vec::new();
-    for (i, raw) in presets.into_iter().enumerate() {
-        let at = format!("presets[{i}] ({})", raw.name);
-        let preset = presets::find(&raw.name).map_err(|p| invalid(source, &at, p))?;
-        if let Some(j) = seen.iter().position(|p| p.name == preset.name) {
-            return Err(invalid(source, at, format!("repeats presets[{j}]")));
-        }
-        if let Some(cloud) = seen.iter().find(|p| p.cloud && preset.cloud) {
-            return Err(invalid(
-                source,
-                at,
-                format!(
-                    "`{}` is listed too, and a node runs in one cloud; keep one of aks-global, aks-china and aks-government",
-                    cloud.name
-                ),
-            ));
-        }
-        let params = Params {
-            location: raw.location,
-        };
-        let expanded = expand(preset, &params, api_server.as_ref(), &at, notices)
-            .map_err(|p| invalid(source, &at, p))?;
-        for (target, ports) in expanded {
-            rules.add(target, ports, Origin::Preset { name: preset.name });
-        }
-        if preset.cloud {
-            for (target, ports) in presets::platform() {
-                rules.add(target, ports, Origin::Platform);
-            }
-        }
-        seen.push(preset);
+    let params = Params {
+        location: raw.location,
+    };
+    for (target, ports) in expand(preset, &params, api_server, at, notices)? {
+        rules.add(target, ports, Origin::Preset { name: preset.name });
     }
-    Ok(())
+    if preset.cloud {
+        for (target, ports) in presets::platform() {
+            rules.add(target, ports, Origin::Platform);
+        }
+    }
+    Ok(preset)
 }
 
 /// Expands one preset item. A cloud preset allows the cluster's own API server in place of

@@ -11,6 +11,8 @@ use std::path::Path;
 use crate::kubeconfig::KubeletApiServer;
 use crate::presets::Params;
 
+mod diagnose;
+mod locate;
 mod merge;
 mod nesting;
 mod raw;
@@ -27,8 +29,10 @@ pub use types::{
     rule_lines,
 };
 
+use diagnose::diagnose;
+use locate::Lines;
 use raw::{RawPolicy, RawPreset};
-use validate::{invalid, validate};
+use validate::{Problems, invalid, validate};
 
 /// The largest policy file read, in bytes. The largest policy the benchmarks run, a million
 /// single-host IPv6 entries (`  - cidr: 2001:db8:f:423f::1`, 30 bytes a line), is 29 MB;
@@ -42,7 +46,8 @@ pub const MAX_FILE_BYTES: u64 = 64 << 20;
 /// parser's time grows with the square of the nesting, see [`nesting`].
 pub const MAX_DEPTH: usize = 64;
 
-/// Why a policy file was refused. Each message is one line that starts with the file name.
+/// Why a policy file was refused. Each message line starts with the file name; a file with
+/// several problems gets a line for each.
 ///
 /// Underlying errors are part of the message rather than `source()`, so they are printed once
 /// in `{:#}` chains.
@@ -63,14 +68,36 @@ pub enum PolicyError {
         file: String,
         error: serde_norway::Error,
     },
-    /// Well-formed YAML that the enforcer will not accept; `at` is e.g.
-    /// `allow[2] (cidr 203.0.113.5/24)`.
-    #[error("{file}: {at}: {problem}")]
+    /// A policy the enforcer will not accept, with every problem found in it.
+    #[error("{}", Problem::lines(file, problems))]
     Invalid {
         file: String,
-        at: String,
-        problem: String,
+        problems: Vec<Problem>,
     },
+}
+
+/// One thing wrong in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where it starts in the file (from 1), when the file is at hand.
+    pub line: Option<usize>,
+    /// The part of the policy, e.g. `allow[2] (cidr 203.0.113.5/24)`.
+    pub at: String,
+    pub problem: String,
+}
+
+impl Problem {
+    /// `file: line 4: allow[2] (…): problem`, one line for each of `problems`.
+    fn lines(file: &str, problems: &[Problem]) -> String {
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|p| match p.line {
+                Some(line) => format!("{file}: line {line}: {}: {}", p.at, p.problem),
+                None => format!("{file}: {}: {}", p.at, p.problem),
+            })
+            .collect();
+        lines.join("\n")
+    }
 }
 
 /// Reads and validates the policy file at `path`; `kubelet` is the API server name the
@@ -130,11 +157,25 @@ pub fn parse_with(
             format!("collections nested more than {MAX_DEPTH} levels deep; a policy needs four"),
         ));
     }
-    let raw: RawPolicy = serde_norway::from_str(text).map_err(|error| PolicyError::Yaml {
-        file: source.to_string(),
-        error,
-    })?;
-    validate(raw, source, kubelet)
+    let validated = match serde_norway::from_str::<RawPolicy>(text) {
+        Ok(raw) => validate(raw, source, kubelet, Problems::default()),
+        Err(error) => diagnose(text, source, error)
+            .and_then(|(raw, problems)| validate(raw, source, kubelet, problems)),
+    };
+    validated.map_err(|error| with_lines(error, text))
+}
+
+/// The problems of `error` with the lines they start on in `text`, in the file's order.
+fn with_lines(error: PolicyError, text: &str) -> PolicyError {
+    let PolicyError::Invalid { file, mut problems } = error else {
+        return error;
+    };
+    let lines = Lines::of(text);
+    for problem in &mut problems {
+        problem.line = problem.line.or_else(|| lines.line(&problem.at));
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    PolicyError::Invalid { file, problems }
 }
 
 /// The rules one preset adds to a policy (with `api_server` if given), built exactly as
@@ -150,11 +191,12 @@ pub fn preset_rules(
         presets: Some(vec![RawPreset {
             name: name.to_string(),
             location: params.location,
+            reported: false,
         }]),
         api_server,
         ..RawPolicy::default()
     };
-    validate(raw, "command line", kubelet)
+    validate(raw, "command line", kubelet, Problems::default())
 }
 
 /// Logs the notices of a policy just loaded from `source`.

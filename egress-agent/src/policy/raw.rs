@@ -1,6 +1,31 @@
 //! The YAML as read, before validation: loose structs that take what serde can check.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+
+/// An item of a list in the policy, which may be refused as it is read.
+pub(super) trait Item: DeserializeOwned {
+    /// The stand-in for an item refused as it was read: validation skips it.
+    fn reported() -> Self;
+}
+
+impl Item for RawEntry {
+    fn reported() -> Self {
+        RawEntry {
+            reported: true,
+            ..RawEntry::default()
+        }
+    }
+}
+
+impl Item for RawPreset {
+    fn reported() -> Self {
+        RawPreset {
+            reported: true,
+            ..RawPreset::default()
+        }
+    }
+}
 
 #[derive(Deserialize, Default)]
 #[serde(
@@ -16,7 +41,7 @@ pub(super) struct RawPolicy {
     pub(super) dns: Option<RawDns>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with the preset's `name` and its parameters"
@@ -24,6 +49,9 @@ pub(super) struct RawPolicy {
 pub(super) struct RawPreset {
     pub(super) name: String,
     pub(super) location: Option<String>,
+    /// Refused already, as it was read: validation skips it.
+    #[serde(skip)]
+    pub(super) reported: bool,
 }
 
 /// Numbers are `Option<u32>` with [`present`], so that a bare `min_ttl:` is refused rather
@@ -46,7 +74,7 @@ pub(super) struct RawDns {
     pub(super) max_ips: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `cidr` or `fqdn`, and optionally `ports`"
@@ -58,6 +86,9 @@ pub(super) struct RawEntry {
     /// (every port).
     #[serde(default, deserialize_with = "present")]
     pub(super) ports: Option<Option<Vec<String>>>,
+    /// Refused already, as it was read: validation skips it.
+    #[serde(skip)]
+    pub(super) reported: bool,
 }
 
 /// Marks a key as present even when its value is null.

@@ -178,6 +178,9 @@ fn parse_port(item: &str) -> Result<PortRange, String> {
         }),
         (Proto::Icmp, Some(_)) => Err(format!("`{item}`: ICMP has no ports; write just ICMP")),
         (_, None) => Err(format!("`{item}` has no port; write e.g. {name}:443")),
+        (_, Some(spec)) if spec.starts_with('-') => Err(format!(
+            "`{item}`: `{spec}` is not a port number; ports run from 1 to 65535"
+        )),
         (_, Some(spec)) => {
             let (first, last) = match spec.split_once('-') {
                 Some((first, last)) => (port_number(first, item)?, port_number(last, item)?),

@@ -403,8 +403,8 @@ fn yaml_syntax_error_has_line_and_column() {
 fn unknown_top_level_key() {
     assert_error(
         parse("allow: [{cidr: 10.0.0.0/8}]\nallowed: []\n", "policy.yaml"),
-        "policy.yaml",
-        "unknown field `allowed`",
+        "policy.yaml: line 2: allowed: ",
+        "unknown key; expected `mode`, `allow`, `presets`, `api_server`, `cluster_cidrs` or `dns`",
     );
 }
 
@@ -618,7 +618,7 @@ fn cidrs_that_together_allow_every_ipv4_destination() {
             "allow:\n  - cidr: 10.0.0.0/8\n  - cidr: 128.0.0.0/1\n  - cidr: 0.0.0.0/1\ncluster_cidrs: [128.0.0.0/1, 10.0.0.0/16]\n",
             "policy.yaml",
         ),
-        "policy.yaml: allow[2] (0.0.0.0/1), allow[1] and cluster_cidrs[0] (128.0.0.0/1): ",
+        "policy.yaml: line 4: allow[2] (0.0.0.0/1), allow[1] and cluster_cidrs[0] (128.0.0.0/1): ",
         "every IPv4 destination",
     );
     let mut cidrs: Vec<String> = (0..255).map(|n| format!("{n}.0.0.0/8")).collect();
@@ -644,7 +644,7 @@ fn cidrs_that_together_allow_every_ipv6_destination() {
         .collect();
     assert_covering(
         &cidrs,
-        "policy.yaml: allow[80] (::/81), allow[81] (::8000:0:0/82), ",
+        "policy.yaml: line 82: allow[80] (::/81), allow[81] (::8000:0:0/82), ",
         "allow[87] (::fe00:0:0/88), and 88 more: together allow every IPv6 destination",
     );
 }
@@ -1764,4 +1764,97 @@ fn no_preset_row_reaches_past_one_owner() {
             }
         }
     }
+}
+
+#[test]
+fn an_unquoted_star_says_to_quote_it() {
+    let message = parse(
+        "allow:\n  - cidr: 203.0.113.0/24\n  - fqdn: *.microsoft.com\n    ports: [HTTPS:443]\n",
+        "policy.yaml",
+    )
+    .expect_err("refused")
+    .to_string();
+    assert_eq!(
+        message,
+        "policy.yaml: line 3: allow[1] (fqdn: *.microsoft.com): a value that starts with `*` must be quoted, or YAML reads it as an alias; write fqdn: \"*.microsoft.com\""
+    );
+    let in_a_list = parse("cluster_cidrs:\n  - *x\n", "policy.yaml")
+        .expect_err("refused")
+        .to_string();
+    assert!(in_a_list.contains("write \"*x\""), "{in_a_list}");
+}
+
+#[test]
+fn a_port_with_a_space_after_the_colon_says_to_remove_it() {
+    assert_entry_error(
+        "cidr: 203.0.113.0/24, ports: [HTTPS: 443]",
+        "policy.yaml: line 2: allow[0] (cidr 203.0.113.0/24): ",
+        "ports item `HTTPS: 443` is a mapping to YAML, because of the space after the colon; write `HTTPS:443`",
+    );
+}
+
+#[test]
+fn a_negative_port_is_named() {
+    assert_entry_error(
+        "cidr: 203.0.113.0/24, ports: [TCP:-1]",
+        "allow[0] (cidr 203.0.113.0/24)",
+        "`TCP:-1`: `-1` is not a port number; ports run from 1 to 65535",
+    );
+}
+
+#[test]
+fn every_error_has_its_line_and_all_are_reported() {
+    let text = "\
+mode: block
+allow:
+  - cidr: 203.0.113.0/24
+    ports: [HTTPS: 443]
+  - fqdn: \"*.com\"
+  - cidr: 10.0.0.1/8
+  - fqdn: a.example.com
+    port: [TCP:1]
+presets:
+  - {name: aks-global, location: eastsu}
+dns:
+  min_ttl: -1
+  max_ips: 0
+bogus: 1
+";
+    let message = parse(text, "policy.yaml").expect_err("refused").to_string();
+    let lines: Vec<&str> = message.lines().collect();
+    let want = [
+        "policy.yaml: line 1: mode: unknown mode `block`",
+        "policy.yaml: line 3: allow[0] (cidr 203.0.113.0/24): ports item `HTTPS: 443`",
+        "policy.yaml: line 5: allow[1] (fqdn *.com): `*.com` admits every domain",
+        "policy.yaml: line 6: allow[2] (cidr 10.0.0.1/8): host bits are set",
+        "policy.yaml: line 7: allow[3] (fqdn a.example.com): unknown field `port`",
+        "policy.yaml: line 10: presets[0] (aks-global): location `eastsu` is not a region of Azure (global); did you mean `eastus`?",
+        "policy.yaml: line 12: dns.min_ttl: invalid value: integer `-1`, expected u32",
+        "policy.yaml: line 13: dns.max_ips: is 0",
+        "policy.yaml: line 14: bogus: unknown key",
+    ];
+    assert_eq!(lines.len(), want.len(), "{message}");
+    for (line, want) in lines.iter().zip(want) {
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}"
+        );
+    }
+}
+
+#[test]
+fn errors_found_after_reading_have_their_lines_too() {
+    assert_error(
+        parse(
+            "mode: audit\n\nallow:\n  - cidr: 10.0.0.0/8\n  - cidr: 10.0.0.0/8\n",
+            "policy.yaml",
+        ),
+        "policy.yaml: line 5: allow[1] (cidr 10.0.0.0/8): ",
+        "repeats allow[0]",
+    );
+    assert_error(
+        parse("allow: []\n", "policy.yaml"),
+        "policy.yaml: line 1: allow: ",
+        "is empty",
+    );
 }

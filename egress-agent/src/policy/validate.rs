@@ -6,12 +6,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use egress_common::LEARNED_LIMIT;
 use ipnet::{IpNet, Ipv6Net};
 
-use super::PolicyError;
 use super::merge::{RuleSet, add_presets};
 use super::raw::{RawDns, RawEntry, RawPolicy};
 use super::suffix::{Reach, reach};
 use super::syntax::{parse_cidr, parse_fqdn, parse_ports};
 use super::types::{DnsSettings, Mode, NamePattern, Notice, Origin, Policy, Ports, Rule, Target};
+use super::{PolicyError, Problem};
 use crate::kubeconfig::KubeletApiServer;
 use crate::presets::API_SERVER_PORTS;
 
@@ -50,36 +50,42 @@ fn parse_api_server(text: &str) -> Result<ApiServer, String> {
     }
 }
 
+/// Validates everything in `raw`, and reports every problem found, not only the first.
+/// `problems` holds those found before, in reading the YAML; their entries are marked
+/// `reported` in `raw` and skipped here.
 pub(super) fn validate(
     raw: RawPolicy,
     source: &str,
     kubelet: Option<&KubeletApiServer>,
+    mut problems: Problems,
 ) -> Result<Policy, PolicyError> {
     let mode = match raw.mode {
         None => Mode::default(),
-        Some(mode) => mode
-            .parse()
-            .map_err(|p: String| invalid(source, "mode", p))?,
+        Some(mode) => problems
+            .keep(mode.parse().map_err(|p: String| invalid(source, "mode", p)))
+            .unwrap_or_default(),
     };
     let dns = match raw.dns {
         None => DnsSettings::default(),
-        Some(dns) => parse_dns(dns, source)?,
+        Some(dns) => problems.keep(parse_dns(dns, source)).unwrap_or_default(),
     };
     let mut rules = RuleSet::default();
     let mut notices = Vec::new();
     let allow_given = raw.allow.is_some();
     for (entry, raw) in raw.allow.into_iter().flatten().enumerate() {
-        let (target, ports) = parse_entry(entry, raw, &rules, &mut notices, source)?;
-        rules.add(target, ports, Origin::Allow(entry));
-    }
-    let api_server = match &raw.api_server {
-        None => None,
-        Some(text) => {
-            let at = format!("api_server ({text})");
-            let parsed = parse_api_server(text).map_err(|p| invalid(source, &at, p))?;
-            Some((at, parsed))
+        if raw.reported {
+            continue;
         }
-    };
+        let parsed = parse_entry(entry, raw, &rules, &mut notices, source);
+        if let Some((target, ports)) = problems.keep(parsed) {
+            rules.add(target, ports, Origin::Allow(entry));
+        }
+    }
+    let api_server = raw.api_server.as_ref().and_then(|text| {
+        let at = format!("api_server ({text})");
+        let parsed = parse_api_server(text).map_err(|p| invalid(source, &at, p));
+        problems.keep(parsed).map(|parsed| (at, parsed))
+    });
     let name = match &api_server {
         Some((_, ApiServer::Name(name))) => Some(ApiServerName {
             name,
@@ -90,39 +96,60 @@ pub(super) fn validate(
             from: ApiServerSource::Kubeconfig(&k.file),
         }),
     };
-    add_presets(raw.presets, &mut rules, name, &mut notices, source)?;
+    add_presets(
+        raw.presets,
+        &mut rules,
+        name,
+        &mut notices,
+        &mut problems,
+        source,
+    );
     if let Some((at, api_server)) = api_server {
         let target = match api_server {
             ApiServer::Address(net) => Target::Cidr(net),
             ApiServer::Name(name) => Target::Name(NamePattern::Exact(name)),
         };
-        let ports = parse_ports(API_SERVER_PORTS).map_err(|p| invalid(source, &at, p))?;
-        rules.add(target, ports, Origin::ApiServer);
+        let ports = parse_ports(API_SERVER_PORTS).map_err(|p| invalid(source, &at, p));
+        if let Some(ports) = problems.keep(ports) {
+            rules.add(target, ports, Origin::ApiServer);
+        }
     }
     if let Some(cidrs) = raw.cluster_cidrs {
         if cidrs.is_empty() {
-            return Err(invalid(
+            problems.keep::<()>(Err(invalid(
                 source,
                 "cluster_cidrs",
                 "is empty; omit it, or list the node subnet, pod CIDR and service CIDR",
-            ));
+            )));
         }
         for (entry, cidr) in cidrs.iter().enumerate() {
             let at = format!("cluster_cidrs[{entry}] ({cidr})");
-            let target = parse_cidr(cidr)
-                .map(Target::Cidr)
-                .map_err(|p| invalid(source, &at, p))?;
+            let Some(target) = problems.keep(
+                parse_cidr(cidr)
+                    .map(Target::Cidr)
+                    .map_err(|p| invalid(source, &at, p)),
+            ) else {
+                continue;
+            };
             if let Some(first) = rules
                 .origins(&target)
                 .iter()
                 .find(|o| matches!(o, Origin::ClusterCidr(_)))
             {
-                return Err(invalid(source, at, format!("repeats {first} ({target})")));
+                let problem = format!("repeats {first} ({target})");
+                problems.keep::<()>(Err(invalid(source, at, problem)));
+                continue;
             }
             rules.add(target, Ports::All, Origin::ClusterCidr(entry));
         }
     }
-    refuse_whole_family(&rules.rules, source)?;
+    problems.keep(refuse_whole_family(&rules.rules, source));
+    if !problems.0.is_empty() {
+        return Err(PolicyError::Invalid {
+            file: source.to_string(),
+            problems: problems.0,
+        });
+    }
     if rules.rules.is_empty() {
         let problem = if allow_given {
             "is empty, so all egress would be dropped; list at least one destination, or use `presets`"
@@ -409,7 +436,35 @@ pub(super) fn invalid(
 ) -> PolicyError {
     PolicyError::Invalid {
         file: file.to_string(),
-        at: at.into(),
-        problem: problem.into(),
+        problems: vec![Problem {
+            line: None,
+            at: at.into(),
+            problem: problem.into(),
+        }],
+    }
+}
+
+/// The problems found so far, so that one run reports them all rather than the first.
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<Problem>);
+
+impl Problems {
+    /// The value of `result`, or `None` with its problems kept.
+    pub(super) fn keep<T>(&mut self, result: Result<T, PolicyError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(PolicyError::Invalid { problems, .. }) => {
+                self.0.extend(problems);
+                None
+            }
+            Err(other) => {
+                self.0.push(Problem {
+                    line: None,
+                    at: String::new(),
+                    problem: other.to_string(),
+                });
+                None
+            }
+        }
     }
 }
