@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_norway::Value;
 
 use super::PolicyError;
-use super::locate::Lines;
+use super::locate::{Lines, is_entry};
 use super::raw::{Item, RawPolicy};
 use super::validate::{Problems, invalid};
 
@@ -181,7 +181,7 @@ fn unquoted_star(text: &str, source: &str, error: &serde_norway::Error) -> Optio
         Some(key) => format!("{key}: \"{rest}\""),
         None => format!("\"{rest}\""),
     };
-    let lines = Lines::of(text);
+    let lines = Lines::of(text, is_entry);
     let at = match lines.entry_before(line) {
         Some(entry) => format!("{entry} ({value})"),
         None => format!("`{written}`"),

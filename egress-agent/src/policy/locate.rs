@@ -26,8 +26,9 @@ enum Frame {
 }
 
 impl Lines {
-    /// The paths of `text` up to its end, or up to a syntax error.
-    pub(super) fn of(text: &str) -> Lines {
+    /// The paths of `text` for which `keep` holds, up to its end or to a syntax error. A
+    /// refused file of a million entries keeps only the few paths its problems name.
+    pub(super) fn of(text: &str, keep: impl Fn(&str) -> bool) -> Lines {
         let mut lines = HashMap::new();
         let mut stack: Vec<Frame> = Vec::new();
         let mut parser = Parser::new_from_str(text);
@@ -78,7 +79,9 @@ impl Lines {
                 }
                 continue;
             };
-            lines.entry(path.clone()).or_insert(line);
+            if keep(&path) {
+                lines.entry(path.clone()).or_insert(line);
+            }
             match event {
                 Event::SequenceStart(..) => stack.push(Frame::Sequence { path, next: 0 }),
                 Event::MappingStart(..) => stack.push(Frame::Mapping { path, key: None }),
@@ -88,11 +91,9 @@ impl Lines {
         Lines(lines)
     }
 
-    /// The line on which `at` starts: its path is what comes before the first space or
-    /// parenthesis, as in `allow[2] (cidr 203.0.113.5/24)`.
+    /// The line on which `at` starts.
     pub(super) fn line(&self, at: &str) -> Option<usize> {
-        let path = at.split([' ', '(']).next().unwrap_or_default();
-        self.0.get(path).copied()
+        self.0.get(path(at)).copied()
     }
 
     /// The last top-level entry (`allow[3]`, `presets[0]`) that starts on or before `line`:
@@ -100,12 +101,21 @@ impl Lines {
     pub(super) fn entry_before(&self, line: usize) -> Option<&str> {
         self.0
             .iter()
-            .filter(|(path, start)| {
-                **start <= line && path.ends_with(']') && path.matches('[').count() == 1
-            })
+            .filter(|(path, start)| **start <= line && is_entry(path))
             .max_by_key(|(path, start)| (**start, path.len()))
             .map(|(path, _)| path.as_str())
     }
+}
+
+/// The path in `at`: what comes before the first space or parenthesis, as in
+/// `allow[2] (cidr 203.0.113.5/24)`.
+pub(super) fn path(at: &str) -> &str {
+    at.split([' ', '(']).next().unwrap_or_default()
+}
+
+/// Whether `path` is an item of a top-level list: `allow[3]`, `presets[0]`.
+pub(super) fn is_entry(path: &str) -> bool {
+    path.ends_with(']') && path.matches('[').count() == 1
 }
 
 /// After a mapping's value ends, its next key comes; after a key's value is a collection
@@ -144,7 +154,7 @@ dns:
 
     #[test]
     fn every_path_has_its_line() {
-        let lines = Lines::of(POLICY);
+        let lines = Lines::of(POLICY, |_| true);
         for (at, line) in [
             ("mode", 1),
             ("allow", 2),
@@ -168,7 +178,7 @@ dns:
     fn a_syntax_error_keeps_what_came_before() {
         let text =
             "allow:\n  - cidr: 203.0.113.0/24\n  - fqdn: *.microsoft.com\n    ports: [HTTPS:443]\n";
-        let lines = Lines::of(text);
+        let lines = Lines::of(text, is_entry);
         assert_eq!(lines.line("allow[0]"), Some(2));
         assert_eq!(lines.entry_before(3), Some("allow[1]"));
         assert_eq!(lines.entry_before(2), Some("allow[0]"));

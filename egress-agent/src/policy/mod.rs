@@ -5,6 +5,7 @@
 //! error, never a warning: an allowlist that quietly admits more, or less, than its author
 //! meant is worse than one that refuses to load.
 
+use std::collections::HashSet;
 use std::io::Read as _;
 use std::path::Path;
 
@@ -170,7 +171,8 @@ fn with_lines(error: PolicyError, text: &str) -> PolicyError {
     let PolicyError::Invalid { file, mut problems } = error else {
         return error;
     };
-    let lines = Lines::of(text);
+    let wanted: HashSet<&str> = problems.iter().map(|p| locate::path(&p.at)).collect();
+    let lines = Lines::of(text, |path| wanted.contains(path));
     for problem in &mut problems {
         problem.line = problem.line.or_else(|| lines.line(&problem.at));
     }
