@@ -16,6 +16,11 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("egress-ebpf manifest has no parent directory"))?;
+    // aya-build passes every line the inner cargo prints on to cargo as a warning, which
+    // cargo replays on every build, even a warm one: some 46 `warning: … Compiling` lines
+    // that read as problems. Quiet, the inner cargo prints only real warnings and errors.
+    // SAFETY: the build script has no other threads yet; aya-build starts its own later.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

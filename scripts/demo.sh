@@ -274,10 +274,15 @@ and only there. To try your own traffic, put a shell into it from another termin
 
   echo \$\$ > $cg/cgroup.procs
 
-Everything that shell runs from then on is covered, e.g. curl https://example.com; so is
+Everything that shell runs from then on is covered. To keep your tries off the real
+network, enter the demo's client namespace from it:
+
   ip netns exec $cli_ns bash
-(the demo's client namespace: its default routes lead to the server namespace, which
-holds 203.0.113.10, 203.0.113.20 and 2001:db8:2::10 but runs no servers).
+  curl --max-time 2 http://203.0.113.20:8080/
+
+Its default routes lead to the server namespace, which holds 203.0.113.10, 203.0.113.20
+and 2001:db8:2::10 (documentation addresses) but runs no servers: a connection is refused
+or times out, and a flow your policy does not allow shows up below all the same.
 Would-be-denied flows appear below as JSON lines. Ctrl-C stops the agent and removes the
 namespaces and the cgroup, killing whatever still runs in it.
 

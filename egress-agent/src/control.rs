@@ -23,6 +23,7 @@ use crate::{
     loader::{Enforcer, LoadError, Stats},
     metrics::Snapshot,
     pin::PinRoot,
+    plural::counted,
     policy::Mode,
     record,
     reload::Reloaded,
@@ -179,9 +180,9 @@ impl Control {
         )?;
         record::write(&self.pins, &self.config, &bytes).context("recording the policy")?;
         log::info!(
-            "policy reloaded: mode {mode}, {} rules ({} CIDR entries)",
-            policy.rules.len(),
-            compiled.cidrs.len()
+            "policy reloaded: mode {mode}, {} ({})",
+            counted(policy.rules.len(), "rule", "rules"),
+            counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
         );
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     classify::{Allowed, Classified, classify},
     control::boot_time_ns,
+    kubeconfig::KubeletApiServer,
     origins::{self, Origins},
     pin::PinRoot,
     pinned::{PinnedMaps, set_ports},
@@ -69,7 +70,13 @@ pub struct LearnedName {
 }
 
 /// Asks the pinned maps about a new flow to `addr`:`port`.
-pub fn explain(pins: &PinRoot, addr: IpAddr, port: u16, p: Proto) -> anyhow::Result<Explanation> {
+pub fn explain(
+    pins: &PinRoot,
+    addr: IpAddr,
+    port: u16,
+    p: Proto,
+    kubelet: Option<&KubeletApiServer>,
+) -> anyhow::Result<Explanation> {
     let Some(maps) = PinnedMaps::open(pins)? else {
         bail!(
             "no maps of this agent's layout under {} (no agent ran with this --pin-root, or it was uninstalled)",
@@ -85,7 +92,7 @@ pub fn explain(pins: &PinRoot, addr: IpAddr, port: u16, p: Proto) -> anyhow::Res
     };
     let now = boot_time_ns();
     let decided = classify(&maps, addr, ip_proto, port, now)?;
-    let (_, policy, _) = recorded_policy(pins)?;
+    let (_, policy, _) = recorded_policy(pins, kubelet)?;
     let sets = maps.port_sets()?;
     let cidr = decided.cidr.map(|c| Found {
         target: origins::cidr_of(&c),

@@ -10,9 +10,10 @@ use egress_agent::{
     compile::compile,
     dns::resolvers,
     explain::{self, Proto},
+    kubeconfig::{self, DEFAULT_KUBECONFIG, KubeletApiServer},
     origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
-    policy::{self, Mode, Rule},
+    policy::{self, Mode, Policy},
     presets::{PRESETS, Params},
     run::{OnExit, RunOptions, run},
     status,
@@ -34,7 +35,7 @@ enum Command {
         #[arg(long, env = "EGRESS_CONFIG")]
         config: PathBuf,
         /// Overrides the policy's `mode`.
-        #[arg(long, env = "EGRESS_MODE")]
+        #[arg(long, env = "EGRESS_MODE", value_enum)]
         mode: Option<Mode>,
         /// The cgroup v2 directory to enforce; default: the root of the host's cgroup2 mount.
         #[arg(long, env = "EGRESS_CGROUP")]
@@ -66,10 +67,13 @@ enum Command {
         /// attachment and pin on SIGTERM/SIGINT.
         #[arg(long, env = "EGRESS_ON_EXIT", value_enum, default_value_t = OnExit::Detach)]
         on_exit: OnExit,
+        #[command(flatten)]
+        kubeconfig: KubeconfigArg,
     },
     /// Print what the pinned state enforces (mode, attachments, rule counts, learned
     /// addresses with their names and remaining TTL), whether or not an agent runs.
     Status {
+        /// Where the agent pinned its maps and links: the `--pin-root` it runs with.
         #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
         /// Also every CIDR and name entry in the maps, with its ports and the policy entry
@@ -79,6 +83,8 @@ enum Command {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        kubeconfig: KubeconfigArg,
     },
     /// Say whether a new connection to ADDR PORT would pass the live (pinned) maps, by
     /// which rule or learned name, or why not.
@@ -94,9 +100,12 @@ enum Command {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        kubeconfig: KubeconfigArg,
     },
     /// Remove every attachment and pin a stopped agent left (`--on-exit keep`).
     Uninstall {
+        /// Where the agent pinned its maps and links: the `--pin-root` it ran with.
         #[arg(long, env = "EGRESS_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
     },
@@ -105,6 +114,8 @@ enum Command {
         /// The policy file (YAML).
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        kubeconfig: KubeconfigArg,
     },
     /// List the built-in presets (name, parameters, description), one per line.
     Presets {
@@ -113,8 +124,32 @@ enum Command {
     },
 }
 
+/// Where the cluster's API server name is found when the policy does not give it.
+#[derive(clap::Args)]
+struct KubeconfigArg {
+    /// The kubelet's kubeconfig: its `server:` names the cluster's API server, which the
+    /// cloud presets then allow instead of every API server in the region. Missing: the
+    /// regional wildcard stays, with a warning.
+    #[arg(long, env = "EGRESS_KUBECONFIG", default_value = DEFAULT_KUBECONFIG)]
+    kubeconfig: PathBuf,
+}
+
+impl KubeconfigArg {
+    /// The API server name in the kubeconfig; a file that cannot be used is a warning.
+    fn api_server(&self) -> Option<KubeletApiServer> {
+        kubeconfig::api_server(&self.kubeconfig)
+            .inspect_err(|e| {
+                eprintln!("egress-agent: warning: {e}: its API server name is not used")
+            })
+            .ok()
+            .flatten()
+    }
+}
+
 #[derive(Subcommand)]
 enum PresetsCommand {
+    /// List the built-in presets, as `egress-agent presets` does.
+    List,
     /// Print the rules a preset adds to a policy, one per line, as `check` prints them.
     Show {
         /// The preset, as listed by `egress-agent presets`.
@@ -122,14 +157,17 @@ enum PresetsCommand {
         /// The cluster's Azure region, e.g. `eastus`.
         #[arg(long)]
         location: Option<String>,
-        /// dev-spaces: the controller's exact name, `azds-<guid>.<location>.azds.io`.
-        #[arg(long, visible_alias = "name")]
-        fqdn: Option<String>,
+        /// The cluster's API server name (or address), as `api_server` in a policy: the
+        /// cloud presets allow that name instead of every API server in the region.
+        #[arg(long)]
+        api_server: Option<String>,
+        #[command(flatten)]
+        kubeconfig: KubeconfigArg,
     },
 }
 
-fn check(config: &std::path::Path) -> anyhow::Result<()> {
-    let policy = policy::load(config)?;
+fn check(config: &std::path::Path, kubeconfig: &KubeconfigArg) -> anyhow::Result<()> {
+    let policy = policy::load(config, kubeconfig.api_server().as_ref())?;
     compile(&policy).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     println!("# mode: {}", policy.mode);
     let dns = &policy.dns;
@@ -149,7 +187,7 @@ fn check(config: &std::path::Path) -> anyhow::Result<()> {
     for allow in origins::implicit_allows(&trusted, &source) {
         println!("# implicit: {}  ({})", allow.what, allow.why);
     }
-    print_rules(&policy.rules);
+    print_rules(&policy);
     Ok(())
 }
 
@@ -182,8 +220,12 @@ fn uninstall(root: PathBuf) -> anyhow::Result<()> {
     )
 }
 
-fn print_rules(rules: &[Rule]) {
-    for line in policy::rule_lines(rules) {
+/// The policy's notices as comments, then its rules.
+fn print_rules(policy: &Policy) {
+    for notice in &policy.notices {
+        println!("# {notice}");
+    }
+    for line in policy::rule_lines(&policy.rules) {
         println!("{line}");
     }
 }
@@ -218,8 +260,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { config } => check(&config),
-        Command::Presets { command: None } => {
+        Command::Check { config, kubeconfig } => check(&config, &kubeconfig),
+        Command::Presets {
+            command: None | Some(PresetsCommand::List),
+        } => {
             list_presets();
             Ok(())
         }
@@ -228,16 +272,28 @@ fn main() -> ExitCode {
                 Some(PresetsCommand::Show {
                     name,
                     location,
-                    fqdn,
+                    api_server,
+                    kubeconfig,
                 }),
-        } => policy::preset_rules(&name, Params { location, fqdn })
-            .map(|rules| print_rules(&rules))
-            .map_err(anyhow::Error::from),
+        } => policy::preset_rules(
+            &name,
+            Params { location },
+            api_server,
+            kubeconfig.api_server().as_ref(),
+        )
+        .map(|policy| print_rules(&policy))
+        .map_err(anyhow::Error::from),
         Command::Status {
             pin_root,
             rules,
             json,
-        } => status::collect(&PinRoot::new(pin_root), rules).and_then(|s| {
+            kubeconfig,
+        } => status::collect(
+            &PinRoot::new(pin_root),
+            rules,
+            kubeconfig.api_server().as_ref(),
+        )
+        .and_then(|s| {
             if json {
                 print_json(&s)
             } else {
@@ -250,7 +306,15 @@ fn main() -> ExitCode {
             proto,
             pin_root,
             json,
-        } => explain::explain(&PinRoot::new(pin_root), addr, port, proto).and_then(|e| {
+            kubeconfig,
+        } => explain::explain(
+            &PinRoot::new(pin_root),
+            addr,
+            port,
+            proto,
+            kubeconfig.api_server().as_ref(),
+        )
+        .and_then(|e| {
             if json {
                 print_json(&e)
             } else {
@@ -267,6 +331,7 @@ fn main() -> ExitCode {
             listen,
             pin_root,
             on_exit,
+            kubeconfig,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -281,6 +346,7 @@ fn main() -> ExitCode {
                     listen,
                     pin_root,
                     on_exit,
+                    kubeconfig: kubeconfig.kubeconfig,
                 }))
             }),
     };

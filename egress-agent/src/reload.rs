@@ -8,6 +8,7 @@ use tokio::{
     sync::mpsc,
 };
 
+use crate::kubeconfig::KubeletApiServer;
 use crate::policy::{self, Policy};
 
 const POLL_PERIOD: Duration = Duration::from_secs(2);
@@ -23,9 +24,11 @@ pub struct Reloaded {
 /// parsed from: the agent reads the file long before it starts watching (loading and
 /// attaching come between), and a change made meanwhile must be applied, not taken for
 /// the running policy.
+/// `kubelet` is the API server name the node's kubeconfig gave at the start.
 pub async fn watch(
     path: PathBuf,
     loaded: Vec<u8>,
+    kubelet: Option<KubeletApiServer>,
     reloads: mpsc::Sender<Reloaded>,
 ) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
@@ -43,13 +46,13 @@ pub async fn watch(
         }
         log::info!("{why}: reloading {}", path.display());
         // Parsed from the very bytes kept as `last`: a change after this read is a change.
-        let parsed = now
-            .as_ref()
-            .map_err(ToString::to_string)
-            .and_then(|bytes| policy::parse_bytes(bytes, &source).map_err(|e| e.to_string()));
+        let parsed = now.as_ref().map_err(ToString::to_string).and_then(|bytes| {
+            policy::parse_bytes(bytes, &source, kubelet.as_ref()).map_err(|e| e.to_string())
+        });
         last = now.ok();
         match parsed {
             Ok(policy) => {
+                policy::log_notices(&policy, &source);
                 let bytes = last.clone().unwrap_or_default();
                 reloads.send(Reloaded { policy, bytes }).await?;
             }
@@ -89,7 +92,7 @@ mod tests {
         );
         std::fs::write(&file.0, now).expect("write the policy");
         let (tx, rx) = mpsc::channel(4);
-        let watcher = tokio::spawn(watch(file.0.clone(), loaded.as_bytes().to_vec(), tx));
+        let watcher = tokio::spawn(watch(file.0.clone(), loaded.as_bytes().to_vec(), None, tx));
         (file, rx, watcher)
     }
 

@@ -26,9 +26,11 @@ use crate::{
         resolvers,
     },
     events::{self, FlowsMap},
+    kubeconfig,
     loader::{Enforcer, LinkSide},
     metrics,
     pin::{Contents, LinkPin, PinRoot},
+    plural::counted,
     policy::{self, DnsSettings, Mode, Policy},
     record, reload,
     workloads::{InterfacePatterns, WorkloadLinks, interface_index},
@@ -45,6 +47,8 @@ pub struct RunOptions {
     pub listen: SocketAddr,
     pub pin_root: PathBuf,
     pub on_exit: OnExit,
+    /// The kubelet's kubeconfig, whose `server:` names the cluster's API server.
+    pub kubeconfig: PathBuf,
 }
 
 /// What happens to enforcement when the agent stops.
@@ -248,9 +252,9 @@ async fn start(
         );
     }
     log::info!(
-        "attached: mode {mode}, {} rules ({} CIDR entries), cgroup {}{}; on exit: {}",
-        policy.rules.len(),
-        compiled.cidrs.len(),
+        "attached: mode {mode}, {} ({}), cgroup {}{}; on exit: {}",
+        counted(policy.rules.len(), "rule", "rules"),
+        counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries"),
         cgroup.display(),
         if opts.interfaces.is_empty() {
             String::new()
@@ -350,7 +354,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     std::thread::spawn(aya::features);
     // The bytes go to the policy watcher: a change made while the agent starts is one.
     let loaded = policy::read(&opts.config)?;
-    let policy = policy::parse_bytes(&loaded, &opts.config.display().to_string())?;
+    let source = opts.config.display().to_string();
+    let kubelet = kubeconfig::api_server(&opts.kubeconfig)
+        .inspect_err(|e| log::warn!("{e}: its API server name is not used"))
+        .ok()
+        .flatten();
+    let policy = policy::parse_bytes(&loaded, &source, kubelet.as_ref())?;
+    policy::log_notices(&policy, &source);
     // Checked before anything in the kernel changes; compiled again below into the port set
     // registry that follows a previous agent's.
     let has_names = !compile(&policy)
@@ -421,7 +431,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             other_ns: OTHER_IDLE_SECS * NS_PER_SEC,
         },
     ));
-    let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
+    let watcher = tokio::spawn(reload::watch(
+        opts.config.clone(),
+        loaded,
+        kubelet,
+        reload_tx,
+    ));
     let mut control = tokio::spawn(control.run(
         started.workloads,
         started.dns_ring,

@@ -8,6 +8,7 @@ use anyhow::bail;
 use egress_common::{Addr, MODE_ENFORCE};
 use serde::Serialize;
 
+use crate::kubeconfig::KubeletApiServer;
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
     control::boot_time_ns,
@@ -103,7 +104,13 @@ fn attach_point(link: &LinkPin, cgroups: &mut Option<CgroupNames>) -> String {
 }
 
 /// Reads the pinned state; `rules` adds every policy entry.
-pub fn collect(pins: &PinRoot, rules: bool) -> anyhow::Result<Status> {
+/// `kubelet`: the API server name the agent narrowed the presets to, for attributing the
+/// recorded policy's entries as the agent compiled them.
+pub fn collect(
+    pins: &PinRoot,
+    rules: bool,
+    kubelet: Option<&KubeletApiServer>,
+) -> anyhow::Result<Status> {
     if !pins.exists() {
         bail!(
             "nothing is pinned under {} (no agent ran with this --pin-root, or it was \
@@ -118,7 +125,7 @@ pub fn collect(pins: &PinRoot, rules: bool) -> anyhow::Result<Status> {
         .map(|link| attach_point(link, &mut cgroups))
         .collect();
     let maps = match PinnedMaps::open(pins)? {
-        Some(maps) => Some(read_maps(pins, &maps, rules)?),
+        Some(maps) => Some(read_maps(pins, &maps, rules, kubelet)?),
         None => None,
     };
     let other_layouts = if maps.is_none() {
@@ -138,7 +145,12 @@ pub fn collect(pins: &PinRoot, rules: bool) -> anyhow::Result<Status> {
     })
 }
 
-fn read_maps(pins: &PinRoot, maps: &PinnedMaps, rules: bool) -> anyhow::Result<Maps> {
+fn read_maps(
+    pins: &PinRoot,
+    maps: &PinnedMaps,
+    rules: bool,
+    kubelet: Option<&KubeletApiServer>,
+) -> anyhow::Result<Maps> {
     let now = boot_time_ns();
     let mut names = maps.learned_names();
     let learned = maps
@@ -160,7 +172,7 @@ fn read_maps(pins: &PinRoot, maps: &PinnedMaps, rules: bool) -> anyhow::Result<M
     let sets = maps.port_sets()?;
     let resolvers = maps.resolvers()?;
     let rules = if rules {
-        let (recorded, policy, policy_error) = recorded_policy(pins)?;
+        let (recorded, policy, policy_error) = recorded_policy(pins, kubelet)?;
         let from =
             |f: &dyn Fn(&Policy) -> origins::Origins| policy.as_ref().map(f).unwrap_or_default();
         Some(Rules {
@@ -209,11 +221,12 @@ fn read_maps(pins: &PinRoot, maps: &PinnedMaps, rules: bool) -> anyhow::Result<M
 /// The recorded policy: its path, the policy, and why it could not be read if it could not.
 pub fn recorded_policy(
     pins: &PinRoot,
+    kubelet: Option<&KubeletApiServer>,
 ) -> anyhow::Result<(Option<String>, Option<Policy>, Option<String>)> {
     let Some(rec) = record::read(pins)? else {
         return Ok((None, None, None));
     };
-    match policy::parse_bytes(&rec.bytes, &rec.path) {
+    match policy::parse_bytes(&rec.bytes, &rec.path, kubelet) {
         Ok(p) => Ok((Some(rec.path), Some(p), None)),
         Err(e) => Ok((Some(rec.path), None, Some(e.to_string()))),
     }

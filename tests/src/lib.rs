@@ -1093,8 +1093,18 @@ impl Drop for TempFile {
 /// Starts `egress-agent run` on `cgroup` (in the host namespace) with a pin root of its own
 /// and waits until it reports that it enforces. `mode` overrides the policy's mode.
 pub fn start_agent(policy: &TempFile, cgroup: &TestCgroup, mode: Option<&str>) -> Agent {
+    start_agent_with(policy, cgroup, mode, &[])
+}
+
+/// [`start_agent`] with `extra` arguments for `run`.
+pub fn start_agent_with(
+    policy: &TempFile,
+    cgroup: &TestCgroup,
+    mode: Option<&str>,
+    extra: &[&str],
+) -> Agent {
     let pins = PinDir::new();
-    let mut agent = start_pinned_agent(&agent_bin(), policy, cgroup, &pins, mode, &[]);
+    let mut agent = start_pinned_agent(&agent_bin(), policy, cgroup, &pins, mode, extra);
     agent.pins = Some(pins);
     agent
 }

@@ -7,9 +7,10 @@
 //!
 //! Names pass only on their table's ports once resolved through the trusted resolver;
 //! another region's `*.hcp` name, the zone's apex, names of no table and names of an
-//! optional group the policy leaves out are dropped. The Azure platform addresses
-//! (168.63.129.16, 169.254.169.254) are real addresses outside the test's namespaces, so
-//! they are never sent to: `check` and `presets show` must list them.
+//! optional group the policy leaves out are dropped. With the kubelet's kubeconfig naming
+//! the cluster's API server, another API server of the region is dropped too. The Azure
+//! platform addresses (168.63.129.16, 169.254.169.254) are real addresses outside the
+//! test's namespaces, so they are never sent to: `check` and `presets show` must list them.
 //!
 //! Like `dns.rs`, every test ends by checking that exactly the expected flows were
 //! reported (a first SYN lost to a name learned too late would be one more), and the
@@ -23,7 +24,8 @@ use egress_tests::dns::{DnsCounters, DnsServer, Lookup, Record, Resolved, resolv
 use egress_tests::{
     Agent, Flow, ProbeResult, REMOTE_V4_B, SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup,
     Topology, agent_bin, assert_eperm, assert_ok, assert_reported_exactly, assert_timeout,
-    probe_tcp, probe_udp, require_root, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
+    probe_tcp, probe_udp, require_root, start_agent_with, stop_and_collect, tcp, udp,
+    wait_for_flows,
 };
 
 const LOCATION: &str = "eastus";
@@ -133,6 +135,13 @@ const HTTPS_NAMES: [Name; 6] = [
     },
 ];
 
+/// Another API server of the cluster's region, and its address: allowed by the regional
+/// wildcard, dropped once the kubelet's kubeconfig names the cluster's own.
+const OTHER_HCP: (&str, Ipv4Addr) = (
+    "attacker.hcp.eastus.azmk8s.io",
+    Ipv4Addr::new(203, 0, 113, 44),
+);
+
 /// Names the policy must not allow, each with its own address, and the port a node
 /// would use for it.
 const DROPPED: [(&str, Ipv4Addr, u16); 4] = [
@@ -208,6 +217,7 @@ fn records() -> Vec<Record<'static>> {
     for (name, addr, _) in DROPPED {
         records.push(Record::Host(name, addr.into()));
     }
+    records.push(Record::Host(OTHER_HCP.0, OTHER_HCP.1.into()));
     records
 }
 
@@ -222,10 +232,18 @@ struct Env {
     cgroup: TestCgroup,
     topo: Topology,
     _policy: TempFile,
+    _kubeconfig: Option<TempFile>,
 }
 
 impl Env {
+    /// The world, with no kubelet's kubeconfig: the preset keeps its regional wildcard.
     fn start() -> Env {
+        Env::start_with_kubeconfig(None)
+    }
+
+    /// The world, the agent reading `kubeconfig` as the kubelet's.
+    fn start_with_kubeconfig(kubeconfig: Option<&str>) -> Env {
+        let kubeconfig = kubeconfig.map(TempFile::new);
         let policy = TempFile::new(&policy());
         let topo = Topology::new();
         let records = records();
@@ -259,7 +277,10 @@ impl Env {
         let dns = DnsServer::start(&topo.server, TTL, &records);
         let cgroup = TestCgroup::new();
         // The policy's own mode: enforce.
-        let agent = start_agent(&policy, &cgroup, None);
+        let kubeconfig_path = kubeconfig.as_ref().map_or(NO_KUBECONFIG, |k| {
+            k.path().to_str().expect("temp paths are UTF-8")
+        });
+        let agent = start_agent_with(&policy, &cgroup, None, &["--kubeconfig", kubeconfig_path]);
         Env {
             agent,
             _servers: servers,
@@ -267,6 +288,7 @@ impl Env {
             cgroup,
             topo,
             _policy: policy,
+            _kubeconfig: kubeconfig,
         }
     }
 
@@ -477,6 +499,35 @@ fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all()
     assert_eq!(counters, DnsCounters::default());
 }
 
+#[test]
+fn the_kubelets_api_server_passes_and_another_of_the_region_does_not() {
+    if !require_root() {
+        return;
+    }
+    let mut env = Env::start_with_kubeconfig(Some(&format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: localcluster\n  cluster:\n    server: https://{}:443\n",
+        HCP.name
+    )));
+    // The cluster's own API server, on the tunnel's ports.
+    assert_connects(&env.resolve(HCP.name, HTTPS), HCP.v4, HCP.name);
+    assert_ok(
+        &env.connect(HCP.v4, TUNNEL_TCP),
+        "the cluster's API server on TCP 9000",
+    );
+    let learned = env.agent.wait_learned(HCP.name, IpAddr::from(HCP.v4));
+    assert_eq!(learned["ports"], TUNNEL_PORTS, "{learned}");
+    // Another customer's API server in the same region, which `*.hcp.eastus.azmk8s.io`
+    // would have let through.
+    assert_resolved_but_dropped(
+        &env.resolve(OTHER_HCP.0, HTTPS),
+        OTHER_HCP.1,
+        "another API server of the region",
+    );
+    let counters = env.finish(&[tcp(OTHER_HCP.1, HTTPS)]);
+    assert_eq!(counters.learned, 1, "{counters:?}");
+    assert_eq!(counters.unmatched, 1, "{counters:?}");
+}
+
 /// Runs `egress-agent ARGS...`, checks it succeeded, and returns its rules (`check` and
 /// `presets show` print one per line: `TARGET PORTS...  # ORIGINS`) as
 /// (`TARGET PORTS...` with the ports sorted, origins), besides the lines starting with
@@ -528,11 +579,23 @@ fn rule_set(rules: &[(String, String)]) -> BTreeMap<&str, &str> {
     set
 }
 
+/// A kubeconfig path that does not exist: the node's own, if this machine had one, must not
+/// narrow the preset under test.
+const NO_KUBECONFIG: &str = "/nonexistent/kubelet/kubeconfig";
+
+/// What `check` and `presets show` say when they keep the regional API server wildcard.
+fn regional_warning() -> String {
+    format!(
+        "# warning: presets[0] (aks-global): `*.hcp.{LOCATION}.azmk8s.io` admits every AKS API server in {LOCATION}, other customers' too; give `api_server` the cluster's API server name (`az aks show -g RG -n NAME --query fqdn`), or run where the kubelet's kubeconfig names it"
+    )
+}
+
 #[test]
 fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     let policy = TempFile::new(&policy());
     let path = policy.path().to_str().expect("temp paths are UTF-8");
-    let (comments, rules) = rules_printed_by(&["check", "--config", path]);
+    let (comments, rules) =
+        rules_printed_by(&["check", "--config", path, "--kubeconfig", NO_KUBECONFIG]);
     assert_eq!(
         comments.first().map(String::as_str),
         Some("# mode: enforce")
@@ -549,9 +612,13 @@ fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
         "{comments:?}"
     );
     assert!(
-        comments[3..].iter().all(|c| c.starts_with("# implicit: ")),
+        comments[3..comments.len() - 1]
+            .iter()
+            .all(|c| c.starts_with("# implicit: ")),
         "{comments:?}"
     );
+    // Last, the policy's notices: here that the API server is not narrowed.
+    assert_eq!(comments.last(), Some(&regional_warning()), "{comments:?}");
     let mut want: Vec<(String, &str)> = preset_rules();
     want.push((format!("{API_SERVER}/32 {TUNNEL_PORTS}"), "api_server"));
     want.push((format!("{CLUSTER_CIDR_V4} any"), "cluster_cidrs[0]"));
@@ -560,9 +627,16 @@ fn check_lists_the_preset_the_azure_platform_and_the_cluster() {
     assert_eq!(rule_set(&rules), want);
 
     // `presets show` prints exactly what the preset adds, through the same code.
-    let (comments, rules) =
-        rules_printed_by(&["presets", "show", "aks-global", "--location", LOCATION]);
-    assert_eq!(comments, Vec::<String>::new());
+    let (comments, rules) = rules_printed_by(&[
+        "presets",
+        "show",
+        "aks-global",
+        "--location",
+        LOCATION,
+        "--kubeconfig",
+        NO_KUBECONFIG,
+    ]);
+    assert_eq!(comments, [regional_warning()]);
     let want = preset_rules();
     let want: BTreeMap<&str, &str> = want.iter().map(|(r, o)| (r.as_str(), *o)).collect();
     assert_eq!(rule_set(&rules), want);

@@ -119,7 +119,10 @@ fn an_edit_while_the_agent_starts_is_applied() {
     // Logged after the policy is read, before the programs load.
     agent.wait_for_stderr("serving /metrics", STARTUP_TIMEOUT);
     replace(&policy, &allow_only(&b.to_string()));
-    agent.wait_for_stderr("attached: mode enforce, 1 rules", STARTUP_TIMEOUT);
+    agent.wait_for_stderr(
+        "attached: mode enforce, 1 rule (1 CIDR entry)",
+        STARTUP_TIMEOUT,
+    );
     agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
     let cg = Some(&cgroup);
     assert_ok(
