@@ -18,6 +18,8 @@ use std::{
     time::Instant,
 };
 
+mod interface;
+
 use aya::{
     Ebpf, EbpfLoader, Pod, TestRun as _, TestRunOptions, TestRunResult,
     maps::{
@@ -26,9 +28,8 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program, ProgramError, ProgramInfo,
-        SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc,
+        tc::SchedClassifierLink,
     },
     sys::SyscallError,
 };
@@ -212,6 +213,9 @@ pub struct Enforcer {
     ebpf: Ebpf,
     written: Written,
     pinned: Option<Pinned>,
+    /// TC programs attached as netlink filters (kernels before 6.6): not links, so not
+    /// pinned; dropped with the enforcer, which detaches them.
+    netlink_filters: Vec<SchedClassifierLink>,
 }
 
 /// What an enforcer with a pin root found there and added to it.
@@ -638,6 +642,7 @@ impl Enforcer {
             ebpf,
             written: Written::default(),
             pinned,
+            netlink_filters: Vec::new(),
         };
         enforcer.read_written()?;
         enforcer.write_settings(settings)?;
@@ -771,53 +776,6 @@ impl Enforcer {
             source,
         })?;
         pinned.links.push((path, link));
-        Ok(())
-    }
-
-    /// Loads the TC programs, once.
-    pub fn load_tc(&mut self) -> Result<(), LoadError> {
-        for name in [EGRESS_TC, INGRESS_TC] {
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            if prog.fd().is_err() {
-                let started = Instant::now();
-                prog.load().map_err(prog_err(format!("loading {name}")))?;
-                log_loaded(name, started, prog.info());
-            }
-        }
-        Ok(())
-    }
-
-    /// Attaches the TC programs to an interface: TCX on kernels >= 6.6, a clsact qdisc with
-    /// netlink filters before that (the qdisc is created if missing and left in place).
-    /// With a pin root, TCX links are pinned like cgroup links. Netlink filters are not
-    /// links: they cannot be pinned, and end with the agent (logged when it starts).
-    pub fn attach_interface(&mut self, interface: &str) -> Result<(), LoadError> {
-        self.load_tc()?;
-        if let Err(e) = tc::qdisc_add_clsact(interface) {
-            log::debug!(
-                "clsact qdisc on {interface}: {e} (TCX needs none; an existing one is reused)"
-            );
-        }
-        for (name, attach_type, direction) in [
-            (INGRESS_TC, TcAttachType::Ingress, "ingress"),
-            (EGRESS_TC, TcAttachType::Egress, "egress"),
-        ] {
-            let what = || format!("attaching {name} to {interface}");
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(interface, attach_type)
-                .map_err(prog_err(what()))?;
-            if self.pinned.is_some() {
-                let link = prog.take_link(id).map_err(prog_err(what()))?;
-                match FdLink::try_from(link) {
-                    Ok(link) => self.pin_link(link, &format!("tc-{interface}-{direction}"))?,
-                    Err(_) => log::warn!(
-                        "{name} on {interface} is a netlink filter (no TCX before kernel 6.6): \
-                         it ends with this agent and is not kept by --on-exit keep"
-                    ),
-                }
-            }
-        }
         Ok(())
     }
 
