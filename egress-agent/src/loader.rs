@@ -19,6 +19,7 @@ use std::{
 };
 
 mod interface;
+mod memlock;
 
 use aya::{
     Ebpf, EbpfLoader, Pod, TestRun as _, TestRunOptions, TestRunResult,
@@ -572,6 +573,7 @@ impl Enforcer {
         pins: Option<&PinRoot>,
         test_run: bool,
     ) -> Result<Self, LoadError> {
+        memlock::lift_memlock_limit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(LEARNED, max_learned);
         if test_run {
