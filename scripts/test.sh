@@ -21,3 +21,10 @@ echo "== tests" >&2
 # The end-to-end tests run target/debug/egress-agent: build it first.
 cargo build -p egress-agent
 cargo test --workspace --exclude egress-ebpf "$@"
+# The kernel programs on kernels around those nodes run (5.10, 6.1, 6.12 under qemu; the
+# end-to-end suites too on 6.1, before TCX): about 15 minutes on 2 cores.
+# EGRESS_KERNEL_MATRIX=skip leaves it out of a local run.
+if [ "${EGRESS_KERNEL_MATRIX:-}" != skip ]; then
+  echo "== kernel matrix" >&2
+  scripts/kernel-matrix.sh --e2e=6.1
+fi

@@ -502,7 +502,9 @@ fn enforce_mode_reports_drops_within_the_rate_limit() {
     let burst = u64::from(limits.events_burst);
     let flood = u32::try_from(burst).expect("small") + 500;
     // A flood of connection attempts, each its own flow (a flow is reported once), one run
-    // each: the bucket refills meanwhile, by as much as the time they take.
+    // each: the bucket (per CPU: one CPU for the whole flood) refills meanwhile, by as much
+    // as the time they take.
+    pin_to_one_cpu();
     let started = std::time::Instant::now();
     for sport in 0..flood {
         let attempt = v4_frame(
@@ -535,4 +537,27 @@ fn enforce_mode_reports_drops_within_the_rate_limit() {
         "delivered {delivered}, refilled up to {refilled}"
     );
     assert_eq!(delivered + stats.events_lost, u64::from(flood));
+}
+
+/// Keeps this thread on the CPU it runs on: `BPF_PROG_TEST_RUN` may reschedule between
+/// repetitions, and on another CPU the program would find another CPU's full bucket.
+fn pin_to_one_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; CPU_SET writes only into the local set, and
+    // sched_setaffinity reads it.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

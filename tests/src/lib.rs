@@ -13,6 +13,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -398,28 +399,40 @@ impl Drop for TestCgroup {
     }
 }
 
-/// The programs attached to `path`, as `bpftool -j cgroup show` lists them (bpftool
-/// prints nothing at all when there are none).
-pub fn attached_programs(path: &Path) -> Vec<Value> {
+/// The ids of the programs attached to the cgroup at `path`, sorted: the programs of the
+/// BPF links `bpftool -j link show` lists on it (a cgroup link names its cgroup by id, the
+/// directory's inode number). The agent attaches cgroup programs only through links. Not
+/// `bpftool cgroup show`: Debian's bpftool 7.1 cannot list cgroup programs on kernels
+/// before 6.0 (`BPF_PROG_QUERY` fails with EINVAL).
+pub fn attached_programs(path: &Path) -> Vec<u64> {
+    let cgroup_id = fs::metadata(path)
+        .unwrap_or_else(|err| panic!("cannot stat {}: {err}", path.display()))
+        .ino();
     let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(path)
+        .args(["-j", "link", "show"])
         .output()
         .expect("cannot run bpftool");
     assert!(
         out.status.success(),
-        "bpftool cgroup show {} failed ({}): {}",
-        path.display(),
+        "bpftool link show failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if stdout.trim().is_empty() {
-        return Vec::new();
-    }
-    let programs: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|err| panic!("bpftool printed no JSON ({err}): {stdout:?}"));
-    programs.as_array().cloned().unwrap_or_default()
+    let links: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+        panic!(
+            "bpftool printed no JSON ({err}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let mut ids: Vec<u64> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|link| link["cgroup_id"].as_u64() == Some(cgroup_id))
+        .filter_map(|link| link["prog_id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// A pin root of one test's own, `<tmp>/egress-e2e-bpf-<pid>-<n>/egress-enforcer`: the agent

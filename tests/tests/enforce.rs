@@ -21,7 +21,6 @@ use egress_tests::{
     assert_ok, assert_reported_exactly, assert_timeout, attached_programs, probe_tcp, probe_udp,
     require_root, run_args, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
 };
-use serde_json::Value;
 
 /// The policy every test enforces: TCP 443 and UDP 53 to `REMOTE_V4_A` and
 /// `REMOTE_V6_A` (spelt differently), nothing else.
@@ -306,7 +305,7 @@ fn sigterm_detaches_everything() {
     let _udp = Server::udp(&topo.server, None, REMOTE_V4_B, DNS);
     assert_eq!(
         attached_programs(cgroup.path()),
-        Vec::<Value>::new(),
+        Vec::<u64>::new(),
         "a fresh cgroup has no programs"
     );
     let mut agent = start_agent(&policy, &cgroup, None);
@@ -343,7 +342,7 @@ fn sigterm_detaches_everything() {
     );
     assert_eq!(
         attached_programs(cgroup.path()),
-        Vec::<Value>::new(),
+        Vec::<u64>::new(),
         "programs left on {} after SIGTERM (were: {attached:?})",
         cgroup.path().display()
     );
@@ -443,7 +442,7 @@ fn check_command() {
     assert!(agent.events().is_empty(), "events from a rejected run");
     assert_eq!(
         attached_programs(cgroup.path()),
-        Vec::<Value>::new(),
+        Vec::<u64>::new(),
         "a rejected run attached programs"
     );
     assert!(!pins.root().exists(), "a rejected run pinned state");
@@ -508,7 +507,7 @@ fn a_policy_file_that_never_ends_or_nests_too_deep_is_refused_at_once() {
     }
     assert_eq!(
         attached_programs(cgroup.path()),
-        Vec::<Value>::new(),
+        Vec::<u64>::new(),
         "a rejected run attached programs"
     );
     assert!(!pins.root().exists(), "a rejected run pinned state");

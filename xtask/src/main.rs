@@ -1,7 +1,8 @@
 //! Developer tasks. `cargo xtask build-ebpf` builds the kernel object exactly as
 //! `egress-agent/build.rs` (aya-build) does, and copies it to `target/ebpf/egress` for
 //! inspection with `bpftool`, `llvm-objdump` or `readelf`. `cargo xtask bench [ARGS]` runs
-//! the benchmark harness, `benches/run.sh [ARGS]` (see BENCHMARKS.md).
+//! the benchmark harness, `benches/run.sh [ARGS]` (see BENCHMARKS.md), and
+//! `cargo xtask kernel-matrix [ARGS]` the kernel matrix, `scripts/kernel-matrix.sh [ARGS]`.
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -53,9 +54,9 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `benches/run.sh` with `args`; its exit status becomes ours.
-fn bench(args: Vec<String>) -> anyhow::Result<()> {
-    let script = workspace_root().join("benches/run.sh");
+/// Runs the workspace's script `path` with `args`; its exit status becomes ours.
+fn run_script(path: &str, args: Vec<String>) -> anyhow::Result<()> {
+    let script = workspace_root().join(path);
     let status = Command::new("bash")
         .arg(&script)
         .args(&args)
@@ -72,10 +73,13 @@ fn main() -> ExitCode {
     let task = args.next();
     let result = match task.as_deref() {
         Some("build-ebpf") => build_ebpf(),
-        Some("bench") => bench(args.collect()),
+        Some("bench") => run_script("benches/run.sh", args.collect()),
+        Some("kernel-matrix") => run_script("scripts/kernel-matrix.sh", args.collect()),
         _ => {
             eprintln!(
-                "usage: cargo xtask build-ebpf | cargo xtask bench [--quick] [benches/run.sh options]"
+                "usage: cargo xtask build-ebpf\n       \
+                 cargo xtask bench [--quick] [benches/run.sh options]\n       \
+                 cargo xtask kernel-matrix [scripts/kernel-matrix.sh options]"
             );
             return ExitCode::from(2);
         }
