@@ -179,9 +179,10 @@ pub const FLOW_ALLOWED: u8 = 1;
 pub const FLOW_AUDITED: u8 = 2;
 /// The flow was started from outside, over a real interface (never loopback): only replies
 /// pass, that is no TCP SYN without ACK, and of ICMP only echo replies, and only from the
-/// socket in `owner`. A TCP listener's SYN-ACK from the owner sets `owner` to 0, so that
-/// the accepted socket (a socket of its own) answers too: the kernel sends it only for a
-/// SYN it received. The TC programs, which see no receiving socket, record 0.
+/// socket in `owner`. TCP flows record 0: the listener's request socket (the SYN-ACK) and
+/// the accepted socket answer, not the socket that received the SYN, and only a raw socket
+/// could send anything else (it may send no payload). The TC programs, which see no
+/// receiving socket, record 0.
 pub const FLOW_INBOUND: u8 = 3;
 /// The flow was dropped (enforce mode) and its first packet reported: later packets are
 /// still decided by the policy (a reload or a DNS answer may allow them), and those it

@@ -155,7 +155,7 @@ fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: 
 /// TCP connection request or an ICMP message other than an echo reply, and only from the
 /// socket that received the flow (see `FLOW_INBOUND`).
 #[inline(always)]
-fn replies_inbound<C: Skb>(ctx: &C, p: &Packet, flow: &mut FlowValue) -> bool {
+fn replies_inbound<C: Skb>(ctx: &C, p: &Packet, flow: &FlowValue) -> bool {
     let reply = match p.proto {
         proto::TCP => p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN,
         proto::ICMP => p.icmp_type == ICMP_ECHO_REPLY,
@@ -171,14 +171,7 @@ fn replies_inbound<C: Skb>(ctx: &C, p: &Packet, flow: &mut FlowValue) -> bool {
         // (time-wait), which carry none.
         return p.proto != proto::TCP || !carries_payload(ctx, p) || !ctx.raw_socket();
     }
-    if flow.owner != ctx.socket_cookie() {
-        return false;
-    }
-    if p.proto == proto::TCP {
-        // The listener that received the SYN answers it: the accepted socket may reply.
-        flow.owner = 0;
-    }
-    true
+    flow.owner == ctx.socket_cookie()
 }
 
 /// Learns from DNS answers, and records flows that a remote end starts towards the enforced
@@ -218,7 +211,15 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     if !starts_flow {
         return;
     }
-    let owner = ctx.receiving_socket();
+    // A TCP connection is answered by the listener's request socket (the SYN-ACK: its
+    // cookie is the listener's on some kernels and not on others, IPv6 on 6.1 and before)
+    // and then by the accepted socket, neither of them the socket that received the SYN;
+    // past a SYN only the kernel's TCP stack answers, which the raw-socket rule covers.
+    let owner = if p.proto == proto::TCP {
+        0
+    } else {
+        ctx.receiving_socket()
+    };
     let key = flow_key(p.src, p.sport, p.dport, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `decide`.
