@@ -64,12 +64,14 @@ smoke() {
   RUST_LOG=debug "$agent_bin" run --config "$policy" --cgroup "$cg" --interface kmx0 \
     --listen 127.0.0.1:0 --pin-root "$pins" >"$out/smoke.events" 2>"$out/smoke.agent" &
   agent=$!
+  # Ready once it says so: "attached: ..." follows the last attachment (the TC programs
+  # are attached after the cgroup's, and verified slowly under emulation).
   for ((i = 0; i < 600; i++)); do
-    "$agent_bin" status --pin-root "$pins" >"$out/smoke.status" 2>&1 &&
-      grep -q "^attached   cgroup" "$out/smoke.status" && break
+    grep -q "INFO  egress_agent::run\] attached: " "$out/smoke.agent" && break
     kill -0 "$agent" 2>/dev/null || break
     sleep 0.5
   done
+  "$agent_bin" status --pin-root "$pins" >"$out/smoke.status" 2>&1
   cat "$out/smoke.status"
   grep -q "^attached   cgroup" "$out/smoke.status" || { echo "not attached"; rc=1; }
   if grep -q "kmx0" "$out/smoke.status"; then
