@@ -3,7 +3,7 @@
 //! applies policy reloads, keeps the pinned name records and a previous agent's port sets
 //! up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
 //! pinned state in place or removes it (`--on-exit`) and reports the counters.
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -21,7 +21,7 @@ use crate::{
     },
     events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
-    metrics::Snapshot,
+    metrics::{Reloads, Running, Snapshot},
     policy::{Mode, Policy},
     run::{give_back_freed_memory, settings},
 };
@@ -63,6 +63,10 @@ pub struct Control {
     pub journal_behind: bool,
     /// `DNS_EVENTS` records the kernel lost to a full ring, as of the last recheck's start.
     pub dns_events_lost: u64,
+    /// The policy in force.
+    pub running: Running,
+    /// Reloads applied and rejected, for `/metrics`.
+    pub reloads: Reloads,
 }
 
 /// What the agent did, for its last log lines.
@@ -128,6 +132,7 @@ impl Control {
                     learned: self.learner.len(),
                     learned_capacity: self.learned_capacity,
                     policy: self.enforcer.policy_entries(),
+                    running: self.running,
                 }));
             }
             Err(e) => log::warn!(
@@ -204,7 +209,7 @@ impl Control {
         mut self,
         dns_ring: RingBuf<MapData>,
         old_dns_ring: Option<RingBuf<MapData>>,
-        mut reloads: mpsc::Receiver<Policy>,
+        mut reloads: mpsc::Receiver<(Policy, Running)>,
         snapshots: watch::Sender<Option<Snapshot>>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Report> {
@@ -236,9 +241,16 @@ impl Control {
                     self.tick(stats.as_ref().ok())?;
                     self.publish(stats, &snapshots);
                 }
-                Some(policy) = reloads.recv() => {
-                    if let Err(e) = self.reload(policy) {
-                        log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                Some((policy, running)) = reloads.recv() => {
+                    match self.reload(policy) {
+                        Ok(()) => {
+                            self.reloads.applied();
+                            self.running = Running { applied: SystemTime::now(), ..running };
+                        }
+                        Err(e) => {
+                            self.reloads.rejected();
+                            log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                        }
                     }
                     give_back_freed_memory();
                 }

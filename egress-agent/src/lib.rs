@@ -6,6 +6,7 @@ pub mod compile;
 pub mod control;
 pub mod dns;
 pub mod events;
+pub mod http;
 pub mod loader;
 pub mod metrics;
 pub mod pin;

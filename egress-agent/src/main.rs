@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress_agent::{
     compile::compile,
+    metrics,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
     policy::{self, Mode, Rule},
     presets::{PRESETS, Params},
@@ -12,7 +13,7 @@ use egress_agent::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "eBPF egress enforcer for Kubernetes nodes")]
+#[command(version = metrics::VERSION, about = "eBPF egress enforcer for Kubernetes nodes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

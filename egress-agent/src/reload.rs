@@ -1,6 +1,6 @@
 //! Watching the policy file: SIGHUP, or a change of its content (an edit, a rename over it,
 //! a ConfigMap's symlink swap) found by reading it every two seconds. A policy that fails
-//! to parse is rejected with a logged error and nothing changes.
+//! to parse is rejected with a logged error (and counted) and nothing changes.
 use std::{path::PathBuf, time::Duration};
 
 use tokio::{
@@ -8,18 +8,23 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::policy::{self, Policy};
+use crate::{
+    metrics::{Reloads, Running},
+    policy::{self, Policy},
+};
 
 const POLL_PERIOD: Duration = Duration::from_secs(2);
 
-/// Sends each new policy to `reloads`. `loaded` is the content the running policy was
-/// parsed from: the agent reads the file long before it starts watching (loading and
-/// attaching come between), and a change made meanwhile must be applied, not taken for
-/// the running policy.
+/// Sends each new policy, with the hash of the content it was parsed from, to `reloads`;
+/// counts the ones that do not parse in `counters`. `loaded` is the content the running
+/// policy was parsed from: the agent reads the file long before it starts watching
+/// (loading and attaching come between), and a change made meanwhile must be applied, not
+/// taken for the running policy.
 pub async fn watch(
     path: PathBuf,
     loaded: Vec<u8>,
-    reloads: mpsc::Sender<Policy>,
+    reloads: mpsc::Sender<(Policy, Running)>,
+    counters: Reloads,
 ) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(POLL_PERIOD);
@@ -36,14 +41,18 @@ pub async fn watch(
         }
         log::info!("{why}: reloading {}", path.display());
         // Parsed from the very bytes kept as `last`: a change after this read is a change.
-        let parsed = now
-            .as_ref()
-            .map_err(ToString::to_string)
-            .and_then(|bytes| policy::parse_bytes(bytes, &source).map_err(|e| e.to_string()));
+        let parsed = now.as_ref().map_err(ToString::to_string).and_then(|bytes| {
+            policy::parse_bytes(bytes, &source)
+                .map(|p| (p, Running::now(bytes)))
+                .map_err(|e| e.to_string())
+        });
         last = now.ok();
         match parsed {
-            Ok(p) => reloads.send(p).await?,
-            Err(e) => log::error!("policy reload rejected: {e}; the running policy stays in force"),
+            Ok(reload) => reloads.send(reload).await?,
+            Err(e) => {
+                counters.rejected();
+                log::error!("policy reload rejected: {e}; the running policy stays in force");
+            }
         }
     }
 }
@@ -71,7 +80,7 @@ mod tests {
         now: &str,
     ) -> (
         TempPolicy,
-        mpsc::Receiver<Policy>,
+        mpsc::Receiver<(Policy, Running)>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ) {
         let file = TempPolicy(
@@ -79,24 +88,30 @@ mod tests {
         );
         std::fs::write(&file.0, now).expect("write the policy");
         let (tx, rx) = mpsc::channel(4);
-        let watcher = tokio::spawn(watch(file.0.clone(), loaded.as_bytes().to_vec(), tx));
+        let watcher = tokio::spawn(watch(
+            file.0.clone(),
+            loaded.as_bytes().to_vec(),
+            tx,
+            Reloads::default(),
+        ));
         (file, rx, watcher)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_change_made_before_the_watcher_starts_is_applied() {
         let (file, mut reloads, watcher) = watching("before", OLD, NEW);
-        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+        let (policy, running) = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
             .await
             .expect("the change is applied")
             .expect("the watcher runs");
         assert_eq!(policy, policy::parse(NEW, "new").unwrap());
+        assert_eq!(running.sha256, Running::now(NEW.as_bytes()).sha256);
         // Applied once: the content now is the content applied.
         let again = tokio::time::timeout(POLL_PERIOD * 3, reloads.recv()).await;
         assert!(again.is_err(), "reloaded again: {again:?}");
 
         std::fs::write(&file.0, OLD).expect("write the policy");
-        let policy = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
+        let (policy, _) = tokio::time::timeout(POLL_PERIOD * 2, reloads.recv())
             .await
             .expect("the change is applied")
             .expect("the watcher runs");

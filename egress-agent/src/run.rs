@@ -25,9 +25,9 @@ use crate::{
         learner::{LearnedStore as _, Learner},
         resolvers,
     },
-    events,
+    events, http,
     loader::Enforcer,
-    metrics,
+    metrics::{Reloads, Running},
     pin::{Contents, LinkPin, PinRoot},
     policy::{self, DnsSettings, Mode, Policy},
     reload,
@@ -150,7 +150,7 @@ async fn start(
     cgroup: &Path,
     pins: &PinRoot,
 ) -> anyhow::Result<Started> {
-    let listener = metrics::bind(opts.listen).await?;
+    let listener = http::bind(opts.listen).await?;
     log::info!(
         "serving /metrics, /healthz and /readyz on http://{}",
         listener.local_addr()?
@@ -355,6 +355,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .await
         .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
+    let running = Running::now(&loaded);
+    let reloads = Reloads::default();
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
     // a large policy it is tens of MiB.
     drop(policy);
@@ -369,13 +371,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         legacy: started.legacy,
         journal_behind: false,
         dns_events_lost: 0,
+        running,
+        reloads: reloads.clone(),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
-    let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
+    let server = tokio::spawn(http::serve(
+        started.listener,
+        http::Endpoints::new(snapshot_rx, &reloads),
+    ));
     let reader = tokio::spawn(events::forward(started.ring, CgroupNames::new(root)));
-    let watcher = tokio::spawn(reload::watch(opts.config.clone(), loaded, reload_tx));
+    let watcher = tokio::spawn(reload::watch(
+        opts.config.clone(),
+        loaded,
+        reload_tx,
+        reloads,
+    ));
     let mut control = tokio::spawn(control.run(
         started.dns_ring,
         started.old_dns_ring,
