@@ -155,6 +155,7 @@ done
 VALIDATE_K8S_VERSIONS="${K8S_VERSIONS[*]}" "$VENV/bin/python" - "$OUT" "${AGENT[@]}" <<'EOF'
 """Schema-validates each render and checks that its pieces fit; runs `egress-agent check`."""
 import os
+import re
 import subprocess
 import sys
 
@@ -248,6 +249,8 @@ for where, path in renders:
         fail(f"{where}: {ds_name}", "expected one container running `egress-agent run`")
         continue
     c = agent_containers[0]
+    if "@" in c["image"] and not re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", c["image"]):
+        fail(f"{where}: {ds_name}", f"image {c['image']}: a digest is sha256: and 64 hex digits")
     config = flag(c["args"], "--config")
     if not config:
         fail(f"{where}: {ds_name}", "the agent has no --config")
