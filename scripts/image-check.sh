@@ -28,6 +28,8 @@
 # Needs root. Test addresses only (198.51.100.0/24, 203.0.113.0/24), in namespaces of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Never `producer | grep -q`: grep exits at the first match, the producer dies of SIGPIPE,
+# and pipefail turns the match into a failure. Matches below read all their input.
 
 FULL=0
 case "${1:-}" in
@@ -120,7 +122,8 @@ if [ "$FULL" = 1 ]; then
   ca_args=()
   [ -z "${EXTRA_CA:-}" ] || ca_args=(--build-arg "EXTRA_CA_CERT=$(cat "$EXTRA_CA")")
   log "building the Dockerfile on $BUILD_BASE and $RUNTIME_BASE (about 10 minutes cold)"
-  "${PODMAN[@]}" build --pull=never -q -t "$IMAGE" \
+  # Docker's image format: OCI has no SHELL, and the Dockerfile's RUNs rely on pipefail.
+  "${PODMAN[@]}" build --pull=never --format docker -q -t "$IMAGE" \
     --build-arg "BUILD_BASE=$BUILD_BASE" --build-arg "RUNTIME_BASE=$RUNTIME_BASE" \
     --build-arg "EGRESS_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \
     "${ca_args[@]}" . >/dev/null
@@ -146,9 +149,11 @@ CM="$WORK/configmap"
 PORT=$((20000 + $$ % 10000))
 CONTAINERS=()
 SERVER_PID=
+PROBER=
 
 cleanup() {
   set +e
+  if [ -n "$PROBER" ]; then touch "$WORK/stop-probes"; wait "$PROBER"; fi
   for c in "${CONTAINERS[@]}"; do "${PODMAN[@]}" rm -f -t 0 "$c" >/dev/null 2>&1; done
   if mountpoint -q "$PINS"; then
     "${PODMAN[@]}" run --rm "${RUN_FLAGS[@]}" --privileged -v "$PINS:/sys/fs/bpf" "$IMAGE" uninstall \
@@ -274,7 +279,7 @@ wait_ready() { # wait_ready CONTAINER
 }
 wait_log() { # wait_log CONTAINER REGEX
   for _ in $(seq 120); do
-    "${PODMAN[@]}" logs "$1" 2>&1 | grep -qE -- "$2" && return
+    "${PODMAN[@]}" logs "$1" 2>&1 | grep -E -- "$2" >/dev/null && return
     sleep 0.5
   done
   "${PODMAN[@]}" logs "$1" >&2
@@ -303,7 +308,7 @@ log "allowed $ALLOWED, denied $DENIED, deny event logged"
 # 2. Replaced by an agent on capabilities only, with probes throughout.
 PROBES="$WORK/probes"
 (
-  while :; do
+  while [ ! -e "$WORK/stop-probes" ]; do
     if probe "$ALLOWED" 5; then echo ok; else echo "WRONG: $ALLOWED refused"; fi
     if probe "$DENIED" 1; then echo "WRONG: $DENIED allowed"; else echo ok; fi
   done
@@ -311,15 +316,16 @@ PROBES="$WORK/probes"
 PROBER=$!
 sleep 2
 "${PODMAN[@]}" stop -t 15 "$A" >/dev/null
-"${PODMAN[@]}" logs "$A" 2>&1 | grep -q "left the pinned programs enforcing" || die "$A did not leave its programs pinned"
+"${PODMAN[@]}" logs "$A" 2>&1 | grep "left the pinned programs enforcing" >/dev/null || die "$A did not leave its programs pinned"
 sleep 2
 B="$TAG-least-privilege"
 start "$B" "${ENFORCE[@]}" "${LEAST[@]}"
 wait_ready "$B"
 wait_log "$B" "took over the pinned state"
 sleep 2
-kill "$PROBER"
-wait "$PROBER" 2>/dev/null || true
+touch "$WORK/stop-probes"
+wait "$PROBER"
+PROBER=
 grep -q WRONG "$PROBES" && die "wrong verdicts during the handover: $(grep -c WRONG "$PROBES") of $(wc -l < "$PROBES")"
 log "handover to the least-privilege agent ($(grep -o 'cap-add=[A-Z_]*' <<< "${LEAST[*]}" | cut -d= -f2 | tr '\n' ' ')): $(wc -l < "$PROBES") probes, no wrong verdict"
 
@@ -333,9 +339,10 @@ log "ConfigMap swap applied"
 # 4. A bad policy: rejected, counted, the running one stays.
 configmap "$(printf 'mode: audit\nallow:\n  - cidr: 203.0.113.21/24\n')"
 wait_log "$B" "policy reload rejected"
-sleep 1.5
-curl -sf "http://127.0.0.1:$PORT/metrics" | grep -qx 'egress_policy_reloads_total{result="rejected"} 1' ||
-  die "the rejected reload is not on /metrics"
+reloads="$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^egress_policy_reloads_total')" ||
+  die "no egress_policy_reloads_total on /metrics"
+grep -qx 'egress_policy_reloads_total{result="rejected"} 1' <<< "$reloads" ||
+  { "${PODMAN[@]}" logs "$B" 2>&1 | grep -i reload >&2; die "not one rejected reload on /metrics: $reloads"; }
 expect allowed "$DENIED" "after the bad policy"
 expect denied "$ALLOWED" "after the bad policy"
 log "bad policy rejected, counted on /metrics, the running one stays"
@@ -345,7 +352,8 @@ log "bad policy rejected, counted on /metrics, the running one stays"
 uninstall=("${LEAST[@]}")
 n=$(printf '%s\n' "${uninstall[@]}" | grep -nx "$IMAGE" | cut -d: -f1)
 uninstall=("${uninstall[@]:0:n}" uninstall --pin-root /sys/fs/bpf/egress-enforcer)
-"${PODMAN[@]}" run --rm "${RUN_FLAGS[@]}" "${uninstall[@]}" | grep -q "^removed " || die "uninstall failed"
+"${PODMAN[@]}" run --rm "${RUN_FLAGS[@]}" "${uninstall[@]}" | grep "^removed " >/dev/null ||
+  die "uninstall failed"
 expect allowed "$ALLOWED" "after uninstall"
 expect allowed "$DENIED" "after uninstall"
 log "uninstalled: nothing enforced"
