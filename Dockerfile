@@ -1,15 +1,31 @@
 # syntax=docker/dockerfile:1
 # The egress-agent image, for deploy/. From the repository root:
-#   docker build -t ghcr.io/egress-enforcer/egress-agent:0.1.0 .
+#   docker build --build-arg EGRESS_COMMIT=$(git rev-parse --short=12 HEAD) \
+#     -t ghcr.io/egress-enforcer/egress-agent:0.1.0 .
+# `RUN --mount=type=cache` below needs BuildKit (Docker's default builder since 23.0, or
+# DOCKER_BUILDKIT=1; buildx) or podman/buildah; the legacy Docker builder rejects it.
+# Without a registry, scripts/image-check.sh --full builds this file with podman on
+# stand-in base images and runs the result the way deploy/ does.
 # Multi-arch (AKS has arm64 node pools too):
 #   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/egress-agent:TAG --push .
 # The build stage uses the same toolchains the repository is built and tested with; the
 # runtime image has only glibc and libgcc, all the agent links against. This repository's
-# CI has no Docker engine, so this file is not built there: build and test the image
-# before you push it.
+# CI builds no image from this file (scripts/image-check.sh checks an image made from the
+# binary CI built, on the same runtime base): build it and run image-check --full before
+# you push.
+#
+# Base images by digest: a tag can be moved to other content, a digest cannot. No registry
+# was reachable where this file was written, so the defaults below are tags and the digests
+# are yours to fill in: look them up (`skopeo inspect --format '{{.Digest}}'
+# docker://gcr.io/distroless/cc-debian12:latest`, or `crane digest ...`) and either replace
+# the defaults with `NAME@sha256:<digest>` or pass them:
+#   --build-arg BUILD_BASE=debian:bookworm-slim@sha256:<digest>
+#   --build-arg RUNTIME_BASE=gcr.io/distroless/cc-debian12@sha256:<digest>
+ARG BUILD_BASE=debian:bookworm-slim
+ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:latest
 
 # ---- build ---------------------------------------------------------------------------------
-FROM debian:bookworm-slim AS build
+FROM ${BUILD_BASE} AS build
 
 # rustup-init 1.29.0 and its SHA-256 per architecture (as the official rust images pin it).
 ARG RUSTUP_VERSION=1.29.0
@@ -38,6 +54,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# A CA certificate (PEM) the downloads below must trust besides the system's, e.g. a
+# TLS-intercepting proxy's: --build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)". curl, rustup
+# and cargo all read the system store it is added to. Only in the build stage.
+ARG EXTRA_CA_CERT=""
+RUN if [ -n "${EXTRA_CA_CERT}" ]; then \
+      printf '%s\n' "${EXTRA_CA_CERT}" > /usr/local/share/ca-certificates/extra-ca.crt \
+      && update-ca-certificates; \
+    fi
 
 # Stable for the agent (the default toolchain; the repository pins none), the dated nightly
 # with rust-src for the kernel programs (-Z build-std=core). aya-build runs
@@ -69,6 +94,8 @@ RUN PATH="/usr/lib/llvm-22/bin:${PATH}" cargo install bpf-linker \
 
 WORKDIR /src
 COPY . .
+# The commit `--version` and /metrics report (the context has no .git).
+ARG EGRESS_COMMIT=unknown
 # build.rs builds the kernel programs with the nightly and bpf-linker and embeds them.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
@@ -77,11 +104,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # ---- runtime -------------------------------------------------------------------------------
 # distroless/cc: glibc and libgcc_s of Debian 12, the build stage's, and nothing else (no
-# shell). It runs as root: the DaemonSet makes the container privileged for BPF anyway.
-# distroless publishes rolling tags only: pin it by digest (`@sha256:...`) for reproducible
-# images.
-# hadolint ignore=DL3007
-FROM gcr.io/distroless/cc-debian12:latest
+# shell). It runs as root: the agent needs root with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN
+# (deploy/components/least-privilege) or a privileged container. RUNTIME_BASE: see above.
+FROM ${RUNTIME_BASE}
 LABEL org.opencontainers.image.title="egress-agent" \
       org.opencontainers.image.description="eBPF node egress enforcer for Kubernetes nodes" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"

@@ -1,8 +1,50 @@
 //! Builds the kernel programs (egress-ebpf) for bpfel-unknown-none with the nightly
-//! toolchain and bpf-linker, so that `cargo build` yields an agent with the object embedded.
+//! toolchain and bpf-linker, so that `cargo build` yields an agent with the object embedded,
+//! and embeds the commit the agent is built from (`EGRESS_COMMIT`).
+use std::process::Command;
+
 use anyhow::{Context as _, anyhow};
 
+/// `git ARGS` in the agent's directory: its output, if it succeeds.
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// The checked-out commit (12 hex digits); the build runs again when it changes.
+fn git_commit() -> Option<String> {
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["rev-parse", "--symbolic-full-name", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+            && std::path::Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    Some(commit)
+}
+
+/// `EGRESS_COMMIT` for `--version` and `/metrics`: as given in the environment (an image
+/// build, whose context has no `.git`), else the checked-out commit, else `unknown`.
+fn embed_commit() {
+    println!("cargo:rerun-if-env-changed=EGRESS_COMMIT");
+    let commit = std::env::var("EGRESS_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .or_else(git_commit)
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=EGRESS_COMMIT={}", commit.trim());
+}
+
 fn main() -> anyhow::Result<()> {
+    embed_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints (userspace and kernel crate), unit tests, the
-# BPF_PROG_TEST_RUN verdict tests and the end-to-end tests in network namespaces.
+# BPF_PROG_TEST_RUN verdict tests, the image check's fast part and the end-to-end tests in
+# network namespaces.
 # Needs root; with CI=true nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ cargo +nightly clippy -p egress-ebpf --target bpfel-unknown-none -Z build-std=co
 echo "== tests" >&2
 # The end-to-end tests run target/debug/egress-agent: build it first.
 cargo build -p egress-agent
+echo "== image check (an image of that binary, run as deploy/ runs it)" >&2
+scripts/image-check.sh
 cargo test --workspace --exclude egress-ebpf "$@"
 # The kernel programs on kernels around those nodes run (5.10, 6.1, 6.12 under qemu; the
 # end-to-end suites too on 6.1, before TCX): about 15 minutes on 2 cores.

@@ -5,8 +5,10 @@
 #   2. checks every rendered document against the Kubernetes OpenAPI schemas of pinned
 #      versions (kubernetes-validate, strict: unknown fields are errors);
 #   3. checks that the pieces fit (the DaemonSet's ConfigMap, ServiceAccount and --config
-#      path exist in the same render; deploy/ itself runs in audit mode), and runs
-#      `egress-agent check` on the policy each render ships.
+#      path exist in the same render; deploy/ itself runs in audit mode with a content-hashed
+#      policy ConfigMap; a PodMonitor, which has no schema here, selects the agent's pods
+#      and scrapes a port the agent listens on), and runs `egress-agent check` on the policy
+#      each render ships.
 # Any failure exits non-zero, naming the kustomization and the document.
 #
 # Cache-aware and idempotent: the Python venv lives in
@@ -127,8 +129,14 @@ log "validating deploy/ with $KUBECTL_BIN ($("$KUBECTL_BIN" version --client 2>/
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-# Every kustomization under deploy/, deploy/ first.
-mapfile -t DIRS < <(find deploy -name kustomization.yaml -printf '%h\n' | LC_ALL=C sort)
+# Every kustomization under deploy/, deploy/ first. Components (deploy/components/*) do not
+# render alone: they are checked in the overlays that use them, and each must be used by one.
+mapfile -t DIRS < <(grep -L '^kind: Component$' $(find deploy -name kustomization.yaml) |
+  xargs -n1 dirname | LC_ALL=C sort)
+for component in $(grep -l '^kind: Component$' $(find deploy -name kustomization.yaml) | xargs -n1 dirname); do
+  grep -qs -- "- ../../components/$(basename "$component")\$" deploy/overlays/*/kustomization.yaml ||
+    die "$component: no overlay under deploy/overlays uses it, so nothing checks it"
+done
 [ "${#DIRS[@]}" -gt 0 ] || die "no kustomization.yaml under deploy/"
 for dir in "${DIRS[@]}"; do
   out="$OUT/$(printf '%s' "$dir" | tr / _).yaml"
@@ -147,6 +155,7 @@ done
 VALIDATE_K8S_VERSIONS="${K8S_VERSIONS[*]}" "$VENV/bin/python" - "$OUT" "${AGENT[@]}" <<'EOF'
 """Schema-validates each render and checks that its pieces fit; runs `egress-agent check`."""
 import os
+import re
 import subprocess
 import sys
 
@@ -201,9 +210,11 @@ for where, path in renders:
     if not docs:
         fail(where, "renders no documents")
         continue
-    # 1. Schemas, strict.
+    # 1. Schemas, strict. Custom resources have none here: checked in 2.
     for i, doc in enumerate(docs):
         doc_name = f"document {i + 1} ({name_of(doc)})"
+        if doc.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+            continue
         for version in versions:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -238,6 +249,8 @@ for where, path in renders:
         fail(f"{where}: {ds_name}", "expected one container running `egress-agent run`")
         continue
     c = agent_containers[0]
+    if "@" in c["image"] and not re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", c["image"]):
+        fail(f"{where}: {ds_name}", f"image {c['image']}: a digest is sha256: and 64 hex digits")
     config = flag(c["args"], "--config")
     if not config:
         fail(f"{where}: {ds_name}", "the agent has no --config")
@@ -255,6 +268,26 @@ for where, path in renders:
     if cm is None or key not in (cm.get("data") or {}):
         fail(f"{where}: {ds_name}", f"--config {config} needs key {key} in ConfigMap {ns}/{cm_name}, not in the render")
         continue
+
+    for pm in by_kind.get("PodMonitor", {}).values():
+        pm_name = name_of(pm)
+        pod_labels = ds["spec"]["template"]["metadata"].get("labels", {})
+        wanted = pm["spec"].get("selector", {}).get("matchLabels", {})
+        if pm["apiVersion"] != "monitoring.coreos.com/v1" or pm["metadata"].get("namespace") != ns:
+            fail(f"{where}: {pm_name}", f"expected monitoring.coreos.com/v1 in namespace {ns}")
+        if not wanted or any(pod_labels.get(k) != v for k, v in wanted.items()):
+            fail(f"{where}: {pm_name}", f"selector {wanted} does not select the agent's pods {pod_labels}")
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        listen = flag(c["args"], "--listen") or next(
+            (e.get("value") for e in c.get("env", []) if e["name"] == "EGRESS_LISTEN"), "127.0.0.1:9977")
+        for endpoint in pm["spec"].get("podMetricsEndpoints", []):
+            port = ports.get(endpoint.get("port"))
+            if port is None:
+                fail(f"{where}: {pm_name}", f"port {endpoint.get('port')!r} is not a port of the agent's container")
+            elif listen.startswith("127.") or not listen.endswith(f":{port}"):
+                fail(f"{where}: {pm_name}", f"scrapes port {port}, but the agent listens on {listen}")
+    if where in ("deploy", "deploy/base") and cm_name == "egress-policy":
+        fail(where, "the base install's policy ConfigMap has no content hash: a policy edit would reach every node at once")
 
     # 3. The policy passes `egress-agent check`; the effective mode (EGRESS_MODE wins over
     # the file's `mode`).

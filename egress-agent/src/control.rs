@@ -1,9 +1,12 @@
 //! The agent's control task: the one owner of the kernel state (the enforcer and its maps)
 //! and of the DNS learner. It applies DNS answers, expires learned addresses once a second,
-//! applies policy reloads, attaches to new links to workloads, keeps the pinned name records and a previous agent's port sets
-//! up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
+//! applies policy reloads, attaches to new links to workloads, keeps the pinned name
+//! records and a previous agent's port sets up to date, publishes the counters for `/metrics` once a second, and on stop leaves the
 //! pinned state in place or removes it (`--on-exit`) and reports the counters.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -21,7 +24,7 @@ use crate::{
     },
     events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
-    metrics::Snapshot,
+    metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
     plural::counted,
     policy::Mode,
@@ -71,6 +74,10 @@ pub struct Control {
     /// Where the applied policy is recorded (see `record`), and the file it is read from.
     pub pins: PinRoot,
     pub config: PathBuf,
+    /// The policy in force.
+    pub running: Running,
+    /// Reloads applied and rejected, for `/metrics`.
+    pub reloads: Reloads,
 }
 
 /// What the agent did, for its last log lines.
@@ -136,6 +143,7 @@ impl Control {
                     learned: self.learner.len(),
                     learned_capacity: self.learned_capacity,
                     policy: self.enforcer.policy_entries(),
+                    running: self.running,
                 }));
             }
             Err(e) => log::warn!(
@@ -247,9 +255,17 @@ impl Control {
                     self.publish(stats, &snapshots);
                 }
                 followed = follow(&mut workloads, &mut self.enforcer) => followed?,
-                Some(policy) = reloads.recv() => {
-                    if let Err(e) = self.reload(policy) {
-                        log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                Some(reloaded) = reloads.recv() => {
+                    let running = Running::now(&reloaded.bytes);
+                    match self.reload(reloaded) {
+                        Ok(()) => {
+                            self.reloads.applied();
+                            self.running = Running { applied: SystemTime::now(), ..running };
+                        }
+                        Err(e) => {
+                            self.reloads.rejected();
+                            log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                        }
                     }
                     give_back_freed_memory();
                 }

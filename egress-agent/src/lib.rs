@@ -9,6 +9,7 @@ pub mod denials;
 pub mod dns;
 pub mod events;
 pub mod explain;
+pub mod http;
 pub mod kubeconfig;
 pub mod loader;
 pub mod metrics;

@@ -11,7 +11,7 @@ use egress_agent::{
     dns::resolvers,
     explain::{self, Proto},
     kubeconfig::{self, DEFAULT_KUBECONFIG, KubeletApiServer},
-    origins,
+    metrics, origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
     policy::{self, Mode, Policy},
     presets::{PRESETS, Params},
@@ -20,7 +20,7 @@ use egress_agent::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "eBPF egress enforcer for Kubernetes nodes")]
+#[command(version = metrics::VERSION, about = "eBPF egress enforcer for Kubernetes nodes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

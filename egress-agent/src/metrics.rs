@@ -1,19 +1,30 @@
-//! `/metrics` (Prometheus text format), `/healthz` and `/readyz` over plain HTTP.
+//! What `/metrics` exposes (Prometheus text format 0.0.4, encoded by `prometheus-client`):
+//! the build, policy reloads by result, and the counters of the latest [`Snapshot`].
 //!
-//! The control task publishes a [`Snapshot`] every second; this server only formats the
-//! latest one, so a scrape never touches the kernel maps or waits for the control task.
-use std::{fmt::Write as _, net::SocketAddr};
+//! The control task publishes a [`Snapshot`] every second; a scrape only encodes the latest
+//! one, so it never touches the kernel maps or waits for the control task.
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::watch,
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet, prometheus_text},
+    metrics::{MetricType, counter::Counter, family::Family, info::Info},
+    registry::Registry,
 };
+use tokio::sync::watch;
 
 use crate::{
     dns::learner::LearnerCounters,
     loader::{PolicyEntries, Stats},
 };
+
+/// The agent's version and the commit it was built from (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EGRESS_COMMIT"),
+    ")"
+);
 
 /// What `/metrics` reports; `None` until the programs are attached with the policy loaded.
 #[derive(Debug, Clone, Copy, Default)]
@@ -25,109 +36,171 @@ pub struct Snapshot {
     /// The learned-address map's size.
     pub learned_capacity: u32,
     pub policy: PolicyEntries,
+    /// The running policy: its file's SHA-256 and when it was applied.
+    pub running: Running,
 }
 
-/// Serves until the listener fails.
-pub async fn serve(
-    listener: TcpListener,
-    snapshots: watch::Receiver<Option<Snapshot>>,
-) -> anyhow::Result<()> {
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let snapshot = *snapshots.borrow();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, snapshot).await {
-                log::debug!("metrics request from {peer}: {e}");
-            }
-        });
+/// The policy in force: the SHA-256 of the file it was parsed from and when it was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    pub sha256: [u8; 32],
+    pub applied: SystemTime,
+}
+
+impl Default for Running {
+    fn default() -> Running {
+        Running {
+            sha256: [0; 32],
+            applied: UNIX_EPOCH,
+        }
     }
 }
 
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))
-}
-
-/// Bytes of a request head read at most; the rest is ignored.
-const MAX_HEAD: usize = 1024;
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Reads a request head, up to its blank line: a client may send it in several segments
-/// (one `write` per piece, as `write!` on an unbuffered stream does), and answering and
-/// closing before the rest has arrived would reset the connection under the client.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(MAX_HEAD);
-    let mut buf = [0u8; MAX_HEAD];
-    let read = async {
-        while head.len() < MAX_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf[..MAX_HEAD - head.len()]).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
+impl Running {
+    /// The policy parsed from `content`, applied now.
+    pub fn now(content: &[u8]) -> Running {
+        use sha2::Digest as _;
+        Running {
+            sha256: sha2::Sha256::digest(content).into(),
+            applied: SystemTime::now(),
         }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(HEAD_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    Ok(head)
+    }
+
+    /// The hash as `sha256sum` prints it.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
-async fn answer(mut stream: TcpStream, snapshot: Option<Snapshot>) -> std::io::Result<()> {
-    let head = read_head(&mut stream).await?;
-    let request = String::from_utf8_lossy(&head);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match (path, snapshot) {
-        ("/healthz", _) => ("200 OK", "ok\n".to_owned()),
-        ("/readyz", Some(_)) => ("200 OK", "ready\n".to_owned()),
-        ("/readyz", None) => ("503 Service Unavailable", "not attached yet\n".to_owned()),
-        ("/metrics", s) => ("200 OK", render(s.as_ref())),
-        _ => ("404 Not Found", "not found\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+/// A label set of one label.
+type Label = [(&'static str, &'static str); 1];
+
+/// Policy reloads by result: `applied`, or `rejected` (the running policy stayed in force).
+/// Cloned into the policy watcher (a file that does not parse) and the control task (a
+/// policy that does not compile or could not be written): the clones count together.
+#[derive(Debug, Clone)]
+pub struct Reloads(Family<Label, Counter>);
+
+impl Default for Reloads {
+    /// Both results at zero, so that a rejection is a change of an existing series.
+    fn default() -> Reloads {
+        let family = Family::default();
+        for result in ["applied", "rejected"] {
+            drop(family.get_or_create(&[("result", result)]));
+        }
+        Reloads(family)
+    }
 }
 
-/// One sample: its labels (`{k="v",...}`, or empty) and value.
-type Sample = (String, u64);
+impl Reloads {
+    pub fn applied(&self) {
+        self.0.get_or_create(&[("result", "applied")]).inc();
+    }
 
-fn unlabelled(value: u64) -> Vec<Sample> {
-    vec![(String::new(), value)]
+    pub fn rejected(&self) {
+        self.0.get_or_create(&[("result", "rejected")]).inc();
+    }
+}
+
+/// The registry `/metrics` encodes.
+#[derive(Debug)]
+pub struct Exposition {
+    registry: Registry,
+}
+
+/// The content type of [`Exposition::encode`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+impl Exposition {
+    pub fn new(snapshots: watch::Receiver<Option<Snapshot>>, reloads: &Reloads) -> Exposition {
+        let mut registry = Registry::default();
+        // `register` ends each help text with a period.
+        registry.register(
+            "egress_build",
+            "The agent's version and the commit it was built from",
+            Info::new([
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("EGRESS_COMMIT")),
+            ]),
+        );
+        registry.register(
+            "egress_policy_reloads",
+            "Policy reloads by result: applied, or rejected (invalid, or not written; the running policy stays in force)",
+            reloads.0.clone(),
+        );
+        registry.register_collector(Box::new(Latest(snapshots)));
+        Exposition { registry }
+    }
+
+    /// The text exposition: every family is a `# HELP` and a `# TYPE` line followed by its
+    /// samples.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing into a String cannot fail");
+        out
+    }
+}
+
+/// The families read from the latest snapshot, at each scrape.
+#[derive(Debug)]
+struct Latest(watch::Receiver<Option<Snapshot>>);
+
+impl Collector for Latest {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let snapshot = *self.0.borrow();
+        encode_snapshot(&mut encoder, snapshot.as_ref())
+    }
+}
+
+/// One family of constant counters or gauges: `(labels, value)` samples.
+fn family<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = ([(&'static str, &'static str); N], u64)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let mut sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => sample.encode_counter::<NoLabelSet, _, u64>(&value, None)?,
+            _ => sample.encode_gauge(&value)?,
+        }
+    }
+    Ok(())
+}
+
+/// One unlabelled sample.
+fn single(value: u64) -> [([(&'static str, &'static str); 0], u64); 1] {
+    [([], value)]
 }
 
 /// One sample per value, labelled `{label="name"}`.
-fn labelled<'a>(label: &str, values: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<Sample> {
+fn labelled<const N: usize>(
+    label: &'static str,
+    values: [(&'static str, u64); N],
+) -> impl Iterator<Item = (Label, u64)> {
     values
         .into_iter()
-        .map(|(name, value)| (format!("{{{label}=\"{name}\"}}"), value))
-        .collect()
+        .map(move |(name, value)| ([(label, name)], value))
 }
 
-/// The Prometheus text exposition (format 0.0.4) of a snapshot: every family is a `# HELP`
-/// and a `# TYPE` line followed by its samples.
-pub fn render(snapshot: Option<&Snapshot>) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<Sample>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    metric(
+fn encode_snapshot(
+    encoder: &mut DescriptorEncoder,
+    snapshot: Option<&Snapshot>,
+) -> std::fmt::Result {
+    use MetricType::{Counter, Gauge};
+    family(
+        encoder,
         "egress_ready",
-        "gauge",
         "1 once the programs are attached with the policy loaded.",
-        unlabelled(u64::from(snapshot.is_some())),
-    );
+        Gauge,
+        single(u64::from(snapshot.is_some())),
+    )?;
     let Some(s) = snapshot else {
-        return out;
+        return Ok(());
     };
     let (k, l) = (&s.stats, &s.learner);
     let mut packets = Vec::new();
@@ -137,34 +210,35 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
         ("audited", &k.audited),
     ] {
         for (proto, value) in by_proto.by_name() {
-            packets.push((
-                format!("{{verdict=\"{verdict}\",proto=\"{proto}\"}}"),
-                value,
-            ));
+            packets.push(([("verdict", verdict), ("proto", proto)], value));
         }
     }
-    metric(
-        "egress_packets_total",
-        "counter",
+    family(
+        encoder,
+        "egress_packets",
         "Packets decided, by verdict (audited: passed in audit mode, would have been dropped) and protocol (icmp includes ICMPv6; other includes unreadable headers).",
+        Counter,
         packets,
-    );
-    metric(
-        "egress_events_lost_total",
-        "counter",
+    )?;
+    family(
+        encoder,
+        "egress_events_lost",
         "Deny/audit events not delivered (rate limit or full ring buffer).",
-        unlabelled(k.events_lost),
-    );
-    metric(
-        "egress_dns_answers_total",
-        "counter",
+        Counter,
+        single(k.events_lost),
+    )?;
+    family(
+        encoder,
+        "egress_dns_answers",
         "Trusted answers to queries seen leaving.",
-        unlabelled(k.dns_answers),
-    );
-    metric(
-        "egress_dns_ignored_total",
-        "counter",
+        Counter,
+        single(k.dns_answers),
+    )?;
+    family(
+        encoder,
+        "egress_dns_ignored",
         "DNS answers that taught nothing, by reason: refused by the kernel (untrusted, unsolicited, unmatched, malformed) or, after it learned from them, by the agent (agent_unmatched, agent_malformed; their addresses are taken back). off_chain counts A/AAAA records off the question's CNAME chain, not answers.",
+        Counter,
         labelled(
             "reason",
             [
@@ -177,41 +251,47 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
                 ("off_chain", l.off_chain),
             ],
         ),
-    );
-    metric(
-        "egress_dns_learned_total",
-        "counter",
+    )?;
+    family(
+        encoder,
+        "egress_dns_learned",
         "Addresses learned from DNS answers, by the kernel (before delivery) and the agent.",
+        Counter,
         labelled("by", [("kernel", k.dns_learned), ("agent", l.learned)]),
-    );
-    metric(
-        "egress_dns_removed_total",
-        "counter",
+    )?;
+    family(
+        encoder,
+        "egress_dns_removed",
         "Learned addresses removed, by reason.",
+        Counter,
         labelled("reason", [("evicted", l.evicted), ("expired", l.expired)]),
-    );
-    metric(
-        "egress_dns_events_lost_total",
-        "counter",
+    )?;
+    family(
+        encoder,
+        "egress_dns_events_lost",
         "Learned-from answers the agent did not receive (full ring buffer).",
-        unlabelled(k.dns_events_lost),
-    );
-    metric(
+        Counter,
+        single(k.dns_events_lost),
+    )?;
+    family(
+        encoder,
         "egress_learned_addresses",
-        "gauge",
         "Addresses currently learned.",
-        unlabelled(s.learned as u64),
-    );
-    metric(
+        Gauge,
+        single(s.learned as u64),
+    )?;
+    family(
+        encoder,
         "egress_learned_addresses_capacity",
-        "gauge",
         "Size of the learned-address map.",
-        unlabelled(u64::from(s.learned_capacity)),
-    );
-    metric(
+        Gauge,
+        single(u64::from(s.learned_capacity)),
+    )?;
+    family(
+        encoder,
         "egress_policy_entries",
-        "gauge",
         "Entries the policy wrote into the kernel maps: CIDR prefixes, name-table entries, trusted resolvers.",
+        Gauge,
         labelled(
             "map",
             [
@@ -220,8 +300,27 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
                 ("resolvers", s.policy.resolvers as u64),
             ],
         ),
-    );
-    out
+    )?;
+    let hash = s.running.sha256_hex();
+    let mut info = encoder.encode_descriptor(
+        "egress_policy",
+        "The running policy: the SHA-256 of the file it was read from (sha256sum policy.yaml).",
+        None,
+        MetricType::Info,
+    )?;
+    info.encode_info(&[("sha256", hash.as_str())])?;
+    family(
+        encoder,
+        "egress_policy_applied_timestamp_seconds",
+        "When the running policy was applied (at start or by a reload), in seconds since the Unix epoch.",
+        Gauge,
+        single(
+            s.running
+                .applied
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -295,33 +394,30 @@ mod tests {
         samples[&(name.to_owned(), labels)]
     }
 
-    /// A head sent in pieces is read whole; reading stops at the blank line and at the
-    /// size bound.
-    #[tokio::test]
-    async fn a_request_head_in_pieces_is_read_whole() {
-        let (mut client, mut server) = tokio::io::duplex(64);
-        let reader = tokio::spawn(async move { read_head(&mut server).await });
-        for piece in ["GET ", "/metrics", " HTTP/1.1\r\nHost: x\r\n", "\r\n"] {
-            client.write_all(piece.as_bytes()).await.expect("write");
-            tokio::task::yield_now().await;
-        }
-        let head = reader.await.expect("join").expect("read");
-        assert_eq!(head, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    /// The exposition of `snapshot`, with `reloads`.
+    fn render_with(snapshot: Option<Snapshot>, reloads: &Reloads) -> String {
+        let (_tx, rx) = watch::channel(snapshot);
+        Exposition::new(rx, reloads).encode()
+    }
 
-        let (mut client, mut server) = tokio::io::duplex(4 * MAX_HEAD);
-        client
-            .write_all(&[b'a'; 2 * MAX_HEAD])
-            .await
-            .expect("write");
-        let head = read_head(&mut server).await.expect("read");
-        assert_eq!(head.len(), MAX_HEAD);
+    fn render(snapshot: Option<&Snapshot>) -> String {
+        render_with(snapshot.copied(), &Reloads::default())
     }
 
     #[test]
     fn not_ready_exposes_only_readiness() {
         let samples = parse(&render(None));
-        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert_eq!(samples.len(), 4, "{samples:?}");
         assert_eq!(get(&samples, "egress_ready", &[]), 0);
+        let build = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", env!("EGRESS_COMMIT")),
+        ];
+        assert_eq!(get(&samples, "egress_build_info", &build), 1);
+        for result in ["applied", "rejected"] {
+            let labels = [("result", result)];
+            assert_eq!(get(&samples, "egress_policy_reloads_total", &labels), 0);
+        }
     }
 
     #[test]
@@ -406,8 +502,16 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
                 names: 3,
                 resolvers: 2,
             },
+            running: Running {
+                applied: UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+                ..Running::now(b"allow: []\n")
+            },
         };
-        let samples = parse(&render(Some(&snapshot)));
+        let reloads = Reloads::default();
+        reloads.applied();
+        reloads.rejected();
+        reloads.rejected();
+        let samples = parse(&render_with(Some(snapshot), &reloads));
         let get = |name: &str, labels: &[(&str, &str)]| get(&samples, name, labels);
         assert_eq!(get("egress_ready", &[]), 1);
         assert_eq!(get("egress_events_lost_total", &[]), 7);
@@ -432,6 +536,21 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
         assert_eq!(get("egress_policy_entries", &[("map", "cidrs")]), 5);
         assert_eq!(get("egress_policy_entries", &[("map", "names")]), 3);
         assert_eq!(get("egress_policy_entries", &[("map", "resolvers")]), 2);
+        assert_eq!(
+            get("egress_policy_reloads_total", &[("result", "applied")]),
+            1
+        );
+        assert_eq!(
+            get("egress_policy_reloads_total", &[("result", "rejected")]),
+            2
+        );
+        // `printf 'allow: []\n' | sha256sum`
+        let hash = "84d63e5fa77491fbac52ee63139f8ee653bf6decb9137985afd26c41499e4ebb";
+        assert_eq!(get("egress_policy_info", &[("sha256", hash)]), 1);
+        assert_eq!(
+            get("egress_policy_applied_timestamp_seconds", &[]),
+            1_800_000_000
+        );
         for verdict in ["allowed", "dropped", "audited"] {
             for proto in ["tcp", "udp", "icmp", "other"] {
                 let labels = [("verdict", verdict), ("proto", proto)];

@@ -1,6 +1,6 @@
 //! Watching the policy file: SIGHUP, or a change of its content (an edit, a rename over it,
 //! a ConfigMap's symlink swap) found by reading it every two seconds. A policy that fails
-//! to parse is rejected with a logged error and nothing changes.
+//! to parse is rejected with a logged error (and counted) and nothing changes.
 use std::{path::PathBuf, time::Duration};
 
 use tokio::{
@@ -8,8 +8,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::kubeconfig::KubeletApiServer;
-use crate::policy::{self, Policy};
+use crate::{
+    kubeconfig::KubeletApiServer,
+    metrics::Reloads,
+    policy::{self, Policy},
+};
 
 const POLL_PERIOD: Duration = Duration::from_secs(2);
 
@@ -20,7 +23,7 @@ pub struct Reloaded {
     pub bytes: Vec<u8>,
 }
 
-/// Sends each new policy to `reloads`. `loaded` is the content the running policy was
+/// Sends each new policy to `reloads`; counts the ones that do not parse in `counters`. `loaded` is the content the running policy was
 /// parsed from: the agent reads the file long before it starts watching (loading and
 /// attaching come between), and a change made meanwhile must be applied, not taken for
 /// the running policy.
@@ -30,6 +33,7 @@ pub async fn watch(
     loaded: Vec<u8>,
     kubelet: Option<KubeletApiServer>,
     reloads: mpsc::Sender<Reloaded>,
+    counters: Reloads,
 ) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(POLL_PERIOD);
@@ -56,7 +60,10 @@ pub async fn watch(
                 let bytes = last.clone().unwrap_or_default();
                 reloads.send(Reloaded { policy, bytes }).await?;
             }
-            Err(e) => log::error!("policy reload rejected: {e}; the running policy stays in force"),
+            Err(e) => {
+                counters.rejected();
+                log::error!("policy reload rejected: {e}; the running policy stays in force");
+            }
         }
     }
 }
@@ -92,7 +99,13 @@ mod tests {
         );
         std::fs::write(&file.0, now).expect("write the policy");
         let (tx, rx) = mpsc::channel(4);
-        let watcher = tokio::spawn(watch(file.0.clone(), loaded.as_bytes().to_vec(), None, tx));
+        let watcher = tokio::spawn(watch(
+            file.0.clone(),
+            loaded.as_bytes().to_vec(),
+            None,
+            tx,
+            Reloads::default(),
+        ));
         (file, rx, watcher)
     }
 

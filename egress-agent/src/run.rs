@@ -26,9 +26,9 @@ use crate::{
         resolvers,
     },
     events::{self, FlowsMap},
-    kubeconfig,
+    http, kubeconfig,
     loader::{Enforcer, LinkSide},
-    metrics,
+    metrics::{Reloads, Running},
     pin::{Contents, LinkPin, PinRoot},
     plural::counted,
     policy::{self, DnsSettings, Mode, Policy},
@@ -152,7 +152,7 @@ async fn start(
     workload_interfaces: InterfacePatterns,
     pins: &PinRoot,
 ) -> anyhow::Result<Started> {
-    let listener = metrics::bind(opts.listen).await?;
+    let listener = http::bind(opts.listen).await?;
     log::info!(
         "serving /metrics, /healthz and /readyz on http://{}",
         listener.local_addr()?
@@ -400,6 +400,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     })
     .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
+    let running = Running::now(&loaded);
+    let reloads = Reloads::default();
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
     // a large policy it is tens of MiB.
     drop(policy);
@@ -416,11 +418,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         dns_events_lost: 0,
         pins: pins.clone(),
         config: opts.config.clone(),
+        running,
+        reloads: reloads.clone(),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
-    let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
+    let server = tokio::spawn(http::serve(
+        started.listener,
+        http::Endpoints::new(snapshot_rx, &reloads),
+    ));
     let mut reader = tokio::spawn(events::forward(
         started.ring,
         CgroupNames::new(root),
@@ -436,6 +443,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         loaded,
         kubelet,
         reload_tx,
+        reloads,
     ));
     let mut control = tokio::spawn(control.run(
         started.workloads,

@@ -135,6 +135,16 @@ fn an_edit_while_the_agent_starts_is_applied() {
     );
 }
 
+/// The address the agent serves `/metrics` on, from its log.
+fn metrics_addr(agent: &Agent) -> String {
+    let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
+    line.rsplit("http://")
+        .next()
+        .expect("the listener's address")
+        .trim()
+        .to_owned()
+}
+
 /// `GET path` on the agent's metrics listener: (status line, body).
 fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read as _, Write as _};
@@ -365,13 +375,7 @@ fn metrics_and_health_endpoints_answer() {
         Server::udp(&topo.server, None, b, METRICS_UDP_PORT),
     ];
     let agent = start_agent(&policy, &cgroup, None);
-    let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
-    let addr = line
-        .rsplit("http://")
-        .next()
-        .expect("the listener's address")
-        .trim()
-        .to_owned();
+    let addr = metrics_addr(&agent);
 
     assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
     assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
@@ -459,4 +463,108 @@ fn metrics_and_health_endpoints_answer() {
     for name in ["egress_dns_answers_total", "egress_dns_events_lost_total"] {
         assert_eq!(metrics.get(name, &[]), Some(0), "{name}");
     }
+}
+
+/// The SHA-256 of a file, as `sha256sum` prints it.
+fn sha256sum(file: &TempFile) -> String {
+    let out = Command::new("sha256sum")
+        .arg(file.path())
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum failed");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    text.split_whitespace().next().expect("a hash").to_owned()
+}
+
+/// Scrapes `/metrics` until `done` holds for it (counters are published once a second).
+fn scrape_until(addr: &str, what: &str, done: impl Fn(&Exposition) -> bool) -> Exposition {
+    let deadline = std::time::Instant::now() + RELOAD_TIMEOUT;
+    loop {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let m = Exposition::parse(&body);
+        if done(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}, never seen in:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A rejected reload is counted on `/metrics` (an alert can fire on it) and the running
+/// policy's hash stays; an applied one is counted and changes the hash and the time. The
+/// build's version and commit are there too, as `--version` prints them.
+#[test]
+fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (REMOTE_V4_A, REMOTE_V4_B);
+    let (policy, _topo, cgroup, _servers) = reload_world(a, b);
+    let first = sha256sum(&policy);
+    let agent = start_agent(&policy, &cgroup, None);
+    let addr = metrics_addr(&agent);
+    let reloads =
+        |m: &Exposition, result: &str| m.get("egress_policy_reloads_total", &[("result", result)]);
+    let running = |m: &Exposition, hash: &str| m.get("egress_policy_info", &[("sha256", hash)]);
+    let start = scrape_until(&addr, "the policy's hash", |m| {
+        running(m, &first) == Some(1)
+    });
+    assert_eq!(reloads(&start, "applied"), Some(0));
+    assert_eq!(reloads(&start, "rejected"), Some(0));
+    let started_at = start
+        .get("egress_policy_applied_timestamp_seconds", &[])
+        .expect("the time the policy was applied");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    assert!(
+        started_at <= now && now - started_at < 600,
+        "{started_at} vs {now}"
+    );
+
+    let version = Command::new(agent_bin())
+        .arg("--version")
+        .output()
+        .expect("run egress-agent --version");
+    let version = String::from_utf8(version.stdout).expect("UTF-8");
+    let commit = version
+        .split("(commit ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no commit in {version:?}"));
+    let semver = version.split_whitespace().nth(1).expect("a version");
+    let build = [("version", semver), ("commit", commit)];
+    assert_eq!(start.get("egress_build_info", &build), Some(1), "{version}");
+
+    // Host bits set: rejected by the parser, counted, and the running policy stays.
+    replace(
+        &policy,
+        "mode: enforce\nallow:\n  - cidr: 203.0.113.21/24\n",
+    );
+    agent.wait_for_stderr("policy reload rejected", RELOAD_TIMEOUT);
+    let rejected = scrape_until(&addr, "one rejected reload", |m| {
+        reloads(m, "rejected") == Some(1)
+    });
+    assert_eq!(reloads(&rejected, "applied"), Some(0));
+    assert_eq!(running(&rejected, &first), Some(1));
+
+    replace(&policy, &allow_only(&b.to_string()));
+    let second = sha256sum(&policy);
+    agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
+    let applied = scrape_until(&addr, "the new policy's hash", |m| {
+        running(m, &second) == Some(1)
+    });
+    assert_eq!(reloads(&applied, "applied"), Some(1));
+    assert_eq!(reloads(&applied, "rejected"), Some(1));
+    assert_eq!(running(&applied, &first), None, "one policy runs");
+    assert!(
+        applied
+            .get("egress_policy_applied_timestamp_seconds", &[])
+            .is_some_and(|t| t >= started_at)
+    );
 }
