@@ -9,6 +9,7 @@ use egress_common::{Addr, MODE_ENFORCE};
 use serde::Serialize;
 
 use crate::kubeconfig::KubeletApiServer;
+use crate::plural::counted;
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
     control::boot_time_ns,
@@ -263,10 +264,10 @@ pub fn text(status: &Status) -> anyhow::Result<String> {
     writeln!(out, "mode       {}", maps.mode)?;
     writeln!(
         out,
-        "rules      {} CIDR entries, {} name entries, {} port sets, trusted resolvers: {}",
-        maps.cidr_entries,
-        maps.name_entries,
-        maps.port_sets,
+        "rules      {}, {}, {}, trusted resolvers: {}",
+        counted(maps.cidr_entries, "CIDR entry", "CIDR entries"),
+        counted(maps.name_entries, "name entry", "name entries"),
+        counted(maps.port_sets, "port set", "port sets"),
         if maps.trusted_resolvers.is_empty() {
             "none".to_owned()
         } else {

@@ -197,7 +197,7 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
         "{up}"
     );
     assert!(
-        up.contains("1 CIDR entries") && up.contains("trusted resolvers: 198.51.100.2"),
+        up.contains("1 CIDR entry") && up.contains("trusted resolvers: 198.51.100.2"),
         "{up}"
     );
 
@@ -527,7 +527,7 @@ fn assert_b_enforces(world: &World, pins: &PinDir, a_programs: &[u64]) {
             "agent      running",
             &format!("attached   cgroup {cgroup} (egress)"),
             &format!("attached   cgroup {cgroup} (ingress)"),
-            "1 CIDR entries",
+            "1 CIDR entry",
         ],
     );
 }
@@ -714,7 +714,7 @@ fn a_failed_takeover_leaves_the_predecessor_enforcing() {
         &pins,
         &[
             "not running: the pinned programs go on enforcing",
-            "1 CIDR entries",
+            "1 CIDR entry",
         ],
     );
     assert_eq!(pins.link_pins(), a_links, "B's link pins are left");
