@@ -21,6 +21,7 @@ use crate::{
     cgroup::{CgroupNames, first_process},
     control::boot_time_ns,
     denials::{Denials, Flows, Idle},
+    podinfo::PodLogs,
     reason::Reason,
 };
 
@@ -154,6 +155,7 @@ const DENIALS_TICK: Duration = Duration::from_millis(500);
 pub async fn forward(
     ring: RingBuf<MapData>,
     mut names: CgroupNames,
+    mut pods: PodLogs,
     flows: FlowsMap,
     mut stop: watch::Receiver<bool>,
     idle: Idle,
@@ -173,7 +175,8 @@ pub async fn forward(
                         log::warn!("ignoring an event of {} bytes", item.len());
                         continue;
                     };
-                    let line = render(&event, &mut names);
+                    let mut line = render(&event, &mut names);
+                    pods.annotate(&mut line);
                     if let Some(line) = denials.add(&event, line, boot_time_ns()) {
                         writeln!(out, "{line}")?;
                     }

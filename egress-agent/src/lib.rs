@@ -16,6 +16,7 @@ pub mod origins;
 pub mod pin;
 pub mod pinned;
 pub mod plural;
+pub mod podinfo;
 pub mod policy;
 pub mod presets;
 pub mod reason;

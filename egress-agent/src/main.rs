@@ -13,6 +13,7 @@ use egress_agent::{
     kubeconfig::{self, DEFAULT_KUBECONFIG, KubeletApiServer},
     origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
+    podinfo::DEFAULT_POD_LOGS,
     policy::{self, Mode, Policy},
     presets::{PRESETS, Params},
     run::{OnExit, RunOptions, run},
@@ -69,6 +70,11 @@ enum Command {
         on_exit: OnExit,
         #[command(flatten)]
         kubeconfig: KubeconfigArg,
+        /// The root of the kubelet's log layout (`pods/<namespace>_<pod>_<uid>/`,
+        /// `containers/<pod>_<namespace>_<container>-<id>.log`): it names the namespace,
+        /// pod and container of a pod's events.
+        #[arg(long, env = "EGRESS_POD_LOGS", default_value = DEFAULT_POD_LOGS)]
+        pod_logs: PathBuf,
     },
     /// Print what the pinned state enforces (mode, attachments, rule counts, learned
     /// addresses with their names and remaining TTL), whether or not an agent runs.
@@ -332,6 +338,7 @@ fn main() -> ExitCode {
             pin_root,
             on_exit,
             kubeconfig,
+            pod_logs,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -347,6 +354,7 @@ fn main() -> ExitCode {
                     pin_root,
                     on_exit,
                     kubeconfig: kubeconfig.kubeconfig,
+                    pod_logs,
                 }))
             }),
     };

@@ -31,6 +31,7 @@ use crate::{
     metrics,
     pin::{Contents, LinkPin, PinRoot},
     plural::counted,
+    podinfo::PodLogs,
     policy::{self, DnsSettings, Mode, Policy},
     record, reload,
     workloads::{InterfacePatterns, WorkloadLinks, interface_index},
@@ -49,6 +50,8 @@ pub struct RunOptions {
     pub on_exit: OnExit,
     /// The kubelet's kubeconfig, whose `server:` names the cluster's API server.
     pub kubeconfig: PathBuf,
+    /// The root of the kubelet's log layout, which names the pods in events.
+    pub pod_logs: PathBuf,
 }
 
 /// What happens to enforcement when the agent stops.
@@ -424,6 +427,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut reader = tokio::spawn(events::forward(
         started.ring,
         CgroupNames::new(root),
+        PodLogs::new(opts.pod_logs.clone()),
         started.flows,
         stop_rx.clone(),
         Idle {
