@@ -25,4 +25,5 @@ pub mod reload;
 pub mod run;
 pub mod statfs;
 pub mod status;
+pub mod suggest;
 pub mod workloads;
