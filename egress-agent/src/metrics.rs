@@ -24,6 +24,10 @@ pub struct Snapshot {
     pub learned: usize,
     /// The learned-address map's size.
     pub learned_capacity: u32,
+    /// Addresses whose asked names the agent remembers for events, and those it forgot to
+    /// make room (`dns::seen`).
+    pub names_seen: usize,
+    pub names_evicted: u64,
     pub policy: PolicyEntries,
 }
 
@@ -207,6 +211,18 @@ pub fn render(snapshot: Option<&Snapshot>) -> String {
         "gauge",
         "Size of the learned-address map.",
         unlabelled(u64::from(s.learned_capacity)),
+    );
+    metric(
+        "egress_dns_names_addresses",
+        "gauge",
+        "Addresses whose asked DNS names the agent remembers, to name them in events.",
+        unlabelled(s.names_seen as u64),
+    );
+    metric(
+        "egress_dns_names_evicted_total",
+        "counter",
+        "Addresses forgotten to keep that memory within its bound.",
+        unlabelled(s.names_evicted),
     );
     metric(
         "egress_policy_entries",
@@ -401,6 +417,8 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             },
             learned: 2,
             learned_capacity: 10,
+            names_seen: 4,
+            names_evicted: 1,
             policy: PolicyEntries {
                 cidrs: 5,
                 names: 3,
@@ -429,6 +447,8 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
         assert_eq!(get("egress_dns_events_lost_total", &[]), 0);
         assert_eq!(get("egress_learned_addresses", &[]), 2);
         assert_eq!(get("egress_learned_addresses_capacity", &[]), 10);
+        assert_eq!(get("egress_dns_names_addresses", &[]), 4);
+        assert_eq!(get("egress_dns_names_evicted_total", &[]), 1);
         assert_eq!(get("egress_policy_entries", &[("map", "cidrs")]), 5);
         assert_eq!(get("egress_policy_entries", &[("map", "names")]), 3);
         assert_eq!(get("egress_policy_entries", &[("map", "resolvers")]), 2);

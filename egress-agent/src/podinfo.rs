@@ -6,7 +6,8 @@
 //! - systemd driver: `/kubepods.slice/kubepods-burstable.slice/
 //!   kubepods-burstable-pod<uid, '-' as '_'>.slice/cri-containerd-<id>.scope` (CRI-O:
 //!   `crio-<id>.scope`);
-//! - cgroupfs driver: `/kubepods/burstable/pod<uid>/<id>` (CRI-O: `crio-<id>`).
+//! - cgroupfs driver: `/kubepods/burstable/pod<uid>/<id>` (CRI-O: `crio-<id>`);
+//! - either, nested below the cgroup of a node that runs in a container.
 //!
 //! Log layout under the logs root (`/var/log` by default):
 //! `pods/<namespace>_<pod>_<uid>/<container>/` and
@@ -29,13 +30,13 @@ pub struct PodCgroup {
 /// cgroup outside the kubelet's pods hierarchy.
 pub fn parse_cgroup(path: &str) -> Option<PodCgroup> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    if !parts.first()?.starts_with("kubepods") {
-        return None;
-    }
-    let (at, uid) = parts
+    // Below the node's root (`/kubepods...`) or nested (`/kubelet.slice/kubelet-kubepods.slice`
+    // on kind, a node in a container).
+    let top = parts
         .iter()
-        .enumerate()
-        .find_map(|(i, p)| pod_uid(p).map(|u| (i, u)))?;
+        .position(|p| p.starts_with("kubepods") || p.contains("-kubepods"))?;
+    let (at, uid) =
+        (parts.iter().enumerate().skip(top + 1)).find_map(|(i, p)| pod_uid(p).map(|u| (i, u)))?;
     let container_id = parts.get(at + 1).and_then(|p| container_id(p));
     Some(PodCgroup { uid, container_id })
 }
@@ -167,6 +168,10 @@ mod tests {
             format!("/kubepods.slice/kubepods-pod{under}.slice/crio-{ID}.scope"),
             format!("/kubepods/besteffort/pod{UID}/{ID}"),
             format!("/kubepods/pod{UID}/crio-{ID}"),
+            format!("/egress-test-1/kubepods/burstable/pod{UID}/{ID}"),
+            format!(
+                "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{under}.slice/cri-containerd-{ID}.scope"
+            ),
         ] {
             assert_eq!(parse_cgroup(&path), want, "{path}");
         }

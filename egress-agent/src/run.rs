@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -24,8 +25,9 @@ use crate::{
     dns::{
         learner::{LearnedStore as _, Learner},
         resolvers,
+        seen::SeenNames,
     },
-    events::{self, FlowsMap},
+    events::{self, FlowsMap, Who},
     kubeconfig,
     loader::{Enforcer, LinkSide},
     metrics,
@@ -408,6 +410,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(policy);
     give_back_freed_memory();
 
+    let names = SeenNames::shared();
     let control = Control {
         enforcer: started.enforcer,
         learner: started.learner,
@@ -419,15 +422,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         dns_events_lost: 0,
         pins: pins.clone(),
         config: opts.config.clone(),
+        names: Arc::clone(&names),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
-    let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx));
+    let server = tokio::spawn(metrics::serve(started.listener, snapshot_rx.clone()));
     let mut reader = tokio::spawn(events::forward(
         started.ring,
-        CgroupNames::new(root),
-        PodLogs::new(opts.pod_logs.clone()),
+        Who {
+            cgroups: CgroupNames::new(root),
+            pods: PodLogs::new(opts.pod_logs.clone()),
+            asked: names,
+        },
+        snapshot_rx,
         started.flows,
         stop_rx.clone(),
         Idle {

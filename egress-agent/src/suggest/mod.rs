@@ -228,14 +228,14 @@ pub fn suggest(input: &Input, options: &Options) -> Suggestion {
     }
     let lost = input.events_lost();
     let summary = format!(
-        "suggest: {} flows read ({} covered already, {} of other protocols left out), \
-         {rules} rules written ({} wildcards), {} other lines skipped; events lost in the \
-         input: {lost}{}",
-        input.flows.len(),
+        "suggest: {} read ({} covered already, {} of other protocols left out), {} \
+         written ({}), {} skipped; events lost in the input: {lost}{}",
+        counted(input.flows.len(), "flow", "flows"),
         covered.flows,
         input.unsupported,
-        groups.len(),
-        input.other_lines,
+        counted(rules, "rule", "rules"),
+        counted(groups.len(), "wildcard", "wildcards"),
+        counted(input.other_lines as usize, "other line", "other lines"),
         if lost > 0 {
             " (the agents did not print every flow: audit longer, or look at \
              egress_events_lost_total)"
