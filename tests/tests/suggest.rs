@@ -222,6 +222,7 @@ fn audit_then_suggest_then_enforce() {
         .iter()
         .map(|e| format!("[pod/egress-agent-test/agent] {e}\n"))
         .collect();
+    eprintln!("{log}");
     let (ok, suggested, summary) = run_agent_cli(&["suggest", "--events", "-"], &log);
     assert!(ok, "{summary}");
     eprintln!("{suggested}{summary}");
