@@ -225,6 +225,13 @@ pub fn suggest(input: &Input, options: &Options) -> Suggestion {
     if rules > 0 {
         out.push_str("allow:\n");
         out.push_str(&body);
+    } else if options
+        .covered
+        .as_ref()
+        .is_none_or(|c| c.presets_yaml.is_none())
+    {
+        // `check` refuses a policy without rules: say why there are none.
+        out.push_str("# No flow needs a rule: nothing to allow (check refuses an empty policy).\n");
     }
     let lost = input.events_lost();
     let summary = format!(
