@@ -209,7 +209,7 @@ configmap "$(allow_only "$ALLOWED")"
 podman_flags() {
   kubectl kustomize "$1" > "$WORK/render.yaml"
   "$VENV_PY" - "$WORK/render.yaml" "$IMAGE" "$CG2" "$PINS" "$CM" "$TESTCG" "$PORT" <<'EOF'
-import sys, yaml
+import os, sys, yaml
 render, image, cg2, pins, cm, testcg, port = sys.argv[1:]
 with open(render) as f:
     ds = next(d for d in yaml.safe_load_all(f) if d and d["kind"] == "DaemonSet")
@@ -236,6 +236,16 @@ for m in c["volumeMounts"]:
     if "configMap" in v: src = cm
     elif v.get("hostPath", {}).get("path") == "/sys/fs/cgroup": src = cg2
     elif v.get("hostPath", {}).get("path") == "/sys/fs/bpf": src = pins
+    elif "hostPath" in v:
+        # The node's files the agent only reads (the kubelet's kubeconfig, the pods' log
+        # directories): empty stand-ins of the same kind, under the check's own directory.
+        host = v["hostPath"]
+        src = os.path.join(os.path.dirname(cm), "host" + host["path"])
+        if host.get("type") == "File":
+            os.makedirs(os.path.dirname(src), exist_ok=True)
+            open(src, "a").close()
+        else:
+            os.makedirs(src, exist_ok=True)
     else: sys.exit(f"image-check: no translation for volume {m['name']}")
     opts = ["ro"] if m.get("readOnly") else []
     opts.append(propagation[m.get("mountPropagation")])

@@ -5,6 +5,7 @@
 //! pinned state in place or removes it (`--on-exit`) and reports the counters.
 use std::{
     path::PathBuf,
+    sync::{Arc, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -20,7 +21,7 @@ use crate::{
     compile::compile_with,
     dns::{
         learner::{LearnedStore as _, Learner, LearnerCounters},
-        resolvers,
+        resolvers, seen,
     },
     events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
@@ -78,6 +79,8 @@ pub struct Control {
     pub running: Running,
     /// Reloads applied and rejected, for `/metrics`.
     pub reloads: Reloads,
+    /// The names asked for addresses, for the events.
+    pub names: seen::Shared,
 }
 
 /// What the agent did, for its last log lines.
@@ -137,11 +140,14 @@ impl Control {
     ) {
         match stats {
             Ok(stats) => {
+                let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
                 let _ = snapshots.send(Some(Snapshot {
                     stats,
                     learner: self.learner.counters,
                     learned: self.learner.len(),
                     learned_capacity: self.learned_capacity,
+                    names_seen: names.len(),
+                    names_evicted: names.evicted,
                     policy: self.enforcer.policy_entries(),
                     running: self.running,
                 }));
@@ -198,9 +204,12 @@ impl Control {
     /// Hands every answer queued in `ring` to the learner; returns how many.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
         let mut answers = 0;
+        let names = Arc::clone(&self.names);
+        let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(item) = ring.next() {
             match decode_dns(&item) {
                 Some(answer) => {
+                    names.answer(&answer);
                     self.learner
                         .answer(&mut self.enforcer, &answer, boot_time_ns())?;
                     answers += 1;

@@ -158,8 +158,7 @@ impl Held {
         line["packets"] = json!(total - self.reported);
         if self.reported > 0 {
             line["repeat"] = json!(true);
-            line["time"] =
-                json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+            line["time"] = json!(crate::events::now());
         }
         self.reported = total;
         Some(line)

@@ -3,6 +3,7 @@ use std::{
     io::Write as _,
     mem::offset_of,
     net::{IpAddr, Ipv6Addr},
+    sync::PoisonError,
     time::{Duration, SystemTime},
 };
 
@@ -21,6 +22,9 @@ use crate::{
     cgroup::{CgroupNames, first_process},
     control::boot_time_ns,
     denials::{Denials, Flows, Idle},
+    dns::seen::{self, SeenNames},
+    metrics::Snapshot,
+    podinfo::PodLogs,
     reason::Reason,
 };
 
@@ -104,6 +108,11 @@ pub fn decode_dns(bytes: &[u8]) -> Option<DnsAnswer<'_>> {
     })
 }
 
+/// The time as events give it.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
 /// The JSON line for an event. `sender` adds what identifies the sending cgroup.
 pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
     let action = match event.action {
@@ -112,7 +121,7 @@ pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
         _ => "unknown",
     };
     let mut v = json!({
-        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "time": now(),
         "action": action,
         "reason": Reason::from_code(event.reason).name(),
         "proto": proto_name(event.proto),
@@ -136,6 +145,17 @@ pub fn render(event: &Event, names: &mut CgroupNames) -> Value {
     v
 }
 
+/// Adds `names`: the names a trusted resolver answered with the line's address, if any.
+fn add_names(line: &mut Value, asked: &SeenNames) {
+    let Some(dst) = line["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok()) else {
+        return;
+    };
+    let names = asked.names(dst);
+    if !names.is_empty() {
+        line["names"] = json!(names);
+    }
+}
+
 /// The kernel's `FLOWS` map, where it counts the packets of a denied flow.
 pub type FlowsMap = HashMap<MapData, FlowKey, FlowValue>;
 
@@ -148,51 +168,82 @@ impl Flows for FlowsMap {
 /// How often held deny lines are looked at (see `denials`).
 const DENIALS_TICK: Duration = Duration::from_millis(500);
 
+/// What names an event's sender and destination.
+pub struct Who {
+    pub cgroups: CgroupNames,
+    pub pods: PodLogs,
+    /// The names asked for addresses.
+    pub asked: seen::Shared,
+}
+
 /// Reads events until the ring buffer fails or `stop` turns true, writing one JSON line per
-/// event; a denied flow's line waits for its retransmits (see `denials`), and what is held
-/// is printed on stop.
+/// event, on the next tick (within half a second) with the names asked for its address; a
+/// denied flow's line waits for its retransmits (see `denials`), and what is held is
+/// printed on stop.
 pub async fn forward(
     ring: RingBuf<MapData>,
-    mut names: CgroupNames,
+    who: Who,
+    snapshots: watch::Receiver<Option<Snapshot>>,
     flows: FlowsMap,
     mut stop: watch::Receiver<bool>,
     idle: Idle,
 ) -> anyhow::Result<()> {
+    let Who {
+        cgroups: mut names,
+        mut pods,
+        asked,
+    } = who;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)?;
     let mut denials = Denials::new(flows, idle);
     let mut tick = tokio::time::interval(DENIALS_TICK);
+    // Lines to print on the next tick, when the DNS answer that named their address (read
+    // by another task from another ring) has been read too.
+    let mut pending = Vec::new();
+    // The kernel's count of events it could not hand over, as last printed.
+    let mut reported_lost = 0;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let mut out = std::io::stdout().lock();
                 while let Some(item) = guard.get_inner_mut().next() {
                     let Some(event) = decode_event(&item) else {
                         log::warn!("ignoring an event of {} bytes", item.len());
                         continue;
                     };
-                    let line = render(&event, &mut names);
-                    if let Some(line) = denials.add(&event, line, boot_time_ns()) {
-                        writeln!(out, "{line}")?;
-                    }
+                    let mut line = render(&event, &mut names);
+                    pods.annotate(&mut line);
+                    pending.extend(denials.add(&event, line, boot_time_ns()));
                 }
-                out.flush()?;
                 guard.clear_ready();
             }
-            _ = tick.tick() => print(denials.due(boot_time_ns()))?,
-            _ = stop.changed() => return print(denials.flush()),
+            _ = tick.tick() => {
+                pending.extend(denials.due(boot_time_ns()));
+                let lost = snapshots.borrow().map_or(reported_lost, |s| s.stats.events_lost);
+                if lost != reported_lost {
+                    reported_lost = lost;
+                    pending.push(json!({"time": now(), "events_lost": lost}));
+                }
+                print(&mut pending, &asked)?;
+            }
+            _ = stop.changed() => {
+                pending.extend(denials.flush());
+                return print(&mut pending, &asked);
+            }
         }
     }
 }
 
-fn print(lines: Vec<Value>) -> anyhow::Result<()> {
+/// Prints (and empties) `lines`, each with the names asked for its address.
+fn print(lines: &mut Vec<Value>, asked: &seen::Shared) -> anyhow::Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
+    let asked = asked.lock().unwrap_or_else(PoisonError::into_inner);
     let mut out = std::io::stdout().lock();
-    for line in lines {
+    for mut line in lines.drain(..) {
+        add_names(&mut line, &asked);
         writeln!(out, "{line}")?;
     }
     Ok(out.flush()?)

@@ -13,10 +13,11 @@ use egress_agent::{
     kubeconfig::{self, DEFAULT_KUBECONFIG, KubeletApiServer},
     metrics, origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
+    podinfo::DEFAULT_POD_LOGS,
     policy::{self, Mode, Policy},
     presets::{PRESETS, Params},
     run::{OnExit, RunOptions, run},
-    status,
+    status, suggest,
 };
 
 #[derive(Parser)]
@@ -69,6 +70,11 @@ enum Command {
         on_exit: OnExit,
         #[command(flatten)]
         kubeconfig: KubeconfigArg,
+        /// The root of the kubelet's log layout (`pods/<namespace>_<pod>_<uid>/`,
+        /// `containers/<pod>_<namespace>_<container>-<id>.log`): it names the namespace,
+        /// pod and container of a pod's events.
+        #[arg(long, env = "EGRESS_POD_LOGS", default_value = DEFAULT_POD_LOGS)]
+        pod_logs: PathBuf,
     },
     /// Print what the pinned state enforces (mode, attachments, rule counts, learned
     /// addresses with their names and remaining TTL), whether or not an agent runs.
@@ -116,6 +122,27 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         kubeconfig: KubeconfigArg,
+    },
+    /// Print a policy (YAML) that would have allowed every flow in audit or deny events:
+    /// one rule per name with the ports seen, wildcards for enough siblings under a zone
+    /// its owner alone fills, a /32 or /128 for an address reached without a name.
+    Suggest {
+        /// Event logs (the agent's stdout; `kubectl logs --prefix` prefixes are fine);
+        /// `-` for standard input.
+        #[arg(long, required = true, num_args = 1..)]
+        events: Vec<PathBuf>,
+        /// Distinct sibling names under one zone that become a wildcard; 0: never.
+        #[arg(long, default_value_t = 3)]
+        wildcard_min: usize,
+        /// Leave out the flows this preset allows, and name it in the suggestion.
+        #[arg(long, conflicts_with = "policy")]
+        with_presets: Option<String>,
+        /// The cluster's Azure region, for `--with-presets`.
+        #[arg(long, requires = "with_presets")]
+        location: Option<String>,
+        /// Leave out the flows this policy already allows: the suggestion is what to add.
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
     /// List the built-in presets (name, parameters, description), one per line.
     Presets {
@@ -322,6 +349,13 @@ fn main() -> ExitCode {
             }
         }),
         Command::Uninstall { pin_root } => uninstall(pin_root),
+        Command::Suggest {
+            events,
+            wildcard_min,
+            with_presets,
+            location,
+            policy,
+        } => suggest::command(&events, wildcard_min, with_presets, location, policy),
         Command::Run {
             config,
             mode,
@@ -332,6 +366,7 @@ fn main() -> ExitCode {
             pin_root,
             on_exit,
             kubeconfig,
+            pod_logs,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -347,6 +382,7 @@ fn main() -> ExitCode {
                     pin_root,
                     on_exit,
                     kubeconfig: kubeconfig.kubeconfig,
+                    pod_logs,
                 }))
             }),
     };

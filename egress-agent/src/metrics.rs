@@ -35,6 +35,10 @@ pub struct Snapshot {
     pub learned: usize,
     /// The learned-address map's size.
     pub learned_capacity: u32,
+    /// Addresses whose asked names the agent remembers for events, and those it forgot to
+    /// make room (`dns::seen`).
+    pub names_seen: usize,
+    pub names_evicted: u64,
     pub policy: PolicyEntries,
     /// The running policy: its file's SHA-256 and when it was applied.
     pub running: Running,
@@ -289,6 +293,20 @@ fn encode_snapshot(
     )?;
     family(
         encoder,
+        "egress_dns_names_addresses",
+        "Addresses whose asked DNS names the agent remembers, to name them in events.",
+        Gauge,
+        single(s.names_seen as u64),
+    )?;
+    family(
+        encoder,
+        "egress_dns_names_evicted",
+        "Addresses forgotten to keep that memory within its bound.",
+        Counter,
+        single(s.names_evicted),
+    )?;
+    family(
+        encoder,
         "egress_policy_entries",
         "Entries the policy wrote into the kernel maps: CIDR prefixes, name-table entries, trusted resolvers.",
         Gauge,
@@ -497,6 +515,8 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             },
             learned: 2,
             learned_capacity: 10,
+            names_seen: 4,
+            names_evicted: 1,
             policy: PolicyEntries {
                 cidrs: 5,
                 names: 3,
@@ -533,6 +553,8 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
         assert_eq!(get("egress_dns_events_lost_total", &[]), 0);
         assert_eq!(get("egress_learned_addresses", &[]), 2);
         assert_eq!(get("egress_learned_addresses_capacity", &[]), 10);
+        assert_eq!(get("egress_dns_names_addresses", &[]), 4);
+        assert_eq!(get("egress_dns_names_evicted_total", &[]), 1);
         assert_eq!(get("egress_policy_entries", &[("map", "cidrs")]), 5);
         assert_eq!(get("egress_policy_entries", &[("map", "names")]), 3);
         assert_eq!(get("egress_policy_entries", &[("map", "resolvers")]), 2);

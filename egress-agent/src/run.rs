@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -24,13 +25,15 @@ use crate::{
     dns::{
         learner::{LearnedStore as _, Learner},
         resolvers,
+        seen::SeenNames,
     },
-    events::{self, FlowsMap},
+    events::{self, FlowsMap, Who},
     http, kubeconfig,
     loader::{Enforcer, LinkSide},
     metrics::{Reloads, Running},
     pin::{Contents, LinkPin, PinRoot},
     plural::counted,
+    podinfo::PodLogs,
     policy::{self, DnsSettings, Mode, Policy},
     record, reload,
     workloads::{InterfacePatterns, WorkloadLinks, interface_index},
@@ -49,6 +52,8 @@ pub struct RunOptions {
     pub on_exit: OnExit,
     /// The kubelet's kubeconfig, whose `server:` names the cluster's API server.
     pub kubeconfig: PathBuf,
+    /// The root of the kubelet's log layout, which names the pods in events.
+    pub pod_logs: PathBuf,
 }
 
 /// What happens to enforcement when the agent stops.
@@ -407,6 +412,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(policy);
     give_back_freed_memory();
 
+    let names = SeenNames::shared();
     let control = Control {
         enforcer: started.enforcer,
         learner: started.learner,
@@ -420,17 +426,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config: opts.config.clone(),
         running,
         reloads: reloads.clone(),
+        names: Arc::clone(&names),
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let server = tokio::spawn(http::serve(
         started.listener,
-        http::Endpoints::new(snapshot_rx, &reloads),
+        http::Endpoints::new(snapshot_rx.clone(), &reloads),
     ));
     let mut reader = tokio::spawn(events::forward(
         started.ring,
-        CgroupNames::new(root),
+        Who {
+            cgroups: CgroupNames::new(root),
+            pods: PodLogs::new(opts.pod_logs.clone()),
+            asked: names,
+        },
+        snapshot_rx,
         started.flows,
         stop_rx.clone(),
         Idle {

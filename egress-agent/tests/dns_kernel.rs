@@ -1001,3 +1001,48 @@ fn mutated_answers_never_teach_another_address() {
         "{stats:?}"
     );
 }
+
+/// A trusted, solicited answer for a name no rule allows teaches nothing, but reaches the
+/// agent (to name the address in its events) while the ring is less than half full; past
+/// that, only answers the kernel learned from do, so those always keep half the ring.
+#[test]
+fn answers_for_names_no_rule_allows_reach_the_agent_only_while_the_ring_has_room() {
+    if !privileged() {
+        return;
+    }
+    let mut dns = Dns::new();
+    let other = |id: u16| {
+        let name = wire("other.example.org");
+        (
+            UDP4.query(&Message::new(id, QUERY_FLAGS, &name).bytes()),
+            Message::new(id, RESPONSE_FLAGS, &name).a(ADDR).bytes(),
+        )
+    };
+    let (query, answer) = other(1);
+    assert_eq!(dns.exchange(&query, &UDP4.answer(&answer)), unmatched());
+    assert_eq!(dns.take_learned(), none());
+    let events = dns.events();
+    assert_eq!(events.len(), 1, "the agent gets the answer");
+    assert_eq!(events[0].learned, 0, "which taught nothing");
+    assert_eq!(
+        &events[0].payload[..usize::from(events[0].len)],
+        answer.as_slice()
+    );
+
+    // Learned-from answers, unread, past half the ring (8 bytes of ring header a record).
+    let record = 8 + (DNS_EVENT_HEADER + app_answer().len()).next_multiple_of(8);
+    let half = usize::try_from(egress_common::DNS_EVENTS_BYTES / 2).unwrap();
+    let filled = half / record + 1;
+    for _ in 0..filled {
+        assert_eq!(dns.reply(&app_answer()), learned_one());
+    }
+    let (query, answer) = other(2);
+    assert_eq!(dns.exchange(&query, &UDP4.answer(&answer)), unmatched());
+    let events = dns.events();
+    assert_eq!(
+        events.len(),
+        filled,
+        "the unmatched answer is not handed over"
+    );
+    assert!(events.iter().all(|e| e.learned == 1));
+}

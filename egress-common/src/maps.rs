@@ -304,7 +304,9 @@ pub struct QueryValue {
 pub const DNS_MAX_PAYLOAD: usize = 2048;
 
 /// `DNS_EVENTS`: `RingBuf` of [`DnsEvent`]s: trusted answers for allowed names, after the
-/// kernel has learned their addresses, for the agent's bookkeeping (expiry, CNAMEs, bounds).
+/// kernel has learned their addresses, for the agent's bookkeeping (expiry, CNAMEs, bounds);
+/// and, while the ring is less than half full, trusted and solicited answers for names no
+/// rule allows (`learned` 0), from which the agent only names addresses in its events.
 /// Each record is an event cut after its message: the fields before `payload`
 /// ([`DNS_EVENT_HEADER`] bytes) and `len` bytes of `payload`.
 pub const DNS_EVENTS: &str = "DNS_EVENTS";

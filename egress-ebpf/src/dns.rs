@@ -14,12 +14,16 @@
 //! one live state per iteration: what one iteration hands to the next goes through map
 //! memory (volatile), where the verifier sees "some number" rather than one exact range
 //! per path.
-use aya_ebpf::{bindings::BPF_NOEXIST, check_bounds_signed, helpers::bpf_skb_load_bytes};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA},
+    check_bounds_signed,
+    helpers::bpf_skb_load_bytes,
+};
 use egress_common::{
-    Addr, DNS_EVENT_HEADER, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent, LearnedValue, NAME_KEY_LEN,
-    NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue, STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST,
-    STAT_DNS_LEARNED, STAT_DNS_MALFORMED, STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED,
-    STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
+    Addr, DNS_EVENT_HEADER, DNS_EVENTS_BYTES, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent,
+    LearnedValue, NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue,
+    STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED,
+    STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, Settings, proto, v4_mapped,
 };
 
 use crate::{
@@ -207,12 +211,22 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     if stat != LEARNED_OK {
         count(stat);
         // Addresses learned before the error still go to the agent, which takes back
-        // whatever its own parse does not justify.
-        if get16(&msg.learned) == 0 {
+        // whatever its own parse does not justify. A trusted, solicited answer for a name
+        // no rule allows teaches nothing, but goes to the agent too, so that its events can
+        // name what a denied address was resolved from: only while the ring is less than
+        // half full, so that such answers can never crowd out the learned-from ones.
+        let unmatched = stat == STAT_DNS_UNMATCHED && ring_has_room();
+        if get16(&msg.learned) == 0 && !unmatched {
             return;
         }
     }
     send(msg);
+}
+
+/// Whether `DNS_EVENTS` is less than half full.
+#[inline(always)]
+fn ring_has_room() -> bool {
+    DNS_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) < u64::from(DNS_EVENTS_BYTES / 2)
 }
 
 /// Hands the answer to the agent: the record is the event's header and the message, not

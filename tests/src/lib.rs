@@ -293,6 +293,9 @@ fn cgroup2_mount() -> PathBuf {
 #[derive(Debug)]
 pub struct TestCgroup {
     path: PathBuf,
+    /// Directories [`TestCgroup::nested`] created above `path`, deepest first: removed
+    /// after it.
+    above: Vec<PathBuf>,
     /// Kept open so children can reach the cgroup as `/proc/self/fd/N` from inside
     /// `ip netns exec`, where the cgroup2 mount is hidden (see [`Netns::exec`]).
     dir: File,
@@ -309,12 +312,38 @@ impl TestCgroup {
         fs::create_dir(&path)
             .unwrap_or_else(|err| panic!("cannot create cgroup {}: {err}", path.display()));
         match File::open(&path) {
-            Ok(dir) => TestCgroup { path, dir },
+            Ok(dir) => TestCgroup {
+                path,
+                above: Vec::new(),
+                dir,
+            },
             Err(err) => {
                 let _ = fs::remove_dir(&path);
                 panic!("cannot open cgroup {}: {err}", path.display())
             }
         }
+    }
+
+    /// A new cgroup at `rel` below this one (e.g. `kubepods/burstable/pod<uid>/<id>`), with
+    /// the directories that lead to it (which other nested cgroups may share); removed on
+    /// drop with those left empty. Drop it before this one.
+    pub fn nested(&self, rel: &str) -> TestCgroup {
+        let mut above = Vec::new();
+        let mut path = self.path.clone();
+        for part in rel.split('/') {
+            if !above.is_empty() || path != self.path {
+                above.insert(0, path.clone());
+            }
+            path.push(part);
+            if let Err(err) = fs::create_dir(&path)
+                && err.kind() != std::io::ErrorKind::AlreadyExists
+            {
+                panic!("cannot create cgroup {}: {err}", path.display());
+            }
+        }
+        let dir = File::open(&path)
+            .unwrap_or_else(|err| panic!("cannot open cgroup {}: {err}", path.display()));
+        TestCgroup { path, above, dir }
     }
 
     /// The cgroup's directory, e.g. to hand to the agent.
@@ -384,7 +413,15 @@ impl Drop for TestCgroup {
         let deadline = Instant::now() + CGROUP_EMPTY_TIMEOUT;
         loop {
             match fs::remove_dir(&self.path) {
-                Ok(()) => return,
+                Ok(()) => {
+                    // A directory another nested cgroup still uses stays, for it to remove.
+                    for dir in &self.above {
+                        if fs::remove_dir(dir).is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
                 Err(err)
                     if err.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
                 {

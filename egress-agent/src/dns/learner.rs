@@ -939,7 +939,7 @@ fn first_expiring(mut ranked: Vec<(u64, Addr, u32)>, keep: usize) -> Vec<(u64, A
 
 /// The question name and every name a CNAME chain from it reaches, into `chain` (as offsets
 /// in the message; names compare without regard to case).
-fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
+pub(crate) fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
     chain.clear();
     chain.push(msg.question().offset());
     if !msg.has_cname() {
@@ -961,7 +961,7 @@ fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
     }
 }
 
-fn on_chain(msg: &Response<'_>, chain: &[usize], name: &Name<'_>) -> bool {
+pub(crate) fn on_chain(msg: &Response<'_>, chain: &[usize], name: &Name<'_>) -> bool {
     chain.iter().any(|at| msg.name_at(*at).eq_ignore_case(name))
 }
 

@@ -9,5 +9,6 @@ pub mod journal;
 pub mod learner;
 pub mod names;
 pub mod resolvers;
+pub mod seen;
 pub mod slot_bits;
 pub mod wire;

@@ -24,6 +24,7 @@ mod types;
 mod validate;
 
 pub use resolv::system_resolvers;
+pub use suffix::{Reach, reach};
 pub use syntax::merge;
 pub(crate) use syntax::{parse_fqdn, parse_ports};
 pub use types::{
