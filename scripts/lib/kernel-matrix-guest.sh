@@ -21,7 +21,12 @@ ready_system() {
   mount -t proc proc /proc
   mount -t sysfs sysfs /sys
   mount -t tmpfs tmpfs /run
-  mount -t tmpfs tmpfs /tmp
+  # A fresh /tmp, unless the checkout is in it (a CI clone under /tmp): the host's /tmp,
+  # under the overlay, is writable as it is.
+  case "$agent_bin" in
+    /tmp/*) ;;
+    *) mount -t tmpfs tmpfs /tmp ;;
+  esac
   mkdir -p /dev/pts /dev/shm
   mount -t devpts devpts /dev/pts
   mount -t tmpfs tmpfs /dev/shm
