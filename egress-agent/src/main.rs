@@ -283,9 +283,20 @@ fn list_presets() {
     }
 }
 
+/// A printing command whose reader has gone (`check … | head`) ends as `cat` would, by
+/// SIGPIPE, instead of panicking in `println!`. Rust ignores SIGPIPE for every process;
+/// `run` keeps it ignored, so a closed socket is an error there, not the agent's end.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: restores the default action of one signal before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        end_quietly_on_a_closed_pipe();
+    }
     let result = match cli.command {
         Command::Check { config, kubeconfig } => check(&config, &kubeconfig),
         Command::Presets {

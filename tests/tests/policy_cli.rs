@@ -1,7 +1,11 @@
 //! What the policy commands print for the mistakes operators make: `presets show` and
 //! `check` run as the real binary, their output and exit status checked. Nothing here needs
 //! root or touches the kernel.
-use std::process::{Command, Output};
+use std::{
+    io::Read,
+    os::unix::process::ExitStatusExt,
+    process::{Command, Output, Stdio},
+};
 
 use egress_tests::{TempFile, agent_bin};
 
@@ -187,4 +191,27 @@ presets:
             "egress-agent: {path}: line 2: allow[0] (fqdn: *.microsoft.com): a value that starts with `*` must be quoted, or YAML reads it as an alias; write fqdn: \"*.microsoft.com\"\n"
         )
     );
+}
+
+#[test]
+fn a_reader_that_stops_early_ends_the_listing_without_a_panic() {
+    let (reader, writer) = std::io::pipe().expect("cannot make a pipe");
+    drop(reader);
+    let mut child = Command::new(agent_bin())
+        .args(["presets", "show", "aks-global", "--location", "eastus"])
+        .args(["--kubeconfig", NO_KUBECONFIG])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run egress-agent");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr is piped")
+        .read_to_string(&mut stderr)
+        .expect("cannot read stderr");
+    let status = child.wait().expect("cannot wait for egress-agent");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {stderr}");
 }
