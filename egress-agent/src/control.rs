@@ -18,12 +18,12 @@ use tokio::{
 
 use crate::{
     adopt::LegacySets,
-    compile::compile_with,
+    compile::{compile_with, settings},
     dns::{
+        answer::decode_dns,
         learner::{LearnedStore as _, Learner, LearnerCounters},
         resolvers, seen,
     },
-    events::decode_dns,
     loader::{Enforcer, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
@@ -31,7 +31,7 @@ use crate::{
     policy::Mode,
     record,
     reload::Reloaded,
-    run::{give_back_freed_memory, settings},
+    sys::{boot_time_ns, give_back_freed_memory},
     workloads::WorkloadLinks,
 };
 
@@ -45,17 +45,6 @@ const JOURNAL_BUDGET: usize = 2048;
 /// lookups, since answers are lost when the agent is already short of CPU (a pass over
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
-
-/// Nanoseconds on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
-pub fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into; CLOCK_BOOTTIME always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 pub struct Control {
     pub enforcer: Enforcer,

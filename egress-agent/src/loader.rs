@@ -44,15 +44,12 @@ use egress_common::{
     STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE,
     STAT_EVENTS_LOST, STAT_PROTO_ICMP, STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS,
     Settings,
+    addr::{display_addr, to_key},
 };
 
 use crate::{
     compile::Compiled,
-    dns::{
-        learner::{LearnedStore, to_key},
-        names::NameError,
-    },
-    events::display_addr,
+    dns::{learner::LearnedStore, names::NameError},
     pin::{self, PinRoot},
 };
 

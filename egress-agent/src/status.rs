@@ -5,21 +5,20 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::bail;
-use egress_common::{Addr, MODE_ENFORCE};
+use egress_common::{Addr, MODE_ENFORCE, addr::display_addr};
 use serde::Serialize;
 
 use crate::kubeconfig::KubeletApiServer;
 use crate::plural::counted;
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
-    control::boot_time_ns,
-    events::display_addr,
     loader::Stats,
     origins::{self, ImplicitAllow},
     pin::{LinkPin, PinRoot},
     pinned::{PinnedMaps, set_ports},
     policy::{self, Policy, Ports},
     record,
+    sys::boot_time_ns,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;

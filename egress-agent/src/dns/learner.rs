@@ -11,16 +11,16 @@
 //! and each address takes one slot of a dense table.
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
     sync::Arc,
 };
 
 use egress_common::{
     ALL_PORTS, Addr, DNS_MAX_LEARNED, LearnedName, LearnedNameKey, LearnedValue, NO_PORT_SET,
-    PortKey,
+    PortKey, addr::to_key,
 };
 use serde::Serialize;
 
+use super::answer::DnsAnswer;
 use super::{
     journal::{self, Changes, NameJournal, UNWRITTEN},
     names::NameTable,
@@ -28,9 +28,8 @@ use super::{
     wire::{CLASS_IN, Name, Response},
 };
 use crate::{
-    compile::PortSets,
-    events::DnsAnswer,
     policy::{DnsSettings, Ports},
+    port_sets::PortSets,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -963,14 +962,6 @@ pub(crate) fn cname_chain(msg: &Response<'_>, chain: &mut Vec<usize>) {
 
 pub(crate) fn on_chain(msg: &Response<'_>, chain: &[usize], name: &Name<'_>) -> bool {
     chain.iter().any(|at| msg.name_at(*at).eq_ignore_case(name))
-}
-
-/// The map key of an address (IPv4 as IPv4-mapped).
-pub fn to_key(addr: IpAddr) -> Addr {
-    match addr {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
 }
 
 #[cfg(test)]
