@@ -20,36 +20,70 @@ pub(super) fn layout_difference(
     def: &aya_obj::Map,
     max_entries: u32,
 ) -> Result<Option<String>, LoadError> {
-    let wanted = aya_obj::generated::bpf_map_type::try_from(def.map_type())
-        .ok()
-        .and_then(|t| MapType::try_from(t).ok());
+    let wanted = map_type(def);
     let have = pinned
         .map_type()
         .map_err(map_err("reading a pinned map's type"))?;
-    Ok(if wanted != Some(have) {
-        Some(format!("type {have:?}, wanted {wanted:?}"))
-    } else if (pinned.key_size(), pinned.value_size()) != (def.key_size(), def.value_size()) {
+    Ok(difference(
+        (have, wanted),
+        Layout {
+            key_size: pinned.key_size(),
+            value_size: pinned.value_size(),
+            max_entries: pinned.max_entries(),
+            flags: pinned.map_flags(),
+        },
+        Layout {
+            key_size: def.key_size(),
+            value_size: def.value_size(),
+            max_entries,
+            flags: def.map_flags(),
+        },
+    ))
+}
+
+/// The type of a map of the object; `None` for a type aya does not know.
+fn map_type(def: &aya_obj::Map) -> Option<MapType> {
+    aya_obj::generated::bpf_map_type::try_from(def.map_type())
+        .ok()
+        .and_then(|t| MapType::try_from(t).ok())
+}
+
+/// What besides its type a pinned map must share with the object's definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+}
+
+/// The first way `have` (a pinned map of type `types.0`) differs from what is wanted (of
+/// type `types.1`, `None` for a type aya does not know), if any.
+fn difference(
+    (have_type, wanted_type): (MapType, Option<MapType>),
+    have: Layout,
+    wanted: Layout,
+) -> Option<String> {
+    if wanted_type != Some(have_type) {
+        Some(format!("type {have_type:?}, wanted {wanted_type:?}"))
+    } else if (have.key_size, have.value_size) != (wanted.key_size, wanted.value_size) {
         Some(format!(
             "key/value {}/{} bytes, wanted {}/{}",
-            pinned.key_size(),
-            pinned.value_size(),
-            def.key_size(),
-            def.value_size()
+            have.key_size, have.value_size, wanted.key_size, wanted.value_size
         ))
-    } else if pinned.max_entries() != max_entries {
+    } else if have.max_entries != wanted.max_entries {
         Some(format!(
-            "{} entries, wanted {max_entries}",
-            pinned.max_entries()
+            "{} entries, wanted {}",
+            have.max_entries, wanted.max_entries
         ))
-    } else if pinned.map_flags() != def.map_flags() {
+    } else if have.flags != wanted.flags {
         Some(format!(
             "flags {:#x}, wanted {:#x}",
-            pinned.map_flags(),
-            def.map_flags()
+            have.flags, wanted.flags
         ))
     } else {
         None
-    })
+    }
 }
 
 /// Copies the entries of a replaced state map into its successor; an LRU successor that is
@@ -209,5 +243,83 @@ impl Enforcer {
         }
         pinned.root.remove_all().complete()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{PINNED_MAPS, load::OBJECT};
+
+    const HASH: Layout = Layout {
+        key_size: 16,
+        value_size: 16,
+        max_entries: 65536,
+        flags: NO_PREALLOC,
+    };
+
+    #[test]
+    fn a_pinned_map_of_the_wanted_layout_serves() {
+        let same = (MapType::Hash, Some(MapType::Hash));
+        assert_eq!(difference(same, HASH, HASH), None);
+    }
+
+    #[test]
+    fn each_difference_is_named_the_type_first() {
+        let same = (MapType::Hash, Some(MapType::Hash));
+        let other = |f: fn(&mut Layout)| {
+            let mut l = HASH;
+            f(&mut l);
+            l
+        };
+        assert_eq!(
+            difference(
+                (MapType::LruHash, Some(MapType::Hash)),
+                other(|l| l.flags = 0),
+                HASH
+            )
+            .as_deref(),
+            Some("type LruHash, wanted Some(Hash)")
+        );
+        assert_eq!(
+            difference((MapType::Hash, None), HASH, HASH).as_deref(),
+            Some("type Hash, wanted None"),
+            "a type aya does not know never matches"
+        );
+        assert_eq!(
+            difference(same, other(|l| l.value_size = 24), HASH).as_deref(),
+            Some("key/value 16/24 bytes, wanted 16/16")
+        );
+        assert_eq!(
+            difference(same, other(|l| l.key_size = 20), HASH).as_deref(),
+            Some("key/value 20/16 bytes, wanted 16/16")
+        );
+        assert_eq!(
+            difference(same, other(|l| l.max_entries = 1024), HASH).as_deref(),
+            Some("1024 entries, wanted 65536")
+        );
+        assert_eq!(
+            difference(same, other(|l| l.flags = 0), HASH).as_deref(),
+            Some("flags 0x0, wanted 0x1")
+        );
+    }
+
+    /// The maps a pin root shares are all in the object, and each fits its own definition
+    /// (what an agent of the same release finds pinned).
+    #[test]
+    fn every_shared_map_is_in_the_object_and_fits_itself() {
+        let object = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        for name in PINNED_MAPS {
+            let def = object.maps.get(name).expect(name);
+            let wanted = map_type(def);
+            let have = wanted.expect("a map type aya knows");
+            let layout = Layout {
+                key_size: def.key_size(),
+                value_size: def.value_size(),
+                max_entries: def.max_entries(),
+                flags: def.map_flags(),
+            };
+            assert_eq!(difference((have, wanted), layout, layout), None, "{name}");
+        }
     }
 }
