@@ -21,15 +21,14 @@ use crate::{
     compile::{compile_with, settings},
     dns::{
         answer::decode_dns,
-        learner::{LearnedStore as _, Learner, LearnerCounters},
+        learner::{Learner, LearnerCounters},
         resolvers, seen,
     },
-    loader::{Enforcer, LoadError, Stats},
+    loader::{Enforcer, KernelState, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
     plural::counted,
     policy::Mode,
-    record,
     reload::Reloaded,
     sys::{boot_time_ns, give_back_freed_memory},
     workloads::WorkloadLinks,
@@ -46,8 +45,9 @@ const JOURNAL_BUDGET: usize = 2048;
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
 
-pub struct Control {
-    pub enforcer: Enforcer,
+/// The control task's state; `M`: the kernel state it owns (the enforcer, but for tests).
+pub struct Control<M = Enforcer> {
+    pub enforcer: M,
     pub learner: Learner,
     /// `--mode`, which wins over the policy's `mode` on every reload too.
     pub mode_override: Option<Mode>,
@@ -78,7 +78,7 @@ pub struct Report {
     pub learner: LearnerCounters,
 }
 
-impl Control {
+impl<M: KernelState> Control<M> {
     /// Writes what changed in the learner's bookkeeping to the pinned name records.
     /// Returns whether everything is written (a burst takes several flushes).
     fn flush_journal(&mut self, budget: usize) -> anyhow::Result<bool> {
@@ -181,7 +181,9 @@ impl Control {
             &policy_sets,
             boot_time_ns(),
         )?;
-        record::write(&self.pins, &self.config, &bytes).context("recording the policy")?;
+        self.enforcer
+            .record_policy(&self.pins, &self.config, &bytes)
+            .context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
             counted(policy.rules.len(), "rule", "rules"),
@@ -208,7 +210,9 @@ impl Control {
         }
         Ok(answers)
     }
+}
 
+impl Control {
     /// Runs until `stop` turns true, then releases the enforcer (see `keep_on_exit`) and
     /// returns the counters. `old_dns_ring` is a predecessor's ring buffer that this agent
     /// replaced (another size: an upgrade); its programs are detached, so what it holds
@@ -292,3 +296,6 @@ async fn follow(links: &mut Option<WorkloadLinks>, enforcer: &mut Enforcer) -> a
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

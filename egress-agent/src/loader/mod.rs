@@ -17,9 +17,11 @@ mod memlock;
 mod pins;
 mod policy;
 mod rings;
+mod state;
 mod stats;
 
 pub use interface::LinkSide;
+pub use state::KernelState;
 pub use stats::{ByProto, PolicyEntries, Stats, read_stats};
 
 use aya::{

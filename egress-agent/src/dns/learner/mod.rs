@@ -25,7 +25,7 @@ mod answer;
 mod bounds;
 mod chain;
 mod slots;
-mod store;
+pub(crate) mod store;
 mod sync;
 #[cfg(test)]
 mod tests;

@@ -11,56 +11,8 @@ use hickory_proto::{
     },
 };
 
-use super::*;
+use super::{store::fake::FakeStore, *};
 use crate::{compile::compile, policy::parse};
-
-/// The kernel maps, in memory.
-#[derive(Default)]
-struct FakeStore {
-    learned: HashMap<Addr, LearnedValue>,
-    ports: HashSet<PortKey>,
-    /// `LEARNED_NAMES`, which the agent's control task writes.
-    names: HashMap<LearnedNameKey, u64>,
-}
-
-impl FakeStore {
-    /// Writes the journal's changes as the control task does; returns whether that was
-    /// all of them.
-    fn flush(&mut self, l: &mut Learner, budget: usize) -> bool {
-        let changes = l.journal_changes(budget);
-        for key in &changes.delete {
-            self.names.remove(key);
-        }
-        for (key, record) in &changes.put {
-            self.names.insert(*key, record.expires_ns);
-        }
-        changes.complete
-    }
-}
-
-impl LearnedStore for FakeStore {
-    fn get(&self, addr: &Addr) -> Option<LearnedValue> {
-        self.learned.get(addr).copied()
-    }
-    fn put(&mut self, addr: &Addr, value: &LearnedValue) -> anyhow::Result<()> {
-        self.learned.insert(*addr, *value);
-        Ok(())
-    }
-    fn remove(&mut self, addr: &Addr) -> anyhow::Result<()> {
-        self.learned.remove(addr);
-        Ok(())
-    }
-    fn add_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
-        self.ports.extend(keys);
-        Ok(())
-    }
-    fn remove_ports(&mut self, keys: &[PortKey]) -> anyhow::Result<()> {
-        for k in keys {
-            self.ports.remove(k);
-        }
-        Ok(())
-    }
-}
 
 const POLICY: &str = "
 allow:
