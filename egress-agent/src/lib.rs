@@ -1,18 +1,20 @@
 //! The egress enforcer's agent: compiles a policy into the kernel maps, attaches the kernel
 //! programs and reports what they deny.
 //!
-//! Modules import only from the layers below them, never from one above, so none imports
-//! another that imports it back:
+//! Modules import only from the layers below them, or from one listed before them in their
+//! own layer, so none imports another that imports it back:
 //!
-//! 1. `policy` (the file, with its `presets`), `kubeconfig`, and small pieces every layer
-//!    may use: `sys` (clocks, memory), `statfs`, `plural`, `reason`.
+//! 1. `kubeconfig`, `policy` (the file, with its `presets`), and small pieces every layer
+//!    may use: `sys` (clocks, memory), `statfs`, `cgroup`, `podinfo`, `plural`, `reason`,
+//!    `classify`.
 //! 2. `port_sets`, `dns::names` (the name table), `compile` (policy → map contents and the
 //!    kernel's `Settings`).
-//! 3. `dns` (answers, the learner, resolvers, the names asked for).
-//! 4. `pin`, `loader` (the kernel programs and maps), `workloads`, `pinned`, `record`, `adopt`.
+//! 3. `dns` (answers, the learner and `LearnedStore`, resolvers, the names asked for).
+//! 4. `pin`, `record` (the policy recorded beside the maps), `loader` (the kernel programs
+//!    and maps; `KernelState`), then `workloads`, `pinned`, `adopt`.
 //! 5. `metrics`, `reload`, `denials`, `events`, `http`.
 //! 6. `control` (the task that owns the kernel state).
-//! 7. `run`, and the other commands: `status`, `explain`, `origins`, `suggest`; `main.rs`
+//! 7. `run`, and the other commands: `origins`, `status`, `explain`, `suggest`; `main.rs`
 //!    (the command line) on top.
 pub mod adopt;
 mod cgroup;
