@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use egress_common::{Addr, LearnedValue, PortKey};
 
-use crate::compile::PortSets;
+use crate::port_sets::PortSets;
 
 /// A previous agent's port sets that learned addresses still refer to, with the time the
 /// last of those expires (boot-time ns).

@@ -6,14 +6,15 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use egress_common::{
-    ALL_PORTS, CIDRS_MAX_ENTRIES, CidrKey, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey,
-    V4_MAPPED_PREFIX, proto, v4_mapped,
+    CIDRS_MAX_ENTRIES, CidrKey, MODE_AUDIT, MODE_ENFORCE, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES,
+    Settings, V4_MAPPED_PREFIX, v4_mapped,
 };
 use ipnet::IpNet;
 
 use crate::{
     dns::names::{NameError, NameTable},
-    policy::{Policy, Ports, Proto, Target},
+    policy::{DnsSettings, Mode, Policy, Ports, Target},
+    port_sets::PortSets,
 };
 
 /// One `CIDRS` entry: prefix length over the 128-bit key, the key, and its port set id.
@@ -59,75 +60,31 @@ pub enum CompileError {
     TooManyNames { needed: usize, max: u32 },
 }
 
-/// Interned port sets: equal sets share one id, so the `PORTS` map holds each set once.
-///
-/// Ids are never reused while the agent runs: learned addresses refer to them, so a policy
-/// reload that keeps a set keeps its id, and a new set gets a new one.
-#[derive(Debug, Default, Clone)]
-pub struct PortSets {
-    ids: HashMap<Ports, u32>,
-    next: u32,
-    entries: BTreeSet<PortKey>,
-}
+/// Events each CPU may emit per second, and in a burst: enough to see every distinct
+/// would-drop during a rollout, bounded so that a flood cannot starve the agent.
+const EVENTS_PER_SEC: u32 = 200;
+const EVENTS_BURST: u32 = 1000;
+/// A TCP flow idle this long is decided afresh (like conntrack, but shorter: a decided
+/// flow outlives the DNS answer that allowed it only while it is in use).
+pub(crate) const TCP_IDLE_NS: u64 = 3600 * NS_PER_SEC;
+pub(crate) const OTHER_IDLE_NS: u64 = 120 * NS_PER_SEC;
+const NS_PER_SEC: u64 = 1_000_000_000;
 
-impl PortSets {
-    /// An empty registry whose ids all come after `taken`: a previous agent's sets, which
-    /// its learned addresses still refer to.
-    pub fn after(taken: impl IntoIterator<Item = u32>) -> Self {
-        Self {
-            next: taken.into_iter().max().map_or(0, |id| id + 1),
-            ..Self::default()
-        }
-    }
-
-    /// The id of `ports` (`ALL_PORTS` for every port and protocol), adding it if new.
-    pub fn intern(&mut self, ports: &Ports) -> u32 {
-        let Ports::Some(ranges) = ports else {
-            return ALL_PORTS;
-        };
-        if let Some(id) = self.ids.get(ports) {
-            return *id;
-        }
-        let id = self.next;
-        self.next += 1;
-        for r in ranges {
-            let proto = match r.proto {
-                Proto::Tcp => proto::TCP,
-                Proto::Udp => proto::UDP,
-                Proto::Icmp => proto::ICMP,
-            };
-            if r.proto == Proto::Icmp || (r.first <= 1 && r.last == u16::MAX) {
-                // Port 0 stands for every port of the protocol (see `PortKey`).
-                self.entries.insert(PortKey::new(id, proto, 0));
-            } else {
-                for port in r.first..=r.last {
-                    self.entries.insert(PortKey::new(id, proto, port));
-                }
-            }
-        }
-        self.ids.insert(ports.clone(), id);
-        id
-    }
-
-    /// The `PORTS` map's keys.
-    pub fn entries(&self) -> impl ExactSizeIterator<Item = &PortKey> {
-        self.entries.iter()
-    }
-
-    /// Forgets every set not in `keep`; returns the `PORTS` keys to delete.
-    pub fn retain(&mut self, keep: &HashSet<u32>) -> Vec<PortKey> {
-        self.ids.retain(|_, id| keep.contains(id));
-        let (kept, dropped) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|k| keep.contains(&k.port_set));
-        self.entries = kept;
-        dropped.into_iter().collect()
-    }
-
-    /// The `PORTS` keys of one set.
-    pub fn entries_of(&self, id: u32) -> impl Iterator<Item = &PortKey> {
-        self.entries
-            .range(PortKey::new(id, 0, 0)..=PortKey::new(id, u8::MAX, u16::MAX))
+/// The kernel's `SETTINGS` for a mode and the policy's DNS limits.
+pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
+    Settings {
+        mode: match mode {
+            Mode::Audit => MODE_AUDIT,
+            Mode::Enforce => MODE_ENFORCE,
+        },
+        _pad: [0; 3],
+        events_per_sec: EVENTS_PER_SEC,
+        events_burst: EVENTS_BURST,
+        _pad2: 0,
+        tcp_idle_ns: TCP_IDLE_NS,
+        other_idle_ns: OTHER_IDLE_NS,
+        dns_min_ttl: dns.min_ttl,
+        dns_max_ttl: dns.max_ttl,
     }
 }
 
@@ -217,6 +174,8 @@ pub fn compile_with(policy: &Policy, port_sets: PortSets) -> Result<Compiled, Co
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv6Addr};
+
+    use egress_common::{ALL_PORTS, proto};
 
     use super::*;
     use crate::policy::parse;

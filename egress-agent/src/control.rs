@@ -18,20 +18,19 @@ use tokio::{
 
 use crate::{
     adopt::LegacySets,
-    compile::compile_with,
+    compile::{compile_with, settings},
     dns::{
-        learner::{LearnedStore as _, Learner, LearnerCounters},
+        answer::decode_dns,
+        learner::{Learner, LearnerCounters},
         resolvers, seen,
     },
-    events::decode_dns,
-    loader::{Enforcer, LoadError, Stats},
+    loader::{Enforcer, KernelState, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
     plural::counted,
     policy::Mode,
-    record,
     reload::Reloaded,
-    run::{give_back_freed_memory, settings},
+    sys::{boot_time_ns, give_back_freed_memory},
     workloads::WorkloadLinks,
 };
 
@@ -46,19 +45,9 @@ const JOURNAL_BUDGET: usize = 2048;
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
 
-/// Nanoseconds on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`.
-pub fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into; CLOCK_BOOTTIME always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-pub struct Control {
-    pub enforcer: Enforcer,
+/// The control task's state; `M`: the kernel state it owns (the enforcer, but for tests).
+pub struct Control<M = Enforcer> {
+    pub enforcer: M,
     pub learner: Learner,
     /// `--mode`, which wins over the policy's `mode` on every reload too.
     pub mode_override: Option<Mode>,
@@ -89,7 +78,7 @@ pub struct Report {
     pub learner: LearnerCounters,
 }
 
-impl Control {
+impl<M: KernelState> Control<M> {
     /// Writes what changed in the learner's bookkeeping to the pinned name records.
     /// Returns whether everything is written (a burst takes several flushes).
     fn flush_journal(&mut self, budget: usize) -> anyhow::Result<bool> {
@@ -192,7 +181,9 @@ impl Control {
             &policy_sets,
             boot_time_ns(),
         )?;
-        record::write(&self.pins, &self.config, &bytes).context("recording the policy")?;
+        self.enforcer
+            .record_policy(&self.pins, &self.config, &bytes)
+            .context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
             counted(policy.rules.len(), "rule", "rules"),
@@ -219,7 +210,9 @@ impl Control {
         }
         Ok(answers)
     }
+}
 
+impl Control {
     /// Runs until `stop` turns true, then releases the enforcer (see `keep_on_exit`) and
     /// returns the counters. `old_dns_ring` is a predecessor's ring buffer that this agent
     /// replaced (another size: an upgrade); its programs are detached, so what it holds
@@ -303,3 +296,6 @@ async fn follow(links: &mut Option<WorkloadLinks>, enforcer: &mut Enforcer) -> a
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

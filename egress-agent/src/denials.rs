@@ -158,7 +158,7 @@ impl Held {
         line["packets"] = json!(total - self.reported);
         if self.reported > 0 {
             line["repeat"] = json!(true);
-            line["time"] = json!(crate::events::now());
+            line["time"] = json!(crate::sys::now());
         }
         self.reported = total;
         Some(line)

@@ -9,12 +9,12 @@ use serde::Serialize;
 
 use crate::{
     classify::{Allowed, Classified, classify},
-    control::boot_time_ns,
     kubeconfig::KubeletApiServer,
     origins::{self, Origins},
     pin::PinRoot,
     pinned::{PinnedMaps, set_ports},
     status::recorded_policy,
+    sys::boot_time_ns,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;

@@ -14,8 +14,10 @@ use egress_agent::{
     metrics, origins,
     pin::{DEFAULT_PIN_ROOT, PinRoot},
     podinfo::DEFAULT_POD_LOGS,
-    policy::{self, Mode, Policy},
-    presets::{PRESETS, Params},
+    policy::{
+        self, Mode, Policy,
+        presets::{PRESETS, Params},
+    },
     run::{OnExit, RunOptions, run},
     status, suggest,
 };

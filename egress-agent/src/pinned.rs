@@ -10,14 +10,13 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use egress_common::{
     ALL_PORTS, Addr, CIDRS, CidrKey, CidrValue, LEARNED, LEARNED_NAMES, LearnedName,
     LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS, PortKey, RESOLVERS, SETTINGS, STATS,
-    Settings, V4_MAPPED_PREFIX, proto,
+    Settings, V4_MAPPED_PREFIX, addr::display_addr, proto,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     classify::{CidrMatch, View},
     dns::names::pattern_of,
-    events::display_addr,
     loader::{Stats, read_stats},
     pin::PinRoot,
     policy::{self, NamePattern, PortRange, Ports, Proto},

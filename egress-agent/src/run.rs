@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
-use egress_common::{FLOWS, MODE_AUDIT, MODE_ENFORCE, Settings};
+use egress_common::FLOWS;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -19,8 +19,8 @@ use tokio::{
 use crate::{
     adopt::LegacySets,
     cgroup::{CgroupNames, cgroup2_mount, is_cgroup2_dir},
-    compile::{PortSets, compile, compile_with},
-    control::{Control, boot_time_ns},
+    compile::{OTHER_IDLE_NS, TCP_IDLE_NS, compile, compile_with, settings},
+    control::Control,
     denials::Idle,
     dns::{
         learner::{LearnedStore as _, Learner},
@@ -34,8 +34,10 @@ use crate::{
     pin::{Contents, LinkPin, PinRoot},
     plural::counted,
     podinfo::PodLogs,
-    policy::{self, DnsSettings, Mode, Policy},
+    policy::{self, Mode, Policy},
+    port_sets::PortSets,
     record, reload,
+    sys::{boot_time_ns, give_back_freed_memory},
     workloads::{InterfacePatterns, WorkloadLinks, interface_index},
 };
 
@@ -63,41 +65,6 @@ pub enum OnExit {
     Keep,
     /// Every attachment and pin is removed.
     Detach,
-}
-
-/// Events each CPU may emit per second, and in a burst: enough to see every distinct
-/// would-drop during a rollout, bounded so that a flood cannot starve the agent.
-const EVENTS_PER_SEC: u32 = 200;
-const EVENTS_BURST: u32 = 1000;
-/// A TCP flow idle this long is decided afresh (like conntrack, but shorter: a decided
-/// flow outlives the DNS answer that allowed it only while it is in use).
-const TCP_IDLE_SECS: u64 = 3600;
-const OTHER_IDLE_SECS: u64 = 120;
-const NS_PER_SEC: u64 = 1_000_000_000;
-
-pub fn settings(mode: Mode, dns: &DnsSettings) -> Settings {
-    Settings {
-        mode: match mode {
-            Mode::Audit => MODE_AUDIT,
-            Mode::Enforce => MODE_ENFORCE,
-        },
-        _pad: [0; 3],
-        events_per_sec: EVENTS_PER_SEC,
-        events_burst: EVENTS_BURST,
-        _pad2: 0,
-        tcp_idle_ns: TCP_IDLE_SECS * NS_PER_SEC,
-        other_idle_ns: OTHER_IDLE_SECS * NS_PER_SEC,
-        dns_min_ttl: dns.min_ttl,
-        dns_max_ttl: dns.max_ttl,
-    }
-}
-
-/// Returns the heap's free pages to the system. glibc's allocator keeps what it freed for
-/// later allocations, so the memory that parsing and compiling a policy took (tens of MiB
-/// for a large one) would otherwise stay in the agent's RSS for good.
-pub fn give_back_freed_memory() {
-    // SAFETY: only walks the allocator's own free lists.
-    unsafe { libc::malloc_trim(0) };
 }
 
 /// Why a task that runs for the agent's lifetime ended early.
@@ -446,8 +413,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         started.flows,
         stop_rx.clone(),
         Idle {
-            tcp_ns: TCP_IDLE_SECS * NS_PER_SEC,
-            other_ns: OTHER_IDLE_SECS * NS_PER_SEC,
+            tcp_ns: TCP_IDLE_NS,
+            other_ns: OTHER_IDLE_NS,
         },
     ));
     let watcher = tokio::spawn(reload::watch(

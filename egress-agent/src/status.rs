@@ -5,21 +5,20 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::bail;
-use egress_common::{Addr, MODE_ENFORCE};
+use egress_common::{Addr, MODE_ENFORCE, addr::display_addr};
 use serde::Serialize;
 
 use crate::kubeconfig::KubeletApiServer;
 use crate::plural::counted;
 use crate::{
     cgroup::{CgroupNames, cgroup2_mount},
-    control::boot_time_ns,
-    events::display_addr,
     loader::Stats,
     origins::{self, ImplicitAllow},
     pin::{LinkPin, PinRoot},
     pinned::{PinnedMaps, set_ports},
     policy::{self, Policy, Ports},
     record,
+    sys::boot_time_ns,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -332,4 +331,101 @@ fn rules_text(rules: &Rules, out: &mut String) -> anyhow::Result<()> {
         writeln!(out, "  implicit {}  # {}", i.what, i.why)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::loader::ByProto;
+
+    fn status(maps: Option<Maps>) -> Status {
+        Status {
+            pin_root: "/sys/fs/bpf/egress".into(),
+            agent_running: false,
+            attached: Vec::new(),
+            maps,
+            other_layouts: vec!["v1".into()],
+        }
+    }
+
+    #[test]
+    fn a_pin_root_without_this_layout_names_the_others() {
+        let out = text(&status(None)).expect("formats");
+        assert_eq!(
+            out,
+            "pin root   /sys/fs/bpf/egress\n\
+             agent      not running: the pinned programs go on enforcing\n\
+             attached   nothing\n\
+             maps       none of this agent's layout under /sys/fs/bpf/egress (another version's: v1)\n"
+        );
+    }
+
+    #[test]
+    fn learned_addresses_show_their_names_once_recorded() {
+        let maps = Maps {
+            mode: "enforce",
+            cidr_entries: 1,
+            name_entries: 2,
+            port_sets: 1,
+            trusted_resolvers: Vec::new(),
+            counters: Stats {
+                allowed: ByProto {
+                    tcp: 3,
+                    ..ByProto::default()
+                },
+                ..Stats::default()
+            },
+            learned: vec![
+                Learned {
+                    addr: "203.0.113.7".into(),
+                    ttl_secs: 30,
+                    names: vec!["example.org".into()],
+                },
+                Learned {
+                    addr: "2001:db8::7".into(),
+                    ttl_secs: 5,
+                    names: Vec::new(),
+                },
+            ],
+            rules: None,
+        };
+        let out = text(&status(Some(maps))).expect("formats");
+        let lines: Vec<&str> = out.lines().skip(3).collect();
+        assert_eq!(lines[0], "mode       enforce");
+        assert_eq!(
+            lines[1],
+            "rules      1 CIDR entry, 2 name entries, 1 port set, trusted resolvers: none"
+        );
+        assert!(
+            lines[2].starts_with("counters   allowed 3 (tcp 3 "),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(lines[3], "learned    2 addresses");
+        assert!(lines[4].ends_with("30s  example.org"), "{}", lines[4]);
+        assert!(
+            lines[5].ends_with("5s  (names not recorded yet)"),
+            "{}",
+            lines[5]
+        );
+    }
+
+    #[test]
+    fn attach_points_are_told_in_words() {
+        let pin = |point: &str| LinkPin {
+            path: PathBuf::from("/sys/fs/bpf/egress/links").join(point),
+            point: point.into(),
+        };
+        assert_eq!(
+            attach_point(&pin("cgroup-4242-egress"), &mut None),
+            "cgroup with inode 4242 (egress)"
+        );
+        assert_eq!(
+            attach_point(&pin("tc-eth0-ingress"), &mut None),
+            "tc-eth0-ingress"
+        );
+        assert_eq!(ports_text(&Ports::Some(Vec::new())), "none");
+    }
 }

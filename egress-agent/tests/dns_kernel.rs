@@ -14,15 +14,20 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use egress_agent::{
-    compile::compile,
-    control::boot_time_ns,
-    dns::learner::{LearnedStore as _, to_key},
-    events::{DnsAnswer, decode_dns, display_addr},
+    compile::{compile, settings},
+    dns::{
+        answer::{DnsAnswer, decode_dns},
+        learner::LearnedStore as _,
+    },
     loader::{ByProto, EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, Stats},
     policy::{Mode, parse},
-    run::settings,
+    sys::boot_time_ns,
 };
-use egress_common::{DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent, proto};
+use egress_common::{
+    DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent,
+    addr::{display_addr, to_key},
+    proto,
+};
 
 const PASS: u32 = 1;
 

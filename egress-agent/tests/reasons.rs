@@ -10,12 +10,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{
     compile::compile,
-    control::boot_time_ns,
     dns::learner::LearnedStore as _,
     events::decode_event,
     loader::{EGRESS_CGROUP, EGRESS_TC, Enforcer, INGRESS_CGROUP, LinkSide},
     policy::{Mode, parse},
     reason::Reason,
+    sys::boot_time_ns,
 };
 use egress_common::{ACTION_DENY, Event, LearnedValue, proto, v4_mapped};
 

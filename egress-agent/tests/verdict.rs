@@ -10,10 +10,10 @@ use frames::*;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{
+    compile::settings,
     events::decode,
     loader::{ByProto, EGRESS_CGROUP, EGRESS_TC, INGRESS_CGROUP, LinkSide, Stats},
     policy::{DnsSettings, Mode},
-    run::settings,
 };
 use egress_common::{ACTION_AUDIT, ACTION_DENY, Event, proto};
 

@@ -8,6 +8,8 @@
 //! (`::ffff:a.b.c.d`), so one map serves both families and an IPv4 /n prefix is a /(96+n).
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+#[cfg(feature = "user")]
+pub mod addr;
 pub mod maps;
 
 pub use maps::*;

@@ -26,8 +26,10 @@ use std::{
 
 use egress_agent::{
     compile::compile,
-    dns::learner::{LearnedStore, Learner},
-    events::DnsAnswer,
+    dns::{
+        answer::DnsAnswer,
+        learner::{LearnedStore, Learner},
+    },
     policy::{DnsSettings, Policy, parse},
 };
 use egress_common::{

@@ -13,13 +13,11 @@ use std::{net::Ipv6Addr, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use egress_agent::{
-    compile::compile,
-    control::boot_time_ns,
-    dns::learner::Learner,
-    events::decode_dns,
+    compile::{compile, settings},
+    dns::{answer::decode_dns, learner::Learner},
     loader::{EGRESS_CGROUP, Enforcer, INGRESS_CGROUP},
     policy::{Mode, parse},
-    run::settings,
+    sys::boot_time_ns,
 };
 use egress_common::proto;
 

@@ -28,10 +28,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use egress_agent::{
-    compile::compile,
+    compile::{compile, settings},
     loader::{EGRESS_CGROUP, Enforcer},
     policy::{Mode, parse},
-    run::settings,
 };
 
 use crate::{

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use egress_common::{NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, NameKey};
 
 use crate::{
-    compile::PortSets,
     policy::{NamePattern, Policy, Ports, Target},
+    port_sets::PortSets,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -3,7 +3,8 @@ use std::{fs, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
 
-use crate::policy::{DnsSettings, system_resolvers};
+use super::resolv_conf::system_resolvers;
+use crate::policy::DnsSettings;
 
 /// Where systemd-resolved lists the upstream servers it forwards to. On nodes whose
 /// `/etc/resolv.conf` names only its loopback stub (127.0.0.53), those upstreams are what

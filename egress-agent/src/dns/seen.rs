@@ -9,12 +9,13 @@ use std::{
 };
 
 use egress_common::Addr;
+use egress_common::addr::to_key;
 
+use super::answer::DnsAnswer;
 use super::{
-    learner::{cname_chain, on_chain, to_key},
+    learner::{cname_chain, on_chain},
     wire::Response,
 };
-use crate::events::DnsAnswer;
 
 /// Addresses remembered at most; past that the least recently answered goes.
 pub const MAX_ADDRS: usize = 65_536;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use aya::programs::{SchedClassifier, TcAttachType, links::FdLink, tc};
 
 use super::{
-    EGRESS_TC, Enforcer, FROM_WORKLOAD_TC, INGRESS_TC, LoadError, log_loaded, pin, prog_err,
+    EGRESS_TC, Enforcer, FROM_WORKLOAD_TC, INGRESS_TC, LoadError, load::log_loaded, pin, prog_err,
     program,
 };
 

@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
+use super::presets::{self, Params};
 use super::raw::RawPreset;
 use super::types::{Notice, Origin, Ports, Rule, Target};
 use super::validate::{ApiServerName, ApiServerSource, Problems, invalid};
-use crate::presets::{self, Params};
 
 /// Adds the rows of the `presets` to `rules`, and the platform addresses with a cloud preset.
 pub(super) fn add_presets(

@@ -10,23 +10,20 @@ use std::io::Read as _;
 use std::path::Path;
 
 use crate::kubeconfig::KubeletApiServer;
-use crate::presets::Params;
 
 mod diagnose;
 mod locate;
 mod merge;
 mod nesting;
+pub mod presets;
 mod raw;
-mod resolv;
 mod suffix;
 mod syntax;
 mod types;
 mod validate;
 
-pub use resolv::system_resolvers;
 pub use suffix::{Reach, reach};
 pub use syntax::merge;
-pub(crate) use syntax::{parse_fqdn, parse_ports};
 pub use types::{
     DnsSettings, Mode, NamePattern, Notice, Origin, Policy, PortRange, Ports, Proto, Rule, Target,
     rule_lines,
@@ -34,6 +31,7 @@ pub use types::{
 
 use diagnose::diagnose;
 use locate::Lines;
+use presets::Params;
 use raw::{RawPolicy, RawPreset};
 use validate::{Problems, invalid, validate};
 

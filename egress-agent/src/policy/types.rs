@@ -134,7 +134,7 @@ pub fn rule_lines(rules: &[Rule]) -> Vec<String> {
 /// on what is learned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsSettings {
-    /// Trusted resolvers; `None` means the node's nameservers (see [`system_resolvers`]).
+    /// Trusted resolvers; `None` means the node's nameservers (see `dns::resolvers`).
     pub resolvers: Option<Vec<IpAddr>>,
     /// Seconds a learned address stays allowed at least, whatever the answer's TTL.
     pub min_ttl: u32,

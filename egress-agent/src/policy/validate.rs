@@ -7,13 +7,13 @@ use egress_common::LEARNED_LIMIT;
 use ipnet::{IpNet, Ipv6Net};
 
 use super::merge::{RuleSet, add_presets};
+use super::presets::API_SERVER_PORTS;
 use super::raw::{RawDns, RawEntry, RawPolicy};
 use super::suffix::{Reach, reach};
 use super::syntax::{parse_cidr, parse_fqdn, parse_ports};
 use super::types::{DnsSettings, Mode, NamePattern, Notice, Origin, Policy, Ports, Rule, Target};
 use super::{PolicyError, Problem};
 use crate::kubeconfig::KubeletApiServer;
-use crate::presets::API_SERVER_PORTS;
 
 /// The cluster's own API server name, and where it was found.
 pub(super) struct ApiServerName<'a> {

@@ -13,8 +13,7 @@ use anyhow::Context as _;
 
 use crate::{
     plural::counted,
-    policy::{self, Policy, Ports, Proto, Rule, Target},
-    presets::Params,
+    policy::{self, Policy, Ports, Proto, Rule, Target, presets::Params},
 };
 
 pub mod read;

@@ -138,7 +138,7 @@ fn flows_the_presets_allow_are_left_out() {
     input.read("-", lines.join("\n").as_bytes()).unwrap();
     let presets = policy::preset_rules(
         "aks-global",
-        crate::presets::Params {
+        crate::policy::presets::Params {
             location: Some("eastus".into()),
         },
         None,

@@ -5,10 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use egress_agent::{
-    compile::compile,
+    compile::{compile, settings},
     loader::Enforcer,
     policy::{Mode, parse},
-    run::settings,
 };
 use egress_common::proto;
 

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::policy::{NamePattern, PortRange, Ports, Proto, Target, parse_fqdn, parse_ports};
+use super::syntax::{parse_fqdn, parse_ports};
+use super::types::{NamePattern, PortRange, Ports, Proto, Target};
 
 mod regions;
 
