@@ -195,7 +195,7 @@ impl Control {
         record::write(&self.pins, &self.config, &bytes).context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
-            counted(policy.rules.len(), "rule", "rules"),
+            counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
             counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
         );
         Ok(())

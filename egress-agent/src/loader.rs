@@ -18,6 +18,7 @@ use std::{
     time::Instant,
 };
 
+mod cidr_write;
 mod interface;
 mod memlock;
 
@@ -37,9 +38,9 @@ use aya::{
     sys::SyscallError,
 };
 use egress_common::{
-    Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue,
-    LEARNED, LEARNED_NAMES, LearnedName, LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS,
-    PortKey, QueryKey, QueryValue, RATE, RESOLVERS, SETTINGS, STAT_ALLOWED_BASE, STAT_AUDITED_BASE,
+    Addr, CIDRS, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, FlowKey, FlowValue, LEARNED,
+    LEARNED_NAMES, LearnedName, LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS, PortKey,
+    QueryKey, QueryValue, RATE, RESOLVERS, SETTINGS, STAT_ALLOWED_BASE, STAT_AUDITED_BASE,
     STAT_DNS_ANSWERS, STAT_DNS_EVENTS_LOST, STAT_DNS_LEARNED, STAT_DNS_MALFORMED,
     STAT_DNS_UNMATCHED, STAT_DNS_UNSOLICITED, STAT_DNS_UNTRUSTED, STAT_DROPPED_BASE,
     STAT_EVENTS_LOST, STAT_PROTO_ICMP, STAT_PROTO_OTHER, STAT_PROTO_TCP, STAT_PROTO_UDP, STATS,
@@ -208,7 +209,7 @@ pub struct PolicyEntries {
 /// What the policy maps hold, so that a new policy replaces it entry by entry.
 #[derive(Default)]
 struct Written {
-    cidrs: HashSet<(u32, CidrKey)>,
+    cidrs: cidr_write::Keys,
     names: HashSet<(u32, NameKey)>,
     resolvers: HashSet<Addr>,
 }
@@ -691,20 +692,8 @@ impl Enforcer {
             )?
         };
         self.written.names = names;
-        let previous = std::mem::take(&mut self.written.cidrs);
-        let cidrs = {
-            let trie = self.lpm::<CidrKey>(CIDRS)?;
-            replace_entries(
-                trie,
-                CIDRS,
-                compiled
-                    .cidrs
-                    .iter()
-                    .map(|e| (e.prefix_len, e.key, e.port_set)),
-                &previous,
-            )?
-        };
-        self.written.cidrs = cidrs;
+        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        self.written.cidrs = cidr_write::replace(map, &compiled.cidrs, &self.written.cidrs)?;
         Ok(())
     }
 
@@ -962,7 +951,8 @@ impl Enforcer {
                 .collect::<Result<_, _>>()
                 .map_err(map_err(format!("reading {name}")))
         }
-        self.written.cidrs = trie_keys(&self.ebpf, CIDRS)?;
+        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        self.written.cidrs = cidr_write::read(map)?;
         self.written.names = trie_keys(&self.ebpf, NAMES)?;
         self.written.resolvers = self
             .hash_ref::<Addr, u8>(RESOLVERS)?

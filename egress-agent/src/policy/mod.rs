@@ -13,9 +13,11 @@ use crate::kubeconfig::KubeletApiServer;
 use crate::presets::Params;
 
 mod diagnose;
+mod lists;
 mod locate;
 mod merge;
 mod nesting;
+mod prefix_list;
 mod raw;
 mod resolv;
 mod suffix;
@@ -23,6 +25,7 @@ mod syntax;
 mod types;
 mod validate;
 
+pub use prefix_list::{MAX_LIST_BYTES, Prefix, PrefixList, digest_of};
 pub use resolv::system_resolvers;
 pub use suffix::{Reach, reach};
 pub use syntax::merge;
