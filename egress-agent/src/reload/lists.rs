@@ -70,3 +70,28 @@ impl ListFiles {
         changed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+
+    #[test]
+    fn a_list_counts_as_changed_once_per_change_of_its_content() {
+        let dir = std::env::temp_dir().join(format!("reload-lists-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the directory");
+        let list = dir.join("hosts.txt");
+        std::fs::write(&list, "203.0.113.10\n").expect("write the list");
+        let source = dir.join("policy.yaml").display().to_string();
+        let parsed = policy::parse("allow:\n  - cidrs_from: hosts.txt\n", &source);
+        let mut lists = ListFiles::of(&parsed.expect("valid"));
+        assert!(!lists.changed(), "the content the policy was parsed from");
+        std::fs::write(&list, "203.0.113.20\n").expect("write the list");
+        assert!(lists.changed(), "an edit");
+        assert!(!lists.changed(), "the same edit, seen already");
+        std::fs::remove_file(&list).expect("remove the list");
+        assert!(lists.changed(), "a list gone");
+        assert!(!lists.changed(), "still gone");
+        std::fs::remove_dir_all(&dir).expect("remove the directory");
+    }
+}
