@@ -8,7 +8,9 @@
 # (part "network"). Then the per-packet cost of the kernel program alone, through
 # BPF_PROG_TEST_RUN (`egress-bench verdict`, part "verdict"), and the agent itself: time
 # from start to enforcing, RSS and CPU idle with 1k name patterns and 100,000 learned
-# addresses, and DNS answers per second learned under a flood (part "agent").
+# addresses, and DNS answers per second learned under a flood (part "agent"). Part "load"
+# loads N addresses into each peer and nothing else: the agent from the YAML and from a
+# `cidrs_from` list, nftables and ipset, with their load time and memory.
 #
 # Everything it creates (namespaces, cgroup, processes, files) is removed when it ends,
 # also on errors and Ctrl-C. Documentation addresses only; traffic never leaves the two
@@ -17,7 +19,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: benches/run.sh [--quick] [--parts "network verdict agent"] [--sizes "10 1000 ..."]
+usage: benches/run.sh [--quick] [--parts "network verdict agent load"] [--sizes "10 1000 ..."]
                       [--seconds S] [--reps R] [--idle S] [--out FILE] [--keep DIR]
                       [--profile] [--no-build]
 
@@ -27,7 +29,8 @@ usage: benches/run.sh [--quick] [--parts "network verdict agent"] [--sizes "10 1
                  CIDR map holds 2097152)
   --seconds S    length of each iperf3 run and each connection-rate run (default 5)
   --reps R       iperf3 runs per measurement; the median is reported (default 3)
-  --parts LIST   which parts to run (default: network verdict agent)
+  --parts LIST   which parts to run (default: network verdict agent; "load" times loading
+                 each size into each peer, with the agent's peak and steady RSS)
   --idle S       seconds over which the agent's idle CPU is measured (default 30)
   --out FILE     also write the report (Markdown) to FILE
   --no-build     use the binaries in target/release as they are
@@ -112,7 +115,7 @@ if [ "$quick" = 1 ]; then
   idle=3
 fi
 for p in $parts; do
-  case $p in network | verdict | agent) ;; *) echo "run.sh: unknown part $p" >&2; exit 2 ;; esac
+  case $p in network | verdict | agent | load) ;; *) echo "run.sh: unknown part $p" >&2; exit 2 ;; esac
 done
 has_part() { case " $parts " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 case $idle in '' | *[!0-9]* | 0) echo "run.sh: --idle must be a positive number" >&2; exit 2 ;; esac
@@ -489,6 +492,23 @@ agent_rss() { # pid -> "VmRSS VmHWM RssAnon" in KiB
 }
 
 nft_clean() { ip netns exec "$ns_c" nft flush ruleset 2>/dev/null || true; }
+# The nftables peer for size $1, addresses file $2: an output chain, the addresses in a set.
+nft_script() {
+  echo "table inet egbench {"
+  echo "  set allowed { type ipv6_addr; size $(($1 + 1024)); }"
+  echo "  chain out {"
+  echo "    type filter hook output priority 0; policy drop;"
+  echo "    ct state established,related accept"
+  echo "    oifname \"lo\" accept"
+  echo "    meta l4proto ipv6-icmp accept"
+  echo "    ip6 daddr @allowed accept"
+  echo "  }"
+  echo "}"
+  awk -v chunk=10000 '
+    (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
+    { printf "%s%s", sep, $1; sep = ", " }
+    END { if (NR) print " }" }' "$2"
+}
 ipt_clean() {
   ip netns exec "$ns_c" ip6tables -P OUTPUT ACCEPT 2>/dev/null || true
   ip netns exec "$ns_c" ip6tables -F OUTPUT 2>/dev/null || true
@@ -529,22 +549,7 @@ if has_part network; then
       record "$n" nft - "- - - - -" "not tried: ${unusable[nft]}"
     else
       f=$work/nft-$n.nft
-      {
-        echo "table inet egbench {"
-        echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
-        echo "  chain out {"
-        echo "    type filter hook output priority 0; policy drop;"
-        echo "    ct state established,related accept"
-        echo "    oifname \"lo\" accept"
-        echo "    meta l4proto ipv6-icmp accept"
-        echo "    ip6 daddr @allowed accept"
-        echo "  }"
-        echo "}"
-        awk -v chunk=10000 '
-          (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
-          { printf "%s%s", sep, $1; sep = ", " }
-          END { if (NR) print " }" }' "$addrs"
-      } >"$f"
+      nft_script "$n" "$addrs" >"$f"
       t0=$(now_ns)
       if timeout "$load_limit" ip netns exec "$ns_c" nft -f "$f" 2>"$work/nft.err"; then
         load=$(ms_since "$t0")
@@ -621,6 +626,100 @@ if has_part network; then
     fi
   done
 fi
+# --- Loading N addresses: load time of each peer, the agent's memory ----------------------
+
+load_md=$work/load.md
+: >"$load_md"
+
+# Runs "$@" under GNU time; prints "ms peak_KiB" (peak "-" without /usr/bin/time), or fails.
+timed_load() {
+  local t0 ms
+  t0=$(now_ns)
+  if [ -x /usr/bin/time ]; then
+    timeout "$load_limit" /usr/bin/time -f '%M' -o "$work/time.out" "$@" 2>>"$work/load.err" || return 1
+    ms=$(ms_since "$t0")
+    echo "$ms $(tail -n1 "$work/time.out")"
+  else
+    timeout "$load_limit" "$@" 2>>"$work/load.err" || return 1
+    echo "$(ms_since "$t0") -"
+  fi
+}
+
+if has_part load; then
+  log "loading N addresses into each peer"
+  loads=$work/loads.tsv
+  : >"$loads"
+  for n in $sizes; do
+    addrs=$work/addrs-$n
+    [ -f "$addrs" ] || "$bench" addresses "$n" >"$addrs"
+    # The agent, from the YAML (one `- cidr:` entry an address) and from a list file.
+    { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$work/load-yaml-$n.yaml"
+    cp "$addrs" "$work/load-list-$n.txt"
+    { echo "mode: enforce"; echo "allow:"; echo "  - cidrs_from: load-list-$n.txt"; } >"$work/load-list-$n.yaml"
+    for form in yaml list; do
+      if start_agent "$work/load-$form-$n.yaml" "$work/agent-load-$form-$n.log"; then
+        read -r _ hwm _ < <(agent_rss "$agent_pid")
+        # Steady: once the start's buffers are freed and the policy watcher has read the
+        # list files once.
+        sleep 5
+        read -r rss _ _ < <(agent_rss "$agent_pid")
+        printf '%s\tagent (%s)\t%s\t%s\t%s\t%s\t%s\n' "$n" "$form" "$attach_ms" "$((hwm / 1024))" \
+          "$((rss / 1024))" "$(enforced)" \
+          "policy+object ${pre_ms} ms, verifier ${verify_eg%.*}+${verify_in%.*} ms, maps+attach ${post_ms} ms" >>"$loads"
+        stop_pid "$agent_pid" 10
+        forget_pid "$agent_pid"
+      else
+        printf '%s\tagent (%s)\t-\t-\t-\t-\trefused: %s\n' "$n" "$form" "$agent_error" >>"$loads"
+      fi
+    done
+    # nftables: the set the network part loads, in one `nft -f`.
+    nft_script "$n" "$addrs" >"$work/load-$n.nft"
+    if r=$(timed_load ip netns exec "$ns_c" nft -f "$work/load-$n.nft"); then
+      read -r ms peak <<<"$r"
+      printf '%s\tnft\t%s\t%s\t-\t%s\tnft -f\n' "$n" "$ms" "$([ "$peak" = - ] && echo - || echo $((peak / 1024)))" "$(enforced)" >>"$loads"
+    else
+      printf '%s\tnft\t-\t-\t-\t-\tfailed: %s\n' "$n" "$(tail -c 200 "$work/load.err")" >>"$loads"
+    fi
+    nft_clean
+    # iptables + ipset: a hash:ip set and the rule matching it.
+    hashsize=1024
+    while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
+    {
+      echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
+      sed 's/^/add egbench /' "$addrs"
+    } >"$work/load-$n.ipset"
+    printf '%s\n' "*filter" ":OUTPUT DROP [0:0]" \
+      "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT" "-A OUTPUT -o lo -j ACCEPT" \
+      "-A OUTPUT -p ipv6-icmp -j ACCEPT" "-A OUTPUT -m set --match-set egbench dst -j ACCEPT" \
+      "COMMIT" >"$work/load-$n.rules"
+    if r=$(timed_load ip netns exec "$ns_c" ipset restore -f "$work/load-$n.ipset") &&
+      r2=$(timed_load ip netns exec "$ns_c" ip6tables-restore "$work/load-$n.rules"); then
+      read -r ms peak <<<"$r"
+      read -r ms2 _ <<<"$r2"
+      printf '%s\tipset\t%s\t%s\t-\t%s\tipset restore %s ms + ip6tables-restore %s ms\n' "$n" "$((ms + ms2))" \
+        "$([ "$peak" = - ] && echo - || echo $((peak / 1024)))" "$(enforced)" "$ms" "$ms2" >>"$loads"
+    else
+      printf '%s\tipset\t-\t-\t-\t-\tfailed: %s\n' "$n" "$(tail -c 200 "$work/load.err")" >>"$loads"
+    fi
+    ipt_clean
+    log "$n loaded: $(awk -F'\t' -v n="$n" '$1 == n { printf "%s %s ms; ", $2, $3 }' "$loads")"
+  done
+  {
+    echo
+    echo "### Loading N addresses"
+    echo
+    echo "Load: the agent from process start to the \`attached:\` line (reading and compiling the"
+    echo "policy, the verifier, filling the maps, attaching); nft and ipset the command's wall time."
+    echo "Peak RSS (MiB): the agent's VmHWM once attached, the command's maximum RSS (GNU time) for"
+    echo "the others; steady RSS: the agent's VmRSS 5 s after attaching. \"filters\": a connection"
+    echo "to an address in no list fails."
+    echo
+    echo "| N | peer | load (ms) | peak RSS | steady RSS | filters | note |"
+    echo "|---:|---|---:|---:|---:|---|---|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7 }' "$loads"
+  } >>"$load_md"
+fi
+
 # --- The agent: start to enforcing, resources, DNS learning --------------------------------
 
 agent_md=$work/agent.md
@@ -895,6 +994,7 @@ if has_part verdict; then
 fi
 
 cat "$agent_md" >>"$report"
+cat "$load_md" >>"$report"
 
 cat "$report"
 if [ -n "$out" ]; then

@@ -3,7 +3,7 @@
 //! All the work that can be done once happens here, so the kernel does two lookups: the
 //! trie returns the longest matching prefix, and because every prefix carries the union of
 //! the ports of all rules that contain it, that one answer is complete.
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 
 use egress_common::{
     CIDRS_MAX_ENTRIES, CidrKey, MODE_AUDIT, MODE_ENFORCE, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES,
@@ -13,9 +13,11 @@ use ipnet::IpNet;
 
 use crate::{
     dns::names::{NameError, NameTable},
-    policy::{DnsSettings, Mode, Policy, Ports, Target},
+    policy::{DnsSettings, Mode, Policy},
     port_sets::PortSets,
 };
+
+mod cidrs;
 
 /// One `CIDRS` entry: prefix length over the 128-bit key, the key, and its port set id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,13 +101,6 @@ pub fn to_key_space(net: &IpNet) -> (u32, u128) {
     }
 }
 
-fn mask(addr: u128, prefix_len: u32) -> u128 {
-    match prefix_len {
-        0 => 0,
-        l => addr & (u128::MAX << (128 - l)),
-    }
-}
-
 /// Compiles a policy with a fresh port set registry.
 pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
     compile_with(policy, PortSets::default())
@@ -114,43 +109,15 @@ pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
 /// Compiles a policy, interning its port sets in `port_sets` (a running agent's registry,
 /// so that sets the new policy shares with the old keep their ids).
 pub fn compile_with(policy: &Policy, port_sets: PortSets) -> Result<Compiled, CompileError> {
-    let mut rules: HashMap<(u32, u128), Ports> = HashMap::new();
-    for rule in &policy.rules {
-        if let Target::Cidr(net) = &rule.target {
-            let k = to_key_space(net);
-            let merged = match rules.get(&k) {
-                Some(p) => p.union(&rule.ports),
-                None => rule.ports.clone(),
-            };
-            rules.insert(k, merged);
-        }
-    }
-    if rules.len() > CIDRS_MAX_ENTRIES as usize {
-        return Err(CompileError::TooManyCidrs {
-            needed: rules.len(),
-            max: CIDRS_MAX_ENTRIES,
-        });
-    }
-    let lengths: BTreeSet<u32> = rules.keys().map(|(l, _)| *l).collect();
     let mut out = Compiled {
         port_sets,
         ..Compiled::default()
     };
-    let mut ordered: Vec<_> = rules.iter().collect();
-    ordered.sort_by_key(|((l, a), _)| (*l, *a));
-    for ((len, addr), ports) in ordered {
-        let mut effective = ports.clone();
-        for shorter in lengths.range(..*len) {
-            if let Some(outer) = rules.get(&(*shorter, mask(*addr, *shorter))) {
-                effective = effective.union(outer);
-            }
-        }
-        out.cidrs.push(CidrEntry {
-            prefix_len: *len,
-            key: CidrKey {
-                addr: addr.to_be_bytes(),
-            },
-            port_set: out.port_sets.intern(&effective),
+    out.cidrs = cidrs::cidr_entries(policy, &mut out.port_sets);
+    if out.cidrs.len() > CIDRS_MAX_ENTRIES as usize {
+        return Err(CompileError::TooManyCidrs {
+            needed: out.cidrs.len(),
+            max: CIDRS_MAX_ENTRIES,
         });
     }
     out.names = NameTable::new(policy, &mut out.port_sets)?;
@@ -179,6 +146,13 @@ mod tests {
 
     use super::*;
     use crate::policy::parse;
+
+    fn mask(addr: u128, prefix_len: u32) -> u128 {
+        match prefix_len {
+            0 => 0,
+            l => addr & (u128::MAX << (128 - l)),
+        }
+    }
 
     fn compiled(yaml: &str) -> Compiled {
         compile(&parse(yaml, "test.yaml").expect("valid policy")).expect("compiles")

@@ -186,7 +186,7 @@ impl<M: KernelState> Control<M> {
             .context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
-            counted(policy.rules.len(), "rule", "rules"),
+            counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
             counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
         );
         Ok(())

@@ -257,6 +257,15 @@ fn print_rules(policy: &Policy) {
     for line in policy::rule_lines(&policy.rules) {
         println!("{line}");
     }
+    for list in &policy.lists {
+        println!(
+            "{} prefixes from {} {}  # allow[{}]",
+            list.prefixes.len(),
+            list.path.display(),
+            list.ports,
+            list.entry
+        );
+    }
 }
 
 fn list_presets() {

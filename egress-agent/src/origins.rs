@@ -10,7 +10,7 @@ use crate::{
     compile::to_key_space,
     dns::resolvers::FROM_POLICY,
     pinned::cidr_text,
-    policy::{NamePattern, Origin, Policy, Rule, Target},
+    policy::{NamePattern, Origin, Policy, Prefix, Rule, Target},
 };
 
 /// The policy entries behind a map entry: its own (the rules of exactly this target) and
@@ -74,6 +74,16 @@ pub fn of_cidr(policy: &Policy, entry: &CidrMatch) -> Origins {
             out.own.push(origin_list(rule));
         } else if len < entry.prefix_len && (len == 0 || (addr ^ network) >> (128 - len) == 0) {
             out.inside.push(format!("{net} ({})", origin_list(rule)));
+        }
+    }
+    if let Ok(len) = u8::try_from(entry.prefix_len) {
+        let prefix = Prefix {
+            len,
+            addr: entry.network,
+        };
+        for list in policy.lists.iter().filter(|list| list.contains(&prefix)) {
+            out.own
+                .push(format!("allow[{}] (cidrs_from {})", list.entry, list.name));
         }
     }
     out

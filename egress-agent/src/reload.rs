@@ -1,5 +1,6 @@
 //! Watching the policy file: SIGHUP, or a change of its content (an edit, a rename over it,
-//! a ConfigMap's symlink swap) found by reading it every two seconds. A policy that fails
+//! a ConfigMap's symlink swap) or of a list file it names, found by reading it every two
+//! seconds. A policy that fails
 //! to parse is rejected with a logged error (and counted) and nothing changes.
 use std::{path::PathBuf, time::Duration};
 
@@ -14,6 +15,10 @@ use crate::{
     policy::{self, Policy},
 };
 
+mod lists;
+
+pub use lists::ListFiles;
+
 const POLL_PERIOD: Duration = Duration::from_secs(2);
 
 /// A new policy, with the bytes it was parsed from (recorded once applied, see `record`).
@@ -27,10 +32,12 @@ pub struct Reloaded {
 /// parsed from: the agent reads the file long before it starts watching (loading and
 /// attaching come between), and a change made meanwhile must be applied, not taken for
 /// the running policy.
-/// `kubelet` is the API server name the node's kubeconfig gave at the start.
+/// `kubelet` is the API server name the node's kubeconfig gave at the start; `lists` the
+/// list files of the running policy.
 pub async fn watch(
     path: PathBuf,
     loaded: Vec<u8>,
+    mut lists: ListFiles,
     kubelet: Option<KubeletApiServer>,
     reloads: mpsc::Sender<Reloaded>,
     counters: Reloads,
@@ -45,9 +52,13 @@ pub async fn watch(
             _ = tick.tick() => "the policy file changed",
         };
         let now = policy::read(&path);
-        if why != "SIGHUP" && now.as_ref().ok() == last.as_ref() {
-            continue;
-        }
+        let same = now.as_ref().ok() == last.as_ref();
+        let why = match (why, lists.changed()) {
+            ("SIGHUP", _) => why,
+            (_, true) if same => "a list file changed",
+            _ if same => continue,
+            _ => why,
+        };
         log::info!("{why}: reloading {}", path.display());
         // Parsed from the very bytes kept as `last`: a change after this read is a change.
         let parsed = now.as_ref().map_err(ToString::to_string).and_then(|bytes| {
@@ -57,6 +68,7 @@ pub async fn watch(
         match parsed {
             Ok(policy) => {
                 policy::log_notices(&policy, &source);
+                lists = ListFiles::of(&policy);
                 let bytes = last.clone().unwrap_or_default();
                 reloads.send(Reloaded { policy, bytes }).await?;
             }
@@ -102,6 +114,7 @@ mod tests {
         let watcher = tokio::spawn(watch(
             file.0.clone(),
             loaded.as_bytes().to_vec(),
+            ListFiles::default(),
             None,
             tx,
             Reloads::default(),

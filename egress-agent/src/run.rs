@@ -225,7 +225,7 @@ async fn start(
     }
     log::info!(
         "attached: mode {mode}, {} ({}), cgroup {}{}; on exit: {}",
-        counted(policy.rules.len(), "rule", "rules"),
+        counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
         counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries"),
         cgroup.display(),
         if opts.interfaces.is_empty() {
@@ -374,6 +374,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let learned_capacity = policy.dns.max_ips;
     let running = Running::now(&loaded);
     let reloads = Reloads::default();
+    let lists = reload::ListFiles::of(&policy);
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
     // a large policy it is tens of MiB.
     drop(policy);
@@ -420,6 +421,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let watcher = tokio::spawn(reload::watch(
         opts.config.clone(),
         loaded,
+        lists,
         kubelet,
         reload_tx,
         reloads,

@@ -12,7 +12,7 @@ use egress_common::{
     addr::{display_addr, to_key},
 };
 
-use super::{Enforcer, LoadError, map_err};
+use super::{Enforcer, LoadError, cidr_write, map_err};
 use crate::dns::learner::LearnedStore;
 
 /// The agent's DNS learner reads and writes `LEARNED` and `PORTS` through the enforcer.
@@ -96,7 +96,8 @@ impl Enforcer {
                 .collect::<Result<_, _>>()
                 .map_err(map_err(format!("reading {name}")))
         }
-        self.written.cidrs = trie_keys(&self.ebpf, CIDRS)?;
+        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        self.written.cidrs = cidr_write::read(map)?;
         self.written.names = trie_keys(&self.ebpf, NAMES)?;
         self.written.resolvers = self
             .hash_ref::<Addr, u8>(RESOLVERS)?

@@ -10,6 +10,7 @@
 use std::{collections::HashSet, path::PathBuf};
 
 mod attach;
+mod cidr_write;
 mod interface;
 mod load;
 mod maps;
@@ -30,7 +31,7 @@ use aya::{
     programs::{links::PinnedLink, tc},
 };
 use egress_common::{
-    Addr, CIDRS, CidrKey, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, LEARNED, LearnedName,
+    Addr, CIDRS, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, LEARNED, LearnedName,
     LearnedNameKey, NAMES, NameKey, PORTS, RATE, RESOLVERS, SETTINGS, STATS,
 };
 
@@ -120,7 +121,7 @@ pub enum LoadError {
 /// What the policy maps hold, so that a new policy replaces it entry by entry.
 #[derive(Default)]
 struct Written {
-    cidrs: HashSet<(u32, CidrKey)>,
+    cidrs: cidr_write::Keys,
     names: HashSet<(u32, NameKey)>,
     resolvers: HashSet<Addr>,
 }

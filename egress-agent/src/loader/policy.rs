@@ -5,9 +5,9 @@ use aya::{
     Pod,
     maps::{LpmTrie, MapData, lpm_trie::Key},
 };
-use egress_common::{CIDRS, CidrKey, CidrValue, NAMES, NameKey, PORTS, PortKey};
+use egress_common::{CIDRS, CidrValue, NAMES, NameKey, PORTS, PortKey};
 
-use super::{Enforcer, LoadError, map_err, maps::remove_if_present};
+use super::{Enforcer, LoadError, cidr_write, map_err, maps::remove_if_present};
 use crate::compile::Compiled;
 
 impl Enforcer {
@@ -35,20 +35,8 @@ impl Enforcer {
             )?
         };
         self.written.names = names;
-        let previous = std::mem::take(&mut self.written.cidrs);
-        let cidrs = {
-            let trie = self.lpm::<CidrKey>(CIDRS)?;
-            replace_entries(
-                trie,
-                CIDRS,
-                compiled
-                    .cidrs
-                    .iter()
-                    .map(|e| (e.prefix_len, e.key, e.port_set)),
-                &previous,
-            )?
-        };
-        self.written.cidrs = cidrs;
+        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        self.written.cidrs = cidr_write::replace(map, &compiled.cidrs, &self.written.cidrs)?;
         Ok(())
     }
 }

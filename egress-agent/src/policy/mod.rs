@@ -12,9 +12,11 @@ use std::path::Path;
 use crate::kubeconfig::KubeletApiServer;
 
 mod diagnose;
+mod lists;
 mod locate;
 mod merge;
 mod nesting;
+mod prefix_list;
 pub mod presets;
 mod raw;
 mod suffix;
@@ -22,6 +24,7 @@ mod syntax;
 mod types;
 mod validate;
 
+pub use prefix_list::{MAX_LIST_BYTES, Prefix, PrefixList, digest_of};
 pub use suffix::{Reach, reach};
 pub use syntax::merge;
 pub use types::{

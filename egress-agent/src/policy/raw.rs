@@ -77,11 +77,13 @@ pub(super) struct RawDns {
 #[derive(Deserialize, Default)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `cidr` or `fqdn`, and optionally `ports`"
+    expecting = "a mapping with `cidr`, `fqdn` or `cidrs_from`, and optionally `ports`"
 )]
 pub(super) struct RawEntry {
     pub(super) cidr: Option<String>,
     pub(super) fqdn: Option<String>,
+    /// A file of prefixes, one a line (see `prefix_list`).
+    pub(super) cidrs_from: Option<String>,
     /// `Some(None)` is a bare `ports:`, which must not be mistaken for an omitted `ports`
     /// (every port).
     #[serde(default, deserialize_with = "present")]

@@ -99,6 +99,7 @@ fn example_parses() {
                 ),
                 rule(4, net("198.51.100.7/32"), Ports::Some(vec![ICMP])),
             ],
+            lists: vec![],
             notices: vec![],
             dns: DnsSettings::default(),
         }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use egress_common::LEARNED_MAX_ENTRIES;
 use ipnet::IpNet;
 
+use super::prefix_list::PrefixList;
 use super::syntax::merge;
 
 /// What the enforcer does with traffic the policy does not allow.
@@ -47,6 +48,8 @@ pub struct Policy {
     /// One rule per target: the `allow` entries in file order, then what `presets`,
     /// `api_server` and `cluster_cidrs` add.
     pub rules: Vec<Rule>,
+    /// The `cidrs_from` entries, in file order: CIDR rules too, kept compact.
+    pub lists: Vec<PrefixList>,
     pub dns: DnsSettings,
     /// What `check` says about the policy beside its rules, and the agent logs on loading
     /// it: what a preset did with the API server name, and doubtful but valid entries.

@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use egress_common::LEARNED_LIMIT;
 use ipnet::{IpNet, Ipv6Net};
 
+use super::lists::{list_entry, refuse_repeats};
 use super::merge::{RuleSet, add_presets};
+use super::prefix_list::PrefixList;
 use super::presets::API_SERVER_PORTS;
 use super::raw::{RawDns, RawEntry, RawPolicy};
 use super::suffix::{Reach, reach};
@@ -70,10 +72,15 @@ pub(super) fn validate(
         Some(dns) => problems.keep(parse_dns(dns, source)).unwrap_or_default(),
     };
     let mut rules = RuleSet::default();
+    let mut lists = Vec::new();
     let mut notices = Vec::new();
     let allow_given = raw.allow.is_some();
-    for (entry, raw) in raw.allow.into_iter().flatten().enumerate() {
+    for (entry, mut raw) in raw.allow.into_iter().flatten().enumerate() {
         if raw.reported {
+            continue;
+        }
+        if let Some(name) = raw.cidrs_from.take() {
+            lists.extend(problems.keep(list_entry(entry, raw, name, source)));
             continue;
         }
         let parsed = parse_entry(entry, raw, &rules, &mut notices, source);
@@ -143,14 +150,15 @@ pub(super) fn validate(
             rules.add(target, Ports::All, Origin::ClusterCidr(entry));
         }
     }
-    problems.keep(refuse_whole_family(&rules.rules, source));
+    problems.keep(refuse_repeats(&lists, &rules.rules, source));
+    problems.keep(refuse_whole_family(&rules.rules, &lists, source));
     if !problems.0.is_empty() {
         return Err(PolicyError::Invalid {
             file: source.to_string(),
             problems: problems.0,
         });
     }
-    if rules.rules.is_empty() {
+    if rules.rules.is_empty() && lists.is_empty() {
         let problem = if allow_given {
             "is empty, so all egress would be dropped; list at least one destination, or use `presets`"
         } else {
@@ -161,6 +169,7 @@ pub(super) fn validate(
     Ok(Policy {
         mode,
         rules: rules.rules,
+        lists,
         dns,
         notices,
     })
@@ -170,7 +179,11 @@ pub(super) fn validate(
 /// `0.0.0.0/1` and `128.0.0.0/1` admit as much as `0.0.0.0/0`, which [`parse_cidr`] refuses.
 /// As for `/0`, the rules' ports do not matter: every destination on a port is a hole an
 /// allowlist is there to close. Names the rules that do it, the widest ones only.
-fn refuse_whole_family(rules: &[Rule], source: &str) -> Result<(), PolicyError> {
+fn refuse_whole_family(
+    rules: &[Rule],
+    lists: &[PrefixList],
+    source: &str,
+) -> Result<(), PolicyError> {
     /// Rules named in the error at most; thousands of /16s can cover IPv4.
     const NAMED: usize = 8;
     // IPv6 rules may not hold the IPv4-mapped range (see `parse_cidr`), and no IPv6 packet
@@ -196,15 +209,40 @@ fn refuse_whole_family(rules: &[Rule], source: &str) -> Result<(), PolicyError> 
                 }
                 _ => None,
             });
-        let Some(widest) = covering(ranges.chain(implied), last) else {
+        // A list's prefixes count as rules numbered after the inline ones.
+        let listed = lists.iter().enumerate().flat_map(|(k, list)| {
+            list.prefixes.iter().filter_map(move |p| match p.net() {
+                IpNet::V4(net) if ipv4 => Some((
+                    u32::from(net.network()).into(),
+                    u32::from(net.broadcast()).into(),
+                    Some(rules.len() + k),
+                )),
+                IpNet::V6(net) if !ipv4 => Some((
+                    net.network().into(),
+                    net.broadcast().into(),
+                    Some(rules.len() + k),
+                )),
+                _ => None,
+            })
+        });
+        let Some(mut widest) = covering(ranges.chain(listed).chain(implied), last) else {
             continue;
         };
+        // A list is named once, where its first prefix comes.
+        let mut seen = std::collections::HashSet::new();
+        widest.retain(|&i| seen.insert(i));
         let mut named: Vec<String> = widest
             .iter()
             .take(NAMED)
-            .map(|&i| {
-                let origins: Vec<String> = rules[i].origins.iter().map(Origin::to_string).collect();
-                format!("{} ({})", origins.join(" and "), rules[i].target)
+            .map(|&i| match rules.get(i) {
+                Some(rule) => {
+                    let origins: Vec<String> = rule.origins.iter().map(Origin::to_string).collect();
+                    format!("{} ({})", origins.join(" and "), rule.target)
+                }
+                None => {
+                    let list = &lists[i - rules.len()];
+                    super::lists::at(list.entry, &list.name)
+                }
             })
             .collect();
         if widest.len() > NAMED {

@@ -1,0 +1,84 @@
+//! `BPF_MAP_UPDATE_BATCH` on `CIDRS`, which aya does not offer: one syscall for many
+//! entries. Kernel 6.18 takes it on an LPM trie (the generic batch op: each entry is
+//! still one insert under the trie's lock, without a syscall of its own); an older kernel
+//! may refuse it, and the caller then writes entry by entry.
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+
+use aya::maps::lpm_trie::Key;
+use egress_common::{CidrKey, CidrValue};
+
+use crate::compile::CidrEntry;
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Entries per syscall: the key and value buffers stay at a few MiB.
+const CHUNK: usize = 1 << 16;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Why a batch write stopped.
+pub(super) enum Refused {
+    /// The kernel has no batch update for the map: nothing was written.
+    Unsupported,
+    /// An entry could not be written.
+    Failed(std::io::Error),
+}
+
+/// Writes `entries` into the LPM trie `fd` in batches.
+pub(super) fn write(fd: BorrowedFd<'_>, entries: &[CidrEntry]) -> Result<(), Refused> {
+    let mut keys: Vec<Key<CidrKey>> = Vec::with_capacity(CHUNK.min(entries.len()));
+    let mut values: Vec<CidrValue> = Vec::with_capacity(CHUNK.min(entries.len()));
+    for (n, chunk) in entries.chunks(CHUNK).enumerate() {
+        keys.clear();
+        values.clear();
+        keys.extend(chunk.iter().map(|e| Key::new(e.prefix_len, e.key)));
+        values.extend(chunk.iter().map(|e| CidrValue {
+            port_set: e.port_set,
+        }));
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at `count` keys and values of the map's sizes, alive for the
+        // call; the kernel writes back only `attr.count`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if ret < 0 {
+            let error = std::io::Error::last_os_error();
+            // ENOTSUPP (524), EOPNOTSUPP or EINVAL on the very first call: no batch op.
+            let unsupported = matches!(
+                error.raw_os_error(),
+                Some(524 | libc::EOPNOTSUPP | libc::EINVAL)
+            );
+            return Err(if n == 0 && attr.count == 0 && unsupported {
+                Refused::Unsupported
+            } else {
+                Refused::Failed(error)
+            });
+        }
+    }
+    Ok(())
+}
