@@ -503,6 +503,49 @@ ipt_clean() {
   nft_clean
 }
 
+# The peers' rule sets for the N addresses of file $2, on hook $1 (output: the client's
+# own packets, with loopback let through; forward: a router's), written to $3:
+# nftables, one set and one chain.
+nft_rules() {
+  local hook=$1 addrs=$2 n
+  n=$(wc -l <"$addrs")
+  {
+    echo "table inet egbench {"
+    echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
+    echo "  chain $hook {"
+    echo "    type filter hook $hook priority 0; policy drop;"
+    echo "    ct state established,related accept"
+    [ "$hook" = output ] && echo "    oifname \"lo\" accept"
+    echo "    meta l4proto ipv6-icmp accept"
+    echo "    ip6 daddr @allowed accept"
+    echo "  }"
+    echo "}"
+    awk -v chunk=10000 '
+      (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
+      { printf "%s%s", sep, $1; sep = ", " }
+      END { if (NR) print " }" }' "$addrs"
+  } >"$3"
+}
+# ... iptables + ipset: the set to $3, the rules to $3.rules.
+ipset_rules() {
+  local chain=${1^^} addrs=$2 n hashsize=1024
+  n=$(wc -l <"$addrs")
+  while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
+  {
+    echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
+    sed 's/^/add egbench /' "$addrs"
+  } >"$3"
+  {
+    echo "*filter"
+    echo ":$chain DROP [0:0]"
+    echo "-A $chain -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    [ "$chain" = OUTPUT ] && echo "-A $chain -o lo -j ACCEPT"
+    echo "-A $chain -p ipv6-icmp -j ACCEPT"
+    echo "-A $chain -m set --match-set egbench dst -j ACCEPT"
+    echo "COMMIT"
+  } >"$3.rules"
+}
+
 uptime_before=$(uptime)
 run_started=$(now_ns)
 if has_part network; then
@@ -536,22 +579,7 @@ if has_part network; then
       record "$n" nft - "- - - - -" "not tried: ${unusable[nft]}"
     else
       f=$work/nft-$n.nft
-      {
-        echo "table inet egbench {"
-        echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
-        echo "  chain out {"
-        echo "    type filter hook output priority 0; policy drop;"
-        echo "    ct state established,related accept"
-        echo "    oifname \"lo\" accept"
-        echo "    meta l4proto ipv6-icmp accept"
-        echo "    ip6 daddr @allowed accept"
-        echo "  }"
-        echo "}"
-        awk -v chunk=10000 '
-          (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
-          { printf "%s%s", sep, $1; sep = ", " }
-          END { if (NR) print " }" }' "$addrs"
-      } >"$f"
+      nft_rules output "$addrs" "$f"
       t0=$(now_ns)
       if timeout "$load_limit" ip netns exec "$ns_c" nft -f "$f" 2>"$work/nft.err"; then
         load=$(ms_since "$t0")
@@ -568,21 +596,7 @@ if has_part network; then
       record "$n" ipset - "- - - - -" "not tried: ${unusable[ipset]}"
     else
       f=$work/ipset-$n
-      hashsize=1024
-      while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
-      {
-        echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
-        sed 's/^/add egbench /' "$addrs"
-      } >"$f"
-      {
-        echo "*filter"
-        echo ":OUTPUT DROP [0:0]"
-        echo "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-        echo "-A OUTPUT -o lo -j ACCEPT"
-        echo "-A OUTPUT -p ipv6-icmp -j ACCEPT"
-        echo "-A OUTPUT -m set --match-set egbench dst -j ACCEPT"
-        echo "COMMIT"
-      } >"$f.rules"
+      ipset_rules output "$addrs" "$f"
       t0=$(now_ns)
       if timeout "$load_limit" ip netns exec "$ns_c" ipset restore -f "$f" 2>"$work/ipset.err" &&
         timeout "$load_limit" ip netns exec "$ns_c" ip6tables-restore "$f.rules" 2>>"$work/ipset.err"; then
@@ -795,9 +809,10 @@ udp_tc_topology() {
 
 # One path ($1: cgroup|tc) at every size: baseline, the agent (paired), nftables, ipset.
 udp_path() {
-  local path=$1 n addrs policy f t0 load m hook chain ns hashsize
+  local path=$1 n addrs policy f t0 load hook ns
   ns=$(udp_filter_ns "$path")
-  if [ "$path" = cgroup ]; then hook=output; chain=OUTPUT; else hook=forward; chain=FORWARD; fi
+  hook=output
+  [ "$path" = tc ] && hook=forward
   for n in $udp_sizes; do
     addrs=$work/addrs-$n
     [ -s "$addrs" ] || "$bench" addresses "$n" >"$addrs"
@@ -805,11 +820,12 @@ udp_path() {
 
     policy=$work/policy-$n.yaml
     [ -s "$policy" ] || { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$policy"
+    # Metrics on a free port: another agent on this machine may hold the default one.
     agent_prefix=()
-    agent_extra=()
+    agent_extra=(--listen 127.0.0.1:0)
     if [ "$path" = tc ]; then
       agent_prefix=(nsenter "--net=/run/netns/$ns_r")
-      agent_extra=(--interface "$tc_dev")
+      agent_extra+=(--interface "$tc_dev")
     fi
     if start_agent "$policy" "$work/agent-udp-$path-$n.log"; then
       udp_record "$path" "$n" agent "$attach_ms" "$(udp_measure_paired "$path" "$n")"
@@ -822,22 +838,7 @@ udp_path() {
     agent_extra=()
 
     f=$work/udp-nft-$path-$n.nft
-    {
-      echo "table inet egbench {"
-      echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
-      echo "  chain c {"
-      echo "    type filter hook $hook priority 0; policy drop;"
-      echo "    ct state established,related accept"
-      [ "$path" = cgroup ] && echo "    oifname \"lo\" accept"
-      echo "    meta l4proto ipv6-icmp accept"
-      echo "    ip6 daddr @allowed accept"
-      echo "  }"
-      echo "}"
-      awk -v chunk=10000 '
-        (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
-        { printf "%s%s", sep, $1; sep = ", " }
-        END { if (NR) print " }" }' "$addrs"
-    } >"$f"
+    nft_rules "$hook" "$addrs" "$f"
     t0=$(now_ns)
     if timeout "$load_limit" ip netns exec "$ns" nft -f "$f" 2>"$work/udp-nft.err"; then
       load=$(ms_since "$t0")
@@ -847,22 +848,8 @@ udp_path() {
     fi
     udp_filters_clean "$path"
 
-    hashsize=1024
-    while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
     f=$work/udp-ipset-$path-$n
-    {
-      echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
-      sed 's/^/add egbench /' "$addrs"
-    } >"$f"
-    {
-      echo "*filter"
-      echo ":$chain DROP [0:0]"
-      echo "-A $chain -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-      [ "$path" = cgroup ] && echo "-A $chain -o lo -j ACCEPT"
-      echo "-A $chain -p ipv6-icmp -j ACCEPT"
-      echo "-A $chain -m set --match-set egbench dst -j ACCEPT"
-      echo "COMMIT"
-    } >"$f.rules"
+    ipset_rules "$hook" "$addrs" "$f"
     t0=$(now_ns)
     if timeout "$load_limit" ip netns exec "$ns" ipset restore -f "$f" 2>"$work/udp-ipset.err" &&
       timeout "$load_limit" ip netns exec "$ns" ip6tables-restore "$f.rules" 2>>"$work/udp-ipset.err"; then
@@ -883,7 +870,7 @@ if has_part udp; then
     >"$work/udp-sink.log" 2>&1 &
   pids+=($!)
   for ((i = 0; i < 100; i++)); do
-    grep -q listening "$work/udp-sink.log" && break
+    grep -qs listening "$work/udp-sink.log" && break
     sleep 0.05
   done
   grep -q listening "$work/udp-sink.log" || die "the UDP sink did not start: $(cat "$work/udp-sink.log")"

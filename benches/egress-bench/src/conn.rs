@@ -195,21 +195,19 @@ fn client_thread(
     Ok(c)
 }
 
-pub fn rate(opts: &RateOptions) -> Result<()> {
-    if let Some(dir) = &opts.cgroup {
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    }
-    let threads = opts.threads.max(1);
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(opts.seconds);
+/// Runs `work(t, stop)` on `threads` threads, `t` from 0; when one fails, `stop` is set
+/// for the others to end early. Each thread's result, in order.
+pub(crate) fn on_threads<T: Send>(
+    threads: u16,
+    work: impl Fn(u16, &AtomicBool) -> io::Result<T> + Sync,
+) -> Vec<io::Result<T>> {
     let stop = AtomicBool::new(false);
-    let results: Vec<io::Result<Counts>> = thread::scope(|s| {
+    thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let stop = &stop;
+                let (stop, work) = (&stop, &work);
                 s.spawn(move || {
-                    let r = client_thread(opts, t, deadline, stop);
+                    let r = work(t, stop);
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -224,7 +222,18 @@ pub fn rate(opts: &RateOptions) -> Result<()> {
                     .unwrap_or_else(|_| Err(io::Error::other("panicked")))
             })
             .collect()
-    });
+    })
+}
+
+pub fn rate(opts: &RateOptions) -> Result<()> {
+    if let Some(dir) = &opts.cgroup {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", dir.display()))?;
+    }
+    let threads = opts.threads.max(1);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(opts.seconds);
+    let results = on_threads(threads, |t, stop| client_thread(opts, t, deadline, stop));
     let elapsed = started.elapsed().as_secs_f64();
     let mut total = Counts::default();
     for r in results {

@@ -217,7 +217,8 @@ fn main_inner() -> Result<()> {
                 seconds: args.flag("seconds", 5.0)?,
                 threads: args.flag(
                     "threads",
-                    std::thread::available_parallelism().map_or(1, usize::from),
+                    std::thread::available_parallelism()
+                        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX)),
                 )?,
                 payload: args.flag("payload", 64)?,
             };
@@ -226,6 +227,9 @@ fn main_inner() -> Result<()> {
                 bail!("--seconds must be in (0, 600]");
             }
             udp::check_payload(opts.payload)?;
+            if opts.threads == 0 {
+                bail!("--threads must be at least 1");
+            }
             udp::flood(&opts)
         }
         "udp-sink" => {

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::conn::{setsockopt, sockaddr};
+use crate::conn::{on_threads, setsockopt, sockaddr};
 
 /// Datagrams per `sendmmsg` / `recvmmsg` call.
 const BATCH: usize = 64;
@@ -27,7 +27,7 @@ const MAX_PAYLOAD: usize = 1472;
 pub struct FloodOptions {
     pub dst: SocketAddr,
     pub seconds: f64,
-    pub threads: usize,
+    pub threads: u16,
     pub payload: usize,
 }
 
@@ -101,28 +101,7 @@ fn sender(opts: &FloodOptions, deadline: Instant, stop: &AtomicBool) -> io::Resu
 pub fn flood(opts: &FloodOptions) -> Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(opts.seconds);
-    let stop = AtomicBool::new(false);
-    let results: Vec<io::Result<Sent>> = thread::scope(|s| {
-        let handles: Vec<_> = (0..opts.threads.max(1))
-            .map(|_| {
-                let stop = &stop;
-                s.spawn(move || {
-                    let r = sender(opts, deadline, stop);
-                    if r.is_err() {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("panicked")))
-            })
-            .collect()
-    });
+    let results = on_threads(opts.threads, |_, stop| sender(opts, deadline, stop));
     let elapsed = started.elapsed().as_secs_f64();
     let mut total = Sent::default();
     for r in results {
@@ -134,7 +113,7 @@ pub fn flood(opts: &FloodOptions) -> Result<()> {
         "{{\"sent\":{},\"errors\":{},\"threads\":{},\"payload\":{},\"seconds\":{elapsed:.3},\"per_sec\":{:.0}}}",
         total.datagrams,
         total.errors,
-        opts.threads.max(1),
+        opts.threads,
         opts.payload,
         total.datagrams as f64 / elapsed
     );
