@@ -34,8 +34,8 @@ usage: benches/run.sh [--quick] [--parts "network udp verdict agent"] [--sizes "
   --out FILE     also write the report (Markdown) to FILE
   --no-build     use the binaries in target/release as they are
   --keep DIR     keep the work files (policies, logs, raw results) in DIR
-  --profile      record the agent with \`perf record -g\` during the fastest DNS flood and add
-                 the top of \`perf report\` to the report (needs perf)
+  --profile      record the agent with `perf record -g` during the fastest DNS flood and add
+                 the top of `perf report` to the report (needs perf)
 
 Needs root. Installs iperf3, nftables, ipset, iptables and jq with apt if missing.
 EOF
@@ -392,31 +392,42 @@ measure_paired() {
     "$(enforced)" "$(printf '%s\n' "${g_agent[@]}" | spread)"
 }
 
-# "name run_time_ns run_cnt" of each program attached to the benchmark cgroup.
+# The ids of the programs attached to the benchmark cgroup.
+cgroup_prog_ids() { bpftool cgroup show "$cg" -j | jq -r '.[].id'; }
+
+# "name run_time_ns run_cnt" of each program whose id function $1 prints.
 prog_stats() {
   local id
-  for id in $(bpftool cgroup show "$cg" -j | jq -r '.[].id'); do
+  for id in $("$1"); do
     bpftool prog show id "$id" -j | jq -r '"\(.name) \(.run_time_ns // 0) \(.run_cnt // 0)"'
   done
 }
 
-# The agent's programs' own cost during one iperf3 run from the enforced cgroup, for size
-# $1: `kernel.bpf_stats_enabled` makes the kernel count each program's runs and run time.
-# On for this run only (it adds two clock reads to every run), so the paired runs above do
-# not pay for it. Appends "size program runs_per_s ns_per_run percent_of_a_core" to $progcost.
-prog_cost() {
-  local before after
+# The cost of the programs whose ids function $1 prints while the command after it runs:
+# `kernel.bpf_stats_enabled` makes the kernel count each program's runs and run time. On
+# for this run only (it adds two clock reads to every run), so the paired runs do not pay
+# for it. Prints "program runs_per_s ns_per_run percent_of_a_core" lines, per second of
+# the command's own run time.
+programs_cost() {
+  local ids=$1 before after t0 t1
+  shift
   echo 1 >/proc/sys/kernel/bpf_stats_enabled
-  before=$(prog_stats)
-  iperf_once "$cg" >/dev/null
-  after=$(prog_stats)
+  before=$(prog_stats "$ids")
+  t0=$(now_ns)
+  "$@" >/dev/null
+  t1=$(now_ns)
+  after=$(prog_stats "$ids")
   echo "$bpf_stats_was" >/proc/sys/kernel/bpf_stats_enabled
-  awk -v n="$1" -v secs="$((seconds + omit))" '
+  awk -v ms="$(((t1 - t0) / 1000000))" '
     NR == FNR { t[$1] = $2; c[$1] = $3; next }
-    { dt = $2 - t[$1]; dc = $3 - c[$1]
-      printf "%s\t%s\t%.0f\t%.0f\t%.2f\n", n, $1, dc / secs, (dc > 0 ? dt / dc : 0), dt / secs / 1e7 }
-  ' <(echo "$before") <(echo "$after") >>"$progcost"
+    { dt = $2 - t[$1]; dc = $3 - c[$1]; s = ms / 1000
+      printf "%s\t%.0f\t%.0f\t%.2f\n", $1, dc / s, (dc > 0 ? dt / dc : 0), dt / s / 1e7 }
+  ' <(echo "$before") <(echo "$after")
 }
+
+# The agent's programs' own cost during one iperf3 run from the enforced cgroup, for size
+# $1. Appends "size program runs_per_s ns_per_run percent_of_a_core" to $progcost.
+prog_cost() { programs_cost cgroup_prog_ids iperf_once "$cg" | sed "s/^/$1\t/" >>"$progcost"; }
 
 record() { # size peer load_ms "measure output" note...
   local size=$1 peer=$2 load=$3 m=$4
@@ -656,6 +667,8 @@ udp_results=$work/udp.tsv
 : >"$udp_results"
 udp_paired=$work/udp-paired.tsv
 : >"$udp_paired"
+udp_progcost=$work/udp-progcost.tsv
+: >"$udp_progcost"
 udp_port=5401
 # TC path: two clients, "on" routed over the router's link with the agent, "free" over
 # a second link to the same server that nothing filters, for the agent's paired runs.
@@ -667,7 +680,8 @@ tc_dev=egbra$id
 # Udp6InDatagrams of the server namespace.
 udp_rx() { ip netns exec "$ns_s" awk '$1 == "Udp6InDatagrams" { print $2 }' /proc/net/snmp6; }
 
-# One flood from path $1 (cgroup|tc), side $2 (on|free): "rx_per_s tx_per_s errors".
+# One flood from path $1 (cgroup|tc), side $2 (on|free): "rx_per_s tx_per_s errors
+# sender_cpu_ns_per_datagram".
 udp_once() {
   local r0 r1 json run
   if [ "$1" = cgroup ]; then
@@ -680,10 +694,22 @@ udp_once() {
   r0=$(udp_rx)
   json=$("${run[@]}" timeout $((seconds + 20)) "$bench" udp-flood "$target" "$udp_port" \
     --seconds "$seconds" --payload 64 2>>"$work/udp.err") ||
-    json='{"per_sec":0,"errors":-1,"seconds":1}'
+    json='{"per_sec":0,"errors":-1,"seconds":1,"cpu_ns_per_datagram":0}'
   sleep 0.2 # what is still queued on the way
   r1=$(udp_rx)
-  jq -r --argjson rx $((r1 - r0)) '"\($rx / .seconds | floor) \(.per_sec) \(.errors)"' <<<"$json"
+  jq -r --argjson rx $((r1 - r0)) \
+    '"\($rx / .seconds | floor) \(.per_sec) \(.errors) \(.cpu_ns_per_datagram)"' <<<"$json"
+}
+
+# The ids of the agent's programs on each path (for `programs_cost`).
+udp_prog_ids_cgroup() { cgroup_prog_ids; }
+# TC: from the agent's pinned TCX links (`tc-<interface>-<direction>@<link id>`); kernels
+# before 6.6 attach netlink filters, which are not pinned, and show no TC rows.
+udp_prog_ids_tc() {
+  local l
+  for l in "$work"/bpf/egress-enforcer/v*/links/tc-"$tc_dev"-*@*; do
+    [ -e "$l" ] && bpftool link show id "${l##*@}" -j | jq -r .prog_id
+  done
 }
 
 # Whether a TCP connection to the denied address fails from path $1, side "on".
@@ -697,43 +723,45 @@ udp_enforced() {
   fi
 }
 
-# $reps floods from path $1, side "on": "rx tx rx_spread enforced".
+# $reps floods from path $1, side "on": "rx tx rx_spread enforced cpu_ns".
 udp_measure() {
-  local r rx=() tx=() a b
+  local r rx=() tx=() cpu=() a b c
   for ((r = 0; r < reps; r++)); do
-    read -r a b _ < <(udp_once "$1" on)
+    read -r a b _ c < <(udp_once "$1" on)
     rx+=("$a")
     tx+=("$b")
+    cpu+=("$c")
   done
-  printf '%s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
-    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")"
+  printf '%s %s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
+    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")" "$(printf '%s\n' "${cpu[@]}" | median)"
 }
 
 # `udp_measure` for the agent on path $1 at size $2, each flood paired with one from the
 # free side right before or after it (the order alternates), as `measure_paired` does.
-# Appends "path size free_rx agent_rx rx_ratio ratio_spread free_tx agent_tx tx_ratio"
-# to $udp_paired.
+# Appends "path size free_rx agent_rx rx_ratio ratio_spread free_cpu agent_cpu
+# cpu_added cpu_added_spread" to $udp_paired (cpu: the sender's ns per datagram; added:
+# the median of the pairs' differences).
 udp_measure_paired() {
-  local r a b a_rx a_tx b_rx b_tx ratios=() txr=() rx=() tx=() frx=() ftx=()
+  local r a b a_rx a_tx a_cpu b_rx b_tx b_cpu ratios=() added=() rx=() tx=() frx=() cpu=() fcpu=()
   for ((r = 0; r < reps; r++)); do
     if ((r % 2)); then
       a=$(udp_once "$1" on); b=$(udp_once "$1" free)
     else
       b=$(udp_once "$1" free); a=$(udp_once "$1" on)
     fi
-    read -r a_rx a_tx _ <<<"$a"
-    read -r b_rx b_tx _ <<<"$b"
-    rx+=("$a_rx"); tx+=("$a_tx"); frx+=("$b_rx"); ftx+=("$b_tx")
+    read -r a_rx a_tx _ a_cpu <<<"$a"
+    read -r b_rx b_tx _ b_cpu <<<"$b"
+    rx+=("$a_rx"); tx+=("$a_tx"); cpu+=("$a_cpu"); frx+=("$b_rx"); fcpu+=("$b_cpu")
     ratios+=("$(awk -v a="$a_rx" -v b="$b_rx" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print 0 }')")
-    txr+=("$(awk -v a="$a_tx" -v b="$b_tx" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print 0 }')")
+    added+=("$((a_cpu - b_cpu))")
   done
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
     "$(printf '%s\n' "${frx[@]}" | median)" "$(printf '%s\n' "${rx[@]}" | median)" \
     "$(printf '%s\n' "${ratios[@]}" | median)" "$(printf '%s\n' "${ratios[@]}" | spread %.3f)" \
-    "$(printf '%s\n' "${ftx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
-    "$(printf '%s\n' "${txr[@]}" | median)" >>"$udp_paired"
-  printf '%s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
-    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")"
+    "$(printf '%s\n' "${fcpu[@]}" | median)" "$(printf '%s\n' "${cpu[@]}" | median)" \
+    "$(printf '%s\n' "${added[@]}" | median)" "$(printf '%s\n' "${added[@]}" | spread %.0f)" >>"$udp_paired"
+  printf '%s %s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
+    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")" "$(printf '%s\n' "${cpu[@]}" | median)"
 }
 
 udp_record() { # path size peer load_ms "udp_measure output" note...
@@ -829,10 +857,11 @@ udp_path() {
     fi
     if start_agent "$policy" "$work/agent-udp-$path-$n.log"; then
       udp_record "$path" "$n" agent "$attach_ms" "$(udp_measure_paired "$path" "$n")"
+      programs_cost "udp_prog_ids_$path" udp_once "$path" on | sed "s/^/$path\t$n\t/" >>"$udp_progcost"
       stop_pid "$agent_pid" 10
       forget_pid "$agent_pid"
     else
-      udp_record "$path" "$n" agent - "- - - -" "refused: $agent_error"
+      udp_record "$path" "$n" agent - "- - - - -" "refused: $agent_error"
     fi
     agent_prefix=()
     agent_extra=()
@@ -844,7 +873,7 @@ udp_path() {
       load=$(ms_since "$t0")
       udp_record "$path" "$n" nft "$load" "$(udp_measure "$path")"
     else
-      udp_record "$path" "$n" nft - "- - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-nft.err"))"
+      udp_record "$path" "$n" nft - "- - - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-nft.err"))"
     fi
     udp_filters_clean "$path"
 
@@ -856,7 +885,7 @@ udp_path() {
       load=$(ms_since "$t0")
       udp_record "$path" "$n" ipset "$load" "$(udp_measure "$path")"
     else
-      udp_record "$path" "$n" ipset - "- - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-ipset.err"))"
+      udp_record "$path" "$n" ipset - "- - - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-ipset.err"))"
     fi
     udp_filters_clean "$path"
   done
@@ -889,8 +918,8 @@ if has_part udp; then
     echo "program on the router's link to the server, \`--interface\`; nftables and ipset in its forward"
     echo "hook). \"filters\": a TCP connection to an address in no list failed, as it must."
     echo
-    echo "| path | N | peer | load (ms) | rx/s | runs rx/s | × baseline | tx/s | filters | note |"
-    echo "|---|---:|---|---:|---:|---:|---:|---:|---|---|"
+    echo "| path | N | peer | load (ms) | rx/s | runs rx/s | × baseline | tx/s | sender CPU ns / datagram | filters | note |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"
     awk -F'\t' '
       $3 == "baseline" { b[$1 " " $2] = $5 }
       { row[NR] = $0 }
@@ -899,17 +928,28 @@ if has_part udp; then
           split(row[i], f, "\t")
           k = f[1] " " f[2]
           r = (f[5] ~ /^[0-9.]+$/ && b[k] > 0) ? sprintf("%.3f", f[5] / b[k]) : "-"
-          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], f[7], r, f[6], f[8], f[9]
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], f[7], r, f[6], f[9], f[8], f[10]
         }
       }' "$udp_results"
     echo
     echo "The agent against its free side in the same minute (cgroup path: the sibling cgroup it is"
     echo "not attached to; tc path: a second client the router sends over a link without the agent);"
-    echo "the ratio is the median of the pairs' ratios:"
+    echo "the ratio is the median of the pairs' ratios. The sender's CPU time per datagram (its"
+    echo "threads' CPU clock, which includes the veth's receive path run in their context) moves far"
+    echo "less with other load than the rate: \"added\" is the median of the pairs' differences, what"
+    echo "the agent costs a datagram; \"× free (CPU)\" is the rate that cost alone leaves."
     echo
-    echo "| path | N | free rx/s | agent rx/s | × free | pairs' ratios | free tx/s | agent tx/s | tx × free |"
-    echo "|---|---:|---:|---:|---:|---|---:|---:|---:|"
-    awk -F'\t' '{ printf "| %s | %s | %s | %s | %.3f | %s | %s | %s | %.3f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' "$udp_paired"
+    echo "| path | N | free rx/s | agent rx/s | × free | pairs' ratios | free CPU ns | agent CPU ns | added ns | pairs' added | × free (CPU) |"
+    echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %.3f | %s | %s | %s | %s | %s | %.3f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, ($7 > 0 && $7 + $9 > 0) ? $7 / ($7 + $9) : 0 }' "$udp_paired"
+    echo
+    echo "The agent's programs during one more flood with \`kernel.bpf_stats_enabled\` on (run count"
+    echo "and run time per program, clock reads included); CPU in % of one core. Set against the"
+    echo "sender's CPU ns per datagram above, ns per run is the share of the rate the programs take:"
+    echo
+    echo "| path | N | program | runs /s | ns / run | CPU % |"
+    echo "|---|---:|---|---:|---:|---:|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }' "$udp_progcost"
   } >>"$udp_md"
 fi
 # --- The agent: start to enforcing, resources, DNS learning --------------------------------
