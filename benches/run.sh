@@ -557,6 +557,19 @@ ipset_rules() {
   } >"$3.rules"
 }
 
+# Starts `egress-bench $1 ARGS...` in the server namespace (log: $work/$1.log) and
+# returns once it says it is listening.
+start_server() {
+  local what=$1 log_file=$work/$1.log i
+  ip netns exec "$ns_s" "$bench" "$@" >"$log_file" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 100; i++)); do
+    grep -qs listening "$log_file" && return 0
+    sleep 0.05
+  done
+  die "egress-bench $what did not start: $(cat "$log_file")"
+}
+
 uptime_before=$(uptime)
 run_started=$(now_ns)
 if has_part network; then
@@ -895,14 +908,7 @@ if has_part udp; then
   udp_sizes=$sizes
   [ "$sizes_given" = 1 ] || [ "$quick" = 1 ] || udp_sizes="10 100000 1000000"
   log "small packets (UDP, 64 bytes): sizes $udp_sizes"
-  ip netns exec "$ns_s" "$bench" udp-sink "$target" "$udp_port" --threads "$(nproc)" \
-    >"$work/udp-sink.log" 2>&1 &
-  pids+=($!)
-  for ((i = 0; i < 100; i++)); do
-    grep -qs listening "$work/udp-sink.log" && break
-    sleep 0.05
-  done
-  grep -q listening "$work/udp-sink.log" || die "the UDP sink did not start: $(cat "$work/udp-sink.log")"
+  start_server udp-sink "$target" "$udp_port" --threads "$(nproc)"
   udp_tc_topology
   udp_path cgroup
   udp_path tc
@@ -995,13 +1001,7 @@ stop_agent_counters() {
 
 if has_part agent; then
   log "the agent: start to enforcing, resources, DNS learning"
-  ip netns exec "$ns_s" "$bench" dns-serve "$link_s" 53 >"$work/dns-serve.log" 2>&1 &
-  pids+=($!)
-  for ((i = 0; i < 100; i++)); do
-    grep -q listening "$work/dns-serve.log" && break
-    sleep 0.05
-  done
-  grep -q listening "$work/dns-serve.log" || die "the DNS server did not start: $(cat "$work/dns-serve.log")"
+  start_server dns-serve "$link_s" 53
 
   names=6250 # answers of 16 addresses each: 100,000 learned addresses
   zones=1000

@@ -86,6 +86,21 @@ pub(crate) fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::sockl
     (storage, libc::socklen_t::try_from(len).unwrap_or(0))
 }
 
+/// A fresh socket of `kind` (`SOCK_STREAM`, `SOCK_DGRAM`) in `addr`'s family.
+pub(crate) fn new_socket(addr: SocketAddr, kind: libc::c_int) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 enum Outcome {
     Connected,
     /// The source port is taken by another socket: skipped, not a failure.
@@ -95,17 +110,8 @@ enum Outcome {
 
 /// One connection from `sport` to `dst`, closed with a reset as soon as it is established.
 fn connect_once(dst: SocketAddr, sport: u16, timeout: Duration) -> io::Result<Outcome> {
-    let family = match dst {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = new_socket(dst, libc::SOCK_STREAM)?;
+    let fd = sock.as_raw_fd();
     linger_zero(fd)?;
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(1),

@@ -11,7 +11,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::conn::{on_threads, setsockopt, sockaddr};
+use crate::conn::{new_socket, on_threads, setsockopt, sockaddr};
 
 /// Datagrams per `sendmmsg` / `recvmmsg` call.
 const BATCH: usize = 64;
@@ -141,17 +141,8 @@ pub fn flood(opts: &FloodOptions) -> Result<()> {
 /// A UDP socket on `at` that shares the port with the sink's other sockets; the kernel
 /// spreads the senders' flows over them.
 fn reuseport_socket(at: SocketAddr) -> io::Result<OwnedFd> {
-    let family = match at {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = new_socket(at, libc::SOCK_DGRAM)?;
+    let fd = sock.as_raw_fd();
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, &1_i32)?;
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(8_i32 << 20))?;
     let (addr, len) = sockaddr(at);
