@@ -5,7 +5,9 @@
 # at every size), with egress-agent enforcing N allowed addresses, and with nftables (a
 # set), iptables + ipset and iptables with one rule per address holding the same N
 # addresses. Every figure is also given as a ratio to the baseline of the same size
-# (part "network"). Then the per-packet cost of the kernel program alone, through
+# (part "network"). Small packets: UDP datagrams of 64 bytes per second, on the sender's
+# cgroup path and forwarded through a router namespace with the agent's TC program on its
+# link, against the same peers (part "udp"). Then the per-packet cost of the kernel program alone, through
 # BPF_PROG_TEST_RUN (`egress-bench verdict`, part "verdict"), and the agent itself: time
 # from start to enforcing, RSS and CPU idle with 1k name patterns and 100,000 learned
 # addresses, and DNS answers per second learned under a flood (part "agent"). Part "load"
@@ -13,30 +15,30 @@
 # `cidrs_from` list, nftables and ipset, with their load time and memory.
 #
 # Everything it creates (namespaces, cgroup, processes, files) is removed when it ends,
-# also on errors and Ctrl-C. Documentation addresses only; traffic never leaves the two
-# namespaces; the agent is attached to the benchmark's child cgroup, never to the root.
+# also on errors and Ctrl-C. Documentation addresses only; traffic never leaves the
+# benchmark's namespaces; the agent is attached to the benchmark's child cgroup, never to the root.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: benches/run.sh [--quick] [--parts "network verdict agent load"] [--sizes "10 1000 ..."]
+usage: benches/run.sh [--quick] [--parts "network udp verdict agent load"] [--sizes "10 1000 ..."]
                       [--seconds S] [--reps R] [--idle S] [--out FILE] [--keep DIR]
                       [--profile] [--no-build]
 
-  --quick        smoke run: sizes 10 and 1000, 2 s per measurement, idle 3 s, a short verdict run
-                 (under 2 minutes on a warm machine)
-  --sizes LIST   allowed-address counts (default: 10 1000 65536 100000 1000000; the agent's
-                 CIDR map holds 2097152)
-  --seconds S    length of each iperf3 run and each connection-rate run (default 5)
-  --reps R       iperf3 runs per measurement; the median is reported (default 3)
-  --parts LIST   which parts to run (default: network verdict agent; "load" times loading
-                 each size into each peer, with the agent's peak and steady RSS)
+  --quick        smoke run: sizes 10 and 1000, 2 s per measurement, one run each, idle 3 s,
+                 a short verdict run (a few minutes on a warm machine)
+  --sizes LIST   allowed-address counts (default: 10 1000 65536 100000 1000000, and
+                 10 100000 1000000 for part udp; the agent's CIDR map holds 2097152)
+  --seconds S    length of each iperf3 run, connection-rate run and UDP flood (default 5)
+  --reps R       iperf3 runs or UDP floods per measurement; the median is reported (default 3)
+  --parts LIST   which parts to run (default: network udp verdict agent; "load" times
+                 loading each size into each peer, with the agent's peak and steady RSS)
   --idle S       seconds over which the agent's idle CPU is measured (default 30)
   --out FILE     also write the report (Markdown) to FILE
   --no-build     use the binaries in target/release as they are
   --keep DIR     keep the work files (policies, logs, raw results) in DIR
-  --profile      record the agent with \`perf record -g\` during the fastest DNS flood and add
-                 the top of \`perf report\` to the report (needs perf)
+  --profile      record the agent with `perf record -g` during the fastest DNS flood and add
+                 the top of `perf report` to the report (needs perf)
 
 Needs root. Installs iperf3, nftables, ipset, iptables and jq with apt if missing.
 EOF
@@ -47,7 +49,7 @@ sizes="10 1000 65536 100000 1000000"
 seconds=5
 reps=3
 idle=30
-parts="network verdict agent"
+parts="network udp verdict agent"
 out=""
 keep_dir=""
 sizes_given=0
@@ -115,7 +117,7 @@ if [ "$quick" = 1 ]; then
   idle=3
 fi
 for p in $parts; do
-  case $p in network | verdict | agent | load) ;; *) echo "run.sh: unknown part $p" >&2; exit 2 ;; esac
+  case $p in network | udp | verdict | agent | load) ;; *) echo "run.sh: unknown part $p" >&2; exit 2 ;; esac
 done
 has_part() { case " $parts " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 case $idle in '' | *[!0-9]* | 0) echo "run.sh: --idle must be a positive number" >&2; exit 2 ;; esac
@@ -221,7 +223,7 @@ forget_pid() {
 }
 
 cleanup() {
-  local rc=$? pid i c
+  local rc=$? pid i c ns
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do stop_pid "$pid" 2; done
   for c in "$cg" "$cg_free"; do
@@ -239,6 +241,7 @@ cleanup() {
   done
   ip netns delete "$ns_c" 2>/dev/null || true
   ip netns delete "$ns_s" 2>/dev/null || true
+  for ns in "${ns_t:-}" "${ns_tf:-}" "${ns_r:-}"; do [ -n "$ns" ] && ip netns delete "$ns" 2>/dev/null || true; done
   echo "$bpf_stats_was" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true
   [ -d "$work/bpf/egress-enforcer" ] && "$agent" uninstall --pin-root "$work/bpf/egress-enforcer" >/dev/null
   mountpoint -q "$work/bpf" && umount -l "$work/bpf"
@@ -336,8 +339,8 @@ conn_once() {
   jq -r '"\(.per_sec) \(.failed)"' <<<"$conn"
 }
 
-# Min-max of the numbers on stdin, for the report.
-spread() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+# Min-max of the numbers on stdin, for the report; $1: their printf format (default %.2f).
+spread() { sort -g | awk -v f="${1:-%.2f}" 'NR == 1 { lo = $1 } { hi = $1 } END { printf f "-" f, lo, hi }'; }
 
 # Whether a connection to the denied address fails from cgroup $1 (default: the benchmark's):
 # a filter that filters lets none through.
@@ -392,31 +395,42 @@ measure_paired() {
     "$(enforced)" "$(printf '%s\n' "${g_agent[@]}" | spread)"
 }
 
-# "name run_time_ns run_cnt" of each program attached to the benchmark cgroup.
+# The ids of the programs attached to the benchmark cgroup.
+cgroup_prog_ids() { bpftool cgroup show "$cg" -j | jq -r '.[].id'; }
+
+# "name run_time_ns run_cnt" of each program whose id function $1 prints.
 prog_stats() {
   local id
-  for id in $(bpftool cgroup show "$cg" -j | jq -r '.[].id'); do
+  for id in $("$1"); do
     bpftool prog show id "$id" -j | jq -r '"\(.name) \(.run_time_ns // 0) \(.run_cnt // 0)"'
   done
 }
 
-# The agent's programs' own cost during one iperf3 run from the enforced cgroup, for size
-# $1: `kernel.bpf_stats_enabled` makes the kernel count each program's runs and run time.
-# On for this run only (it adds two clock reads to every run), so the paired runs above do
-# not pay for it. Appends "size program runs_per_s ns_per_run percent_of_a_core" to $progcost.
-prog_cost() {
-  local before after
+# The cost of the programs whose ids function $1 prints while the command after it runs:
+# `kernel.bpf_stats_enabled` makes the kernel count each program's runs and run time. On
+# for this run only (it adds two clock reads to every run), so the paired runs do not pay
+# for it. Prints "program runs_per_s ns_per_run percent_of_a_core" lines, per second of
+# the command's own run time.
+programs_cost() {
+  local ids=$1 before after t0 t1
+  shift
   echo 1 >/proc/sys/kernel/bpf_stats_enabled
-  before=$(prog_stats)
-  iperf_once "$cg" >/dev/null
-  after=$(prog_stats)
+  before=$(prog_stats "$ids")
+  t0=$(now_ns)
+  "$@" >/dev/null
+  t1=$(now_ns)
+  after=$(prog_stats "$ids")
   echo "$bpf_stats_was" >/proc/sys/kernel/bpf_stats_enabled
-  awk -v n="$1" -v secs="$((seconds + omit))" '
+  awk -v ms="$(((t1 - t0) / 1000000))" '
     NR == FNR { t[$1] = $2; c[$1] = $3; next }
-    { dt = $2 - t[$1]; dc = $3 - c[$1]
-      printf "%s\t%s\t%.0f\t%.0f\t%.2f\n", n, $1, dc / secs, (dc > 0 ? dt / dc : 0), dt / secs / 1e7 }
-  ' <(echo "$before") <(echo "$after") >>"$progcost"
+    { dt = $2 - t[$1]; dc = $3 - c[$1]; s = ms / 1000
+      printf "%s\t%.0f\t%.0f\t%.2f\n", $1, dc / s, (dc > 0 ? dt / dc : 0), dt / s / 1e7 }
+  ' <(echo "$before") <(echo "$after")
 }
+
+# The agent's programs' own cost during one iperf3 run from the enforced cgroup, for size
+# $1. Appends "size program runs_per_s ns_per_run percent_of_a_core" to $progcost.
+prog_cost() { programs_cost cgroup_prog_ids iperf_once "$cg" | sed "s/^/$1\t/" >>"$progcost"; }
 
 record() { # size peer load_ms "measure output" note...
   local size=$1 peer=$2 load=$3 m=$4
@@ -430,6 +444,10 @@ declare -A unusable=()
 # Loading longer than this makes a peer unusable.
 load_limit=60
 
+# What part "udp" runs the agent under (`nsenter` into the router namespace) and adds
+# (`--interface`) on its TC path; empty elsewhere.
+agent_prefix=()
+agent_extra=()
 # Starts the agent on policy $1; sets agent_pid, and attach_ms (start to the `attached:`
 # line) or agent_error. Stderr lines are stamped with the time they arrived.
 start_agent() {
@@ -437,8 +455,8 @@ start_agent() {
   agent_error=""
   attach_ms=""
   t0=$(now_ns)
-  RUST_LOG=info,egress_agent::loader=debug "$agent" run --config "$policy" --mode enforce --cgroup "$cg" \
-    --pin-root "$work/bpf/egress-enforcer" \
+  RUST_LOG=info,egress_agent::loader=debug "${agent_prefix[@]}" "$agent" run --config "$policy" \
+    --mode enforce --cgroup "$cg" --pin-root "$work/bpf/egress-enforcer" "${agent_extra[@]}" \
     >"$work/agent.out" 2> >(while IFS= read -r line; do printf '%s000 %s\n' "${EPOCHREALTIME/./}" "$line"; done >"$log_file") &
   agent_pid=$!
   pids+=("$agent_pid")
@@ -492,28 +510,67 @@ agent_rss() { # pid -> "VmRSS VmHWM RssAnon" in KiB
 }
 
 nft_clean() { ip netns exec "$ns_c" nft flush ruleset 2>/dev/null || true; }
-# The nftables peer for size $1, addresses file $2: an output chain, the addresses in a set.
-nft_script() {
-  echo "table inet egbench {"
-  echo "  set allowed { type ipv6_addr; size $(($1 + 1024)); }"
-  echo "  chain out {"
-  echo "    type filter hook output priority 0; policy drop;"
-  echo "    ct state established,related accept"
-  echo "    oifname \"lo\" accept"
-  echo "    meta l4proto ipv6-icmp accept"
-  echo "    ip6 daddr @allowed accept"
-  echo "  }"
-  echo "}"
-  awk -v chunk=10000 '
-    (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
-    { printf "%s%s", sep, $1; sep = ", " }
-    END { if (NR) print " }" }' "$2"
-}
 ipt_clean() {
   ip netns exec "$ns_c" ip6tables -P OUTPUT ACCEPT 2>/dev/null || true
   ip netns exec "$ns_c" ip6tables -F OUTPUT 2>/dev/null || true
   ip netns exec "$ns_c" ipset destroy 2>/dev/null || true
   nft_clean
+}
+
+# The peers' rule sets for the N addresses of file $2, on hook $1 (output: the client's
+# own packets, with loopback let through; forward: a router's), written to $3:
+# nftables, one set and one chain.
+nft_rules() {
+  local hook=$1 addrs=$2 n
+  n=$(wc -l <"$addrs")
+  {
+    echo "table inet egbench {"
+    echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
+    echo "  chain $hook {"
+    echo "    type filter hook $hook priority 0; policy drop;"
+    echo "    ct state established,related accept"
+    [ "$hook" = output ] && echo "    oifname \"lo\" accept"
+    echo "    meta l4proto ipv6-icmp accept"
+    echo "    ip6 daddr @allowed accept"
+    echo "  }"
+    echo "}"
+    awk -v chunk=10000 '
+      (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
+      { printf "%s%s", sep, $1; sep = ", " }
+      END { if (NR) print " }" }' "$addrs"
+  } >"$3"
+}
+# ... iptables + ipset: the set to $3, the rules to $3.rules.
+ipset_rules() {
+  local chain=${1^^} addrs=$2 n hashsize=1024
+  n=$(wc -l <"$addrs")
+  while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
+  {
+    echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
+    sed 's/^/add egbench /' "$addrs"
+  } >"$3"
+  {
+    echo "*filter"
+    echo ":$chain DROP [0:0]"
+    echo "-A $chain -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    [ "$chain" = OUTPUT ] && echo "-A $chain -o lo -j ACCEPT"
+    echo "-A $chain -p ipv6-icmp -j ACCEPT"
+    echo "-A $chain -m set --match-set egbench dst -j ACCEPT"
+    echo "COMMIT"
+  } >"$3.rules"
+}
+
+# Starts `egress-bench $1 ARGS...` in the server namespace (log: $work/$1.log) and
+# returns once it says it is listening.
+start_server() {
+  local what=$1 log_file=$work/$1.log i
+  ip netns exec "$ns_s" "$bench" "$@" >"$log_file" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 100; i++)); do
+    grep -qs listening "$log_file" && return 0
+    sleep 0.05
+  done
+  die "egress-bench $what did not start: $(cat "$log_file")"
 }
 
 uptime_before=$(uptime)
@@ -549,7 +606,7 @@ if has_part network; then
       record "$n" nft - "- - - - -" "not tried: ${unusable[nft]}"
     else
       f=$work/nft-$n.nft
-      nft_script "$n" "$addrs" >"$f"
+      nft_rules output "$addrs" "$f"
       t0=$(now_ns)
       if timeout "$load_limit" ip netns exec "$ns_c" nft -f "$f" 2>"$work/nft.err"; then
         load=$(ms_since "$t0")
@@ -566,21 +623,7 @@ if has_part network; then
       record "$n" ipset - "- - - - -" "not tried: ${unusable[ipset]}"
     else
       f=$work/ipset-$n
-      hashsize=1024
-      while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
-      {
-        echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
-        sed 's/^/add egbench /' "$addrs"
-      } >"$f"
-      {
-        echo "*filter"
-        echo ":OUTPUT DROP [0:0]"
-        echo "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-        echo "-A OUTPUT -o lo -j ACCEPT"
-        echo "-A OUTPUT -p ipv6-icmp -j ACCEPT"
-        echo "-A OUTPUT -m set --match-set egbench dst -j ACCEPT"
-        echo "COMMIT"
-      } >"$f.rules"
+      ipset_rules output "$addrs" "$f"
       t0=$(now_ns)
       if timeout "$load_limit" ip netns exec "$ns_c" ipset restore -f "$f" 2>"$work/ipset.err" &&
         timeout "$load_limit" ip netns exec "$ns_c" ip6tables-restore "$f.rules" 2>>"$work/ipset.err"; then
@@ -673,7 +716,7 @@ if has_part load; then
       fi
     done
     # nftables: the set the network part loads, in one `nft -f`.
-    nft_script "$n" "$addrs" >"$work/load-$n.nft"
+    nft_rules output "$addrs" "$work/load-$n.nft"
     if r=$(timed_load ip netns exec "$ns_c" nft -f "$work/load-$n.nft"); then
       read -r ms peak <<<"$r"
       printf '%s\tnft\t%s\t%s\t-\t%s\tnft -f\n' "$n" "$ms" "$([ "$peak" = - ] && echo - || echo $((peak / 1024)))" "$(enforced)" >>"$loads"
@@ -682,18 +725,9 @@ if has_part load; then
     fi
     nft_clean
     # iptables + ipset: a hash:ip set and the rule matching it.
-    hashsize=1024
-    while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
-    {
-      echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
-      sed 's/^/add egbench /' "$addrs"
-    } >"$work/load-$n.ipset"
-    printf '%s\n' "*filter" ":OUTPUT DROP [0:0]" \
-      "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT" "-A OUTPUT -o lo -j ACCEPT" \
-      "-A OUTPUT -p ipv6-icmp -j ACCEPT" "-A OUTPUT -m set --match-set egbench dst -j ACCEPT" \
-      "COMMIT" >"$work/load-$n.rules"
+    ipset_rules output "$addrs" "$work/load-$n.ipset"
     if r=$(timed_load ip netns exec "$ns_c" ipset restore -f "$work/load-$n.ipset") &&
-      r2=$(timed_load ip netns exec "$ns_c" ip6tables-restore "$work/load-$n.rules"); then
+      r2=$(timed_load ip netns exec "$ns_c" ip6tables-restore "$work/load-$n.ipset.rules"); then
       read -r ms peak <<<"$r"
       read -r ms2 _ <<<"$r2"
       printf '%s\tipset\t%s\t%s\t-\t%s\tipset restore %s ms + ip6tables-restore %s ms\n' "$n" "$((ms + ms2))" \
@@ -720,6 +754,298 @@ if has_part load; then
   } >>"$load_md"
 fi
 
+# --- Small packets: UDP, 64-byte payloads (part "udp") --------------------------------------
+
+# Packets per second that reach the server, from one sender thread per core
+# (`egress-bench udp-flood`: connected sockets, sendmmsg), counted by the server's
+# namespace (Udp6InDatagrams; `egress-bench udp-sink` drains the socket). Two paths:
+# "cgroup", the agent attached to the sender's cgroup as in part "network"; "tc", the
+# agent's TC program on a router namespace's link to the server, deciding forwarded
+# packets (`--interface`), with no socket and no GSO in the way.
+udp_md=$work/udp.md
+: >"$udp_md"
+udp_results=$work/udp.tsv
+: >"$udp_results"
+udp_paired=$work/udp-paired.tsv
+: >"$udp_paired"
+udp_progcost=$work/udp-progcost.tsv
+: >"$udp_progcost"
+udp_port=5401
+# TC path: two clients, "on" routed over the router's link with the agent, "free" over
+# a second link to the same server that nothing filters, for the agent's paired runs.
+ns_t=egb-t-$id
+ns_tf=egb-tf-$id
+ns_r=egb-r-$id
+tc_dev=egbra$id
+
+# Udp6InDatagrams of the server namespace.
+udp_rx() { ip netns exec "$ns_s" awk '$1 == "Udp6InDatagrams" { print $2 }' /proc/net/snmp6; }
+
+# One flood from path $1 (cgroup|tc), side $2 (on|free): "rx_per_s tx_per_s errors
+# sender_cpu_ns_per_datagram".
+udp_once() {
+  local r0 r1 json run
+  if [ "$1" = cgroup ]; then
+    run=(in_cgroup "$cg")
+    [ "$2" = free ] && run=(in_cgroup "$cg_free")
+  else
+    run=(ip netns exec "$ns_t")
+    [ "$2" = free ] && run=(ip netns exec "$ns_tf")
+  fi
+  r0=$(udp_rx)
+  json=$("${run[@]}" timeout $((seconds + 20)) "$bench" udp-flood "$target" "$udp_port" \
+    --seconds "$seconds" --payload 64 2>>"$work/udp.err") ||
+    json='{"per_sec":0,"errors":-1,"seconds":1,"cpu_ns_per_datagram":0}'
+  sleep 0.2 # what is still queued on the way
+  r1=$(udp_rx)
+  jq -r --argjson rx $((r1 - r0)) \
+    '"\($rx / .seconds | floor) \(.per_sec) \(.errors) \(.cpu_ns_per_datagram)"' <<<"$json"
+}
+
+# The ids of the agent's programs on each path (for `programs_cost`).
+udp_prog_ids_cgroup() { cgroup_prog_ids; }
+# TC: from the agent's pinned TCX links (`tc-<interface>-<direction>@<link id>`); kernels
+# before 6.6 attach netlink filters, which are not pinned, and show no TC rows.
+udp_prog_ids_tc() {
+  local l
+  for l in "$work"/bpf/egress-enforcer/v*/links/tc-"$tc_dev"-*@*; do
+    [ -e "$l" ] && bpftool link show id "${l##*@}" -j | jq -r .prog_id
+  done
+}
+
+# Whether a TCP connection to the denied address fails from path $1, side "on".
+udp_enforced() {
+  if [ "$1" = cgroup ]; then
+    enforced
+  else
+    ip netns exec "$ns_t" timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
+      --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end' ||
+      echo error
+  fi
+}
+
+# $reps floods from path $1, side "on": "rx tx rx_spread enforced cpu_ns".
+udp_measure() {
+  local r rx=() tx=() cpu=() a b c
+  for ((r = 0; r < reps; r++)); do
+    read -r a b _ c < <(udp_once "$1" on)
+    rx+=("$a")
+    tx+=("$b")
+    cpu+=("$c")
+  done
+  printf '%s %s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
+    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")" "$(printf '%s\n' "${cpu[@]}" | median)"
+}
+
+# `udp_measure` for the agent on path $1 at size $2, each flood paired with one from the
+# free side right before or after it (the order alternates), as `measure_paired` does.
+# Appends "path size free_rx agent_rx rx_ratio ratio_spread free_cpu agent_cpu
+# cpu_added cpu_added_spread" to $udp_paired (cpu: the sender's ns per datagram; added:
+# the median of the pairs' differences).
+udp_measure_paired() {
+  local r a b a_rx a_tx a_cpu b_rx b_tx b_cpu ratios=() added=() rx=() tx=() frx=() cpu=() fcpu=()
+  for ((r = 0; r < reps; r++)); do
+    if ((r % 2)); then
+      a=$(udp_once "$1" on); b=$(udp_once "$1" free)
+    else
+      b=$(udp_once "$1" free); a=$(udp_once "$1" on)
+    fi
+    read -r a_rx a_tx _ a_cpu <<<"$a"
+    read -r b_rx b_tx _ b_cpu <<<"$b"
+    rx+=("$a_rx"); tx+=("$a_tx"); cpu+=("$a_cpu"); frx+=("$b_rx"); fcpu+=("$b_cpu")
+    ratios+=("$(awk -v a="$a_rx" -v b="$b_rx" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print 0 }')")
+    added+=("$((a_cpu - b_cpu))")
+  done
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
+    "$(printf '%s\n' "${frx[@]}" | median)" "$(printf '%s\n' "${rx[@]}" | median)" \
+    "$(printf '%s\n' "${ratios[@]}" | median)" "$(printf '%s\n' "${ratios[@]}" | spread %.3f)" \
+    "$(printf '%s\n' "${fcpu[@]}" | median)" "$(printf '%s\n' "${cpu[@]}" | median)" \
+    "$(printf '%s\n' "${added[@]}" | median)" "$(printf '%s\n' "${added[@]}" | spread %.0f)" >>"$udp_paired"
+  printf '%s %s %s %s %s\n' "$(printf '%s\n' "${rx[@]}" | median)" "$(printf '%s\n' "${tx[@]}" | median)" \
+    "$(printf '%s\n' "${rx[@]}" | spread %.0f)" "$(udp_enforced "$1")" "$(printf '%s\n' "${cpu[@]}" | median)"
+}
+
+udp_record() { # path size peer load_ms "udp_measure output" note...
+  local path=$1 size=$2 peer=$3 load=$4 m=$5
+  shift 5
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$path" "$size" "$peer" "$load" "${m// /$'\t'}" "$*" >>"$udp_results"
+  log "udp $path $size $peer: load ${load} ms, $m ${*}"
+}
+
+# The namespace a peer's rules go into, and the hook: the client's output on the cgroup
+# path, the router's forward chain on the TC path.
+udp_filter_ns() { if [ "$1" = cgroup ]; then echo "$ns_c"; else echo "$ns_r"; fi; }
+
+udp_filters_clean() {
+  local ns
+  ns=$(udp_filter_ns "$1")
+  ip netns exec "$ns" ip6tables -P OUTPUT ACCEPT 2>/dev/null || true
+  ip netns exec "$ns" ip6tables -P FORWARD ACCEPT 2>/dev/null || true
+  ip netns exec "$ns" ip6tables -F 2>/dev/null || true
+  ip netns exec "$ns" ipset destroy 2>/dev/null || true
+  ip netns exec "$ns" nft flush ruleset 2>/dev/null || true
+}
+
+# The router and the two TC-path clients. Links: on-client fffe::/64, free-client
+# fffc::/64, router to server over the agent's link fffd::/64 and the free one fffb::/64;
+# the router sends what arrives from each client over its own link (tables 100, 101).
+# Whether a TCP connection from namespace $1 to $2 gets through.
+udp_reach() {
+  ip netns exec "$1" "$bench" conn-rate "$2" "$conn_port" 1 --seconds 0.2 --threads 1 \
+    --timeout-ms 200 2>/dev/null | jq -e '.connections > 0' >/dev/null
+}
+
+udp_tc_topology() {
+  local ns dev i
+  for ns in "$ns_t" "$ns_tf" "$ns_r"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+  done
+  ip link add "egbt$id" netns "$ns_t" type veth peer name "egbrt$id" netns "$ns_r"
+  ip link add "egbf$id" netns "$ns_tf" type veth peer name "egbrf$id" netns "$ns_r"
+  ip link add "$tc_dev" netns "$ns_r" type veth peer name "egbsa$id" netns "$ns_s"
+  ip link add "egbrb$id" netns "$ns_r" type veth peer name "egbsb$id" netns "$ns_s"
+  ip -n "$ns_t" -6 addr add 2001:db8:fffe::1/64 dev "egbt$id" nodad
+  ip -n "$ns_r" -6 addr add 2001:db8:fffe::2/64 dev "egbrt$id" nodad
+  ip -n "$ns_tf" -6 addr add 2001:db8:fffc::1/64 dev "egbf$id" nodad
+  ip -n "$ns_r" -6 addr add 2001:db8:fffc::2/64 dev "egbrf$id" nodad
+  ip -n "$ns_r" -6 addr add 2001:db8:fffd::1/64 dev "$tc_dev" nodad
+  ip -n "$ns_s" -6 addr add 2001:db8:fffd::2/64 dev "egbsa$id" nodad
+  ip -n "$ns_r" -6 addr add 2001:db8:fffb::1/64 dev "egbrb$id" nodad
+  ip -n "$ns_s" -6 addr add 2001:db8:fffb::2/64 dev "egbsb$id" nodad
+  ip -n "$ns_t" link set "egbt$id" up
+  ip -n "$ns_tf" link set "egbf$id" up
+  for dev in "egbrt$id" "egbrf$id" "$tc_dev" "egbrb$id"; do ip -n "$ns_r" link set "$dev" up; done
+  ip -n "$ns_s" link set "egbsa$id" up
+  ip -n "$ns_s" link set "egbsb$id" up
+  ip netns exec "$ns_r" sysctl -qw net.ipv6.conf.all.forwarding=1
+  ip -n "$ns_t" -6 route add default via 2001:db8:fffe::2
+  ip -n "$ns_tf" -6 route add default via 2001:db8:fffc::2
+  # One policy rule for each client, the free one first: its packets are not routed
+  # more cheaply than the agent's.
+  ip -n "$ns_r" -6 route add default via 2001:db8:fffb::2 table 100
+  ip -n "$ns_r" -6 route add default via 2001:db8:fffd::2 table 101
+  ip -n "$ns_r" -6 rule add iif "egbrf$id" lookup 100 pref 100
+  ip -n "$ns_r" -6 rule add iif "egbrt$id" lookup 101 pref 101
+  ip -n "$ns_s" -6 route add 2001:db8:fffe::/64 via 2001:db8:fffd::1
+  ip -n "$ns_s" -6 route add 2001:db8:fffc::/64 via 2001:db8:fffb::1
+  for ((i = 0; i < 50; i++)); do
+    udp_reach "$ns_t" "$target" && udp_reach "$ns_tf" "$target" && udp_reach "$ns_t" "$denied" && return 0
+    sleep 0.1
+  done
+  die "the TC-path topology carries no traffic"
+}
+
+# One path ($1: cgroup|tc) at every size: baseline, the agent (paired), nftables, ipset.
+udp_path() {
+  local path=$1 n addrs policy f t0 load hook ns
+  ns=$(udp_filter_ns "$path")
+  hook=output
+  [ "$path" = tc ] && hook=forward
+  for n in $udp_sizes; do
+    addrs=$work/addrs-$n
+    [ -s "$addrs" ] || "$bench" addresses "$n" >"$addrs"
+    udp_record "$path" "$n" baseline 0 "$(udp_measure "$path")"
+
+    policy=$work/policy-$n.yaml
+    [ -s "$policy" ] || { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$policy"
+    # Metrics on a free port: another agent on this machine may hold the default one.
+    agent_prefix=()
+    agent_extra=(--listen 127.0.0.1:0)
+    if [ "$path" = tc ]; then
+      agent_prefix=(nsenter "--net=/run/netns/$ns_r")
+      agent_extra+=(--interface "$tc_dev")
+    fi
+    if start_agent "$policy" "$work/agent-udp-$path-$n.log"; then
+      udp_record "$path" "$n" agent "$attach_ms" "$(udp_measure_paired "$path" "$n")"
+      programs_cost "udp_prog_ids_$path" udp_once "$path" on | sed "s/^/$path\t$n\t/" >>"$udp_progcost"
+      stop_pid "$agent_pid" 10
+      forget_pid "$agent_pid"
+    else
+      udp_record "$path" "$n" agent - "- - - - -" "refused: $agent_error"
+    fi
+    agent_prefix=()
+    agent_extra=()
+
+    f=$work/udp-nft-$path-$n.nft
+    nft_rules "$hook" "$addrs" "$f"
+    t0=$(now_ns)
+    if timeout "$load_limit" ip netns exec "$ns" nft -f "$f" 2>"$work/udp-nft.err"; then
+      load=$(ms_since "$t0")
+      udp_record "$path" "$n" nft "$load" "$(udp_measure "$path")"
+    else
+      udp_record "$path" "$n" nft - "- - - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-nft.err"))"
+    fi
+    udp_filters_clean "$path"
+
+    f=$work/udp-ipset-$path-$n
+    ipset_rules "$hook" "$addrs" "$f"
+    t0=$(now_ns)
+    if timeout "$load_limit" ip netns exec "$ns" ipset restore -f "$f" 2>"$work/udp-ipset.err" &&
+      timeout "$load_limit" ip netns exec "$ns" ip6tables-restore "$f.rules" 2>>"$work/udp-ipset.err"; then
+      load=$(ms_since "$t0")
+      udp_record "$path" "$n" ipset "$load" "$(udp_measure "$path")"
+    else
+      udp_record "$path" "$n" ipset - "- - - - -" "loading failed or took over ${load_limit} s ($(head -c 200 "$work/udp-ipset.err"))"
+    fi
+    udp_filters_clean "$path"
+  done
+}
+
+if has_part udp; then
+  udp_sizes=$sizes
+  [ "$sizes_given" = 1 ] || [ "$quick" = 1 ] || udp_sizes="10 100000 1000000"
+  log "small packets (UDP, 64 bytes): sizes $udp_sizes"
+  start_server udp-sink "$target" "$udp_port" --threads "$(nproc)"
+  udp_tc_topology
+  udp_path cgroup
+  udp_path tc
+  {
+    echo
+    echo "### Small packets: UDP, 64-byte payloads"
+    echo
+    echo "\`egress-bench udp-flood\` from $(nproc) threads (one per core, a connected socket each,"
+    echo "sendmmsg), $seconds s per flood, median of $reps; \"rx/s\" is what reached the server's socket"
+    echo "(its namespace's Udp6InDatagrams), \"tx/s\" what the sender's calls accepted. Path \"cgroup\":"
+    echo "the filters on the sender's own path (the agent on its cgroup; nftables and ipset in its"
+    echo "namespace's output hook). Path \"tc\": forwarded through a router namespace (the agent's TC"
+    echo "program on the router's link to the server, \`--interface\`; nftables and ipset in its forward"
+    echo "hook). \"filters\": a TCP connection to an address in no list failed, as it must."
+    echo
+    echo "| path | N | peer | load (ms) | rx/s | runs rx/s | × baseline | tx/s | sender CPU ns / datagram | filters | note |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"
+    awk -F'\t' '
+      $3 == "baseline" { b[$1 " " $2] = $5 }
+      { row[NR] = $0 }
+      END {
+        for (i = 1; i <= NR; i++) {
+          split(row[i], f, "\t")
+          k = f[1] " " f[2]
+          r = (f[5] ~ /^[0-9.]+$/ && b[k] > 0) ? sprintf("%.3f", f[5] / b[k]) : "-"
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], f[7], r, f[6], f[9], f[8], f[10]
+        }
+      }' "$udp_results"
+    echo
+    echo "The agent against its free side in the same minute (cgroup path: the sibling cgroup it is"
+    echo "not attached to; tc path: a second client the router sends over a link without the agent);"
+    echo "the ratio is the median of the pairs' ratios. The sender's CPU time per datagram (its"
+    echo "threads' CPU clock, which includes the veth's receive path run in their context) moves far"
+    echo "less with other load than the rate: \"added\" is the median of the pairs' differences, what"
+    echo "the agent costs a datagram; \"× free (CPU)\" is the rate that cost alone leaves."
+    echo
+    echo "| path | N | free rx/s | agent rx/s | × free | pairs' ratios | free CPU ns | agent CPU ns | added ns | pairs' added | × free (CPU) |"
+    echo "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %.3f | %s | %s | %s | %s | %s | %.3f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, ($7 > 0 && $7 + $9 > 0) ? $7 / ($7 + $9) : 0 }' "$udp_paired"
+    echo
+    echo "The agent's programs during one more flood with \`kernel.bpf_stats_enabled\` on (run count"
+    echo "and run time per program, clock reads included); CPU in % of one core. Set against the"
+    echo "sender's CPU ns per datagram above, ns per run is the share of the rate the programs take:"
+    echo
+    echo "| path | N | program | runs /s | ns / run | CPU % |"
+    echo "|---|---:|---|---:|---:|---:|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }' "$udp_progcost"
+  } >>"$udp_md"
+fi
 # --- The agent: start to enforcing, resources, DNS learning --------------------------------
 
 agent_md=$work/agent.md
@@ -763,13 +1089,7 @@ stop_agent_counters() {
 
 if has_part agent; then
   log "the agent: start to enforcing, resources, DNS learning"
-  ip netns exec "$ns_s" "$bench" dns-serve "$link_s" 53 >"$work/dns-serve.log" 2>&1 &
-  pids+=($!)
-  for ((i = 0; i < 100; i++)); do
-    grep -q listening "$work/dns-serve.log" && break
-    sleep 0.05
-  done
-  grep -q listening "$work/dns-serve.log" || die "the DNS server did not start: $(cat "$work/dns-serve.log")"
+  start_server dns-serve "$link_s" 53
 
   names=6250 # answers of 16 addresses each: 100,000 learned addresses
   zones=1000
@@ -928,7 +1248,7 @@ report=$work/report.md
   echo "- commit: $commit"
   echo "- peers: $(iperf3 --version | head -n1 | cut -d' ' -f1-2), $(nft --version), $(ipset --version | head -n1), $(ip6tables --version)"
   echo "- load before: ${uptime_before#*load average: }; after: ${uptime_after#*load average: }"
-  echo "- settings: parts $parts; sizes $sizes; iperf3 -t $seconds -O $omit (median of $reps); connection rate $seconds s, 2 threads, $conn_ports server ports; idle $idle s; network and agent parts took $((run_ms / 1000)) s"
+  echo "- settings: parts $parts; sizes $sizes; iperf3 -t $seconds -O $omit (median of $reps); connection rate $seconds s, 2 threads, $conn_ports server ports; idle $idle s; network, udp and agent parts took $((run_ms / 1000)) s"
   echo
   if has_part network; then
     echo "### Throughput and connection rate"
@@ -977,6 +1297,7 @@ report=$work/report.md
     fi
   fi
 } >"$report"
+cat "$udp_md" >>"$report"
 
 if has_part verdict; then
   log "per-packet cost (BPF_PROG_TEST_RUN)"

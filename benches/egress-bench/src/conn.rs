@@ -25,7 +25,12 @@ use anyhow::{Context as _, Result, bail};
 /// The lowest source port the client binds.
 const FIRST_SPORT: u16 = 1024;
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+pub(crate) fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     let len = libc::socklen_t::try_from(size_of::<T>()).unwrap_or(0);
     // SAFETY: `value` points to a live `T` of `len` bytes for the duration of the call.
     let rc = unsafe { libc::setsockopt(fd, level, name, std::ptr::from_ref(value).cast(), len) };
@@ -46,7 +51,7 @@ fn linger_zero(fd: RawFd) -> io::Result<()> {
 }
 
 /// A `sockaddr_storage` for `addr`, and its length.
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero bytes are a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
@@ -81,6 +86,21 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, libc::socklen_t::try_from(len).unwrap_or(0))
 }
 
+/// A fresh socket of `kind` (`SOCK_STREAM`, `SOCK_DGRAM`) in `addr`'s family.
+pub(crate) fn new_socket(addr: SocketAddr, kind: libc::c_int) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 enum Outcome {
     Connected,
     /// The source port is taken by another socket: skipped, not a failure.
@@ -90,17 +110,8 @@ enum Outcome {
 
 /// One connection from `sport` to `dst`, closed with a reset as soon as it is established.
 fn connect_once(dst: SocketAddr, sport: u16, timeout: Duration) -> io::Result<Outcome> {
-    let family = match dst {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = new_socket(dst, libc::SOCK_STREAM)?;
+    let fd = sock.as_raw_fd();
     linger_zero(fd)?;
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(1),
@@ -190,21 +201,19 @@ fn client_thread(
     Ok(c)
 }
 
-pub fn rate(opts: &RateOptions) -> Result<()> {
-    if let Some(dir) = &opts.cgroup {
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    }
-    let threads = opts.threads.max(1);
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(opts.seconds);
+/// Runs `work(t, stop)` on `threads` threads, `t` from 0; when one fails, `stop` is set
+/// for the others to end early. Each thread's result, in order.
+pub(crate) fn on_threads<T: Send>(
+    threads: u16,
+    work: impl Fn(u16, &AtomicBool) -> io::Result<T> + Sync,
+) -> Vec<io::Result<T>> {
     let stop = AtomicBool::new(false);
-    let results: Vec<io::Result<Counts>> = thread::scope(|s| {
+    thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let stop = &stop;
+                let (stop, work) = (&stop, &work);
                 s.spawn(move || {
-                    let r = client_thread(opts, t, deadline, stop);
+                    let r = work(t, stop);
                     if r.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -219,7 +228,18 @@ pub fn rate(opts: &RateOptions) -> Result<()> {
                     .unwrap_or_else(|_| Err(io::Error::other("panicked")))
             })
             .collect()
-    });
+    })
+}
+
+pub fn rate(opts: &RateOptions) -> Result<()> {
+    if let Some(dir) = &opts.cgroup {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", dir.display()))?;
+    }
+    let threads = opts.threads.max(1);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(opts.seconds);
+    let results = on_threads(threads, |t, stop| client_thread(opts, t, deadline, stop));
     let elapsed = started.elapsed().as_secs_f64();
     let mut total = Counts::default();
     for r in results {

@@ -8,6 +8,8 @@
 //! egress-bench dns-serve ADDR PORT
 //! egress-bench dns-flood SERVER PORT [--names 4096] [--zones 1000] [--rate 0] [--count N] [--seconds 5] [--window 256] [--cgroup DIR]
 //! egress-bench learn [--names 4096] [--zones 1000] [--rounds 3]
+//! egress-bench udp-flood ADDR PORT [--seconds 5] [--threads NCPU] [--payload 64]
+//! egress-bench udp-sink ADDR PORT [--threads 1]
 //! ```
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
 
@@ -19,6 +21,7 @@ mod dns;
 mod frames;
 mod harness;
 mod learn;
+mod udp;
 mod verdict;
 
 const USAGE: &str = "usage:
@@ -40,7 +43,12 @@ const USAGE: &str = "usage:
       most --window outstanding); prints one JSON line
   egress-bench learn [--names 4096] [--zones 1000] [--rounds 3]
       dns-serve's answers through the kernel program (BPF_PROG_TEST_RUN) and the agent's
-      learner on the real maps: the learner's CPU time per answer, as a Markdown table";
+      learner on the real maps: the learner's CPU time per answer, as a Markdown table
+  egress-bench udp-flood ADDR PORT [--seconds 5] [--threads NCPU] [--payload 64]
+      UDP datagrams of --payload bytes as fast as it goes, one connected socket per thread
+      (sendmmsg); prints one JSON line
+  egress-bench udp-sink ADDR PORT [--threads 1]
+      receive and drop UDP datagrams on ADDR PORT (SO_REUSEPORT sockets), until killed";
 
 /// Splits `args` into positionals and `--flag value` pairs.
 struct Args {
@@ -199,6 +207,41 @@ fn main_inner() -> Result<()> {
             };
             args.done(0)?;
             learn::run(&opts)
+        }
+        "udp-flood" => {
+            let opts = udp::FloodOptions {
+                dst: std::net::SocketAddr::new(
+                    args.positional::<IpAddr>(0, "ADDR")?,
+                    args.positional(1, "PORT")?,
+                ),
+                seconds: args.flag("seconds", 5.0)?,
+                threads: args.flag(
+                    "threads",
+                    std::thread::available_parallelism()
+                        .map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX)),
+                )?,
+                payload: args.flag("payload", 64)?,
+            };
+            args.done(2)?;
+            if !(opts.seconds > 0.0 && opts.seconds <= 600.0) {
+                bail!("--seconds must be in (0, 600]");
+            }
+            udp::check_payload(opts.payload)?;
+            if opts.threads == 0 {
+                bail!("--threads must be at least 1");
+            }
+            udp::flood(&opts)
+        }
+        "udp-sink" => {
+            let threads = args.flag("threads", 1)?;
+            args.done(2)?;
+            udp::sink(
+                std::net::SocketAddr::new(
+                    args.positional::<IpAddr>(0, "ADDR")?,
+                    args.positional(1, "PORT")?,
+                ),
+                threads,
+            )
         }
         other => bail!("unknown command {other:?}"),
     }
