@@ -7,6 +7,7 @@
 mod common;
 
 use common::privileged;
+use egress_test_support::frame::{self, CLIENT4, CLIENT6, syn};
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,7 +23,7 @@ use egress_agent::{
     policy::{Mode, parse},
     run::settings,
 };
-use egress_common::{DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent, proto};
+use egress_common::{DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent};
 
 const PASS: u32 = 1;
 
@@ -47,9 +48,7 @@ dns:
   resolvers: [198.51.100.53, 2001:db8:53::53]
 ";
 
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const RESOLVER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x53, 0, 0, 0, 0, 0x53);
 const CLIENT_PORT: u16 = 40000;
 const DNS_PORT: u16 = 53;
@@ -202,7 +201,7 @@ const UDP6: Path = Path {
 impl Path {
     /// `msg` from the client to the resolver.
     fn query(&self, msg: &[u8]) -> Vec<u8> {
-        frame(
+        frame::dns(
             self.client,
             self.resolver,
             self.client_port,
@@ -214,7 +213,7 @@ impl Path {
 
     /// `msg` from the resolver back to the client.
     fn answer(&self, msg: &[u8]) -> Vec<u8> {
-        frame(
+        frame::dns(
             self.resolver,
             self.client,
             DNS_PORT,
@@ -223,69 +222,6 @@ impl Path {
             msg,
         )
     }
-}
-
-/// An Ethernet frame carrying `dns` over UDP, or over TCP after its 2-byte length.
-fn frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, tcp: bool, dns: &[u8]) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    let proto = if tcp {
-        l4.extend_from_slice(&[0; 8]); // sequence and acknowledgement numbers
-        l4.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // PSH|ACK
-        let len = u16::try_from(dns.len()).expect("small message");
-        l4.extend_from_slice(&len.to_be_bytes());
-        proto::TCP
-    } else {
-        let len = u16::try_from(8 + dns.len()).expect("small message");
-        l4.extend_from_slice(&len.to_be_bytes());
-        l4.extend_from_slice(&[0, 0]);
-        proto::UDP
-    };
-    l4.extend_from_slice(dns);
-    ip_frame(src, dst, proto, &l4)
-}
-
-/// A TCP connection request from the client to `dst`.
-fn syn(dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
-    let client = match dst {
-        IpAddr::V4(_) => IpAddr::V4(CLIENT4),
-        IpAddr::V6(_) => IpAddr::V6(CLIENT6),
-    };
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0; 8]);
-    t.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    ip_frame(client, dst, proto::TCP, &t)
-}
-
-/// An Ethernet frame: an IPv4 or IPv6 header, then `l4`.
-fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend_from_slice(&0x0800u16.to_be_bytes());
-            let total = u16::try_from(20 + l4.len()).expect("small packet");
-            f.extend_from_slice(&[0x45, 0]);
-            f.extend_from_slice(&total.to_be_bytes());
-            f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let len = u16::try_from(l4.len()).expect("small packet");
-            f.extend_from_slice(&[0x60, 0, 0, 0]);
-            f.extend_from_slice(&len.to_be_bytes());
-            f.extend_from_slice(&[proto, 64]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        _ => panic!("mixed address families"),
-    }
-    f.extend_from_slice(l4);
-    f
 }
 
 // ---- the enforcer ---------------------------------------------------------------------

@@ -26,7 +26,6 @@ use serde_json::Value;
 
 pub mod attack;
 pub mod dns;
-pub mod packet;
 
 /// Client end of the veth pair.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
