@@ -7,24 +7,17 @@
 //! reported as a deny event, so every test ends by checking that exactly the expected
 //! flows were reported, besides the agent's DNS counters.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use egress_tests::dns::{
-    DnsCounters, DnsServer, Forged, Lookup, Record, Resolved, forge_answer, query_wait,
-    resolve_connect, tcp_hold,
-};
+use egress_tests::dns::{DnsCounters, Forged, Lookup, Record, forge_answer, query_wait, tcp_hold};
+use egress_tests::world::{Setup, World, assert_connects, assert_resolved_but_dropped};
 use egress_tests::{
-    Agent, CLIENT_V4, Flow, ProbeResult, REMOTE_V4_B, SERVER_V4, SERVER_V6, Server, TempFile,
-    TestCgroup, Topology, assert_eperm, assert_ok, assert_reported_exactly, assert_timeout,
-    probe_tcp, probe_udp, require_root, start_agent, stop_and_collect, tcp, udp, wait_for_flows,
+    CLIENT_V4, Flow, SERVER_V4, SERVER_V6, assert_ok, assert_timeout, require_root, tcp,
 };
 
 const HTTPS: u16 = 443;
 const ALT_HTTPS: u16 = 8443;
-/// A UDP echo port for the end marker (see [`Env::finish`]).
-const MARKER_PORT: u16 = 7;
 /// TTL of answers where expiry is not the point: longer than any test.
 const LONG_TTL: u32 = 300;
 
@@ -59,114 +52,20 @@ fn enforce(names: &[&str]) -> String {
     policy("enforce", names, &resolvers(), "")
 }
 
-/// One test's world: the topology with dnsmasq and echo servers (TCP 443 and 8443 on
-/// every address of the server namespace, UDP [`MARKER_PORT`] on [`REMOTE_V4_B`]), a
-/// fresh cgroup, and the agent attached to it. Fields drop in order: the agent detaches
-/// first.
-struct Env {
-    agent: Agent,
-    _servers: Vec<Server>,
-    _dns: DnsServer,
-    cgroup: TestCgroup,
-    topo: Topology,
-    _policy: TempFile,
-    mode: &'static str,
-}
-
-impl Env {
-    /// Serves `records` (each address put on the server's `lo`) with `ttl`, and runs the
-    /// agent on `policy` in `mode`.
-    fn start(policy: &str, mode: &'static str, ttl: u32, records: &[Record]) -> Env {
-        let policy = TempFile::new(policy);
-        let topo = Topology::new();
-        let hosts: BTreeSet<IpAddr> = (records.iter())
-            .filter_map(|record| match record {
-                Record::Host(_, addr) | Record::HostWithTtl(_, addr, _) => Some(*addr),
-                Record::Cname(..) | Record::Forward(..) => None,
-            })
-            .collect();
-        for addr in hosts {
-            topo.add_remote(addr);
-        }
-        let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
-        let servers = vec![
-            Server::tcp(&topo.server, None, any, HTTPS),
-            Server::tcp(&topo.server, None, any, ALT_HTTPS),
-            // On its address, not any: the reply must come from where the marker went.
-            Server::udp(&topo.server, None, REMOTE_V4_B, MARKER_PORT),
-        ];
-        let dns = DnsServer::start(&topo.server, ttl, records);
-        let cgroup = TestCgroup::new();
-        let agent = start_agent(&policy, &cgroup, Some(mode));
-        Env {
-            agent,
-            _servers: servers,
-            _dns: dns,
-            cgroup,
-            topo,
-            _policy: policy,
-            mode,
-        }
-    }
-
-    /// `resolve-connect` from the cgroup.
-    fn resolve(&self, lookup: Lookup, port: u16) -> Resolved {
-        resolve_connect(&self.topo.client, Some(&self.cgroup), lookup, port)
-    }
-
-    /// A plain TCP connect (and echo) from the cgroup, without resolving anything.
-    fn connect(&self, addr: impl Into<IpAddr>, port: u16) -> ProbeResult {
-        probe_tcp(&self.topo.client, Some(&self.cgroup), addr, port)
-    }
-
-    /// Ends the test: sends a marker datagram to an address no policy allows and waits
-    /// until it and every one of `expected` are reported (the ring buffer keeps order, so
-    /// anything denied before the marker is in by then), stops the agent, checks that
-    /// exactly these flows were reported, and returns them with the DNS counters.
-    fn finish(&mut self, expected: &[Flow]) -> (BTreeMap<Flow, usize>, DnsCounters) {
-        let marker = probe_udp(
-            &self.topo.client,
-            Some(&self.cgroup),
-            REMOTE_V4_B,
-            MARKER_PORT,
-        );
-        if self.mode == "enforce" {
-            assert_eperm(&marker, "the end marker");
-        } else {
-            assert_ok(&marker, "the end marker");
-        }
-        let mut all = expected.to_vec();
-        all.push(udp(REMOTE_V4_B, MARKER_PORT));
-        wait_for_flows(&self.agent, &all);
-        let action = if self.mode == "enforce" {
-            "deny"
-        } else {
-            "audit"
-        };
-        let reported = stop_and_collect(&mut self.agent, action, &self.cgroup);
-        assert_reported_exactly(&reported, &all);
-        (reported, self.agent.dns_counters())
-    }
-}
-
-/// The lookup found `addr`, and the connection to it echoed.
-fn assert_connects(r: &Resolved, addr: impl Into<IpAddr>, what: &str) {
-    assert_eq!(
-        r.addr,
-        Some(addr.into()),
-        "{what}: resolved address ({r:?})"
-    );
-    assert_ok(&r.result, what);
-}
-
-/// The lookup found `addr` (DNS itself passes), but the connection to it was dropped.
-fn assert_resolved_but_dropped(r: &Resolved, addr: impl Into<IpAddr>, what: &str) {
-    assert_eq!(
-        r.addr,
-        Some(addr.into()),
-        "{what}: resolved address ({r:?})"
-    );
-    assert_timeout(&r.result, what);
+/// One test's world: echo servers on TCP 443 and 8443 of every address of the server
+/// namespace, dnsmasq serving `records` with `ttl`, and the agent on `policy` in `mode`.
+fn start(policy: &str, mode: &'static str, ttl: u32, records: &[Record]) -> World {
+    World::start(Setup {
+        policy,
+        mode: Some(mode),
+        records,
+        ttl,
+        remotes: &[],
+        tcp_ports: &[HTTPS, ALT_HTTPS],
+        udp: &[],
+        agent_args: &[],
+        files: Vec::new(),
+    })
 }
 
 /// Counters of `n` answers for allowed names, one address each, and nothing else.
@@ -186,7 +85,7 @@ fn exact_name_is_learned_and_allowed_on_its_ports_only() {
         return;
     }
     let records = [Record::Host(APP, APP_V4.into())];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     let r = env.resolve(Lookup::a(APP, SERVER_V4), HTTPS);
     assert_connects(&r, APP_V4, "resolve and connect to 443");
@@ -227,7 +126,7 @@ fn wildcard_one_and_two_labels_deep() {
         .chain(&dropped)
         .map(|(name, addr)| Record::Host(name, (*addr).into()))
         .collect();
-    let mut env = Env::start(&enforce(&[ZONE]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[ZONE]), "enforce", LONG_TTL, &records);
 
     for (name, addr) in allowed {
         assert_connects(&env.resolve(Lookup::a(name, SERVER_V4), HTTPS), addr, name);
@@ -267,7 +166,7 @@ fn cname_chain() {
         Record::Host(TARGET, target_v4.into()),
         Record::Host(TARGET, target_v6.into()),
     ];
-    let mut env = Env::start(&enforce(&[ALIAS]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[ALIAS]), "enforce", LONG_TTL, &records);
 
     // The chain's end is not allowed on its own: asked for directly, it teaches nothing.
     assert_resolved_but_dropped(
@@ -309,7 +208,7 @@ fn aaaa_over_ipv6() {
         Record::Host(APP, APP_V4.into()),
         Record::Host(APP, APP_V6.into()),
     ];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     assert_connects(
         &env.resolve(Lookup::aaaa(APP, SERVER_V6), HTTPS),
@@ -333,7 +232,7 @@ fn mixed_case_query() {
         return;
     }
     let records = [Record::Host(APP, APP_V4.into())];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     assert_connects(
         &env.resolve(Lookup::a("App.Example.COM", SERVER_V4), HTTPS),
@@ -352,7 +251,7 @@ fn never_resolved_address_stays_dropped() {
         return;
     }
     let records = [Record::Host(APP, APP_V4.into())];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     assert_timeout(
         &env.connect(APP_V4, HTTPS),
@@ -387,7 +286,7 @@ fn ttl_expiry_keeps_open_connections() {
         &resolvers(),
         &format!("  min_ttl: {MIN_TTL}\n"),
     );
-    let mut env = Env::start(&policy, "enforce", 1, &records);
+    let mut env = start(&policy, "enforce", 1, &records);
     let cg = Some(&env.cgroup);
 
     let resolved_at = Instant::now();
@@ -456,7 +355,7 @@ fn a_name_s_ports_end_with_it_while_another_name_keeps_the_address() {
         "mode: enforce\nallow:\n  - fqdn: {APP}\n    ports: [TCP:{HTTPS}]\n  - fqdn: {ALT}\n    ports: [TCP:{ALT_HTTPS}]\ndns:\n  resolvers: [{}]\n  min_ttl: {MIN_TTL}\n",
         resolvers.join(", ")
     );
-    let mut env = Env::start(&policy, "enforce", LONG_TTL, &records);
+    let mut env = start(&policy, "enforce", LONG_TTL, &records);
 
     assert_connects(
         &env.resolve(Lookup::a(APP, SERVER_V4), HTTPS),
@@ -519,7 +418,7 @@ fn forged_answers_are_ignored() {
     let unsolicited = Ipv4Addr::new(203, 0, 113, 72);
     let matching = Ipv4Addr::new(203, 0, 113, 73);
     let policy = policy("enforce", &[NAME], &[SILENT.into()], "");
-    let mut env = Env::start(&policy, "enforce", LONG_TTL, &[]);
+    let mut env = start(&policy, "enforce", LONG_TTL, &[]);
     for addr in [wrong_source, unsolicited, matching] {
         env.topo.add_remote(addr);
     }
@@ -580,7 +479,7 @@ fn dns_over_tcp() {
         return;
     }
     let records = [Record::Host(APP, APP_V4.into())];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     assert_connects(
         &env.resolve(Lookup::a(APP, SERVER_V4).over_tcp(), HTTPS),
@@ -602,7 +501,7 @@ fn unlisted_names_resolve_but_stay_dropped() {
         Record::Host(APP, APP_V4.into()),
         Record::Host(OTHER, OTHER_V4.into()),
     ];
-    let mut env = Env::start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
+    let mut env = start(&enforce(&[APP]), "enforce", LONG_TTL, &records);
 
     assert_resolved_but_dropped(
         &env.resolve(Lookup::a(OTHER, SERVER_V4), HTTPS),
@@ -631,7 +530,7 @@ fn audit_mode_reports_would_drops_of_a_name_only_policy() {
         Record::Host(OTHER, OTHER_V4.into()),
     ];
     let policy = policy("audit", &[APP], &resolvers(), "");
-    let mut env = Env::start(&policy, "audit", LONG_TTL, &records);
+    let mut env = start(&policy, "audit", LONG_TTL, &records);
 
     // Everything passes; only what enforcement would drop is reported.
     assert_connects(
