@@ -201,10 +201,13 @@ pub fn attached_programs(path: &Path) -> Vec<u64> {
             String::from_utf8_lossy(&out.stdout)
         )
     });
-    let mut ids: Vec<u64> = links
+    // An empty list is `[]`; anything else is not an answer, and reading it as "no links"
+    // would let a check that nothing is attached pass without checking.
+    let links = links
         .as_array()
-        .into_iter()
-        .flatten()
+        .unwrap_or_else(|| panic!("bpftool -j link show printed no JSON array: {links}"));
+    let mut ids: Vec<u64> = links
+        .iter()
         .filter(|link| link["cgroup_id"].as_u64() == Some(cgroup_id))
         .filter_map(|link| link["prog_id"].as_u64())
         .collect();
