@@ -5,7 +5,8 @@
 //! `{"ok":false,"errno":N,"error":"..."}`, plus fields of their own) as their last line and
 //! exit 0 or 1 accordingly, so a test can tell "blocked" from "broken" without scraping
 //! error text. `tcp-hold`, `connect-loop`, `query-wait` and `udp-listen` print progress
-//! lines before it (each without `"ok"`), so a test can act while they run. The `raw-*`
+//! lines before it (each without `"ok"`; `connect-loop` one per attempt), so a test can act
+//! while they run. The `raw-*`
 //! modes send one packet built here, whatever its addresses say; `sniff` prints every IP
 //! packet an interface sees until it is killed. Usage errors and a failure to join the
 //! cgroup exit 2: those are harness bugs, not probe results.
@@ -919,12 +920,14 @@ fn connect_loop(cl: &ConnectLoop) -> Value {
         let outcome = TcpStream::connect_timeout(&cl.addr, cl.timeout)
             .map_err(Failure::from)
             .and_then(|mut stream| echo(&mut stream, Instant::now() + cl.timeout));
+        let ok = outcome.is_ok();
         match outcome {
             Ok(()) => connected += 1,
             Err(f) => {
                 first_error.get_or_insert(f.error);
             }
         }
+        emit(&json!({ "attempt": attempts, "connected": ok }));
         thread::sleep(cl.interval);
     }
     json!({ "attempts": attempts, "connected": connected, "first_error": first_error })
