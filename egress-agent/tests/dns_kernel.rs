@@ -410,6 +410,10 @@ fn none() -> BTreeSet<IpAddr> {
 
 // ---- tests ----------------------------------------------------------------------------
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_well_formed_answer_teaches_its_address_with_the_names_ports() {
     if !privileged() {
@@ -442,6 +446,10 @@ fn a_well_formed_answer_teaches_its_address_with_the_names_ports() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn an_aaaa_answer_over_ipv6_is_learned() {
     if !privileged() {
@@ -462,6 +470,10 @@ fn an_aaaa_answer_over_ipv6_is_learned() {
     assert_eq!(dns.take_learned(), set(["2001:db8:7::7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn dns_over_tcp_is_learned() {
     if !privileged() {
@@ -476,6 +488,10 @@ fn dns_over_tcp_is_learned() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_query_longer_than_what_the_kernel_reads_of_it_is_remembered() {
     if !privileged() {
@@ -495,6 +511,10 @@ fn a_query_longer_than_what_the_kernel_reads_of_it_is_remembered() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn owner_names_need_not_be_compressed() {
     if !privileged() {
@@ -517,6 +537,10 @@ fn owner_names_need_not_be_compressed() {
     assert_eq!(dns.take_learned(), set(addrs));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn the_answer_may_spell_the_question_in_another_case() {
     if !privileged() {
@@ -529,6 +553,10 @@ fn the_answer_may_spell_the_question_in_another_case() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_from_any_other_address_are_untrusted() {
     if !privileged() {
@@ -556,6 +584,10 @@ fn answers_from_any_other_address_are_untrusted() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_must_match_their_query() {
     if !privileged() {
@@ -596,6 +628,10 @@ fn answers_must_match_their_query() {
     assert_eq!(dns.take_learned(), none());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn names_match_case_blind_and_wildcards_only_strictly_inside_their_zone() {
     if !privileged() {
@@ -635,6 +671,10 @@ fn names_match_case_blind_and_wildcards_only_strictly_inside_their_zone() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn malformed_headers_teach_nothing() {
     if !privileged() {
@@ -666,6 +706,10 @@ fn malformed_headers_teach_nothing() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn hostile_question_names_teach_nothing() {
     if !privileged() {
@@ -706,6 +750,10 @@ fn hostile_question_names_teach_nothing() {
     assert_eq!(dns.take_learned(), none());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_truncated_answer_teaches_nothing_at_any_length() {
     if !privileged() {
@@ -728,6 +776,10 @@ fn a_truncated_answer_teaches_nothing_at_any_length() {
     assert_eq!(dns.events().len(), 0, "nothing reaches the agent");
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn hostile_answer_records_teach_nothing_else() {
     if !privileged() {
@@ -810,6 +862,10 @@ fn decoy(rdlen: usize) -> Vec<u8> {
     fake.iter().copied().cycle().take(rdlen).collect()
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn only_records_in_the_first_2048_bytes_are_learned() {
     if !privileged() {
@@ -881,6 +937,10 @@ impl Rng {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn mutated_answers_never_teach_another_address() {
     if !privileged() {
@@ -941,6 +1001,10 @@ fn mutated_answers_never_teach_another_address() {
 /// A trusted, solicited answer for a name no rule allows teaches nothing, but reaches the
 /// agent (to name the address in its events) while the ring is less than half full; past
 /// that, only answers the kernel learned from do, so those always keep half the ring.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_for_names_no_rule_allows_reach_the_agent_only_while_the_ring_has_room() {
     if !privileged() {

@@ -19,6 +19,10 @@ use egress_common::{ACTION_AUDIT, ACTION_DENY, Event, proto};
 
 // ---- tests ----------------------------------------------------------------------------
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn allowed_cidr_and_port_pass_and_everything_else_drops() {
     if !privileged() {
@@ -74,6 +78,10 @@ const GRE: u8 = 47;
 
 /// Every decided packet is counted once, under its verdict and protocol: ICMPv6 with ICMP,
 /// anything else (and an unreadable packet) as other, also for the flow-table fast path.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn verdict_counters_are_split_by_protocol() {
     if !privileged() {
@@ -144,6 +152,10 @@ fn verdict_counters_are_split_by_protocol() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn the_tc_program_makes_the_same_decisions_and_passes_non_ip() {
     if !privileged() {
@@ -167,6 +179,10 @@ fn the_tc_program_makes_the_same_decisions_and_passes_non_ip() {
     assert_eq!(run(&e, EGRESS_TC, &arp), TC_ACT_OK);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn loopback_neighbour_discovery_and_dhcpv6_always_pass() {
     if !privileged() {
@@ -196,6 +212,10 @@ fn loopback_neighbour_discovery_and_dhcpv6_always_pass() {
 /// Neighbour discovery and MLD pass only where they stay on the link: to link-local or
 /// link-scope multicast addresses with their hop limit, or, to a neighbour's routable
 /// address, a solicitation or advertisement with nothing of its own in it.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn neighbour_discovery_and_mld_stay_on_the_link() {
     if !privileged() {
@@ -296,6 +316,10 @@ fn neighbour_discovery_and_mld_stay_on_the_link() {
 
 /// The later fragments of a datagram carry no ports: they follow a first fragment that
 /// passed, and nothing else.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn later_fragments_follow_their_first() {
     if !privileged() {
@@ -322,6 +346,10 @@ fn later_fragments_follow_their_first() {
     assert_eq!(run(&e, EGRESS_TC, &later_denied), TC_ACT_SHOT);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_server_answers_a_client_no_rule_allows() {
     if !privileged() {
@@ -364,6 +392,10 @@ fn a_server_answers_a_client_no_rule_allows() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn an_inbound_ack_alone_opens_nothing() {
     if !privileged() {
@@ -383,6 +415,10 @@ fn an_inbound_ack_alone_opens_nothing() {
     assert_eq!(run(&e, EGRESS_CGROUP, &out), DROP);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn icmp_errors_pass_only_for_flows_already_allowed() {
     if !privileged() {
@@ -423,6 +459,10 @@ fn icmp_errors_pass_only_for_flows_already_allowed() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn ipv6_extension_headers_are_walked_to_the_ports() {
     if !privileged() {
@@ -442,6 +482,10 @@ fn ipv6_extension_headers_are_walked_to_the_ports() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn truncated_headers_fail_closed() {
     if !privileged() {
@@ -453,6 +497,10 @@ fn truncated_headers_fail_closed() {
     assert_eq!(run(&e, EGRESS_CGROUP, &frame), DROP);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
     if !privileged() {
@@ -492,6 +540,10 @@ fn audit_mode_passes_and_reports_each_would_drop_flow_once() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn enforce_mode_reports_drops_within_the_rate_limit() {
     if !privileged() {

@@ -59,8 +59,10 @@ pub(crate) fn unique_suffix() -> String {
 }
 
 /// Whether the tests can run here. Without root they cannot create namespaces or
-/// cgroups: outside CI that prints a skip message and returns `false` (callers return
-/// early); with `CI=true` it panics, because CI must never skip silently.
+/// cgroups. A build without root marks them `#[ignore]` (`build.rs`), so `cargo test`
+/// reports them as ignored; a build with root run without it prints a skip message and
+/// returns `false` (callers return early); with `CI=true` it panics, because CI must
+/// never skip.
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {

@@ -263,6 +263,10 @@ fn resolve(env: &World, name: &str, port: u16) -> Resolved {
     env.resolve(Lookup::a(name, SERVER_V4), port)
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
     if !require_root() {
@@ -361,6 +365,10 @@ fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all() {
     if !require_root() {
@@ -413,6 +421,10 @@ fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all()
     assert_eq!(counters, DnsCounters::default());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn the_kubelets_api_server_passes_and_another_of_the_region_does_not() {
     if !require_root() {

@@ -79,6 +79,10 @@ fn learned_only(n: u64) -> DnsCounters {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn exact_name_is_learned_and_allowed_on_its_ports_only() {
     if !require_root() {
@@ -101,6 +105,10 @@ fn exact_name_is_learned_and_allowed_on_its_ports_only() {
     assert_eq!(counters, learned_only(1));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn wildcard_one_and_two_labels_deep() {
     if !require_root() {
@@ -150,6 +158,10 @@ fn wildcard_one_and_two_labels_deep() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn cname_chain() {
     if !require_root() {
@@ -199,6 +211,10 @@ fn cname_chain() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn aaaa_over_ipv6() {
     if !require_root() {
@@ -226,6 +242,10 @@ fn aaaa_over_ipv6() {
     assert_eq!(counters, learned_only(1));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn mixed_case_query() {
     if !require_root() {
@@ -245,6 +265,10 @@ fn mixed_case_query() {
     assert_eq!(counters, learned_only(1));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn never_resolved_address_stays_dropped() {
     if !require_root() {
@@ -268,6 +292,10 @@ fn never_resolved_address_stays_dropped() {
     assert_eq!(counters, learned_only(1));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn ttl_expiry_keeps_open_connections() {
     if !require_root() {
@@ -345,6 +373,10 @@ fn ttl_expiry_keeps_open_connections() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_name_s_ports_end_with_it_while_another_name_keeps_the_address() {
     if !require_root() {
@@ -424,6 +456,10 @@ fn a_name_s_ports_end_with_it_while_another_name_keeps_the_address() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn forged_answers_are_ignored() {
     if !require_root() {
@@ -494,6 +530,10 @@ fn forged_answers_are_ignored() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn dns_over_tcp() {
     if !require_root() {
@@ -513,6 +553,10 @@ fn dns_over_tcp() {
     assert_eq!(counters, learned_only(1));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn unlisted_names_resolve_but_stay_dropped() {
     if !require_root() {
@@ -541,6 +585,10 @@ fn unlisted_names_resolve_but_stay_dropped() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn audit_mode_reports_would_drops_of_a_name_only_policy() {
     if !require_root() {
