@@ -32,6 +32,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
     --no-default-features --features llvm-22
 fi
 
+# cargo-fuzz, for the fuzz targets' short runs in scripts/test.sh (scripts/fuzz.sh).
+if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13\.2'; then
+  log "installing cargo-fuzz 0.13.2 (a few minutes)"
+  cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+
 log "building egress-agent and egress-probe"
 cargo build --release -p egress-agent -p egress-tests --bins
 log "ready: target/release/egress-agent, target/release/egress-probe"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints (userspace and kernel crate), unit tests, the
-# BPF_PROG_TEST_RUN verdict tests, the image check's fast part and the end-to-end tests in
-# network namespaces.
+# BPF_PROG_TEST_RUN verdict tests, the image check's fast part, the end-to-end tests in
+# network namespaces and a short run of each fuzz target.
 # Needs root; with CI=true nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,8 @@ cargo build -p egress-agent
 echo "== image check (an image of that binary, run as deploy/ runs it)" >&2
 scripts/image-check.sh
 cargo test --workspace --exclude egress-ebpf "$@"
+echo "== fuzz (each target 20 s from its seed corpus)" >&2
+scripts/fuzz.sh 20
 # The kernel programs on kernels around those nodes run (5.10, 6.1, 6.12 under qemu; the
 # end-to-end suites too on 6.1, before TCX): about 15 minutes on 2 cores.
 # EGRESS_KERNEL_MATRIX=skip leaves it out of a local run.

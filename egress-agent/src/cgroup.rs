@@ -90,11 +90,17 @@ impl CgroupNames {
 
     /// The cgroup's directory, or `None` when no cgroup has this id (any more).
     pub fn path_of(&mut self, id: u64) -> Option<&Path> {
-        let stale = self.walked.is_none_or(|at| at.elapsed() >= REWALK_PERIOD);
+        self.path_at(id, Instant::now())
+    }
+
+    /// [`Self::path_of`] at time `now`.
+    fn path_at(&mut self, id: u64, now: Instant) -> Option<&Path> {
+        let stale =
+            (self.walked).is_none_or(|at| now.saturating_duration_since(at) >= REWALK_PERIOD);
         if !self.known.contains_key(&id) && stale {
             self.known.clear();
             walk(&self.root, &mut self.known);
-            self.walked = Some(Instant::now());
+            self.walked = Some(now);
         }
         self.known.get(&id).map(PathBuf::as_path)
     }
@@ -139,16 +145,18 @@ mod tests {
         fs::create_dir_all(&first).expect("temp tree");
         let ino = |p: &Path| fs::metadata(p).expect("stat").ino();
         let mut names = CgroupNames::new(root.clone());
-        assert_eq!(names.path_of(ino(&first)), Some(first.as_path()));
+        let start = Instant::now();
+        assert_eq!(names.path_at(ino(&first), start), Some(first.as_path()));
         let second = root.join("kubepods/pod-b");
         fs::create_dir_all(&second).expect("temp tree");
+        let almost = start + REWALK_PERIOD - Duration::from_millis(1);
         assert_eq!(
-            names.path_of(ino(&second)),
+            names.path_at(ino(&second), almost),
             None,
             "no re-walk within the period"
         );
-        std::thread::sleep(REWALK_PERIOD);
-        assert_eq!(names.path_of(ino(&second)), Some(second.as_path()));
+        let after = start + REWALK_PERIOD;
+        assert_eq!(names.path_at(ino(&second), after), Some(second.as_path()));
         fs::remove_dir_all(&root).expect("clean up");
     }
 

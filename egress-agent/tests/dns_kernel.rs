@@ -7,6 +7,7 @@
 mod common;
 
 use common::privileged;
+use egress_test_support::frame::{self, CLIENT4, CLIENT6, syn};
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -26,7 +27,6 @@ use egress_agent::{
 use egress_common::{
     DNS_EVENT_HEADER, DNS_MAX_PAYLOAD, DnsEvent,
     addr::{display_addr, to_key},
-    proto,
 };
 
 const PASS: u32 = 1;
@@ -52,9 +52,7 @@ dns:
   resolvers: [198.51.100.53, 2001:db8:53::53]
 ";
 
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const RESOLVER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x53, 0, 0, 0, 0, 0x53);
 const CLIENT_PORT: u16 = 40000;
 const DNS_PORT: u16 = 53;
@@ -207,7 +205,7 @@ const UDP6: Path = Path {
 impl Path {
     /// `msg` from the client to the resolver.
     fn query(&self, msg: &[u8]) -> Vec<u8> {
-        frame(
+        frame::dns(
             self.client,
             self.resolver,
             self.client_port,
@@ -219,7 +217,7 @@ impl Path {
 
     /// `msg` from the resolver back to the client.
     fn answer(&self, msg: &[u8]) -> Vec<u8> {
-        frame(
+        frame::dns(
             self.resolver,
             self.client,
             DNS_PORT,
@@ -228,69 +226,6 @@ impl Path {
             msg,
         )
     }
-}
-
-/// An Ethernet frame carrying `dns` over UDP, or over TCP after its 2-byte length.
-fn frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, tcp: bool, dns: &[u8]) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    let proto = if tcp {
-        l4.extend_from_slice(&[0; 8]); // sequence and acknowledgement numbers
-        l4.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // PSH|ACK
-        let len = u16::try_from(dns.len()).expect("small message");
-        l4.extend_from_slice(&len.to_be_bytes());
-        proto::TCP
-    } else {
-        let len = u16::try_from(8 + dns.len()).expect("small message");
-        l4.extend_from_slice(&len.to_be_bytes());
-        l4.extend_from_slice(&[0, 0]);
-        proto::UDP
-    };
-    l4.extend_from_slice(dns);
-    ip_frame(src, dst, proto, &l4)
-}
-
-/// A TCP connection request from the client to `dst`.
-fn syn(dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
-    let client = match dst {
-        IpAddr::V4(_) => IpAddr::V4(CLIENT4),
-        IpAddr::V6(_) => IpAddr::V6(CLIENT6),
-    };
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0; 8]);
-    t.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    ip_frame(client, dst, proto::TCP, &t)
-}
-
-/// An Ethernet frame: an IPv4 or IPv6 header, then `l4`.
-fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend_from_slice(&0x0800u16.to_be_bytes());
-            let total = u16::try_from(20 + l4.len()).expect("small packet");
-            f.extend_from_slice(&[0x45, 0]);
-            f.extend_from_slice(&total.to_be_bytes());
-            f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let len = u16::try_from(l4.len()).expect("small packet");
-            f.extend_from_slice(&[0x60, 0, 0, 0]);
-            f.extend_from_slice(&len.to_be_bytes());
-            f.extend_from_slice(&[proto, 64]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        _ => panic!("mixed address families"),
-    }
-    f.extend_from_slice(l4);
-    f
 }
 
 // ---- the enforcer ---------------------------------------------------------------------
@@ -479,6 +414,10 @@ fn none() -> BTreeSet<IpAddr> {
 
 // ---- tests ----------------------------------------------------------------------------
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_well_formed_answer_teaches_its_address_with_the_names_ports() {
     if !privileged() {
@@ -511,6 +450,10 @@ fn a_well_formed_answer_teaches_its_address_with_the_names_ports() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn an_aaaa_answer_over_ipv6_is_learned() {
     if !privileged() {
@@ -531,6 +474,10 @@ fn an_aaaa_answer_over_ipv6_is_learned() {
     assert_eq!(dns.take_learned(), set(["2001:db8:7::7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn dns_over_tcp_is_learned() {
     if !privileged() {
@@ -545,6 +492,10 @@ fn dns_over_tcp_is_learned() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_query_longer_than_what_the_kernel_reads_of_it_is_remembered() {
     if !privileged() {
@@ -564,6 +515,10 @@ fn a_query_longer_than_what_the_kernel_reads_of_it_is_remembered() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn owner_names_need_not_be_compressed() {
     if !privileged() {
@@ -586,6 +541,10 @@ fn owner_names_need_not_be_compressed() {
     assert_eq!(dns.take_learned(), set(addrs));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn the_answer_may_spell_the_question_in_another_case() {
     if !privileged() {
@@ -598,6 +557,10 @@ fn the_answer_may_spell_the_question_in_another_case() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_from_any_other_address_are_untrusted() {
     if !privileged() {
@@ -625,6 +588,10 @@ fn answers_from_any_other_address_are_untrusted() {
     assert_eq!(dns.take_learned(), set(["203.0.113.7"]));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_must_match_their_query() {
     if !privileged() {
@@ -665,6 +632,10 @@ fn answers_must_match_their_query() {
     assert_eq!(dns.take_learned(), none());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn names_match_case_blind_and_wildcards_only_strictly_inside_their_zone() {
     if !privileged() {
@@ -704,6 +675,10 @@ fn names_match_case_blind_and_wildcards_only_strictly_inside_their_zone() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn malformed_headers_teach_nothing() {
     if !privileged() {
@@ -735,6 +710,10 @@ fn malformed_headers_teach_nothing() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn hostile_question_names_teach_nothing() {
     if !privileged() {
@@ -775,6 +754,10 @@ fn hostile_question_names_teach_nothing() {
     assert_eq!(dns.take_learned(), none());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_truncated_answer_teaches_nothing_at_any_length() {
     if !privileged() {
@@ -797,6 +780,10 @@ fn a_truncated_answer_teaches_nothing_at_any_length() {
     assert_eq!(dns.events().len(), 0, "nothing reaches the agent");
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn hostile_answer_records_teach_nothing_else() {
     if !privileged() {
@@ -879,6 +866,10 @@ fn decoy(rdlen: usize) -> Vec<u8> {
     fake.iter().copied().cycle().take(rdlen).collect()
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn only_records_in_the_first_2048_bytes_are_learned() {
     if !privileged() {
@@ -950,6 +941,10 @@ impl Rng {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn mutated_answers_never_teach_another_address() {
     if !privileged() {
@@ -1010,6 +1005,10 @@ fn mutated_answers_never_teach_another_address() {
 /// A trusted, solicited answer for a name no rule allows teaches nothing, but reaches the
 /// agent (to name the address in its events) while the ring is less than half full; past
 /// that, only answers the kernel learned from do, so those always keep half the ring.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn answers_for_names_no_rule_allows_reach_the_agent_only_while_the_ring_has_room() {
     if !privileged() {

@@ -40,6 +40,10 @@ fn app_port_set() -> u32 {
         .1
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn each_deny_point_reports_its_reason() {
     if !privileged() {
@@ -122,6 +126,10 @@ fn each_deny_point_reports_its_reason() {
     assert_eq!(got, want);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn enforce_mode_reports_a_flow_once_and_counts_its_retransmits() {
     if !privileged() {
@@ -151,6 +159,10 @@ fn enforce_mode_reports_a_flow_once_and_counts_its_retransmits() {
     assert_eq!(run(&e, EGRESS_CGROUP, &attempt(40000)), PASS);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (BPF_PROG_TEST_RUN): run as root, or CI=true"
+)]
 #[test]
 fn a_denied_packet_of_an_inbound_flow_leaves_its_replies_passing() {
     if !privileged() {

@@ -283,6 +283,25 @@ impl BackgroundProbe {
         value
     }
 
+    /// How many attempts a `connect-loop` has reported so far (a line each).
+    pub fn attempts(&self) -> usize {
+        let attempt = |l: &String| l.contains("\"attempt\"");
+        self.stdout.lines().iter().filter(|l| attempt(l)).count()
+    }
+
+    /// Waits until a `connect-loop` has reported `n` attempts; panics if it finished or
+    /// went quiet for [`PROGRESS_TIMEOUT`] per attempt still to come.
+    pub fn wait_attempts(&self, n: usize) {
+        let missing = n.saturating_sub(self.attempts());
+        let timeout = PROGRESS_TIMEOUT * u32::try_from(missing).expect("a few attempts");
+        let attempt = |l: &String| l.contains("\"attempt\"");
+        let reached =
+            |lines: &[String]| (lines.iter().filter(|l| attempt(l)).count() >= n).then_some(());
+        if self.stdout.wait_for(timeout, reached).is_none() {
+            self.broken(&format!("reported {} of {n} attempts", self.attempts()));
+        }
+    }
+
     /// Asks a `connect-loop` to stop after its current attempt (SIGTERM).
     pub fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {

@@ -20,12 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
-use egress_tests::dns::{DnsCounters, DnsServer, Lookup, Record, Resolved, resolve_connect};
+use egress_tests::dns::{DnsCounters, Lookup, Record, Resolved};
+use egress_tests::world::{Setup, World, assert_connects, assert_resolved_but_dropped};
 use egress_tests::{
-    Agent, Flow, ProbeResult, REMOTE_V4_B, SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup,
-    Topology, agent_bin, assert_eperm, assert_ok, assert_reported_exactly, assert_timeout,
-    probe_tcp, probe_udp, require_root, start_agent_with, stop_and_collect, tcp, udp,
-    wait_for_flows,
+    SERVER_V4, SERVER_V6, TempFile, agent_bin, assert_eperm, assert_ok, assert_timeout,
+    require_root, tcp, udp,
 };
 
 const LOCATION: &str = "eastus";
@@ -41,8 +40,6 @@ const NTP: u16 = 123;
 const KUBELET: u16 = 10250;
 /// Another port no rule names, for UDP inside the cluster (VXLAN).
 const VXLAN: u16 = 4789;
-/// A UDP echo port for the end marker (see [`Env::finish`]).
-const MARKER_PORT: u16 = 7;
 /// Every port a TCP echo server listens on, on every address of the server namespace.
 const TCP_PORTS: [u16; 6] = [HTTPS, HTTP, SSH, TUNNEL_TCP, NTP, KUBELET];
 
@@ -221,157 +218,78 @@ fn records() -> Vec<Record<'static>> {
     records
 }
 
+/// One test's world, with no kubelet's kubeconfig: the preset keeps its regional wildcard.
+fn start() -> World {
+    start_with_kubeconfig(None)
+}
+
 /// One test's world: the topology with every address of [`records`], the API server and
 /// the cluster's hosts; TCP echo servers on [`TCP_PORTS`] of every address, UDP echo
 /// servers where the tests expect UDP to pass; dnsmasq; a fresh cgroup and the agent
-/// enforcing [`policy`] on it. Fields drop in order: the agent detaches first.
-struct Env {
-    agent: Agent,
-    _servers: Vec<Server>,
-    _dns: DnsServer,
-    cgroup: TestCgroup,
-    topo: Topology,
-    _policy: TempFile,
-    _kubeconfig: Option<TempFile>,
+/// enforcing [`policy`] on it (the policy's own mode: enforce), reading `kubeconfig` as
+/// the kubelet's.
+fn start_with_kubeconfig(kubeconfig: Option<&str>) -> World {
+    let kubeconfig = kubeconfig.map(TempFile::new);
+    let kubeconfig_path = kubeconfig.as_ref().map_or(NO_KUBECONFIG.to_owned(), |k| {
+        k.path().to_str().expect("temp paths are UTF-8").to_owned()
+    });
+    let udp_servers: [(IpAddr, u16); 5] = [
+        (HCP.v4.into(), TUNNEL_UDP),
+        (TUN.v4.into(), TUNNEL_UDP),
+        (API_SERVER.into(), TUNNEL_UDP),
+        (NTP_UBUNTU.v4.into(), NTP),
+        (IN_CLUSTER_V4.into(), VXLAN),
+    ];
+    World::start(Setup {
+        policy: &policy(),
+        mode: None,
+        records: &records(),
+        ttl: TTL,
+        remotes: &[
+            API_SERVER.into(),
+            IN_CLUSTER_V4.into(),
+            IN_CLUSTER_V6.into(),
+            OUTSIDE_CLUSTER_V4.into(),
+        ],
+        tcp_ports: &TCP_PORTS,
+        udp: &udp_servers,
+        agent_args: &["--kubeconfig", &kubeconfig_path],
+        files: kubeconfig.into_iter().collect(),
+    })
 }
 
-impl Env {
-    /// The world, with no kubelet's kubeconfig: the preset keeps its regional wildcard.
-    fn start() -> Env {
-        Env::start_with_kubeconfig(None)
-    }
-
-    /// The world, the agent reading `kubeconfig` as the kubelet's.
-    fn start_with_kubeconfig(kubeconfig: Option<&str>) -> Env {
-        let kubeconfig = kubeconfig.map(TempFile::new);
-        let policy = TempFile::new(&policy());
-        let topo = Topology::new();
-        let records = records();
-        for record in &records {
-            if let Record::Host(_, addr) = record {
-                topo.add_remote(*addr);
-            }
-        }
-        topo.add_remote(API_SERVER);
-        topo.add_remote(IN_CLUSTER_V4);
-        topo.add_remote(IN_CLUSTER_V6);
-        topo.add_remote(OUTSIDE_CLUSTER_V4);
-        let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
-        let mut servers: Vec<Server> = TCP_PORTS
-            .iter()
-            .map(|port| Server::tcp(&topo.server, None, any, *port))
-            .collect();
-        // UDP servers on their address, not any: the reply must come from where the
-        // datagram went.
-        let udp_servers: [(IpAddr, u16); 6] = [
-            (HCP.v4.into(), TUNNEL_UDP),
-            (TUN.v4.into(), TUNNEL_UDP),
-            (API_SERVER.into(), TUNNEL_UDP),
-            (NTP_UBUNTU.v4.into(), NTP),
-            (IN_CLUSTER_V4.into(), VXLAN),
-            (REMOTE_V4_B.into(), MARKER_PORT),
-        ];
-        for (addr, port) in udp_servers {
-            servers.push(Server::udp(&topo.server, None, addr, port));
-        }
-        let dns = DnsServer::start(&topo.server, TTL, &records);
-        let cgroup = TestCgroup::new();
-        // The policy's own mode: enforce.
-        let kubeconfig_path = kubeconfig.as_ref().map_or(NO_KUBECONFIG, |k| {
-            k.path().to_str().expect("temp paths are UTF-8")
-        });
-        let agent = start_agent_with(&policy, &cgroup, None, &["--kubeconfig", kubeconfig_path]);
-        Env {
-            agent,
-            _servers: servers,
-            _dns: dns,
-            cgroup,
-            topo,
-            _policy: policy,
-            _kubeconfig: kubeconfig,
-        }
-    }
-
-    /// `resolve-connect` from the cgroup, asking dnsmasq over IPv4.
-    fn resolve(&self, name: &str, port: u16) -> Resolved {
-        self.lookup(Lookup::a(name, SERVER_V4), port)
-    }
-
-    fn lookup(&self, lookup: Lookup, port: u16) -> Resolved {
-        resolve_connect(&self.topo.client, Some(&self.cgroup), lookup, port)
-    }
-
-    /// A plain TCP connect (and echo) from the cgroup, without resolving anything.
-    fn connect(&self, addr: impl Into<IpAddr>, port: u16) -> ProbeResult {
-        probe_tcp(&self.topo.client, Some(&self.cgroup), addr, port)
-    }
-
-    /// A UDP datagram (and echo) from the cgroup.
-    fn send(&self, addr: impl Into<IpAddr>, port: u16) -> ProbeResult {
-        probe_udp(&self.topo.client, Some(&self.cgroup), addr, port)
-    }
-
-    /// Ends the test: sends a marker datagram to an address the policy does not allow and
-    /// waits until it and every one of `expected` are reported (the ring buffer keeps
-    /// order, so anything denied before the marker is in by then), stops the agent,
-    /// checks that exactly these flows were denied, and returns the DNS counters.
-    fn finish(&mut self, expected: &[Flow]) -> DnsCounters {
-        assert_eperm(&self.send(REMOTE_V4_B, MARKER_PORT), "the end marker");
-        let mut all = expected.to_vec();
-        all.push(udp(REMOTE_V4_B, MARKER_PORT));
-        wait_for_flows(&self.agent, &all);
-        let reported = stop_and_collect(&mut self.agent, "deny", &self.cgroup);
-        assert_reported_exactly(&reported, &all);
-        self.agent.dns_counters()
-    }
+/// `resolve-connect` from the cgroup, asking dnsmasq over IPv4.
+fn resolve(env: &World, name: &str, port: u16) -> Resolved {
+    env.resolve(Lookup::a(name, SERVER_V4), port)
 }
 
-/// The lookup found `addr`, and the connection to it echoed.
-#[track_caller]
-fn assert_connects(r: &Resolved, addr: impl Into<IpAddr>, what: &str) {
-    assert_eq!(
-        r.addr,
-        Some(addr.into()),
-        "{what}: resolved address ({r:?})"
-    );
-    assert_ok(&r.result, what);
-}
-
-/// The lookup found `addr` (DNS to the trusted resolver passes), but the connection to
-/// it was dropped.
-#[track_caller]
-fn assert_resolved_but_dropped(r: &Resolved, addr: impl Into<IpAddr>, what: &str) {
-    assert_eq!(
-        r.addr,
-        Some(addr.into()),
-        "{what}: resolved address ({r:?})"
-    );
-    assert_timeout(&r.result, what);
-}
-
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
     if !require_root() {
         return;
     }
-    let mut env = Env::start();
+    let mut env = start();
 
     // Required names, resolved and connected to at once on their table's port.
     for name in HTTPS_NAMES.iter().chain([&MCR]) {
-        assert_connects(&env.resolve(name.name, HTTPS), name.v4, name.name);
+        assert_connects(&resolve(&env, name.name, HTTPS), name.v4, name.name);
     }
     assert_connects(
-        &env.lookup(Lookup::aaaa(MCR.name, SERVER_V6), HTTPS),
+        &env.resolve(Lookup::aaaa(MCR.name, SERVER_V6), HTTPS),
         MCR_V6,
         "mcr.microsoft.com over IPv6",
     );
     // The region's API server names: 443, 22 and 9000 over TCP, 1194 over UDP.
-    assert_connects(&env.resolve(HCP.name, HTTPS), HCP.v4, HCP.name);
-    assert_connects(&env.resolve(TUN.name, SSH), TUN.v4, TUN.name);
+    assert_connects(&resolve(&env, HCP.name, HTTPS), HCP.v4, HCP.name);
+    assert_connects(&resolve(&env, TUN.name, SSH), TUN.v4, TUN.name);
     // ntp.ubuntu.com is allowed on UDP 123 only: the lookup teaches its address, the TCP
     // connection to the same port number is dropped, the NTP datagram passes.
     assert_resolved_but_dropped(
-        &env.resolve(NTP_UBUNTU.name, NTP),
+        &resolve(&env, NTP_UBUNTU.name, NTP),
         NTP_UBUNTU.v4,
         "ntp.ubuntu.com over TCP",
     );
@@ -391,7 +309,7 @@ fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
 
     // The names that must not pass: resolved (DNS itself passes), then dropped.
     for (name, addr, port) in DROPPED {
-        assert_resolved_but_dropped(&env.resolve(name, port), addr, name);
+        assert_resolved_but_dropped(&resolve(&env, name, port), addr, name);
     }
 
     // Seconds after the 1-second TTLs ran out, the learned addresses still pass on their
@@ -432,7 +350,7 @@ fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
         udp(NTP_UBUNTU.v4, TUNNEL_UDP),
     ];
     expected.extend(DROPPED.iter().map(|(_, addr, port)| tcp(*addr, *port)));
-    let counters = env.finish(&expected);
+    let (_, counters) = env.finish(&expected);
     let answers = allowed.len() as u64;
     assert_eq!(
         counters,
@@ -447,12 +365,16 @@ fn aks_global_allows_the_regions_names_on_their_table_ports_only() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all() {
     if !require_root() {
         return;
     }
-    let mut env = Env::start();
+    let mut env = start();
 
     // api_server: the article's network rules.
     for port in [HTTPS, SSH, TUNNEL_TCP] {
@@ -490,7 +412,7 @@ fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all()
     // The resolver's own address passes DNS only.
     assert_timeout(&env.connect(SERVER_V4, HTTPS), "the DNS server on TCP 443");
 
-    let counters = env.finish(&[
+    let (_, counters) = env.finish(&[
         tcp(API_SERVER, HTTP),
         udp(API_SERVER, NTP),
         tcp(OUTSIDE_CLUSTER_V4, KUBELET),
@@ -499,17 +421,21 @@ fn aks_global_allows_the_api_server_on_the_tunnel_ports_and_the_cluster_on_all()
     assert_eq!(counters, DnsCounters::default());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn the_kubelets_api_server_passes_and_another_of_the_region_does_not() {
     if !require_root() {
         return;
     }
-    let mut env = Env::start_with_kubeconfig(Some(&format!(
+    let mut env = start_with_kubeconfig(Some(&format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: localcluster\n  cluster:\n    server: https://{}:443\n",
         HCP.name
     )));
     // The cluster's own API server, on the tunnel's ports.
-    assert_connects(&env.resolve(HCP.name, HTTPS), HCP.v4, HCP.name);
+    assert_connects(&resolve(&env, HCP.name, HTTPS), HCP.v4, HCP.name);
     assert_ok(
         &env.connect(HCP.v4, TUNNEL_TCP),
         "the cluster's API server on TCP 9000",
@@ -519,11 +445,11 @@ fn the_kubelets_api_server_passes_and_another_of_the_region_does_not() {
     // Another customer's API server in the same region, which `*.hcp.eastus.azmk8s.io`
     // would have let through.
     assert_resolved_but_dropped(
-        &env.resolve(OTHER_HCP.0, HTTPS),
+        &resolve(&env, OTHER_HCP.0, HTTPS),
         OTHER_HCP.1,
         "another API server of the region",
     );
-    let counters = env.finish(&[tcp(OTHER_HCP.1, HTTPS)]);
+    let (_, counters) = env.finish(&[tcp(OTHER_HCP.1, HTTPS)]);
     assert_eq!(counters.learned, 1, "{counters:?}");
     assert_eq!(counters.unmatched, 1, "{counters:?}");
 }

@@ -204,6 +204,10 @@ fn strs(args: &[String]) -> Vec<&str> {
 /// loopback address from outside), then the answer to it "from" the resolver to
 /// `127.0.0.1:P`, which the routing delivers over `lo` to its own UDP socket there: a
 /// trusted, solicited answer by every field the kernel compares.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn forged_answer_over_loopback_teaches_nothing() {
     if !require_root() {
@@ -237,6 +241,10 @@ fn forged_answer_over_loopback_teaches_nothing() {
 
 /// The legitimate use next to it: a real lookup through the trusted resolver teaches the
 /// address, and the connect to it passes.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn real_answer_from_the_resolver_is_learned() {
     if !require_root() {
@@ -251,6 +259,10 @@ fn real_answer_from_the_resolver_is_learned() {
 /// stub resolver on `127.0.0.53` (systemd-resolved on Ubuntu nodes), which asks the
 /// trusted resolver. The stub's own upstream query and its answer teach the address
 /// before the stub answers over loopback, so the connect right after passes.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_stub_resolver_s_upstream_answers_are_learned() {
     if !require_root() {
@@ -284,6 +296,10 @@ fn ok_name_server(base: &Base) -> DnsServer {
 /// for an allowed name there with a tiny DNS server, and the kernel, which keys queries by
 /// addresses alone, takes that for the resolver's answer. Learned addresses hold in every
 /// namespace, so the real one is open too.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn answer_from_own_user_namespace_over_its_loopback_teaches_nothing() {
     if !require_root() {
@@ -308,6 +324,10 @@ fn answer_from_own_user_namespace_over_its_loopback_teaches_nothing() {
 /// rather than `lo`: two namespaces of the island joined by a veth pair, the client's
 /// address on one end, the resolver's on the other, where the DNS server runs. Both
 /// processes are in the enforced cgroup.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn answer_from_own_user_namespace_over_its_veth_teaches_nothing() {
     if !require_root() {
@@ -365,6 +385,10 @@ fn far_resolver(base: &Base) -> (Spur, DnsServer) {
 /// allow. With the cgroup programs alone it is not closed: SECURITY.md says so. (An IP
 /// raw socket cannot send it: a packet to the host's own address goes over `lo`, where
 /// nothing teaches.)
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn forged_answer_routed_back_by_the_next_hop_teaches_nothing() {
     if !require_root() {
@@ -398,6 +422,10 @@ fn forged_answer_routed_back_by_the_next_hop_teaches_nothing() {
 
 /// The legitimate use next to it: the same resolver a hop away, really answering; the
 /// answer is learned and the connect passes.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn real_answer_from_a_resolver_behind_a_router_is_learned() {
     if !require_root() {
@@ -427,6 +455,10 @@ fn real_answer_from_a_resolver_behind_a_router_is_learned() {
 /// a root process with a raw socket writes one "from" `REMOTE_V4_B:9` to its own UDP
 /// socket (over `lo`, to 127.0.0.1), and that socket then sends to `REMOTE_V4_B:9`, as
 /// if replying.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn spoofed_inbound_datagram_over_loopback_opens_no_reply_path() {
     if !require_root() {
@@ -472,6 +504,10 @@ fn spoofed_inbound_datagram_over_loopback_opens_no_reply_path() {
 /// Inbound SYNs open a flow back to their source, so that servers in the cgroup can
 /// accept; a root process writes one "from" `REMOTE_V4_B:P` to its own listener on port
 /// L (over `lo`), then connects from port L to `REMOTE_V4_B:P`.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn spoofed_inbound_syn_over_loopback_opens_no_reply_path() {
     if !require_root() {
@@ -520,6 +556,10 @@ fn spoofed_inbound_syn_over_loopback_opens_no_reply_path() {
 /// really sends from `REMOTE_V4_B:9` to its UDP server on port L there. The flow that
 /// opens has no namespace in it, so in the real namespace a socket on port L may "reply"
 /// to the real `REMOTE_V4_B:9`.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn inbound_datagram_in_own_user_namespace_opens_no_reply_path_outside_it() {
     if !require_root() {
@@ -536,6 +576,10 @@ fn inbound_datagram_in_own_user_namespace_opens_no_reply_path_outside_it() {
 /// Closes the same way out as the test above for TCP: a real connection inside the
 /// island from `REMOTE_V4_B:P` to the workload's server on port L opens a flow that a
 /// connect from port L in the real namespace to `REMOTE_V4_B:P` then rides.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn inbound_connection_in_own_user_namespace_opens_no_reply_path_outside_it() {
     if !require_root() {
@@ -555,6 +599,10 @@ fn inbound_connection_in_own_user_namespace_opens_no_reply_path_outside_it() {
 /// sockets. A root process's raw socket then writes a segment with data "from" the
 /// server's port to that client: it must not leave. A bare ACK, as the kernel's own raw
 /// sockets send in time-wait, still does.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn raw_data_into_an_inbound_connection_does_not_leave() {
     if !require_root() {
@@ -641,6 +689,10 @@ fn is_icmp_to(p: &Value, dst: impl Into<IpAddr>, types: &[u8]) -> bool {
 /// follows the quote. After one allowed exchange with `REMOTE_V4_A`, a raw socket sends
 /// destination unreachable, time exceeded and parameter problem to `REMOTE_V4_B`, each
 /// quoting that exchange and carrying 512 bytes more.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn icmp_errors_to_another_address_carry_nothing_out() {
     if !require_root() {
@@ -681,6 +733,10 @@ fn icmp_errors_to_another_address_carry_nothing_out() {
 /// The legitimate use next to it: an ICMP error about the allowed flow, sent to that
 /// flow's remote end (the quoted datagram's source) with a quote of the usual size,
 /// arrives.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn icmp_error_to_the_flow_s_remote_arrives() {
     if !require_root() {
@@ -702,6 +758,10 @@ fn icmp_error_to_the_flow_s_remote_arrives() {
 /// The legitimate use next to it: path MTU discovery. An allowed 64 KiB TCP exchange with
 /// a host past a router whose next link is narrower completes: the router's
 /// "fragmentation needed" comes back to the client, which sends smaller segments.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn path_mtu_discovery_works() {
     if !require_root() {
@@ -732,6 +792,10 @@ fn path_mtu_discovery_works() {
 /// router solicitation (133), neighbour solicitation (135), redirect (137) and MLDv2
 /// report (143), each with 256 bytes of payload, to the global `REMOTE_V6_B`. The agent
 /// enforces on the cgroup and on the client's link (TC).
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn icmpv6_nd_and_mld_to_a_global_address_carry_nothing_out() {
     if !require_root() {
@@ -765,6 +829,10 @@ fn icmpv6_nd_and_mld_to_a_global_address_carry_nothing_out() {
 /// client's neighbour table flushed, an allowed IPv6 connection must first resolve the
 /// gateway (solicitation out, advertisement back, and the client's own advertisements
 /// when the gateway asks), on the cgroup and TC paths alike.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn neighbour_discovery_with_the_real_neighbour_works() {
     if !require_root() {
@@ -791,6 +859,10 @@ fn neighbour_discovery_with_the_real_neighbour_works() {
 /// The legitimate use: a UDP datagram larger than the link's MTU leaves in fragments, of
 /// which only the first carries ports; through the TC programs (the sender is outside the
 /// cgroup, as forwarded traffic is), the server must get all of them and answer.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn fragmented_datagram_to_an_allowed_destination_arrives_whole() {
     if !require_root() {
@@ -813,6 +885,10 @@ fn fragmented_datagram_to_an_allowed_destination_arrives_whole() {
 /// Closes: later fragments as a tunnel. A later fragment carries no ports; one sent
 /// alone (a raw socket, offset 1480) to `REMOTE_V4_B`, which no rule allows, must not
 /// leave through the TC programs.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn lone_later_fragment_to_a_denied_destination_does_not_leave() {
     if !require_root() {
@@ -829,6 +905,10 @@ fn lone_later_fragment_to_a_denied_destination_does_not_leave() {
 /// from `REMOTE_V4_B` (here sent by the server, as any host on the path could) carries
 /// no ports either, but the ingress program takes it for a UDP datagram that starts a
 /// flow; later fragments to `REMOTE_V4_B` then ride that flow out.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn inbound_fragment_opens_no_path_for_later_fragments() {
     if !require_root() {
@@ -885,6 +965,10 @@ fn assert_fragment_did_not_leave(base: &Base, sniffer: &Sniffer, sent: &ProbeRes
 /// the device directly: no IP output path runs, so no cgroup `cgroup_skb` program sees
 /// them; only a TC program on the link (or taking `CAP_NET_RAW` away) can stop them.
 /// With the cgroup programs alone the frame leaves: SECURITY.md says so.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn packet_socket_frame_from_the_cgroup_does_not_leave() {
     if !require_root() {
@@ -996,6 +1080,10 @@ fn start_on_bridge(policy: &str) -> Base {
 /// resolver's address, is not one the node routes to that link: the frame is dropped
 /// there and never comes back. (With the cgroup programs alone it comes back and
 /// teaches: SECURITY.md.)
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn forged_answer_reflected_by_the_node_is_dropped_on_the_workload_link() {
     if !require_root() {
@@ -1041,6 +1129,10 @@ fn forged_answer_reflected_by_the_node_is_dropped_on_the_workload_link() {
 /// Closes, on the node: a frame a pod writes with a packet socket, to an address the
 /// policy does not allow (UDP to [`FAR_HOST`], allowed on TCP 443 only), which no cgroup
 /// program sees: the node does not forward it.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn packet_socket_frame_from_a_workload_is_dropped_at_the_node() {
     if !require_root() {
@@ -1080,6 +1172,10 @@ fn assert_far_host_marker_only(base: &Base, sniffer: &Sniffer, sent: &ProbeResul
 /// back: the pod's socket would then "reply" to `FAR_HOST:9`, which the policy does not
 /// allow. The frame is dropped on the node's end of the link (its source is not the
 /// pod's), so the socket receives nothing, and sends nothing there.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn spoofed_inbound_datagram_reflected_by_the_node_opens_no_reply_path() {
     if !require_root() {
@@ -1115,6 +1211,10 @@ fn spoofed_inbound_datagram_reflected_by_the_node_opens_no_reply_path() {
 /// away is learned and reached at once; allowed addresses are reached over TCP, UDP and
 /// IPv6 (neighbour discovery with the node included); a server in the pod answers a
 /// client no rule lists; and what the policy does not allow is still dropped.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn workloads_behind_a_workload_link_keep_working() {
     if !require_root() {
@@ -1154,6 +1254,10 @@ fn workloads_behind_a_workload_link_keep_working() {
 /// forgotten (its pins removed) when it goes: a second pod, its link named to match the
 /// agent's pattern, writes the forbidden frame once its link is attached, next to an
 /// allowed connection.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_workload_link_that_appears_later_is_guarded() {
     if !require_root() {
@@ -1228,6 +1332,10 @@ fn a_workload_link_that_appears_later_is_guarded() {
 /// node, and the pods' sources route back over the bridge. The packet-socket frame of
 /// `packet_socket_frame_from_a_workload_is_dropped_at_the_node`, and the reflected
 /// forged answer, are dropped there.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_bridge_to_workloads_is_guarded_like_their_links() {
     if !require_root() {

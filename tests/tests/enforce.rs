@@ -91,6 +91,10 @@ fn enforce_family(allowed: IpAddr, denied: IpAddr) {
     assert_reported_exactly(&reported, &denied_flows);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn enforce_ipv4() {
     if !require_root() {
@@ -99,6 +103,10 @@ fn enforce_ipv4() {
     enforce_family(REMOTE_V4_A.into(), REMOTE_V4_B.into());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn enforce_ipv6() {
     if !require_root() {
@@ -107,6 +115,10 @@ fn enforce_ipv6() {
     enforce_family(REMOTE_V6_A.into(), REMOTE_V6_B.into());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn audit_mode() {
     if !require_root() {
@@ -158,6 +170,10 @@ fn audit_mode() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn unrelated_processes_are_not_enforced() {
     if !require_root() {
@@ -190,6 +206,10 @@ fn unrelated_processes_are_not_enforced() {
     assert_reported_exactly(&reported, &expected);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn server_in_cgroup_answers_unlisted_client() {
     if !require_root() {
@@ -198,6 +218,10 @@ fn server_in_cgroup_answers_unlisted_client() {
     server_in_cgroup_answers(CLIENT_V4.into(), SERVER_V4.into());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn server_in_cgroup_answers_unlisted_client_over_ipv6() {
     if !require_root() {
@@ -253,6 +277,10 @@ fn server_in_cgroup_answers(client: IpAddr, server: IpAddr) {
     assert_reported_exactly(&reported, &expected);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn loopback_works() {
     if !require_root() {
@@ -293,6 +321,10 @@ fn loopback_works() {
     assert_reported_exactly(&reported, &expected);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn sigterm_detaches_everything() {
     if !require_root() {
@@ -364,6 +396,10 @@ fn agent_output(args: &[&str]) -> Output {
         .expect("cannot run egress-agent")
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn check_command() {
     if !require_root() {
@@ -470,6 +506,10 @@ fn spawn_bounded(args: &[OsString]) -> Agent {
     Agent::spawn_command(cmd)
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_policy_file_that_never_ends_or_nests_too_deep_is_refused_at_once() {
     if !require_root() {

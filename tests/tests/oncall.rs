@@ -128,6 +128,10 @@ fn rule_line<'a>(text: &'a str, kind: &str, target: &str) -> (Vec<&'a str>, &'a 
     (ports, from.trim())
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn status_rules_names_every_entry_s_origin_also_once_the_agent_is_gone() {
     if !require_root() {
@@ -198,6 +202,10 @@ fn status_rules_names_every_entry_s_origin_also_once_the_agent_is_gone() {
     check(&stopped);
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn explain_answers_from_the_live_maps_by_rule_learned_name_or_reason() {
     if !require_root() {
@@ -263,6 +271,10 @@ fn explain_answers_from_the_live_maps_by_rule_learned_name_or_reason() {
     );
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_denied_connect_is_one_line_with_its_reason_and_its_retransmits_counted() {
     if !require_root() {

@@ -43,6 +43,10 @@ fn reload_world(a: Ipv4Addr, b: Ipv4Addr) -> (TempFile, Topology, TestCgroup, [S
     (policy, topo, TestCgroup::new(), servers)
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     if !require_root() {
@@ -104,6 +108,10 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
 
 /// The agent reads the policy long before it watches the file: loading and attaching the
 /// programs come between. An edit made then is applied once it watches.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn an_edit_while_the_agent_starts_is_applied() {
     if !require_root() {
@@ -357,6 +365,10 @@ const METRICS_UDP_PORT: u16 = 5353;
 
 /// Per-protocol verdict counters for traffic this test makes, in enforce mode: A is allowed
 /// on TCP 443, UDP 5353 and ICMP, REMOTE_V6_A on ICMP only, B on nothing.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn metrics_and_health_endpoints_answer() {
     if !require_root() {
@@ -497,6 +509,10 @@ fn scrape_until(addr: &str, what: &str, done: impl Fn(&Exposition) -> bool) -> E
 /// A rejected reload is counted on `/metrics` (an alert can fire on it) and the running
 /// policy's hash stays; an applied one is counted and changes the hash and the time. The
 /// build's version and commit are there too, as `--version` prints them.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
     if !require_root() {

@@ -71,6 +71,10 @@ fn list_of(addr: Ipv4Addr) -> String {
     format!("# allowed hosts\n{addr}\n\n")
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn a_list_is_enforced_its_edits_reload_and_a_bad_line_changes_nothing() {
     if !require_root() {

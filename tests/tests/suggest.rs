@@ -159,6 +159,10 @@ fn event_for(events: &[Value], dst: Ipv4Addr) -> &Value {
         .unwrap_or_else(|| panic!("no event for {dst} in {events:#?}"))
 }
 
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
 #[test]
 fn audit_then_suggest_then_enforce() {
     if !require_root() {

@@ -19,7 +19,7 @@ use egress_agent::{
     policy::{Mode, parse},
     sys::boot_time_ns,
 };
-use egress_common::proto;
+use egress_test_support::frame;
 
 use crate::dns::{RECORDS, answer, query};
 
@@ -45,24 +45,6 @@ fn policy_yaml(zones: u32, addresses: u32) -> String {
         ));
     }
     y
-}
-
-/// An Ethernet frame carrying `dns` over UDP between the client and the resolver.
-fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, dns: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(8 + dns.len()).unwrap_or(u16::MAX);
-    let mut f = vec![
-        0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd, 0x60, 0, 0, 0,
-    ];
-    f.extend_from_slice(&len.to_be_bytes());
-    f.extend_from_slice(&[proto::UDP, 64]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&len.to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(dns);
-    f
 }
 
 /// CPU time of the calling thread, in ns.
@@ -132,8 +114,8 @@ pub fn run(opts: &Options) -> Result<()> {
             let id = u16::try_from(k & 0xffff).unwrap_or(0);
             let q = query(id, k, k % opts.zones);
             let a = answer(&q).context("the server's answer")?;
-            let out = udp6(CLIENT, RESOLVER, CLIENT_PORT, 53, &q);
-            let back = udp6(RESOLVER, CLIENT, 53, CLIENT_PORT, &a);
+            let out = frame::dns(CLIENT.into(), RESOLVER.into(), CLIENT_PORT, 53, false, &q);
+            let back = frame::dns(RESOLVER.into(), CLIENT.into(), 53, CLIENT_PORT, false, &a);
             if enforcer.test_run(EGRESS_CGROUP, &out, 1)?.return_value != PASS
                 || enforcer.test_run(INGRESS_CGROUP, &back, 1)?.return_value != PASS
             {

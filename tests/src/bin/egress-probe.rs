@@ -5,7 +5,8 @@
 //! `{"ok":false,"errno":N,"error":"..."}`, plus fields of their own) as their last line and
 //! exit 0 or 1 accordingly, so a test can tell "blocked" from "broken" without scraping
 //! error text. `tcp-hold`, `connect-loop`, `query-wait` and `udp-listen` print progress
-//! lines before it (each without `"ok"`), so a test can act while they run. The `raw-*`
+//! lines before it (each without `"ok"`; `connect-loop` one per attempt), so a test can act
+//! while they run. The `raw-*`
 //! modes send one packet built here, whatever its addresses say; `sniff` prints every IP
 //! packet an interface sees until it is killed. Usage errors and a failure to join the
 //! cgroup exit 2: those are harness bugs, not probe results.
@@ -15,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
 };
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -23,11 +24,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use egress_tests::packet::{self, Fragment};
+use egress_test_support::packet::{self, Fragment};
+use egress_test_support::proto;
+use egress_test_support::raw::{
+    ETH_HEADER, ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, packet_socket, parse_mac, send_frame, send_routed,
+};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
 use serde_json::{Value, json};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
 const USAGE: &str = "\
 usage: egress-probe [--cgroup DIR] tcp-connect|udp-send ADDR PORT [--timeout-ms N]
@@ -470,16 +475,6 @@ fn parse_raw(mode: &str, args: &mut Args) -> Result<Mode, String> {
         }
         _ => return Err(format!("unknown subcommand {mode:?}")),
     })
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("bad MAC address {text:?}"))?;
-    <[u8; 6]>::try_from(bytes).map_err(|_| format!("bad MAC address {text:?}"))
 }
 
 fn parse_resolve_connect(
@@ -925,12 +920,14 @@ fn connect_loop(cl: &ConnectLoop) -> Value {
         let outcome = TcpStream::connect_timeout(&cl.addr, cl.timeout)
             .map_err(Failure::from)
             .and_then(|mut stream| echo(&mut stream, Instant::now() + cl.timeout));
+        let ok = outcome.is_ok();
         match outcome {
             Ok(()) => connected += 1,
             Err(f) => {
                 first_error.get_or_insert(f.error);
             }
         }
+        emit(&json!({ "attempt": attempts, "connected": ok }));
         thread::sleep(cl.interval);
     }
     json!({ "attempts": attempts, "connected": connected, "first_error": first_error })
@@ -1049,9 +1046,10 @@ fn raw_udp(raw: &RawUdp) -> Result<(), Failure> {
     let (src, dst) = (raw.src, raw.dst);
     let packet = packet::ipv4_udp(*src.ip(), *dst.ip(), src.port(), dst.port(), &data);
     match &raw.link {
-        None => send_raw(*dst.ip(), &packet),
-        Some((iface, dst_mac)) => send_frame(iface, *dst_mac, &packet),
+        None => send_routed(*dst.ip(), &packet)?,
+        Some((iface, dst_mac)) => send_frame(iface, *dst_mac, &packet)?,
     }
+    Ok(())
 }
 
 /// Sends a TCP segment from `src`, whatever that is: a connection request, or an ACK with
@@ -1072,7 +1070,7 @@ fn raw_tcp(t: &RawTcp) -> Result<(), Failure> {
         flags,
         &payload(t.size),
     );
-    send_raw(*t.dst.ip(), &packet)
+    Ok(send_routed(*t.dst.ip(), &packet)?)
 }
 
 /// Sends the last fragment of a UDP datagram whose first fragment never comes.
@@ -1082,15 +1080,8 @@ fn raw_fragment(f: &RawFragment) -> Result<(), Failure> {
         more: false,
     };
     let data = payload(f.len);
-    let packet = packet::ipv4(
-        f.src,
-        f.dst,
-        packet::PROTO_UDP,
-        random_id(),
-        fragment,
-        &data,
-    );
-    send_raw(f.dst, &packet)
+    let packet = packet::ipv4(f.src, f.dst, proto::UDP, random_id(), fragment, &data);
+    Ok(send_routed(f.dst, &packet)?)
 }
 
 /// Sends an ICMP message of any type from this host's address: an error quotes the UDP
@@ -1110,86 +1101,6 @@ fn raw_icmp(m: &RawIcmp) -> Result<(), Failure> {
     let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
     socket.send_to(&message, &SocketAddr::new(m.dst, 0).into())?;
     Ok(())
-}
-
-/// Sends a whole IPv4 packet, header included, routed by the kernel to `dst`.
-fn send_raw(dst: Ipv4Addr, packet: &[u8]) -> Result<(), Failure> {
-    // IPPROTO_RAW implies IP_HDRINCL: the kernel sends `packet` as the whole IP datagram.
-    let socket = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(libc::IPPROTO_RAW)),
-    )?;
-    socket.send_to(packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))?;
-    Ok(())
-}
-
-const ETH_HEADER: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_ALL: u16 = 0x0003;
-
-/// Sends an IPv4 packet as an Ethernet frame to `dst_mac` out of `iface`, through a packet
-/// socket: no routing, and no local delivery even when the destination is this host.
-fn send_frame(iface: &str, dst_mac: [u8; 6], ip_packet: &[u8]) -> Result<(), Failure> {
-    let address = fs::read_to_string(format!("/sys/class/net/{iface}/address"))?;
-    let src_mac = parse_mac(address.trim()).map_err(protocol_error)?;
-    let mut frame = Vec::with_capacity(ETH_HEADER + ip_packet.len());
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&src_mac);
-    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    frame.extend_from_slice(ip_packet);
-    let (fd, addr) = packet_socket(iface, ETH_P_IP)?;
-    // SAFETY: `frame` and `addr` are valid for the lengths passed.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    Ok(())
-}
-
-/// A packet socket for `protocol` frames bound to `iface`, and its address.
-fn packet_socket(iface: &str, protocol: u16) -> io::Result<(OwnedFd, libc::sockaddr_ll)> {
-    let name = std::ffi::CString::new(iface).map_err(io::Error::other)?;
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let protocol = protocol.to_be();
-    // SAFETY: plain socket creation; the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = protocol;
-    addr.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
-    // SAFETY: `addr` is a valid sockaddr_ll of the length passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((fd, addr))
 }
 
 /// Prints `{"listening":true}`, then one line for every IP packet `iface` receives or sends

@@ -4,13 +4,12 @@
 
 use std::net::Ipv4Addr;
 
+use crate::proto;
+
 pub const IPV4_HEADER: usize = 20;
 pub const UDP_HEADER: usize = 8;
 pub const ICMP_HEADER: usize = 8;
 const TCP_HEADER: usize = 20;
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
 const DONT_FRAGMENT: u16 = 0x4000;
 const MORE_FRAGMENTS: u16 = 0x2000;
 /// TCP flags.
@@ -75,7 +74,7 @@ pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) ->
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(data);
     // 0 means "no checksum" in UDP over IPv4; a sum of 0 is sent as all ones.
-    let sum = match transport_checksum(src, dst, PROTO_UDP, &udp) {
+    let sum = match transport_checksum(src, dst, proto::UDP, &udp) {
         0 => 0xffff,
         s => s,
     };
@@ -85,7 +84,7 @@ pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) ->
 
 /// [`udp`] inside its IPv4 header.
 pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    ipv4_whole(src, dst, PROTO_UDP, &udp(src, dst, sport, dport, data))
+    ipv4_whole(src, dst, proto::UDP, &udp(src, dst, sport, dport, data))
 }
 
 /// A TCP segment (no options) with `flags` and `data`, inside its IPv4 header.
@@ -106,9 +105,9 @@ pub fn ipv4_tcp(
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]);
     tcp.extend_from_slice(data);
-    let sum = transport_checksum(src, dst, PROTO_TCP, &tcp);
+    let sum = transport_checksum(src, dst, proto::TCP, &tcp);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    ipv4_whole(src, dst, PROTO_TCP, &tcp)
+    ipv4_whole(src, dst, proto::TCP, &tcp)
 }
 
 /// An ICMP (IPv4) message: type, code, checksum, the 4 bytes `rest`, then `body`.
@@ -177,7 +176,7 @@ mod tests {
         let p = ipv4(
             src,
             src,
-            PROTO_UDP,
+            proto::UDP,
             7,
             Fragment::At {
                 offset: 1480,
