@@ -10,6 +10,7 @@ pub mod dns;
 pub mod events;
 pub mod explain;
 pub mod http;
+pub mod kernel_log;
 pub mod kubeconfig;
 pub mod loader;
 pub mod metrics;
