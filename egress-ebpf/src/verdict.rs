@@ -92,8 +92,9 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     pass
 }
 
-/// What `decide` found of a packet's `FLOWS` entry, for `deny` (which then need not look
-/// it up again: a hash lookup is ~30 ns, and a denied flow's retransmits take this path).
+/// What `decide` found of a packet's `FLOWS` entry, for `deny`, which then need not look it
+/// up again: a hash lookup is a call into the kernel, and a denied flow's retransmits all
+/// take this path.
 #[derive(Clone, Copy)]
 enum Flow {
     /// `decide` returned before the lookup.
@@ -112,8 +113,10 @@ enum Flow {
 /// key), a forged answer may share its key with a live flow (a raw socket writing into an
 /// allowed UDP flow from port 53), and every query must be seen, also on a socket already
 /// in `FLOWS`. Everything after the lookup (loopback, neighbour discovery, ICMP errors,
-/// the policy) is what a flow's first packet needs only: a flow is remembered only when
-/// the policy allowed it, so its later packets have passed these already.
+/// the policy) a flow's first packet needs only: a flow is remembered as allowed only when
+/// the policy allowed it, so its later packets passed these already; a flow started from
+/// outside (`FLOW_INBOUND`) is checked at the lookup itself, packet by packet (replies
+/// only, from the socket that received it); a raw socket's forgery is caught before it.
 #[inline(always)]
 fn decide<C: Skb>(
     ctx: &C,
