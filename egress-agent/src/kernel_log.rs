@@ -23,7 +23,11 @@ fn level() -> &'static u8 {
         Ok("debug" | "1") => &DEBUG,
         Err(_) | Ok("" | "off" | "0") => &OFF,
         Ok(other) => {
-            log::warn!("{ENV}={other:?}: not debug, 1, off or 0; kernel diagnostics stay off");
+            // Read at configure and at start: said once.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                log::warn!("{ENV}={other:?}: not debug, 1, off or 0; kernel diagnostics stay off");
+            });
             &OFF
         }
     }
