@@ -10,8 +10,8 @@
 //! 2. `port_sets`, `dns::names` (the name table), `compile` (policy → map contents and the
 //!    kernel's `Settings`).
 //! 3. `dns` (answers, the learner and `LearnedStore`, resolvers, the names asked for).
-//! 4. `pin`, `record` (the policy recorded beside the maps), `loader` (the kernel programs
-//!    and maps; `KernelState`), then `workloads`, `pinned`, `adopt`.
+//! 4. `pin`, `record` (the policy recorded beside the maps), `kernel_log` (the programs'
+//!    aya-log diagnostics), `loader` (the kernel programs and maps; `KernelState`), then `workloads`, `pinned`, `adopt`.
 //! 5. `metrics`, `reload`, `denials`, `events`, `http`.
 //! 6. `control` (the task that owns the kernel state).
 //! 7. `run`, and the other commands: `origins`, `status`, `explain`, `suggest`; `main.rs`
@@ -26,6 +26,7 @@ pub mod dns;
 pub mod events;
 pub mod explain;
 mod http;
+mod kernel_log;
 pub mod kubeconfig;
 pub mod loader;
 pub mod metrics;

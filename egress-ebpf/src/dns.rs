@@ -19,6 +19,7 @@ use aya_ebpf::{
     check_bounds_signed,
     helpers::bpf_skb_load_bytes,
 };
+use aya_log_ebpf::debug;
 use egress_common::{
     Addr, DNS_EVENT_HEADER, DNS_EVENTS_BYTES, DNS_MAX_LEARNED, DNS_MAX_PAYLOAD, DnsEvent,
     LearnedValue, NAME_KEY_LEN, NAME_MAX_LABELS, NO_PORT_SET, QueryKey, QueryValue,
@@ -187,6 +188,7 @@ pub extern "C" fn dns_query_name_hash() -> u64 {
 pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     if !is_resolver(&p.src) {
         count(STAT_DNS_UNTRUSTED);
+        log_taught_nothing(ctx, p, STAT_DNS_UNTRUSTED);
         return;
     }
     let (Some(msg), Some(work)) = (per_cpu(&DNS_SCRATCH), per_cpu(&DNS_WORK)) else {
@@ -210,6 +212,7 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
     };
     if stat != LEARNED_OK {
         count(stat);
+        log_taught_nothing(ctx, p, stat);
         // Addresses learned before the error still go to the agent, which takes back
         // whatever its own parse does not justify. A trusted, solicited answer for a name
         // no rule allows teaches nothing, but goes to the agent too, so that its events can
@@ -221,6 +224,17 @@ pub fn answer<C: Skb>(ctx: &C, p: &Packet, now: u64) {
         }
     }
     send(msg);
+}
+
+/// Says why an answer taught nothing, or less than all it holds (debug level, off unless
+/// the agent runs with `EGRESS_KERNEL_LOG`; as `verdict::log_denied`, free when off).
+/// `why` is the `STAT_DNS_*` counter the answer was counted in.
+#[inline(always)]
+fn log_taught_nothing<C: Skb>(ctx: &C, p: &Packet, why: u32) {
+    debug!(
+        ctx,
+        "answer from {:i} to {:i} port {}: stopped at STAT_DNS_* {}", p.src, p.dst, p.dport, why
+    );
 }
 
 /// Whether `DNS_EVENTS` is less than half full.

@@ -226,7 +226,9 @@ const NEXTHDR_DEST: u8 = 60;
 #[inline(always)]
 pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
     let l3 = l3.0;
-    let h: [u8; 8] = ctx.read(l3)?;
+    // The whole IPv4 header without options in one read (an IPv6 header is longer still):
+    // each read is a helper call, a call and a return through the kernel's return thunk.
+    let h: [u8; 20] = ctx.read(l3)?;
     let mut p = MaybeUninit::<Packet>::uninit();
     let pp = p.as_mut_ptr();
     let (proto, l4, hop_limit, (fragment, frag_id)) = match h[0] >> 4 {
@@ -240,14 +242,13 @@ pub fn parse<C: Skb>(ctx: &C, l3: L3Start) -> Option<Packet> {
             } else {
                 NOT_FRAGMENT
             };
-            let t: [u8; 12] = ctx.read(l3 + 8)?;
             // SAFETY: both point into `p`.
             unsafe {
-                write_v4_mapped(addr_of_mut!((*pp).src), [t[4], t[5], t[6], t[7]]);
-                write_v4_mapped(addr_of_mut!((*pp).dst), [t[8], t[9], t[10], t[11]]);
+                write_v4_mapped(addr_of_mut!((*pp).src), [h[12], h[13], h[14], h[15]]);
+                write_v4_mapped(addr_of_mut!((*pp).dst), [h[16], h[17], h[18], h[19]]);
             }
             let id = u32::from(u16::from_be_bytes([h[4], h[5]]));
-            (t[1], l3 + ihl, t[0], (fragment, id))
+            (h[9], l3 + ihl, h[8], (fragment, id))
         }
         6 => {
             // Both addresses at once: `src` and `dst` are adjacent, in this order.

@@ -20,6 +20,7 @@
 //! sockets, or namespaces of its own): see SECURITY.md.
 use aya_ebpf::helpers::{bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id};
 use aya_ebpf::maps::lpm_trie::Key;
+use aya_log_ebpf::debug;
 use egress_common::{
     ACTION_AUDIT, ACTION_DENY, ALL_PORTS, Addr, CidrKey, Event, FLOW_ALLOWED, FLOW_AUDITED,
     FLOW_DENIED, FLOW_INBOUND, FlowKey, FlowValue, FragKey, MODE_ENFORCE, NO_PORT_SET, PortKey,
@@ -65,17 +66,19 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     let Some(p) = parse(ctx, l3) else {
         return deny(ctx, settings, None, REASON_MALFORMED, now);
     };
-    let key = flow_key(p.dst, p.dport, p.sport, p.proto);
+    let words = flow_key(&p.dst, p.dport, p.sport, p.proto);
+    let key = words.key();
+    let mut flow = Flow::NotLooked;
     let verdict = if from_workload && !route::source_routes_back(ctx, &p) {
         denied(REASON_SPOOFED_SOURCE)
     } else {
-        decide(ctx, settings, &p, &key, now)
+        decide(ctx, settings, &p, key, now, &mut flow)
     };
     let pass = if verdict >= DENIED {
         deny(
             ctx,
             settings,
-            Some((&p, &key)),
+            Some((&p, key, flow)),
             (verdict - DENIED) as u8,
             now,
         )
@@ -89,10 +92,40 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     pass
 }
 
+/// What `decide` found of a packet's `FLOWS` entry, for `deny`, which then need not look it
+/// up again: a hash lookup is a call into the kernel, and a denied flow's retransmits all
+/// take this path.
+#[derive(Clone, Copy)]
+enum Flow {
+    /// `decide` returned before the lookup.
+    NotLooked,
+    Absent,
+    At(*mut FlowValue),
+}
+
 /// The verdict counter base (`STAT_ALLOWED_BASE` or `STAT_AUDITED_BASE`) of a packet that
-/// passes, or `denied(reason)`.
+/// passes, or `denied(reason)`; `found` is set to what the `FLOWS` lookup found.
+///
+/// The order is the cost order of what a connection's packets meet: a packet of a known
+/// flow pays for its header read, the fragment and port-53 tests (two compares each, a
+/// helper call only on a packet from or to port 53), one `FLOWS` lookup and the counter.
+/// The tests before the lookup must stay there: a later fragment has no ports (no flow
+/// key), a forged answer may share its key with a live flow (a raw socket writing into an
+/// allowed UDP flow from port 53), and every query must be seen, also on a socket already
+/// in `FLOWS`. Everything after the lookup (loopback, neighbour discovery, ICMP errors,
+/// the policy) a flow's first packet needs only: a flow is remembered as allowed only when
+/// the policy allowed it, so its later packets passed these already; a flow started from
+/// outside (`FLOW_INBOUND`) is checked at the lookup itself, packet by packet (replies
+/// only, from the socket that received it); a raw socket's forgery is caught before it.
 #[inline(always)]
-fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: u64) -> u32 {
+fn decide<C: Skb>(
+    ctx: &C,
+    settings: &Settings,
+    p: &Packet,
+    key: &FlowKey,
+    now: u64,
+    found: &mut Flow,
+) -> u32 {
     if p.fragment == LATER_FRAGMENT {
         return if datagram_allowed(p) {
             STAT_ALLOWED_BASE
@@ -107,10 +140,12 @@ fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: 
     if dns::query(ctx, p) {
         return STAT_ALLOWED_BASE;
     }
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    *found = Flow::Absent;
+    if let Some(at) = FLOWS.get_ptr_mut(key) {
+        *found = Flow::At(at);
         // SAFETY: the pointer comes from a successful map lookup and stays valid for
         // the program run; concurrent writers only store whole integers.
-        let flow = unsafe { &mut *flow };
+        let flow = unsafe { &mut *at };
         let age = now.saturating_sub(flow.last_seen_ns);
         if age <= idle_timeout(settings, p.proto) {
             let verdict = match flow.state {
@@ -220,7 +255,8 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
     } else {
         ctx.receiving_socket()
     };
-    let key = flow_key(p.src, p.sport, p.dport, p.proto);
+    let words = flow_key(&p.src, p.sport, p.dport, p.proto);
+    let key = words.key();
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: as in `decide`.
         let flow = unsafe { &mut *flow };
@@ -233,18 +269,38 @@ pub fn ingress<C: Skb>(ctx: &C, l3: L3Start) {
             return;
         }
     }
-    remember(&key, FLOW_INBOUND, owner, now);
+    remember(key, FLOW_INBOUND, owner, now);
 }
 
-#[inline(always)]
-fn flow_key(remote: Addr, remote_port: u16, local_port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        remote,
-        remote_port,
-        local_port,
-        proto,
-        _pad: [0; 3],
+/// A `FlowKey` built in 8-byte-aligned memory as three whole words. Built field by field,
+/// the compiler copied the address byte by byte (32 instructions) and zeroed the padding
+/// with a call to a byte loop (`memset`, a BPF-to-BPF call and return), twice per packet.
+#[repr(C, align(8))]
+struct FlowKeyWords([u64; 3]);
+
+impl FlowKeyWords {
+    #[inline(always)]
+    fn key(&self) -> &FlowKey {
+        const {
+            assert!(size_of::<FlowKey>() == size_of::<Self>());
+            assert!(align_of::<FlowKey>() <= align_of::<Self>());
+        };
+        // SAFETY: same size, alignment at least FlowKey's, and FlowKey (repr(C), integers
+        // and byte arrays) is valid for any bytes.
+        unsafe { &*(self as *const Self).cast::<FlowKey>() }
     }
+}
+
+/// The words of `FlowKey { remote, remote_port, local_port, proto, _pad: 0 }` (BPF is
+/// little-endian: the ports at bytes 16..20, the protocol at 20, padding after it).
+#[inline(always)]
+fn flow_key(remote: &Addr, remote_port: u16, local_port: u16, proto: u8) -> FlowKeyWords {
+    let remote = remote.as_ptr().cast::<u64>();
+    // SAFETY: two reads within the 16 bytes of `remote` (the compiler makes them whole-word
+    // loads where it knows the alignment, as for `Packet`'s addresses).
+    let (a, b) = unsafe { (remote.read_unaligned(), remote.add(1).read_unaligned()) };
+    let ports = u64::from(remote_port) | u64::from(local_port) << 16 | u64::from(proto) << 32;
+    FlowKeyWords([a, b, ports])
 }
 
 #[inline(always)]
@@ -258,12 +314,11 @@ fn idle_timeout(settings: &Settings, proto: u8) -> u64 {
 
 #[inline(always)]
 fn remember(key: &FlowKey, state: u8, owner: u64, now: u64) {
-    let value = FlowValue {
-        last_seen_ns: now,
-        owner,
-        state,
-        _pad: [0; 7],
-    };
+    const { assert!(size_of::<FlowValue>() == size_of::<[u64; 3]>()) };
+    // As three words, for the reason given at `FlowKeyWords`: last seen, owner, then the
+    // state in the low byte of the third (its padding zero).
+    // SAFETY: same size; FlowValue (repr(C), integers and bytes) is valid for any bytes.
+    let value: FlowValue = unsafe { core::mem::transmute([now, owner, u64::from(state)]) };
     // A full LRU map evicts the oldest flow; an insert failure only costs a re-decision.
     let _ = FLOWS.insert(key, value, 0);
 }
@@ -435,9 +490,9 @@ fn error_about_known_flow<C: Skb>(ctx: &C, p: &Packet, max_len: u32) -> bool {
     if remote != p.dst {
         return false;
     }
-    let key = flow_key(remote, remote_port, local_port, proto);
+    let words = flow_key(&remote, remote_port, local_port, proto);
     // SAFETY: the reference is only read within this program run.
-    matches!(unsafe { FLOWS.get(key) }, Some(f) if f.state == FLOW_ALLOWED || f.state == FLOW_INBOUND)
+    matches!(unsafe { FLOWS.get(words.key()) }, Some(f) if f.state == FLOW_ALLOWED || f.state == FLOW_INBOUND)
 }
 
 /// Static CIDR rules first, then DNS-learned addresses: 0 when they allow the packet,
@@ -497,7 +552,7 @@ fn ports_proto(proto: u8) -> u8 {
 fn deny<C: Skb>(
     ctx: &C,
     settings: &Settings,
-    packet: Option<(&Packet, &FlowKey)>,
+    packet: Option<(&Packet, &FlowKey, Flow)>,
     reason: u8,
     now: u64,
 ) -> bool {
@@ -508,10 +563,15 @@ fn deny<C: Skb>(
     } else {
         STAT_AUDITED_BASE
     };
-    count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _)| stat_proto(p.proto)));
+    count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _, _)| stat_proto(p.proto)));
+    log_denied(ctx, packet.map(|(p, _, _)| p), reason);
     let mut keep_entry = false;
-    if let Some((p, key)) = packet
-        && let Some(flow) = FLOWS.get_ptr_mut(key)
+    if let Some((p, key, found)) = packet
+        && let Some(flow) = match found {
+            Flow::At(at) => Some(at),
+            Flow::Absent => None,
+            Flow::NotLooked => FLOWS.get_ptr_mut(key),
+        }
     {
         // SAFETY: as in `decide`.
         let flow = unsafe { &mut *flow };
@@ -539,11 +599,11 @@ fn deny<C: Skb>(
         reason,
         _pad: [0; 5],
     };
-    if let Some((p, _)) = packet {
+    if let Some((p, _, _)) = packet {
         (event.dst, event.dport, event.proto, event.sport) = (p.dst, p.dport, p.proto, p.sport);
     }
     let sent = emit(settings, now, &event);
-    if let Some((_, key)) = packet
+    if let Some((_, key, _)) = packet
         && !keep_entry
     {
         if !enforce {
@@ -555,4 +615,26 @@ fn deny<C: Skb>(
         }
     }
     !enforce
+}
+
+/// Says why a packet was denied (debug level, off unless the agent runs with
+/// `EGRESS_KERNEL_LOG`): the agent sets the level before load, so when it is off the
+/// verifier removes this as dead code and the path pays nothing for it.
+#[inline(always)]
+fn log_denied<C: Skb>(ctx: &C, packet: Option<&Packet>, reason: u8) {
+    match packet {
+        Some(p) => debug!(
+            ctx,
+            "denied: reason {} (REASON_*), proto {}, {:i} port {} from port {}",
+            reason,
+            p.proto,
+            p.dst,
+            p.dport,
+            p.sport
+        ),
+        None => debug!(
+            ctx,
+            "denied: reason {} (REASON_*), headers unreadable", reason
+        ),
+    }
 }

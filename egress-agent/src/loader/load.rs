@@ -59,6 +59,7 @@ impl Enforcer {
         if test_run {
             loader.override_global(TEST_RUN, &1u8, true);
         }
+        crate::kernel_log::configure(&mut loader);
         let mut replaced: Vec<(&'static str, MapData)> = Vec::new();
         let mut adopted = false;
         if let Some(pins) = pins {
@@ -108,6 +109,7 @@ impl Enforcer {
             }
         }
         load_in_parallel(&mut ebpf, &[EGRESS_CGROUP, INGRESS_CGROUP])?;
+        crate::kernel_log::start(&mut ebpf);
         let pinned = match pins {
             Some(pins) => Some(Pinned {
                 root: pins.clone(),
