@@ -68,17 +68,16 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     };
     let words = flow_key(&p.dst, p.dport, p.sport, p.proto);
     let key = words.key();
-    let mut flow = Flow::NotLooked;
     let verdict = if from_workload && !route::source_routes_back(ctx, &p) {
         denied(REASON_SPOOFED_SOURCE)
     } else {
-        decide(ctx, settings, &p, key, now, &mut flow)
+        decide(ctx, settings, &p, key, now)
     };
     let pass = if verdict >= DENIED {
         deny(
             ctx,
             settings,
-            Some((&p, key, flow)),
+            Some((&p, key)),
             (verdict - DENIED) as u8,
             now,
         )
@@ -92,19 +91,8 @@ pub fn egress<C: Skb>(ctx: &C, l3: L3Start, from_workload: bool) -> bool {
     pass
 }
 
-/// What `decide` found of a packet's `FLOWS` entry, for `deny`, which then need not look it
-/// up again: a hash lookup is a call into the kernel, and a denied flow's retransmits all
-/// take this path.
-#[derive(Clone, Copy)]
-enum Flow {
-    /// `decide` returned before the lookup.
-    NotLooked,
-    Absent,
-    At(*mut FlowValue),
-}
-
 /// The verdict counter base (`STAT_ALLOWED_BASE` or `STAT_AUDITED_BASE`) of a packet that
-/// passes, or `denied(reason)`; `found` is set to what the `FLOWS` lookup found.
+/// passes, or `denied(reason)`.
 ///
 /// The order is the cost order of what a connection's packets meet: a packet of a known
 /// flow pays for its header read, the fragment and port-53 tests (two compares each, a
@@ -118,14 +106,7 @@ enum Flow {
 /// outside (`FLOW_INBOUND`) is checked at the lookup itself, packet by packet (replies
 /// only, from the socket that received it); a raw socket's forgery is caught before it.
 #[inline(always)]
-fn decide<C: Skb>(
-    ctx: &C,
-    settings: &Settings,
-    p: &Packet,
-    key: &FlowKey,
-    now: u64,
-    found: &mut Flow,
-) -> u32 {
+fn decide<C: Skb>(ctx: &C, settings: &Settings, p: &Packet, key: &FlowKey, now: u64) -> u32 {
     if p.fragment == LATER_FRAGMENT {
         return if datagram_allowed(p) {
             STAT_ALLOWED_BASE
@@ -140,9 +121,7 @@ fn decide<C: Skb>(
     if dns::query(ctx, p) {
         return STAT_ALLOWED_BASE;
     }
-    *found = Flow::Absent;
     if let Some(at) = FLOWS.get_ptr_mut(key) {
-        *found = Flow::At(at);
         // SAFETY: the pointer comes from a successful map lookup and stays valid for
         // the program run; concurrent writers only store whole integers.
         let flow = unsafe { &mut *at };
@@ -552,7 +531,7 @@ fn ports_proto(proto: u8) -> u8 {
 fn deny<C: Skb>(
     ctx: &C,
     settings: &Settings,
-    packet: Option<(&Packet, &FlowKey, Flow)>,
+    packet: Option<(&Packet, &FlowKey)>,
     reason: u8,
     now: u64,
 ) -> bool {
@@ -563,15 +542,11 @@ fn deny<C: Skb>(
     } else {
         STAT_AUDITED_BASE
     };
-    count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _, _)| stat_proto(p.proto)));
-    log_denied(ctx, packet.map(|(p, _, _)| p), reason);
+    count(verdict + packet.map_or(STAT_PROTO_OTHER, |(p, _)| stat_proto(p.proto)));
+    log_denied(ctx, packet.map(|(p, _)| p), reason);
     let mut keep_entry = false;
-    if let Some((p, key, found)) = packet
-        && let Some(flow) = match found {
-            Flow::At(at) => Some(at),
-            Flow::Absent => None,
-            Flow::NotLooked => FLOWS.get_ptr_mut(key),
-        }
+    if let Some((p, key)) = packet
+        && let Some(flow) = FLOWS.get_ptr_mut(key)
     {
         // SAFETY: as in `decide`.
         let flow = unsafe { &mut *flow };
@@ -599,11 +574,11 @@ fn deny<C: Skb>(
         reason,
         _pad: [0; 5],
     };
-    if let Some((p, _, _)) = packet {
+    if let Some((p, _)) = packet {
         (event.dst, event.dport, event.proto, event.sport) = (p.dst, p.dport, p.proto, p.sport);
     }
     let sent = emit(settings, now, &event);
-    if let Some((_, key, _)) = packet
+    if let Some((_, key)) = packet
         && !keep_entry
     {
         if !enforce {
