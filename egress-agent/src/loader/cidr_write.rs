@@ -57,7 +57,9 @@ fn write(map: MapData, entries: &[CidrEntry]) -> Result<(), LoadError> {
                 },
             )));
         }
-        Err(batch::Refused::Unsupported) => {}
+        Err(batch::Refused::Unsupported) => {
+            log::debug!("CIDRS: this kernel has no batch update for it; writing entry by entry");
+        }
     }
     let mut trie: LpmTrie<MapData, CidrKey, CidrValue> =
         LpmTrie::try_from(Map::LpmTrie(map)).map_err(map_err("CIDRS"))?;

@@ -1,7 +1,8 @@
 //! `BPF_MAP_UPDATE_BATCH` on `CIDRS`, which aya does not offer: one syscall for many
 //! entries. Kernel 6.18 takes it on an LPM trie (the generic batch op: each entry is
-//! still one insert under the trie's lock, without a syscall of its own); an older kernel
-//! may refuse it, and the caller then writes entry by entry.
+//! still one insert under the trie's lock, without a syscall of its own); 5.10 refuses it
+//! with ENOTSUPP (seen under `scripts/kernel-matrix.sh`), and the caller then writes entry
+//! by entry.
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
 use aya::maps::lpm_trie::Key;
@@ -39,7 +40,7 @@ pub(super) enum Refused {
 pub(super) fn write(fd: BorrowedFd<'_>, entries: &[CidrEntry]) -> Result<(), Refused> {
     let mut keys: Vec<Key<CidrKey>> = Vec::with_capacity(CHUNK.min(entries.len()));
     let mut values: Vec<CidrValue> = Vec::with_capacity(CHUNK.min(entries.len()));
-    for (n, chunk) in entries.chunks(CHUNK).enumerate() {
+    for chunk in entries.chunks(CHUNK) {
         keys.clear();
         values.clear();
         keys.extend(chunk.iter().map(|e| Key::new(e.prefix_len, e.key)));
@@ -68,12 +69,15 @@ pub(super) fn write(fd: BorrowedFd<'_>, entries: &[CidrEntry]) -> Result<(), Ref
         };
         if ret < 0 {
             let error = std::io::Error::last_os_error();
-            // ENOTSUPP (524), EOPNOTSUPP or EINVAL on the very first call: no batch op.
+            // ENOTSUPP (524) or EOPNOTSUPP: the kernel has no batch update for LPM tries
+            // (5.10 has none; it answers before it writes `count` back), EINVAL:
+            // no batch command at all. The caller then writes every entry one by one, which
+            // also rewrites any this call wrote: an insert of an existing key replaces it.
             let unsupported = matches!(
                 error.raw_os_error(),
                 Some(524 | libc::EOPNOTSUPP | libc::EINVAL)
             );
-            return Err(if n == 0 && attr.count == 0 && unsupported {
+            return Err(if unsupported {
                 Refused::Unsupported
             } else {
                 Refused::Failed(error)
