@@ -187,7 +187,11 @@ impl<M: KernelState> Control<M> {
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
             counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
-            counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
+            counted(
+                compiled.cidrs.len() + compiled.hosts.len(),
+                "CIDR entry",
+                "CIDR entries"
+            )
         );
         Ok(())
     }

@@ -226,7 +226,11 @@ async fn start(
     log::info!(
         "attached: mode {mode}, {} ({}), cgroup {}{}; on exit: {}",
         counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
-        counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries"),
+        counted(
+            compiled.cidrs.len() + compiled.hosts.len(),
+            "CIDR entry",
+            "CIDR entries"
+        ),
         cgroup.display(),
         if opts.interfaces.is_empty() {
             String::new()

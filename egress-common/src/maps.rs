@@ -21,7 +21,8 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// `CIDRS`: `LpmTrie<CidrKey, CidrValue>`. Static CIDR rules.
+/// `CIDRS`: `LpmTrie<CidrKey, CidrValue>`. Static CIDR rules, but for single addresses
+/// (those are in `HOSTS`).
 ///
 /// The trie returns only the longest matching prefix, so the agent stores in every prefix the
 /// union of the port sets of all prefixes that contain it: one lookup gives the full answer.
@@ -32,6 +33,20 @@ pub const CIDRS: &str = "CIDRS";
 /// million IPv6 hosts, measured on 6.18 (`bpftool map show` counts only 44 bytes each).
 pub const CIDRS_MAX_ENTRIES: u32 = 1 << 21;
 
+/// `HOSTS`: `HashMap<Addr, CidrValue>`. The static rules for single addresses (an IPv4 /32,
+/// as its IPv4-mapped /128, or an IPv6 /128), which are not in `CIDRS`: an exact-match hash
+/// takes a policy's million host addresses in a fraction of the trie's insert time, and a
+/// packet finds its host in one hash lookup instead of a trie walk.
+///
+/// A host is the longest prefix any address can match, so a hit here is what `CIDRS` would
+/// have answered, and its port set is, as there, the union of the ports of every prefix
+/// that contains the host; a miss falls through to `CIDRS`.
+pub const HOSTS: &str = "HOSTS";
+/// As many as `CIDRS`. Created with `BPF_F_NO_PREALLOC`: entries are allocated as they are
+/// inserted; the kernel still allocates the bucket array up front (one bucket per entry,
+/// rounded up to a power of two).
+pub const HOSTS_MAX_ENTRIES: u32 = CIDRS_MAX_ENTRIES;
+
 /// Key data of `CIDRS`; the trie key's prefix length counts bits of `addr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,7 +54,7 @@ pub struct CidrKey {
     pub addr: Addr,
 }
 
-/// Value of `CIDRS` and of `LEARNED`: which port set applies.
+/// Value of `CIDRS`, `HOSTS` and `NAMES`: which port set applies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrValue {

@@ -5,15 +5,15 @@
 //! takes one of two paths, measured separately:
 //! - **flow-cache hit**: the flow is already in `FLOWS` (every packet of a connection after
 //!   its first): one hash lookup;
-//! - **first packet**: `FLOWS` has no live entry, so the trie (`CIDRS`) decides and the flow
-//!   is written to `FLOWS`. Measured two ways: with `repeat` after setting the TCP idle
+//! - **first packet**: `FLOWS` has no live entry, so the policy maps decide (these policies
+//!   are of single hosts: `HOSTS`, one hash lookup) and the flow is written to `FLOWS`. Measured two ways: with `repeat` after setting the TCP idle
 //!   timeout to 0 (every run finds the remembered flow stale, decides afresh and rewrites
 //!   it), and as the mean of single runs on distinct flows (distinct source ports, each a
 //!   new `FLOWS` entry), which includes the test-run timer's own cost once per run; that
 //!   cost is estimated as (single-run flow-cache hit) - (repeated flow-cache hit) and
 //!   subtracted in the "corrected" column.
 //!
-//! A denied packet walks the whole path (flow lookup, trie, learned-address lookup,
+//! A denied packet walks the whole path (flow lookup, `HOSTS`, trie, learned-address lookup,
 //! counter); the first of a flow is reported, the later ones (a repeated run is a
 //! retransmit) are counted in the flow's `FLOWS` entry instead.
 //!
@@ -214,7 +214,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 ms(compile_t),
                 ms(load_t),
                 ms(write_t),
-                compiled.cidrs.len()
+                compiled.cidrs.len() + compiled.hosts.len()
             );
             let mut rows = Vec::new();
             if let Some(v4) = v4_hit {
