@@ -127,9 +127,7 @@ pub fn compile_with(policy: &Policy, port_sets: PortSets) -> Result<Compiled, Co
         port_sets,
         ..Compiled::default()
     };
-    (out.cidrs, out.hosts) = cidrs::cidr_entries(policy, &mut out.port_sets)
-        .into_iter()
-        .partition(|e| e.prefix_len < HOST_PREFIX);
+    (out.cidrs, out.hosts) = cidrs::cidr_entries(policy, &mut out.port_sets);
     if out.cidrs.len() > CIDRS_MAX_ENTRIES as usize {
         return Err(CompileError::TooManyCidrs {
             needed: out.cidrs.len(),

@@ -113,9 +113,23 @@ fn write_trie(map: &MapData, entries: &[CidrEntry]) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Writes `entries` into `HOSTS`.
+/// Writes `entries` into `HOSTS`, by two threads: a hash insert locks only its bucket.
 fn write_hosts(map: &MapData, entries: &[CidrEntry]) -> Result<(), LoadError> {
-    if write_batch(map, super::HOSTS, entries, |e| (e.key.addr, value(e)))? {
+    let part = entries.len().div_ceil(2).max(1);
+    let batched = std::thread::scope(|scope| {
+        let writers: Vec<_> = entries
+            .chunks(part)
+            .map(|part| {
+                scope
+                    .spawn(move || write_batch(map, super::HOSTS, part, |e| (e.key.addr, value(e))))
+            })
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join().expect("a HOSTS writer panicked"))
+            .collect::<Result<Vec<bool>, _>>()
+    })?;
+    if batched.iter().all(|b| *b) {
         return Ok(());
     }
     let mut hosts = hosts(map)?;
