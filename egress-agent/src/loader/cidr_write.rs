@@ -2,10 +2,11 @@
 //! previous entries the policy lacks are deleted, found by a merge of two sorted lists.
 //!
 //! Entries go in by `BPF_MAP_UPDATE_BATCH` where the kernel takes it (see [`batch`]), else
-//! one `BPF_MAP_UPDATE_ELEM` each. One thread: a second one, on a second fd, gained nothing
-//! (a million trie entries in 2.9 s either way, measured on 6.18), as the inserts run under
-//! the trie's lock. The keys written are kept as sorted vectors, 20 bytes a trie entry and
-//! 16 a host, not hash sets (about 44).
+//! one `BPF_MAP_UPDATE_ELEM` each. `CIDRS` by one thread: a second one, on a second fd,
+//! gained nothing (a million entries in 2.9 s either way, measured on 6.18), as the inserts
+//! run under the trie's lock. `HOSTS` by two, which halve its write where a second CPU is
+//! free (BENCHMARKS.md). The keys written are kept as sorted vectors, 20 bytes a trie entry
+//! and 16 a host, not hash sets (about 44).
 //!
 //! Releases before `HOSTS` kept single addresses in `CIDRS` as /128s, which their programs,
 //! still attached while a new agent takes over, look for there. Such an entry whose host
