@@ -449,14 +449,15 @@ load_limit=60
 agent_prefix=()
 agent_extra=()
 # Starts the agent on policy $1; sets agent_pid, and attach_ms (start to the `attached:`
-# line) or agent_error. Stderr lines are stamped with the time they arrived.
+# line) or agent_error. Stderr lines are stamped with the time they arrived. Metrics are
+# served on a free port: another agent on this machine may hold the default one.
 start_agent() {
   local policy=$1 log_file=$2 t0 i line
   agent_error=""
   attach_ms=""
   t0=$(now_ns)
   RUST_LOG=info,egress_agent::loader=debug "${agent_prefix[@]}" "$agent" run --config "$policy" \
-    --mode enforce --cgroup "$cg" --pin-root "$work/bpf/egress-enforcer" "${agent_extra[@]}" \
+    --mode enforce --cgroup "$cg" --pin-root "$work/bpf/egress-enforcer" --listen 127.0.0.1:0 "${agent_extra[@]}" \
     >"$work/agent.out" 2> >(while IFS= read -r line; do printf '%s000 %s\n' "${EPOCHREALTIME/./}" "$line"; done >"$log_file") &
   agent_pid=$!
   pids+=("$agent_pid")
@@ -949,12 +950,11 @@ udp_path() {
 
     policy=$work/policy-$n.yaml
     [ -s "$policy" ] || { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$policy"
-    # Metrics on a free port: another agent on this machine may hold the default one.
     agent_prefix=()
-    agent_extra=(--listen 127.0.0.1:0)
+    agent_extra=()
     if [ "$path" = tc ]; then
       agent_prefix=(nsenter "--net=/run/netns/$ns_r")
-      agent_extra+=(--interface "$tc_dev")
+      agent_extra=(--interface "$tc_dev")
     fi
     if start_agent "$policy" "$work/agent-udp-$path-$n.log"; then
       udp_record "$path" "$n" agent "$attach_ms" "$(udp_measure_paired "$path" "$n")"
