@@ -23,7 +23,7 @@ pub struct Origins {
     /// `<target> (<its origins>)` of each containing rule.
     pub inside: Vec<String>,
     /// With no `own`: the lists the entry came from, one of them, as they were applied;
-    /// their files changed since, so they were not searched.
+    /// their files do not match the hashes recorded, so they were not searched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed_lists: Vec<String>,
 }
@@ -48,7 +48,7 @@ impl Origins {
         }
         if !self.changed_lists.is_empty() {
             parts.push(format!(
-                "{} as applied; changed on disk since, so not read",
+                "{} as applied; its file does not match the hash recorded, so not read",
                 self.changed_lists.join(" or ")
             ));
         }
@@ -273,7 +273,7 @@ api_server: 198.51.100.5
         let listed = of_cidr(&p, &changed, &cidr([192, 0, 2, 0], 24));
         assert_eq!(
             listed.text(),
-            "allow[4] (cidrs_from big.txt) as applied; changed on disk since, so not read"
+            "allow[4] (cidrs_from big.txt) as applied; its file does not match the hash recorded, so not read"
         );
         let inline = of_cidr(&p, &changed, &cidr([203, 0, 113, 7], 32));
         assert_eq!(inline.text(), "allow[1]; inside 203.0.113.0/24 (allow[0])");

@@ -217,7 +217,15 @@ fn status_and_explain_read_a_list_only_while_its_file_is_the_one_applied() {
         &["--on-exit", "keep"],
     );
     let origin = format!("allow[0] (cidrs_from {})", list.name());
-    let rules = &agent_json(&pins, &["status", "--rules"])["maps"]["rules"];
+    // The policy is recorded just after the `attached:` line.
+    let deadline = Instant::now() + RELOAD_TIMEOUT;
+    let rules = loop {
+        let status = agent_json(&pins, &["status", "--rules"]);
+        if status["maps"]["rules"].get("sha256").is_some() || Instant::now() > deadline {
+            break status["maps"]["rules"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(rules["sha256"], applied.as_str(), "{rules}");
     assert_eq!(
         rules["cidrs"][0]["from"]["own"][0],
@@ -256,7 +264,7 @@ fn status_and_explain_read_a_list_only_while_its_file_is_the_one_applied() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains(&format!(
-            "# {origin} as applied; changed on disk since, so not read"
+            "# {origin} as applied; its file does not match the hash recorded, so not read"
         )),
         "{text}"
     );
@@ -266,7 +274,7 @@ fn status_and_explain_read_a_list_only_while_its_file_is_the_one_applied() {
         explained["because"][0]
             .as_str()
             .is_some_and(|line| line.ends_with(&format!(
-                "# {origin} as applied; changed on disk since, so not read"
+                "# {origin} as applied; its file does not match the hash recorded, so not read"
             ))),
         "{explained}"
     );
