@@ -6,7 +6,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, PoisonError},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -28,7 +28,8 @@ use crate::{
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
     plural::counted,
-    policy::Mode,
+    policy::{self, Mode},
+    record,
     reload::Reloaded,
     sys::{boot_time_ns, give_back_freed_memory},
     workloads::WorkloadLinks,
@@ -149,8 +150,9 @@ impl<M: KernelState> Control<M> {
     }
 
     /// Applies a reloaded policy; on error the running policy stays in force (a compile
-    /// error changes nothing; a kernel map error mid-way is logged as such).
-    fn reload(&mut self, Reloaded { policy, bytes }: Reloaded) -> anyhow::Result<()> {
+    /// error changes nothing; a kernel map error mid-way is logged as such). Returns the
+    /// applied policy's hash, which covers its lists as they were read.
+    fn reload(&mut self, Reloaded { policy, bytes }: Reloaded) -> anyhow::Result<[u8; 32]> {
         let compiled = compile_with(&policy, self.learner.port_sets().clone())?;
         let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
         let policy_sets = compiled.sets_in_use()?;
@@ -181,15 +183,20 @@ impl<M: KernelState> Control<M> {
             &policy_sets,
             boot_time_ns(),
         )?;
+        let manifest = policy::manifest(&policy.lists);
         self.enforcer
-            .record_policy(&self.pins, &self.config, &bytes)
+            .record_policy(
+                &self.pins,
+                &self.config,
+                &record::content(&bytes, &manifest),
+            )
             .context("recording the policy")?;
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
             counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
             counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
         );
-        Ok(())
+        Ok(policy::policy_sha256(&bytes, &manifest))
     }
 
     /// Hands every answer queued in `ring` to the learner; returns how many.
@@ -258,11 +265,10 @@ impl Control {
                 }
                 followed = follow(&mut workloads, &mut self.enforcer) => followed?,
                 Some(reloaded) = reloads.recv() => {
-                    let running = Running::now(&reloaded.bytes);
                     match self.reload(reloaded) {
-                        Ok(()) => {
+                        Ok(sha256) => {
                             self.reloads.applied();
-                            self.running = Running { applied: SystemTime::now(), ..running };
+                            self.running = Running::now(sha256);
                         }
                         Err(e) => {
                             self.reloads.rejected();

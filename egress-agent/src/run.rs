@@ -355,6 +355,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let before = pins
         .contents()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+    // The lists' hashes, as read with the policy: the policy's hash covers them.
+    let manifest = policy::manifest(&policy.lists);
     let started = start(
         &opts,
         &policy,
@@ -367,12 +369,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     .await
     .and_then(|started| {
         // What `status --rules` and `explain` name the maps' entries by.
-        record::write(&pins, &opts.config, &loaded).context("recording the policy")?;
+        record::write(&pins, &opts.config, &record::content(&loaded, &manifest))
+            .context("recording the policy")?;
         Ok(started)
     })
     .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
-    let running = Running::now(&loaded);
+    let running = Running::now(policy::policy_sha256(&loaded, &manifest));
     let reloads = Reloads::default();
     let lists = reload::ListFiles::of(&policy);
     // Enforcing does not need the parsed policy (a reload reads the file again), and with

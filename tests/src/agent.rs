@@ -183,6 +183,16 @@ impl Agent {
         })
     }
 
+    /// The address the agent serves `/metrics` on, from its log.
+    pub fn metrics_addr(&self) -> String {
+        let line = self.wait_for_stderr("serving /metrics", ATTACH_TIMEOUT);
+        line.rsplit("http://")
+            .next()
+            .expect("the listener's address")
+            .trim()
+            .to_owned()
+    }
+
     /// All stderr lines so far.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.lines()
@@ -302,6 +312,27 @@ impl Drop for TempFile {
             eprintln!("cannot remove {}: {err}", self.path.display());
         }
     }
+}
+
+/// `GET path` on the agent's metrics listener: (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    // One write: `write!` on the unbuffered stream would send each piece as a segment.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
 }
 
 /// Starts `egress-agent run` on `cgroup` (in the host namespace) with a pin root of its own

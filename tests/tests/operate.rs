@@ -11,8 +11,8 @@ use std::{
 
 use egress_tests::{
     Agent, Netns, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile, TestCgroup,
-    Topology, agent_bin, assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, probe_tcp,
-    probe_udp, require_root, run_args, start_agent,
+    Topology, agent_bin, assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, http_get,
+    probe_tcp, probe_udp, require_root, run_args, start_agent,
 };
 
 const HTTPS: u16 = 443;
@@ -141,37 +141,6 @@ fn an_edit_while_the_agent_starts_is_applied() {
         &probe_tcp(&topo.client, cg, a, HTTPS),
         "a, allowed before the edit",
     );
-}
-
-/// The address the agent serves `/metrics` on, from its log.
-fn metrics_addr(agent: &Agent) -> String {
-    let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
-    line.rsplit("http://")
-        .next()
-        .expect("the listener's address")
-        .trim()
-        .to_owned()
-}
-
-/// `GET path` on the agent's metrics listener: (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
-    // One write: `write!` on the unbuffered stream would send each piece as a segment.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, body.to_owned())
 }
 
 /// A sample's labels, sorted by name.
@@ -387,7 +356,7 @@ fn metrics_and_health_endpoints_answer() {
         Server::udp(&topo.server, None, b, METRICS_UDP_PORT),
     ];
     let agent = start_agent(&policy, &cgroup, None);
-    let addr = metrics_addr(&agent);
+    let addr = agent.metrics_addr();
 
     assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
     assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
@@ -522,7 +491,7 @@ fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
     let (policy, _topo, cgroup, _servers) = reload_world(a, b);
     let first = sha256sum(&policy);
     let agent = start_agent(&policy, &cgroup, None);
-    let addr = metrics_addr(&agent);
+    let addr = agent.metrics_addr();
     let reloads =
         |m: &Exposition, result: &str| m.get("egress_policy_reloads_total", &[("result", result)]);
     let running = |m: &Exposition, hash: &str| m.get("egress_policy_info", &[("sha256", hash)]);

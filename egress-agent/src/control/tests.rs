@@ -156,7 +156,11 @@ fn reloaded(yaml: &str) -> Reloaded {
 #[test]
 fn a_reload_writes_the_policy_its_resolvers_and_settings_then_records_it() {
     let mut c = control(AUDIT, LegacySets::default());
-    c.reload(reloaded(ENFORCE)).expect("applies");
+    let sha256 = c.reload(reloaded(ENFORCE)).expect("applies");
+    assert_eq!(
+        sha256,
+        crate::policy::policy_sha256(ENFORCE.as_bytes(), b"")
+    );
     let state = &c.enforcer;
     assert_eq!(state.cidrs, 2);
     assert!(
@@ -175,7 +179,10 @@ fn a_reload_writes_the_policy_its_resolvers_and_settings_then_records_it() {
     assert_eq!(state.settings.expect("written").mode, MODE_ENFORCE);
     assert_eq!(
         state.recorded,
-        Some((c.config.clone(), ENFORCE.as_bytes().to_vec()))
+        Some((
+            c.config.clone(),
+            crate::record::content(ENFORCE.as_bytes(), b"")
+        ))
     );
 }
 
