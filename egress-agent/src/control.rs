@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use serde_json::json;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -24,6 +25,7 @@ use crate::{
         learner::{Learner, LearnerCounters},
         resolvers, seen,
     },
+    lifecycle,
     loader::{Enforcer, KernelState, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
@@ -184,10 +186,15 @@ impl<M: KernelState> Control<M> {
         self.enforcer
             .record_policy(&self.pins, &self.config, &bytes)
             .context("recording the policy")?;
+        let rules = policy.rules.len() + policy.lists.len();
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
-            counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
+            counted(rules, "rule", "rules"),
             counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
+        );
+        lifecycle::emit(
+            "policy_reloaded",
+            json!({"mode": mode.to_string(), "rules": rules, "cidr_entries": compiled.cidrs.len()}),
         );
         Ok(())
     }
@@ -231,6 +238,7 @@ impl Control {
         if let Some(mut old) = old_dns_ring {
             let answers = self.drain(&mut old)?;
             log::info!("read {answers} answers queued in the replaced DNS ring buffer");
+            lifecycle::emit("replaced_dns_ring_read", json!({"answers": answers}));
         }
         self.publish(self.enforcer.stats(), &snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
@@ -267,6 +275,7 @@ impl Control {
                         Err(e) => {
                             self.reloads.rejected();
                             log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                            lifecycle::emit("policy_reload_rejected", json!({"error": format!("{e:#}")}));
                         }
                     }
                     give_back_freed_memory();

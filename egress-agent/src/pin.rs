@@ -20,8 +20,12 @@ use std::{
 };
 
 use egress_common::LAYOUT_VERSION;
+use serde_json::json;
 
-use crate::statfs::{BPF_FS_MAGIC, c_path, filesystem_type};
+use crate::{
+    lifecycle,
+    statfs::{BPF_FS_MAGIC, c_path, filesystem_type},
+};
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress-enforcer";
 
@@ -167,6 +171,7 @@ impl PinRoot {
                 "the agent that held {} removed it on exit; starting afresh",
                 self.root.display()
             );
+            lifecycle::emit("starting_afresh", json!({"pin_root": self.root}));
         }
     }
 
@@ -188,6 +193,7 @@ impl PinRoot {
                 "waiting for the agent that holds {} to exit",
                 self.root.display()
             );
+            lifecycle::emit("waiting_for_pins", json!({"pin_root": self.root}));
             flock(&dir, libc::LOCK_EX).map_err(io_err(&self.root))?;
         }
         let locked = dir.metadata().map_err(io_err(&self.root))?;
