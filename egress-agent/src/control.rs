@@ -47,6 +47,18 @@ const JOURNAL_BUDGET: usize = 2048;
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
 
+/// Byte records taken one at a time: a ring buffer of the kernel's, or a test's list.
+pub trait Records {
+    /// Hands the next record to `f` and returns what `f` returned; `None` when none is left.
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T>;
+}
+
+impl Records for RingBuf<MapData> {
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        self.next().map(|item| f(&item))
+    }
+}
+
 /// The control task's state; `M`: the kernel state it owns (the enforcer, but for tests).
 pub struct Control<M = Enforcer> {
     pub enforcer: M,
@@ -199,21 +211,24 @@ impl<M: KernelState> Control<M> {
         Ok(())
     }
 
-    /// Hands every answer queued in `ring` to the learner; returns how many.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
+    /// Hands every answer queued in `ring` to the learner and the names asked for
+    /// addresses; returns how many. A record that is no answer is logged and skipped.
+    fn drain(&mut self, ring: &mut impl Records) -> anyhow::Result<usize> {
         let mut answers = 0;
         let names = Arc::clone(&self.names);
         let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(item) = ring.next() {
-            match decode_dns(&item) {
-                Some(answer) => {
-                    names.answer(&answer);
-                    self.learner
-                        .answer(&mut self.enforcer, &answer, boot_time_ns())?;
-                    answers += 1;
-                }
-                None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
-            }
+        let mut take = |item: &[u8]| -> anyhow::Result<usize> {
+            let Some(answer) = decode_dns(item) else {
+                log::warn!("ignoring a DNS event of {} bytes", item.len());
+                return Ok(0);
+            };
+            names.answer(&answer);
+            self.learner
+                .answer(&mut self.enforcer, &answer, boot_time_ns())?;
+            Ok(1)
+        };
+        while let Some(taken) = ring.next_with(&mut take) {
+            answers += taken?;
         }
         Ok(answers)
     }
