@@ -565,3 +565,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
