@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use serde_json::json;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -24,6 +25,7 @@ use crate::{
         learner::{Learner, LearnerCounters},
         resolvers, seen,
     },
+    lifecycle,
     loader::{Enforcer, KernelState, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
@@ -45,6 +47,18 @@ const JOURNAL_BUDGET: usize = 2048;
 /// lookups, since answers are lost when the agent is already short of CPU (a pass over
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
+
+/// Byte records taken one at a time: a ring buffer of the kernel's, or a test's list.
+pub trait Records {
+    /// Hands the next record to `f` and returns what `f` returned; `None` when none is left.
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T>;
+}
+
+impl Records for RingBuf<MapData> {
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        self.next().map(|item| f(&item))
+    }
+}
 
 /// The control task's state; `M`: the kernel state it owns (the enforcer, but for tests).
 pub struct Control<M = Enforcer> {
@@ -191,29 +205,37 @@ impl<M: KernelState> Control<M> {
                 &record::content(&bytes, &manifest),
             )
             .context("recording the policy")?;
+        let rules = policy.rules.len() + policy.lists.len();
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
-            counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
+            counted(rules, "rule", "rules"),
             counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
+        );
+        lifecycle::emit(
+            "policy_reloaded",
+            json!({"mode": mode.to_string(), "rules": rules, "cidr_entries": compiled.cidrs.len()}),
         );
         Ok(policy::policy_sha256(&bytes, &manifest))
     }
 
-    /// Hands every answer queued in `ring` to the learner; returns how many.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
+    /// Hands every answer queued in `ring` to the learner and the names asked for
+    /// addresses; returns how many. A record that is no answer is logged and skipped.
+    fn drain(&mut self, ring: &mut impl Records) -> anyhow::Result<usize> {
         let mut answers = 0;
         let names = Arc::clone(&self.names);
         let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(item) = ring.next() {
-            match decode_dns(&item) {
-                Some(answer) => {
-                    names.answer(&answer);
-                    self.learner
-                        .answer(&mut self.enforcer, &answer, boot_time_ns())?;
-                    answers += 1;
-                }
-                None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
-            }
+        let mut take = |item: &[u8]| -> anyhow::Result<usize> {
+            let Some(answer) = decode_dns(item) else {
+                log::warn!("ignoring a DNS event of {} bytes", item.len());
+                return Ok(0);
+            };
+            names.answer(&answer);
+            self.learner
+                .answer(&mut self.enforcer, &answer, boot_time_ns())?;
+            Ok(1)
+        };
+        while let Some(taken) = ring.next_with(&mut take) {
+            answers += taken?;
         }
         Ok(answers)
     }
@@ -238,6 +260,7 @@ impl Control {
         if let Some(mut old) = old_dns_ring {
             let answers = self.drain(&mut old)?;
             log::info!("read {answers} answers queued in the replaced DNS ring buffer");
+            lifecycle::emit("replaced_dns_ring_read", json!({"answers": answers}));
         }
         self.publish(self.enforcer.stats(), &snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
@@ -273,6 +296,7 @@ impl Control {
                         Err(e) => {
                             self.reloads.rejected();
                             log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                            lifecycle::emit("policy_reload_rejected", json!({"error": format!("{e:#}")}));
                         }
                     }
                     give_back_freed_memory();

@@ -11,8 +11,9 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, PinDir, REMOTE_V4_A, REMOTE_V4_B, Server, TempFile, TestCgroup, Topology, agent_bin,
-    assert_ok, assert_timeout, http_get, probe_tcp, require_root, start_agent, start_pinned_agent,
+    ATTACH_TIMEOUT, PinDir, REMOTE_V4_A, REMOTE_V4_B, Server, TempFile, TestCgroup, Topology,
+    agent_bin, assert_ok, assert_timeout, http_get, probe_tcp, require_root, start_agent,
+    start_pinned_agent,
 };
 use serde_json::Value;
 
@@ -46,27 +47,6 @@ impl ListFile {
 impl Drop for ListFile {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// Waits until `count` stderr lines of the agent contain `needle`; returns the last.
-fn wait_for_nth(agent: &Agent, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + RELOAD_TIMEOUT;
-    loop {
-        let lines: Vec<String> = agent
-            .stderr_lines()
-            .into_iter()
-            .filter(|line| line.contains(needle))
-            .collect();
-        if lines.len() >= count {
-            return lines[count - 1].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {count} lines containing {needle:?}:\n{}",
-            agent.stderr_lines().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -154,8 +134,7 @@ fn a_list_is_enforced_its_edits_reload_and_a_bad_line_changes_nothing() {
     assert_timeout(&probe_tcp(&topo.client, cg, b, HTTPS), "b, off the list");
 
     list.replace(&list_of(b));
-    wait_for_nth(&agent, "a list file changed", 1);
-    wait_for_nth(&agent, "policy reloaded", 1);
+    agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     // The policy file is the same, the list is not: so is the hash.
     let edited = policy_hash(&policy, &list);
     wait_for_hash(&metrics, &edited);
@@ -170,7 +149,8 @@ fn a_list_is_enforced_its_edits_reload_and_a_bad_line_changes_nothing() {
 
     // Line 4 has host bits set: the list is refused, what runs stays.
     list.replace(&format!("{}203.0.113.21/24\n", list_of(a)));
-    let rejected = wait_for_nth(&agent, "policy reload rejected", 1);
+    let rejected = agent.wait_for_named("policy_reload_rejected", RELOAD_TIMEOUT);
+    let rejected = rejected["error"].as_str().expect("the error").to_owned();
     let at = format!(
         "{}:4: `203.0.113.21/24`: host bits are set",
         list.0.display()
@@ -217,15 +197,9 @@ fn status_and_explain_read_a_list_only_while_its_file_is_the_one_applied() {
         &["--on-exit", "keep"],
     );
     let origin = format!("allow[0] (cidrs_from {})", list.name());
-    // The policy is recorded just after the `attached:` line.
-    let deadline = Instant::now() + RELOAD_TIMEOUT;
-    let rules = loop {
-        let status = agent_json(&pins, &["status", "--rules"]);
-        if status["maps"]["rules"].get("sha256").is_some() || Instant::now() > deadline {
-            break status["maps"]["rules"].clone();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // The policy is recorded before the agent says it is attached.
+    agent.wait_for_named("attached", ATTACH_TIMEOUT);
+    let rules = agent_json(&pins, &["status", "--rules"])["maps"]["rules"].clone();
     assert_eq!(rules["sha256"], applied.as_str(), "{rules}");
     assert_eq!(
         rules["cidrs"][0]["from"]["own"][0],
