@@ -189,6 +189,12 @@ link_s=2001:db8:ffff::2
 target=2001:db8::10
 # On the server too, but in no allowed list: checks that each filter really filters.
 denied=2001:db8:ffff:1::20
+# IPv4, for part udp's IPv4 rows (see `udp_v4_setup`): the client's link, the target and
+# the denied address.
+link_c4=203.0.113.1
+link_s4=203.0.113.2
+target4=203.0.113.100
+denied4=203.0.113.101
 iperf_port=5201
 conn_port=5301
 conn_ports=8
@@ -342,10 +348,10 @@ conn_once() {
 # Min-max of the numbers on stdin, for the report; $1: their printf format (default %.2f).
 spread() { sort -g | awk -v f="${1:-%.2f}" 'NR == 1 { lo = $1 } { hi = $1 } END { printf f "-" f, lo, hi }'; }
 
-# Whether a connection to the denied address fails from cgroup $1 (default: the benchmark's):
-# a filter that filters lets none through.
+# Whether a connection to the denied address ($2, default: the IPv6 one) fails from cgroup
+# $1 (default: the benchmark's): a filter that filters lets none through.
 enforced() {
-  in_cgroup "${1:-$cg}" timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
+  in_cgroup "${1:-$cg}" timeout 10 "$bench" conn-rate "${2:-$denied}" "$conn_port" 1 --seconds 0.5 \
     --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end' ||
     echo error
 }
@@ -449,14 +455,15 @@ load_limit=60
 agent_prefix=()
 agent_extra=()
 # Starts the agent on policy $1; sets agent_pid, and attach_ms (start to the `attached:`
-# line) or agent_error. Stderr lines are stamped with the time they arrived.
+# line) or agent_error. Stderr lines are stamped with the time they arrived. Metrics are
+# served on a free port: another agent on this machine may hold the default one.
 start_agent() {
   local policy=$1 log_file=$2 t0 i line
   agent_error=""
   attach_ms=""
   t0=$(now_ns)
   RUST_LOG=info,egress_agent::loader=debug "${agent_prefix[@]}" "$agent" run --config "$policy" \
-    --mode enforce --cgroup "$cg" --pin-root "$work/bpf/egress-enforcer" "${agent_extra[@]}" \
+    --mode enforce --cgroup "$cg" --pin-root "$work/bpf/egress-enforcer" --listen 127.0.0.1:0 "${agent_extra[@]}" \
     >"$work/agent.out" 2> >(while IFS= read -r line; do printf '%s000 %s\n' "${EPOCHREALTIME/./}" "$line"; done >"$log_file") &
   agent_pid=$!
   pids+=("$agent_pid")
@@ -517,37 +524,51 @@ ipt_clean() {
   nft_clean
 }
 
+# The addresses of file $1 of one family ($2: 4 or 6).
+family_addrs() { if [ "$2" = 4 ]; then grep -v : "$1" || true; else grep : "$1" || true; fi; }
+
 # The peers' rule sets for the N addresses of file $2, on hook $1 (output: the client's
 # own packets, with loopback let through; forward: a router's), written to $3:
-# nftables, one set and one chain.
+# nftables, one set and one chain (and a set for the IPv4 addresses, if there are any).
 nft_rules() {
-  local hook=$1 addrs=$2 n
+  local hook=$1 addrs=$2 n n4 family
   n=$(wc -l <"$addrs")
+  n4=$(family_addrs "$addrs" 4 | wc -l)
   {
     echo "table inet egbench {"
     echo "  set allowed { type ipv6_addr; size $((n + 1024)); }"
+    [ "$n4" -gt 0 ] && echo "  set allowed4 { type ipv4_addr; size $((n4 + 1024)); }"
     echo "  chain $hook {"
     echo "    type filter hook $hook priority 0; policy drop;"
     echo "    ct state established,related accept"
     [ "$hook" = output ] && echo "    oifname \"lo\" accept"
     echo "    meta l4proto ipv6-icmp accept"
     echo "    ip6 daddr @allowed accept"
+    [ "$n4" -gt 0 ] && echo "    ip daddr @allowed4 accept"
     echo "  }"
     echo "}"
-    awk -v chunk=10000 '
-      (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench allowed {" ; sep = " " }
-      { printf "%s%s", sep, $1; sep = ", " }
-      END { if (NR) print " }" }' "$addrs"
+    for family in 6 4; do
+      family_addrs "$addrs" "$family" | awk -v chunk=10000 -v set="allowed${family/6/}" '
+        (NR - 1) % chunk == 0 { if (NR > 1) print " }"; printf "add element inet egbench %s {", set; sep = " " }
+        { printf "%s%s", sep, $1; sep = ", " }
+        END { if (NR) print " }" }'
+    done
   } >"$3"
 }
 # ... iptables + ipset: the set to $3, the rules to $3.rules.
+# For IPv4 addresses in the list, a second set (`egbench4`) and iptables rules to $3.rules4.
 ipset_rules() {
-  local chain=${1^^} addrs=$2 n hashsize=1024
+  local chain=${1^^} addrs=$2 n n4 hashsize=1024
   n=$(wc -l <"$addrs")
+  n4=$(family_addrs "$addrs" 4 | wc -l)
   while [ "$hashsize" -lt "$n" ] && [ "$hashsize" -lt 1048576 ]; do hashsize=$((hashsize * 2)); done
   {
     echo "create egbench hash:ip family inet6 hashsize $hashsize maxelem $((n + 1024))"
-    sed 's/^/add egbench /' "$addrs"
+    family_addrs "$addrs" 6 | sed 's/^/add egbench /'
+    if [ "$n4" -gt 0 ]; then
+      echo "create egbench4 hash:ip family inet hashsize 1024 maxelem $((n4 + 1024))"
+      family_addrs "$addrs" 4 | sed 's/^/add egbench4 /'
+    fi
   } >"$3"
   {
     echo "*filter"
@@ -558,6 +579,16 @@ ipset_rules() {
     echo "-A $chain -m set --match-set egbench dst -j ACCEPT"
     echo "COMMIT"
   } >"$3.rules"
+  rm -f "$3.rules4"
+  [ "$n4" -gt 0 ] || return 0
+  {
+    echo "*filter"
+    echo ":$chain DROP [0:0]"
+    echo "-A $chain -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    [ "$chain" = OUTPUT ] && echo "-A $chain -o lo -j ACCEPT"
+    echo "-A $chain -m set --match-set egbench4 dst -j ACCEPT"
+    echo "COMMIT"
+  } >"$3.rules4"
 }
 
 # Starts `egress-bench $1 ARGS...` in the server namespace (log: $work/$1.log) and
@@ -758,10 +789,11 @@ fi
 
 # Packets per second that reach the server, from one sender thread per core
 # (`egress-bench udp-flood`: connected sockets, sendmmsg), counted by the server's
-# namespace (Udp6InDatagrams; `egress-bench udp-sink` drains the socket). Two paths:
-# "cgroup", the agent attached to the sender's cgroup as in part "network"; "tc", the
-# agent's TC program on a router namespace's link to the server, deciding forwarded
-# packets (`--interface`), with no socket and no GSO in the way.
+# namespace (Udp6InDatagrams, or Udp InDatagrams for IPv4; `egress-bench udp-sink` drains
+# the socket). Two paths: "cgroup", the agent attached to the sender's cgroup as in part
+# "network"; "tc", the agent's TC program on a router namespace's link to the server,
+# deciding forwarded packets (`--interface`), with no socket and no GSO in the way. Each
+# path in both families (`udp_family`), labelled e.g. "cgroup IPv4".
 udp_md=$work/udp.md
 : >"$udp_md"
 udp_results=$work/udp.tsv
@@ -778,8 +810,61 @@ ns_tf=egb-tf-$id
 ns_r=egb-r-$id
 tc_dev=egbra$id
 
-# Udp6InDatagrams of the server namespace.
-udp_rx() { ip netns exec "$ns_s" awk '$1 == "Udp6InDatagrams" { print $2 }' /proc/net/snmp6; }
+# The family the floods use: 6 or 4.
+udp_family=6
+udp_target() { if [ "$udp_family" = 4 ]; then echo "$target4"; else echo "$target"; fi; }
+udp_denied() { if [ "$udp_family" = 4 ]; then echo "$denied4"; else echo "$denied"; fi; }
+# Path $1 as the report names it.
+udp_label() { echo "$1 IPv$udp_family"; }
+
+# Datagrams received in the server namespace, of the family floods use.
+udp_rx() {
+  if [ "$udp_family" = 4 ]; then
+    ip netns exec "$ns_s" awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print $2 }' /proc/net/snmp
+  else
+    ip netns exec "$ns_s" awk '$1 == "Udp6InDatagrams" { print $2 }' /proc/net/snmp6
+  fi
+}
+
+# The allowed list of the IPv4 rows at size $1, like the IPv6 one of N entries: half
+# of them IPv4 (at most 300, from the documentation ranges: 198.51.100.0-255, then
+# 203.0.113.160-203, the target last), then IPv6 fillers ending with the IPv6 target.
+udp_addrs4() {
+  local n=$1 k j
+  k=$((n / 2))
+  [ "$k" -gt 300 ] && k=300
+  [ "$k" -lt 1 ] && k=1
+  for ((j = 0; j < k - 1; j++)); do
+    if ((j < 256)); then echo "198.51.100.$j"; else echo "203.0.113.$((160 + j - 256))"; fi
+  done
+  echo "$target4"
+  [ "$n" -gt "$k" ] && "$bench" addresses $((n - k))
+  return 0
+}
+
+# IPv4 for the IPv4 rows: the client's link (203.0.113.0/30), the target and the denied
+# address on the server's loopback, a TCP server on each (reachability and "filters") and a
+# sink on the target.
+udp_v4_setup() {
+  local i
+  ip -n "$ns_c" addr add "$link_c4/30" dev "egbc$id"
+  ip -n "$ns_s" addr add "$link_s4/30" dev "egbs$id"
+  ip -n "$ns_s" addr add "$target4/32" dev lo
+  ip -n "$ns_s" addr add "$denied4/32" dev lo
+  ip -n "$ns_c" route add default via "$link_s4"
+  ip netns exec "$ns_s" "$bench" serve "$target4" "$conn_port" 1 >"$work/serve4.log" 2>&1 &
+  pids+=($!)
+  ip netns exec "$ns_s" "$bench" serve "$denied4" "$conn_port" 1 >"$work/serve4-denied.log" 2>&1 &
+  pids+=($!)
+  ip netns exec "$ns_s" "$bench" udp-sink "$target4" "$udp_port" --threads "$(nproc)" >"$work/udp-sink4.log" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 100; i++)); do
+    grep -qs listening "$work/serve4.log" && grep -qs listening "$work/serve4-denied.log" &&
+      grep -qs listening "$work/udp-sink4.log" && return 0
+    sleep 0.05
+  done
+  die "the IPv4 servers did not start"
+}
 
 # One flood from path $1 (cgroup|tc), side $2 (on|free): "rx_per_s tx_per_s errors
 # sender_cpu_ns_per_datagram".
@@ -793,7 +878,7 @@ udp_once() {
     [ "$2" = free ] && run=(ip netns exec "$ns_tf")
   fi
   r0=$(udp_rx)
-  json=$("${run[@]}" timeout $((seconds + 20)) "$bench" udp-flood "$target" "$udp_port" \
+  json=$("${run[@]}" timeout $((seconds + 20)) "$bench" udp-flood "$(udp_target)" "$udp_port" \
     --seconds "$seconds" --payload 64 2>>"$work/udp.err") ||
     json='{"per_sec":0,"errors":-1,"seconds":1,"cpu_ns_per_datagram":0}'
   sleep 0.2 # what is still queued on the way
@@ -816,9 +901,9 @@ udp_prog_ids_tc() {
 # Whether a TCP connection to the denied address fails from path $1, side "on".
 udp_enforced() {
   if [ "$1" = cgroup ]; then
-    enforced
+    enforced "$cg" "$(udp_denied)"
   else
-    ip netns exec "$ns_t" timeout 10 "$bench" conn-rate "$denied" "$conn_port" 1 --seconds 0.5 \
+    ip netns exec "$ns_t" timeout 10 "$bench" conn-rate "$(udp_denied)" "$conn_port" 1 --seconds 0.5 \
       --threads 1 --timeout-ms 200 2>/dev/null | jq -r 'if .connections == 0 then "yes" else "no" end' ||
       echo error
   fi
@@ -856,7 +941,7 @@ udp_measure_paired() {
     ratios+=("$(awk -v a="$a_rx" -v b="$b_rx" 'BEGIN { if (b > 0) printf "%.4f", a / b; else print 0 }')")
     added+=("$((a_cpu - b_cpu))")
   done
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(udp_label "$1")" "$2" \
     "$(printf '%s\n' "${frx[@]}" | median)" "$(printf '%s\n' "${rx[@]}" | median)" \
     "$(printf '%s\n' "${ratios[@]}" | median)" "$(printf '%s\n' "${ratios[@]}" | spread %.3f)" \
     "$(printf '%s\n' "${fcpu[@]}" | median)" "$(printf '%s\n' "${cpu[@]}" | median)" \
@@ -866,7 +951,8 @@ udp_measure_paired() {
 }
 
 udp_record() { # path size peer load_ms "udp_measure output" note...
-  local path=$1 size=$2 peer=$3 load=$4 m=$5
+  local path size=$2 peer=$3 load=$4 m=$5
+  path=$(udp_label "$1")
   shift 5
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$path" "$size" "$peer" "$load" "${m// /$'\t'}" "$*" >>"$udp_results"
   log "udp $path $size $peer: load ${load} ms, $m ${*}"
@@ -882,6 +968,9 @@ udp_filters_clean() {
   ip netns exec "$ns" ip6tables -P OUTPUT ACCEPT 2>/dev/null || true
   ip netns exec "$ns" ip6tables -P FORWARD ACCEPT 2>/dev/null || true
   ip netns exec "$ns" ip6tables -F 2>/dev/null || true
+  ip netns exec "$ns" iptables -P OUTPUT ACCEPT 2>/dev/null || true
+  ip netns exec "$ns" iptables -P FORWARD ACCEPT 2>/dev/null || true
+  ip netns exec "$ns" iptables -F 2>/dev/null || true
   ip netns exec "$ns" ipset destroy 2>/dev/null || true
   ip netns exec "$ns" nft flush ruleset 2>/dev/null || true
 }
@@ -929,36 +1018,62 @@ udp_tc_topology() {
   ip -n "$ns_r" -6 rule add iif "egbrt$id" lookup 101 pref 101
   ip -n "$ns_s" -6 route add 2001:db8:fffe::/64 via 2001:db8:fffd::1
   ip -n "$ns_s" -6 route add 2001:db8:fffc::/64 via 2001:db8:fffb::1
+  # IPv4 the same way, in 203.0.113.0/27: on-client .4/30, free-client .8/30, the agent's
+  # link .12/30, the free one .16/30.
+  ip -n "$ns_t" addr add 203.0.113.5/30 dev "egbt$id"
+  ip -n "$ns_r" addr add 203.0.113.6/30 dev "egbrt$id"
+  ip -n "$ns_tf" addr add 203.0.113.9/30 dev "egbf$id"
+  ip -n "$ns_r" addr add 203.0.113.10/30 dev "egbrf$id"
+  ip -n "$ns_r" addr add 203.0.113.13/30 dev "$tc_dev"
+  ip -n "$ns_s" addr add 203.0.113.14/30 dev "egbsa$id"
+  ip -n "$ns_r" addr add 203.0.113.17/30 dev "egbrb$id"
+  ip -n "$ns_s" addr add 203.0.113.18/30 dev "egbsb$id"
+  ip netns exec "$ns_r" sysctl -qw net.ipv4.ip_forward=1
+  ip -n "$ns_t" route add default via 203.0.113.6
+  ip -n "$ns_tf" route add default via 203.0.113.10
+  ip -n "$ns_r" route add default via 203.0.113.18 table 100
+  ip -n "$ns_r" route add default via 203.0.113.14 table 101
+  ip -n "$ns_r" rule add iif "egbrf$id" lookup 100 pref 100
+  ip -n "$ns_r" rule add iif "egbrt$id" lookup 101 pref 101
+  ip -n "$ns_s" route add 203.0.113.4/30 via 203.0.113.13
+  ip -n "$ns_s" route add 203.0.113.8/30 via 203.0.113.17
   for ((i = 0; i < 50; i++)); do
-    udp_reach "$ns_t" "$target" && udp_reach "$ns_tf" "$target" && udp_reach "$ns_t" "$denied" && return 0
+    udp_reach "$ns_t" "$target" && udp_reach "$ns_tf" "$target" && udp_reach "$ns_t" "$denied" &&
+      udp_reach "$ns_t" "$target4" && udp_reach "$ns_tf" "$target4" && udp_reach "$ns_t" "$denied4" && return 0
     sleep 0.1
   done
   die "the TC-path topology carries no traffic"
 }
 
-# One path ($1: cgroup|tc) at every size: baseline, the agent (paired), nftables, ipset.
+# One path ($1: cgroup|tc) in family $udp_family at every size: baseline, the agent
+# (paired), nftables, ipset.
 udp_path() {
-  local path=$1 n addrs policy f t0 load hook ns
+  local path=$1 n addrs policy f t0 load hook ns v=$udp_family
   ns=$(udp_filter_ns "$path")
   hook=output
   [ "$path" = tc ] && hook=forward
   for n in $udp_sizes; do
-    addrs=$work/addrs-$n
-    [ -s "$addrs" ] || "$bench" addresses "$n" >"$addrs"
+    if [ "$v" = 4 ]; then
+      addrs=$work/addrs4-$n
+      [ -s "$addrs" ] || udp_addrs4 "$n" >"$addrs"
+      policy=$work/policy4-$n.yaml
+    else
+      addrs=$work/addrs-$n
+      [ -s "$addrs" ] || "$bench" addresses "$n" >"$addrs"
+      policy=$work/policy-$n.yaml
+    fi
     udp_record "$path" "$n" baseline 0 "$(udp_measure "$path")"
 
-    policy=$work/policy-$n.yaml
     [ -s "$policy" ] || { echo "mode: enforce"; echo "allow:"; sed 's/^/  - cidr: /' "$addrs"; } >"$policy"
-    # Metrics on a free port: another agent on this machine may hold the default one.
     agent_prefix=()
-    agent_extra=(--listen 127.0.0.1:0)
+    agent_extra=()
     if [ "$path" = tc ]; then
       agent_prefix=(nsenter "--net=/run/netns/$ns_r")
-      agent_extra+=(--interface "$tc_dev")
+      agent_extra=(--interface "$tc_dev")
     fi
-    if start_agent "$policy" "$work/agent-udp-$path-$n.log"; then
+    if start_agent "$policy" "$work/agent-udp-$path-$n-v$v.log"; then
       udp_record "$path" "$n" agent "$attach_ms" "$(udp_measure_paired "$path" "$n")"
-      programs_cost "udp_prog_ids_$path" udp_once "$path" on | sed "s/^/$path\t$n\t/" >>"$udp_progcost"
+      programs_cost "udp_prog_ids_$path" udp_once "$path" on | sed "s/^/$(udp_label "$path")\t$n\t/" >>"$udp_progcost"
       stop_pid "$agent_pid" 10
       forget_pid "$agent_pid"
     else
@@ -967,7 +1082,7 @@ udp_path() {
     agent_prefix=()
     agent_extra=()
 
-    f=$work/udp-nft-$path-$n.nft
+    f=$work/udp-nft-$path-$n-v$v.nft
     nft_rules "$hook" "$addrs" "$f"
     t0=$(now_ns)
     if timeout "$load_limit" ip netns exec "$ns" nft -f "$f" 2>"$work/udp-nft.err"; then
@@ -978,11 +1093,12 @@ udp_path() {
     fi
     udp_filters_clean "$path"
 
-    f=$work/udp-ipset-$path-$n
+    f=$work/udp-ipset-$path-$n-v$v
     ipset_rules "$hook" "$addrs" "$f"
     t0=$(now_ns)
     if timeout "$load_limit" ip netns exec "$ns" ipset restore -f "$f" 2>"$work/udp-ipset.err" &&
-      timeout "$load_limit" ip netns exec "$ns" ip6tables-restore "$f.rules" 2>>"$work/udp-ipset.err"; then
+      timeout "$load_limit" ip netns exec "$ns" ip6tables-restore "$f.rules" 2>>"$work/udp-ipset.err" &&
+      { [ ! -e "$f.rules4" ] || timeout "$load_limit" ip netns exec "$ns" iptables-restore "$f.rules4" 2>>"$work/udp-ipset.err"; }; then
       load=$(ms_since "$t0")
       udp_record "$path" "$n" ipset "$load" "$(udp_measure "$path")"
     else
@@ -997,16 +1113,21 @@ if has_part udp; then
   [ "$sizes_given" = 1 ] || [ "$quick" = 1 ] || udp_sizes="10 100000 1000000"
   log "small packets (UDP, 64 bytes): sizes $udp_sizes"
   start_server udp-sink "$target" "$udp_port" --threads "$(nproc)"
+  udp_v4_setup
   udp_tc_topology
-  udp_path cgroup
-  udp_path tc
+  for path in cgroup tc; do
+    for udp_family in 6 4; do udp_path "$path"; done
+  done
+  udp_family=6
   {
     echo
     echo "### Small packets: UDP, 64-byte payloads"
     echo
     echo "\`egress-bench udp-flood\` from $(nproc) threads (one per core, a connected socket each,"
     echo "sendmmsg), $seconds s per flood, median of $reps; \"rx/s\" is what reached the server's socket"
-    echo "(its namespace's Udp6InDatagrams), \"tx/s\" what the sender's calls accepted. Path \"cgroup\":"
+    echo "(its namespace's Udp6InDatagrams, Udp InDatagrams for IPv4), \"tx/s\" what the sender's calls"
+    echo "accepted. IPv4 rows: the list of N holds half IPv4 addresses (at most 300, the documentation"
+    echo "ranges), the target among them, and IPv6 ones for the rest. Path \"cgroup\":"
     echo "the filters on the sender's own path (the agent on its cgroup; nftables and ipset in its"
     echo "namespace's output hook). Path \"tc\": forwarded through a router namespace (the agent's TC"
     echo "program on the router's link to the server, \`--interface\`; nftables and ipset in its forward"

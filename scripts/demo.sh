@@ -376,9 +376,10 @@ denied_probes=2
 
 # --- 7. Stop the agent, show what it saw ---------------------------------------------------
 
-# Events travel through a ring buffer: give the agent a moment to print the would-drops.
+# Events travel through a ring buffer: give the agent a moment to print the would-drops
+# (the lines with an action; its own events, such as "attached", have none).
 for ((i = 0; i < 30; i++)); do
-  [ "$(grep -c . "$events")" -ge "$denied_probes" ] && break
+  [ "$(grep -c '"action":' "$events")" -ge "$denied_probes" ] && break
   sleep 0.1
 done
 log "stopping egress-agent (SIGTERM)"
@@ -392,14 +393,14 @@ echo
 echo "Events (the JSON lines egress-agent wrote to stdout):"
 printf '  %-6s %-5s %-22s %-26s %s\n' action proto destination cgroup comm
 while IFS= read -r line; do
-  [ -n "$line" ] || continue
+  [[ $line == *'"action":'* ]] || continue
   dst=$(json_field "$line" dst)
   [[ $dst == *:* ]] && dst="[$dst]"
   printf '  %-6s %-5s %-22s %-26s %s\n' "$(json_field "$line" action)" \
     "$(json_field "$line" proto)" "$dst:$(json_field "$line" dport)" \
     "$(json_field "$line" cgroup)" "$(json_field "$line" comm)"
 done <"$events"
-[ -s "$events" ] || echo "  (none)"
+grep -q '"action":' "$events" || echo "  (none)"
 echo
 echo "Counters (stderr of egress-agent):"
 sed -n 's/.*\(SIGTERM: detached.*\)/  \1/p' "$agent_log"

@@ -331,7 +331,7 @@ sleep 2
 B="$TAG-least-privilege"
 start "$B" "${ENFORCE[@]}" "${LEAST[@]}"
 wait_ready "$B"
-wait_log "$B" "took over the pinned state"
+wait_log "$B" '"event":"took_over"'
 sleep 2
 touch "$WORK/stop-probes"
 wait "$PROBER"
@@ -341,14 +341,14 @@ log "handover to the least-privilege agent ($(grep -o 'cap-add=[A-Z_]*' <<< "${L
 
 # 3. A ConfigMap-style swap.
 configmap "$(allow_only "$DENIED")"
-wait_log "$B" "policy reloaded"
+wait_log "$B" '"event":"policy_reloaded"'
 expect allowed "$DENIED" "after the policy swap"
 expect denied "$ALLOWED" "after the policy swap"
 log "ConfigMap swap applied"
 
 # 4. A bad policy: rejected, counted, the running one stays.
 configmap "$(printf 'mode: audit\nallow:\n  - cidr: 203.0.113.21/24\n')"
-wait_log "$B" "policy reload rejected"
+wait_log "$B" '"event":"policy_reload_rejected"'
 reloads="$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^egress_policy_reloads_total')" ||
   die "no egress_policy_reloads_total on /metrics"
 grep -qx 'egress_policy_reloads_total{result="rejected"} 1' <<< "$reloads" ||

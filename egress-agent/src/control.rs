@@ -6,11 +6,12 @@
 use std::{
     path::PathBuf,
     sync::{Arc, PoisonError},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use serde_json::json;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -24,11 +25,13 @@ use crate::{
         learner::{Learner, LearnerCounters},
         resolvers, seen,
     },
+    lifecycle,
     loader::{Enforcer, KernelState, LoadError, Stats},
     metrics::{Reloads, Running, Snapshot},
     pin::PinRoot,
     plural::counted,
-    policy::Mode,
+    policy::{self, Mode},
+    record,
     reload::Reloaded,
     sys::{boot_time_ns, give_back_freed_memory},
     workloads::WorkloadLinks,
@@ -44,6 +47,18 @@ const JOURNAL_BUDGET: usize = 2048;
 /// lookups, since answers are lost when the agent is already short of CPU (a pass over
 /// 100,000 addresses takes 25 s).
 const RECHECK_BUDGET: usize = 4096;
+
+/// Byte records taken one at a time: a ring buffer of the kernel's, or a test's list.
+pub trait Records {
+    /// Hands the next record to `f` and returns what `f` returned; `None` when none is left.
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T>;
+}
+
+impl Records for RingBuf<MapData> {
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        self.next().map(|item| f(&item))
+    }
+}
 
 /// The control task's state; `M`: the kernel state it owns (the enforcer, but for tests).
 pub struct Control<M = Enforcer> {
@@ -149,8 +164,9 @@ impl<M: KernelState> Control<M> {
     }
 
     /// Applies a reloaded policy; on error the running policy stays in force (a compile
-    /// error changes nothing; a kernel map error mid-way is logged as such).
-    fn reload(&mut self, Reloaded { policy, bytes }: Reloaded) -> anyhow::Result<()> {
+    /// error changes nothing; a kernel map error mid-way is logged as such). Returns the
+    /// applied policy's hash, which covers its lists as they were read.
+    fn reload(&mut self, Reloaded { policy, bytes }: Reloaded) -> anyhow::Result<[u8; 32]> {
         let compiled = compile_with(&policy, self.learner.port_sets().clone())?;
         let resolvers = resolvers::for_policy(&policy.dns, !compiled.names.is_empty())?;
         let policy_sets = compiled.sets_in_use()?;
@@ -181,36 +197,46 @@ impl<M: KernelState> Control<M> {
             &policy_sets,
             boot_time_ns(),
         )?;
+        let manifest = policy::manifest(&policy.lists);
         self.enforcer
-            .record_policy(&self.pins, &self.config, &bytes)
+            .record_policy(
+                &self.pins,
+                &self.config,
+                &record::content(&bytes, &manifest),
+            )
             .context("recording the policy")?;
+        let rules = policy.rules.len() + policy.lists.len();
+        let cidr_entries = compiled.cidrs.len() + compiled.hosts.len();
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
-            counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
-            counted(
-                compiled.cidrs.len() + compiled.hosts.len(),
-                "CIDR entry",
-                "CIDR entries"
-            )
+            counted(rules, "rule", "rules"),
+            counted(cidr_entries, "CIDR entry", "CIDR entries")
         );
-        Ok(())
+        lifecycle::emit(
+            "policy_reloaded",
+            json!({"mode": mode.to_string(), "rules": rules, "cidr_entries": cidr_entries}),
+        );
+        Ok(policy::policy_sha256(&bytes, &manifest))
     }
 
-    /// Hands every answer queued in `ring` to the learner; returns how many.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
+    /// Hands every answer queued in `ring` to the learner and the names asked for
+    /// addresses; returns how many. A record that is no answer is logged and skipped.
+    fn drain(&mut self, ring: &mut impl Records) -> anyhow::Result<usize> {
         let mut answers = 0;
         let names = Arc::clone(&self.names);
         let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(item) = ring.next() {
-            match decode_dns(&item) {
-                Some(answer) => {
-                    names.answer(&answer);
-                    self.learner
-                        .answer(&mut self.enforcer, &answer, boot_time_ns())?;
-                    answers += 1;
-                }
-                None => log::warn!("ignoring a DNS event of {} bytes", item.len()),
-            }
+        let mut take = |item: &[u8]| -> anyhow::Result<usize> {
+            let Some(answer) = decode_dns(item) else {
+                log::warn!("ignoring a DNS event of {} bytes", item.len());
+                return Ok(0);
+            };
+            names.answer(&answer);
+            self.learner
+                .answer(&mut self.enforcer, &answer, boot_time_ns())?;
+            Ok(1)
+        };
+        while let Some(taken) = ring.next_with(&mut take) {
+            answers += taken?;
         }
         Ok(answers)
     }
@@ -235,6 +261,7 @@ impl Control {
         if let Some(mut old) = old_dns_ring {
             let answers = self.drain(&mut old)?;
             log::info!("read {answers} answers queued in the replaced DNS ring buffer");
+            lifecycle::emit("replaced_dns_ring_read", json!({"answers": answers}));
         }
         self.publish(self.enforcer.stats(), &snapshots);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
@@ -262,15 +289,15 @@ impl Control {
                 }
                 followed = follow(&mut workloads, &mut self.enforcer) => followed?,
                 Some(reloaded) = reloads.recv() => {
-                    let running = Running::now(&reloaded.bytes);
                     match self.reload(reloaded) {
-                        Ok(()) => {
+                        Ok(sha256) => {
                             self.reloads.applied();
-                            self.running = Running { applied: SystemTime::now(), ..running };
+                            self.running = Running::now(sha256);
                         }
                         Err(e) => {
                             self.reloads.rejected();
                             log::error!("policy reload failed: {e:#}; the running policy stays in force");
+                            lifecycle::emit("policy_reload_rejected", json!({"error": format!("{e:#}")}));
                         }
                     }
                     give_back_freed_memory();

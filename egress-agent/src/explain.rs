@@ -92,14 +92,15 @@ pub fn explain(
     };
     let now = boot_time_ns();
     let decided = classify(&maps, addr, ip_proto, port, now)?;
-    let (_, policy, _) = recorded_policy(pins, kubelet)?;
+    let recorded = recorded_policy(pins, kubelet)?;
+    let policy = recorded.policy;
     let sets = maps.port_sets()?;
     let cidr = decided.cidr.map(|c| Found {
         target: origins::cidr_of(&c),
         ports: set_ports(&sets, c.port_set).to_string(),
         from: policy
             .as_ref()
-            .map(|p| origins::of_cidr(p, &c))
+            .map(|p| origins::of_cidr(p, &recorded.changed, &c))
             .unwrap_or_default(),
     });
     let key = match addr {

@@ -6,7 +6,7 @@
 //!
 //! 1. `kubeconfig`, `policy` (the file, with its `presets`), and small pieces every layer
 //!    may use: `sys` (clocks, memory), `statfs`, `cgroup`, `podinfo`, `plural`, `reason`,
-//!    `classify`.
+//!    `classify`, `lifecycle` (the agent's own events on stdout).
 //! 2. `port_sets`, `dns::names` (the name table), `compile` (policy → map contents and the
 //!    kernel's `Settings`).
 //! 3. `dns` (answers, the learner and `LearnedStore`, resolvers, the names asked for).
@@ -28,6 +28,7 @@ pub mod explain;
 mod http;
 mod kernel_log;
 pub mod kubeconfig;
+mod lifecycle;
 pub mod loader;
 pub mod metrics;
 pub mod origins;

@@ -40,11 +40,12 @@ pub struct Snapshot {
     pub names_seen: usize,
     pub names_evicted: u64,
     pub policy: PolicyEntries,
-    /// The running policy: its file's SHA-256 and when it was applied.
+    /// The running policy: its hash and when it was applied.
     pub running: Running,
 }
 
-/// The policy in force: the SHA-256 of the file it was parsed from and when it was applied.
+/// The policy in force: its hash (the file it was parsed from and its lists', see
+/// `policy::policy_sha256`) and when it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running {
     pub sha256: [u8; 32],
@@ -61,18 +62,12 @@ impl Default for Running {
 }
 
 impl Running {
-    /// The policy parsed from `content`, applied now.
-    pub fn now(content: &[u8]) -> Running {
-        use sha2::Digest as _;
+    /// The policy of hash `sha256` (`policy::policy_sha256`), applied now.
+    pub fn now(sha256: [u8; 32]) -> Running {
         Running {
-            sha256: sha2::Sha256::digest(content).into(),
+            sha256,
             applied: SystemTime::now(),
         }
-    }
-
-    /// The hash as `sha256sum` prints it.
-    pub fn sha256_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -319,10 +314,10 @@ fn encode_snapshot(
             ],
         ),
     )?;
-    let hash = s.running.sha256_hex();
+    let hash = crate::policy::sha256_hex(&s.running.sha256);
     let mut info = encoder.encode_descriptor(
         "egress_policy",
-        "The running policy: the SHA-256 of the file it was read from (sha256sum policy.yaml).",
+        "The running policy: the SHA-256 of its file and its list files' hashes (sha256sum policy.yaml without lists).",
         None,
         MetricType::Info,
     )?;
@@ -524,7 +519,7 @@ egress_packets_total{verdict=\"audited\",proto=\"other\"} 12
             },
             running: Running {
                 applied: UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
-                ..Running::now(b"allow: []\n")
+                ..Running::now(crate::policy::policy_sha256(b"allow: []\n", b""))
             },
         };
         let reloads = Reloads::default();

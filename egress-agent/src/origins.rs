@@ -10,7 +10,7 @@ use crate::{
     compile::to_key_space,
     dns::resolvers::FROM_POLICY,
     pinned::cidr_text,
-    policy::{NamePattern, Origin, Policy, Prefix, Rule, Target},
+    policy::{NamePattern, Origin, Policy, Prefix, PrefixList, Rule, Target},
 };
 
 /// The policy entries behind a map entry: its own (the rules of exactly this target) and
@@ -22,6 +22,10 @@ pub struct Origins {
     pub own: Vec<String>,
     /// `<target> (<its origins>)` of each containing rule.
     pub inside: Vec<String>,
+    /// With no `own`: the lists the entry came from, one of them, as they were applied;
+    /// their files do not match the hashes recorded, so they were not searched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed_lists: Vec<String>,
 }
 
 impl Origins {
@@ -42,6 +46,12 @@ impl Origins {
         if !self.own.is_empty() {
             parts.push(self.own.join(", "));
         }
+        if !self.changed_lists.is_empty() {
+            parts.push(format!(
+                "{} as applied; its file does not match the hash recorded, so not read",
+                self.changed_lists.join(" or ")
+            ));
+        }
         for outer in &self.inside {
             parts.push(format!("inside {outer}"));
         }
@@ -61,8 +71,15 @@ fn origin_list(rule: &Rule) -> String {
         .join(", ")
 }
 
-/// The rules behind a `CIDRS` entry.
-pub fn of_cidr(policy: &Policy, entry: &CidrMatch) -> Origins {
+/// `allow[2] (cidrs_from big.txt)`: a list as an origin.
+pub fn of_list(list: &PrefixList) -> String {
+    format!("allow[{}] (cidrs_from {})", list.entry, list.name)
+}
+
+/// The rules behind a `CIDRS` entry. `changed` names the lists of the policy whose files
+/// are not the ones applied (see `status::Recorded`), left out of `policy.lists`: an entry
+/// no rule or other list holds came from one of them.
+pub fn of_cidr(policy: &Policy, changed: &[String], entry: &CidrMatch) -> Origins {
     let network = u128::from_be_bytes(entry.network);
     let mut out = Origins::known();
     for rule in &policy.rules {
@@ -82,9 +99,11 @@ pub fn of_cidr(policy: &Policy, entry: &CidrMatch) -> Origins {
             addr: entry.network,
         };
         for list in policy.lists.iter().filter(|list| list.contains(&prefix)) {
-            out.own
-                .push(format!("allow[{}] (cidrs_from {})", list.entry, list.name));
+            out.own.push(of_list(list));
         }
+    }
+    if out.own.is_empty() {
+        out.changed_lists = changed.to_vec();
     }
     out
 }
@@ -230,21 +249,34 @@ api_server: 198.51.100.5
     #[test]
     fn a_cidr_entry_names_its_own_rule_and_the_rules_around_it() {
         let p = policy();
-        let inner = of_cidr(&p, &cidr([203, 0, 113, 7], 32));
+        let inner = of_cidr(&p, &[], &cidr([203, 0, 113, 7], 32));
         assert_eq!(inner.own, ["allow[1]"]);
         assert_eq!(inner.inside, ["203.0.113.0/24 (allow[0])"]);
         assert_eq!(inner.text(), "allow[1]; inside 203.0.113.0/24 (allow[0])");
-        let api = of_cidr(&p, &cidr([198, 51, 100, 5], 32));
+        let api = of_cidr(&p, &[], &cidr([198, 51, 100, 5], 32));
         assert_eq!(api.own, ["api_server"]);
         assert_eq!(cidr_of(&cidr([203, 0, 113, 0], 24)), "203.0.113.0/24");
         assert_eq!(
-            of_cidr(&p, &cidr([192, 0, 2, 0], 24)).text(),
+            of_cidr(&p, &[], &cidr([192, 0, 2, 0], 24)).text(),
             "not in the recorded policy"
         );
         assert_eq!(
             Origins::default().text(),
             "origins unknown: no policy recorded"
         );
+    }
+
+    #[test]
+    fn an_entry_of_no_rule_names_the_lists_whose_files_changed() {
+        let p = policy();
+        let changed = ["allow[4] (cidrs_from big.txt)".to_owned()];
+        let listed = of_cidr(&p, &changed, &cidr([192, 0, 2, 0], 24));
+        assert_eq!(
+            listed.text(),
+            "allow[4] (cidrs_from big.txt) as applied; its file does not match the hash recorded, so not read"
+        );
+        let inline = of_cidr(&p, &changed, &cidr([203, 0, 113, 7], 32));
+        assert_eq!(inline.text(), "allow[1]; inside 203.0.113.0/24 (allow[0])");
     }
 
     #[test]

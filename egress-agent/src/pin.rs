@@ -20,8 +20,12 @@ use std::{
 };
 
 use egress_common::LAYOUT_VERSION;
+use serde_json::json;
 
-use crate::statfs::{BPF_FS_MAGIC, c_path, filesystem_type};
+use crate::{
+    lifecycle,
+    statfs::{BPF_FS_MAGIC, c_path, filesystem_type},
+};
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress-enforcer";
 
@@ -167,6 +171,7 @@ impl PinRoot {
                 "the agent that held {} removed it on exit; starting afresh",
                 self.root.display()
             );
+            lifecycle::emit("starting_afresh", json!({"pin_root": self.root}));
         }
     }
 
@@ -188,6 +193,7 @@ impl PinRoot {
                 "waiting for the agent that holds {} to exit",
                 self.root.display()
             );
+            lifecycle::emit("waiting_for_pins", json!({"pin_root": self.root}));
             flock(&dir, libc::LOCK_EX).map_err(io_err(&self.root))?;
         }
         let locked = dir.metadata().map_err(io_err(&self.root))?;
@@ -468,37 +474,25 @@ fn mount_bpffs(target: &Path) -> io::Result<()> {
     }
 }
 
+/// A pin root for tests, here and in the modules that use one.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod temp {
+    use std::{fs, path::PathBuf};
 
-    #[test]
-    fn paths_are_versioned_and_links_carry_their_id() {
-        let pins = PinRoot::new("/sys/fs/bpf/egress-enforcer");
-        let v = format!("/sys/fs/bpf/egress-enforcer/v{LAYOUT_VERSION}");
-        assert_eq!(pins.dir(), PathBuf::from(&v));
-        assert_eq!(
-            pins.map_path("CIDRS"),
-            PathBuf::from(format!("{v}/maps/CIDRS"))
-        );
-        assert_eq!(
-            pins.link_path("cgroup-1-egress", 42),
-            PathBuf::from(format!("{v}/links/cgroup-1-egress@42"))
-        );
-    }
+    use super::PinRoot;
 
     /// A pin root in the temp directory (plain files stand in for pins), removed on drop.
-    struct TempRoot(PinRoot);
+    pub(crate) struct TempRoot(pub(crate) PinRoot);
 
     impl TempRoot {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let root = std::env::temp_dir().join(format!("pin-test-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&root);
             Self(PinRoot::new(root))
         }
 
         /// Creates `path` below the root: a directory if it ends in `/`, else a file.
-        fn add(&self, path: &str) -> PathBuf {
+        pub(crate) fn add(&self, path: &str) -> PathBuf {
             let full = self.0.root().join(path);
             if path.ends_with('/') {
                 fs::create_dir_all(&full).unwrap();
@@ -514,6 +508,26 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(self.0.root());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{temp::TempRoot, *};
+
+    #[test]
+    fn paths_are_versioned_and_links_carry_their_id() {
+        let pins = PinRoot::new("/sys/fs/bpf/egress-enforcer");
+        let v = format!("/sys/fs/bpf/egress-enforcer/v{LAYOUT_VERSION}");
+        assert_eq!(pins.dir(), PathBuf::from(&v));
+        assert_eq!(
+            pins.map_path("CIDRS"),
+            PathBuf::from(format!("{v}/maps/CIDRS"))
+        );
+        assert_eq!(
+            pins.link_path("cgroup-1-egress", 42),
+            PathBuf::from(format!("{v}/links/cgroup-1-egress@42"))
+        );
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! on `uninstall` or a detaching exit, and bpffs holds no plain files. The file's bytes,
 //! not per-entry origins: it costs what the file does, and attributing a map entry is a
 //! recompile of the same policy by the same rules.
+//!
+//! The list files a policy names (`cidrs_from`) can be large, so only their hashes are
+//! recorded, as the policy's hash covers them (`policy::manifest`): a reader that finds a
+//! list file changed since says so rather than name its prefixes by the file as it is now.
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -19,9 +23,42 @@ use crate::pin::{self, PinRoot};
 pub struct Record {
     pub path: String,
     pub bytes: Vec<u8>,
+    /// Its lists' hashes and names (`policy::manifest`); `None` if recorded by a release
+    /// that did not record them.
+    pub lists: Option<Vec<u8>>,
 }
 
-/// The header chunk: file length, path length, path.
+/// What starts a record's content that holds the lists' hashes too; a policy file, being
+/// text, never starts with a NUL byte.
+const WITH_LISTS: &[u8] = b"\0lists\n";
+
+/// What is recorded for the policy file `bytes` with its lists' `manifest`: [`WITH_LISTS`],
+/// the file's length (u64, little-endian), the file, the manifest.
+pub fn content(bytes: &[u8], manifest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WITH_LISTS.len() + 8 + bytes.len() + manifest.len());
+    out.extend_from_slice(WITH_LISTS);
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(manifest);
+    out
+}
+
+/// The policy file and its lists' manifest back from a record's content; the content of an
+/// earlier release's record is the file alone.
+fn split(content: Vec<u8>) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let Some(rest) = content.strip_prefix(WITH_LISTS) else {
+        return Some((content, None));
+    };
+    let (len, rest) = rest.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let (bytes, manifest) = rest.split_at(len);
+    Some((bytes.to_vec(), Some(manifest.to_vec())))
+}
+
+/// The header chunk: content length, path length, path.
 fn header(path: &str, len: usize) -> PolicyChunk {
     let mut chunk = PolicyChunk {
         bytes: [0; POLICY_CHUNK],
@@ -58,12 +95,14 @@ fn assemble(chunks: &[PolicyChunk]) -> Option<Record> {
         return None;
     }
     bytes.truncate(len);
-    Some(Record { path, bytes })
+    let (bytes, lists) = split(bytes)?;
+    Some(Record { path, bytes, lists })
 }
 
-/// Records `bytes`, read from `path`, as the policy the maps hold now.
-pub fn write(pins: &PinRoot, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let chunks = chunks(&path.display().to_string(), bytes);
+/// Records `content` (see [`content`]), the policy read from `path`, as the policy the maps
+/// hold now.
+pub fn write(pins: &PinRoot, path: &Path, content: &[u8]) -> anyhow::Result<()> {
+    let chunks = chunks(&path.display().to_string(), content);
     let entries = u32::try_from(chunks.len()).context("a policy too large to record")?;
     let mut array: Array<MapData, PolicyChunk> =
         Array::create(entries, 0).context("creating the policy record")?;
@@ -115,18 +154,39 @@ mod tests {
             POLICY_CHUNK + 1,
             3 * POLICY_CHUNK,
         ] {
-            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
             let chunks = chunks("/etc/egress/policy.yaml", &bytes);
             assert_eq!(chunks.len(), 1 + len.div_ceil(POLICY_CHUNK));
             assert_eq!(
                 assemble(&chunks),
                 Some(Record {
                     path: "/etc/egress/policy.yaml".into(),
-                    bytes
+                    bytes,
+                    lists: None,
+                }),
+                "{len} bytes, as an earlier release records them"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_round_trips_with_its_lists() {
+        let manifest = format!("{}  partners.txt\n", "ab".repeat(32)).into_bytes();
+        for len in [0, POLICY_CHUNK - 17, POLICY_CHUNK, 2 * POLICY_CHUNK + 5] {
+            let bytes = vec![b'a'; len];
+            let chunks = chunks("p.yaml", &content(&bytes, &manifest));
+            assert_eq!(
+                assemble(&chunks),
+                Some(Record {
+                    path: "p.yaml".into(),
+                    bytes,
+                    lists: Some(manifest.clone()),
                 }),
                 "{len} bytes"
             );
         }
+        let none = chunks("p.yaml", &content(b"allow: []\n", b""));
+        assert_eq!(assemble(&none).and_then(|r| r.lists), Some(Vec::new()));
     }
 
     #[test]

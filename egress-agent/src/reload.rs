@@ -11,6 +11,7 @@ use tokio::{
 
 use crate::{
     kubeconfig::KubeletApiServer,
+    lifecycle,
     metrics::Reloads,
     policy::{self, Policy},
 };
@@ -75,6 +76,7 @@ pub async fn watch(
             Err(e) => {
                 counters.rejected();
                 log::error!("policy reload rejected: {e}; the running policy stays in force");
+                lifecycle::emit("policy_reload_rejected", serde_json::json!({"error": e}));
             }
         }
     }

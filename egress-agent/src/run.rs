@@ -10,6 +10,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
 use egress_common::FLOWS;
+use serde_json::{Value, json};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -28,8 +29,8 @@ use crate::{
         seen::SeenNames,
     },
     events::{self, FlowsMap, Who},
-    http, kubeconfig,
-    loader::{Enforcer, LinkSide},
+    http, kubeconfig, lifecycle,
+    loader::{Enforcer, LinkSide, Replacement},
     metrics::{Reloads, Running},
     pin::{Contents, LinkPin, PinRoot},
     plural::counted,
@@ -110,6 +111,8 @@ struct Started {
     flows: FlowsMap,
     dns_ring: RingBuf<MapData>,
     old_dns_ring: Option<RingBuf<MapData>>,
+    /// The `attached` log line and event, announced once the policy is recorded too.
+    attached: (String, Value),
 }
 
 /// Binds the address, loads (taking over what a previous agent left pinned), fills the
@@ -125,10 +128,9 @@ async fn start(
     pins: &PinRoot,
 ) -> anyhow::Result<Started> {
     let listener = http::bind(opts.listen).await?;
-    log::info!(
-        "serving /metrics, /healthz and /readyz on http://{}",
-        listener.local_addr()?
-    );
+    let addr = listener.local_addr()?;
+    log::info!("serving /metrics, /healthz and /readyz on http://{addr}");
+    lifecycle::emit("serving", json!({"addr": addr.to_string()}));
     pins.prepare()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
     let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips, Some(pins))
@@ -181,17 +183,18 @@ async fn start(
             .attach_interface(interface, LinkSide::Uplink)
             .with_context(|| format!("attaching to interface {interface}"))?;
     }
+    let mut workload_links = Vec::new();
     let workloads = if workload_interfaces.is_empty() {
         None
     } else {
         let links = WorkloadLinks::start(workload_interfaces.clone(), &mut enforcer)?;
-        let mut names: Vec<&str> = links.attached().collect();
-        names.sort_unstable();
+        workload_links = links.attached().map(ToOwned::to_owned).collect();
+        workload_links.sort_unstable();
         log::info!(
             "workload interfaces {workload_interfaces}: attached to {} present ({}); \
              watching for new ones",
-            names.len(),
-            names.join(",")
+            workload_links.len(),
+            workload_links.join(",")
         );
         Some(links)
     };
@@ -202,15 +205,16 @@ async fn start(
         .take_old_dns_events()
         .context("opening the previous DNS ring buffer")?;
     if !versions.is_empty() {
+        let versions: Vec<String> = versions.iter().map(|v| v.display().to_string()).collect();
         log::warn!(
             "replaced the pinned state of another layout version ({}): {} attachments \
              replaced; its learned addresses were not carried over",
-            versions
-                .iter()
-                .map(|v| v.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            versions.join(", "),
             retired.len()
+        );
+        lifecycle::emit(
+            "replaced_layout",
+            json!({"versions": versions, "attachments_replaced": retired.len()}),
         );
     }
     if enforcer.adopted() {
@@ -222,26 +226,27 @@ async fn start(
             legacy.len(),
             retired.len()
         );
+        lifecycle::emit(
+            "took_over",
+            took_over(
+                &pins.dir(),
+                learner.len(),
+                legacy.len(),
+                retired.len(),
+                enforcer.replacements(),
+            ),
+        );
     }
-    log::info!(
-        "attached: mode {mode}, {} ({}), cgroup {}{}; on exit: {}",
-        counted(policy.rules.len() + policy.lists.len(), "rule", "rules"),
-        counted(
-            compiled.cidrs.len() + compiled.hosts.len(),
-            "CIDR entry",
-            "CIDR entries"
-        ),
-        cgroup.display(),
-        if opts.interfaces.is_empty() {
-            String::new()
-        } else {
-            format!(", interfaces {}", opts.interfaces.join(","))
-        },
-        match opts.on_exit {
-            OnExit::Keep => "keep enforcing",
-            OnExit::Detach => "detach",
-        }
-    );
+    let attached = Attached {
+        mode,
+        rules: policy.rules.len() + policy.lists.len(),
+        cidr_entries: compiled.cidrs.len() + compiled.hosts.len(),
+        cgroup,
+        interfaces: &opts.interfaces,
+        workload_interfaces: &workload_links,
+        on_exit: opts.on_exit,
+    };
+    let attached = (attached.line(), attached.event());
     Ok(Started {
         listener,
         enforcer,
@@ -252,6 +257,77 @@ async fn start(
         flows,
         dns_ring,
         old_dns_ring,
+        attached,
+    })
+}
+
+/// What a start attached, for its log line and its `attached` event.
+struct Attached<'a> {
+    mode: Mode,
+    rules: usize,
+    cidr_entries: usize,
+    cgroup: &'a Path,
+    interfaces: &'a [String],
+    /// The links to workloads present at the start (sorted).
+    workload_interfaces: &'a [String],
+    on_exit: OnExit,
+}
+
+impl Attached<'_> {
+    fn line(&self) -> String {
+        format!(
+            "attached: mode {}, {} ({}), cgroup {}{}; on exit: {}",
+            self.mode,
+            counted(self.rules, "rule", "rules"),
+            counted(self.cidr_entries, "CIDR entry", "CIDR entries"),
+            self.cgroup.display(),
+            if self.interfaces.is_empty() {
+                String::new()
+            } else {
+                format!(", interfaces {}", self.interfaces.join(","))
+            },
+            match self.on_exit {
+                OnExit::Keep => "keep enforcing",
+                OnExit::Detach => "detach",
+            }
+        )
+    }
+
+    fn event(&self) -> Value {
+        json!({
+            "mode": self.mode.to_string(),
+            "rules": self.rules,
+            "cidr_entries": self.cidr_entries,
+            "cgroup": self.cgroup,
+            "interfaces": self.interfaces,
+            "workload_interfaces": self.workload_interfaces,
+            "on_exit": match self.on_exit {
+                OnExit::Keep => "keep",
+                OnExit::Detach => "detach",
+            },
+        })
+    }
+}
+
+/// The `took_over` event: what this agent took over from the one before it, and the pinned
+/// maps of another layout it replaced, with the entries it carried over.
+fn took_over(
+    pin_dir: &Path,
+    learned: usize,
+    legacy_port_sets: usize,
+    attachments_replaced: usize,
+    replacements: &[Replacement],
+) -> Value {
+    let replaced: Vec<Value> = replacements
+        .iter()
+        .map(|r| json!({"map": r.map, "why": r.why, "carried": r.carried}))
+        .collect();
+    json!({
+        "pin_dir": pin_dir,
+        "learned": learned,
+        "legacy_port_sets": legacy_port_sets,
+        "attachments_replaced": attachments_replaced,
+        "replaced_maps": replaced,
     })
 }
 
@@ -359,6 +435,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let before = pins
         .contents()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
+    // The lists' hashes, as read with the policy: the policy's hash covers them.
+    let manifest = policy::manifest(&policy.lists);
     let started = start(
         &opts,
         &policy,
@@ -371,12 +449,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     .await
     .and_then(|started| {
         // What `status --rules` and `explain` name the maps' entries by.
-        record::write(&pins, &opts.config, &loaded).context("recording the policy")?;
+        record::write(&pins, &opts.config, &record::content(&loaded, &manifest))
+            .context("recording the policy")?;
+        let (line, event) = &started.attached;
+        log::info!("{line}");
+        lifecycle::emit("attached", event.clone());
         Ok(started)
     })
     .map_err(|e| undo_start(e, &pins, &before, opts.on_exit))?;
     let learned_capacity = policy.dns.max_ips;
-    let running = Running::now(&loaded);
+    let running = Running::now(policy::policy_sha256(&loaded, &manifest));
     let reloads = Reloads::default();
     let lists = reload::ListFiles::of(&policy);
     // Enforcing does not need the parsed policy (a reload reads the file again), and with
@@ -491,3 +573,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

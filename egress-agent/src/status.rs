@@ -64,6 +64,12 @@ pub struct Rules {
     /// Why the recorded policy cannot be read back, if it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
+    /// The recorded policy's hash, as `/metrics` gives the running one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Lists of the policy whose files are not the ones applied, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed_lists: Vec<String>,
     pub cidrs: Vec<Entry>,
     pub names: Vec<Entry>,
     pub implicit: Vec<ImplicitAllow>,
@@ -172,18 +178,25 @@ fn read_maps(
     let sets = maps.port_sets()?;
     let resolvers = maps.resolvers()?;
     let rules = if rules {
-        let (recorded, policy, policy_error) = recorded_policy(pins, kubelet)?;
+        let recorded = recorded_policy(pins, kubelet)?;
+        let policy = recorded.policy;
+        let changed = &recorded.changed;
         let from =
             |f: &dyn Fn(&Policy) -> origins::Origins| policy.as_ref().map(f).unwrap_or_default();
         Some(Rules {
-            policy: recorded,
-            policy_error,
+            policy: recorded.path,
+            policy_error: recorded.error,
+            sha256: recorded.sha256,
+            changed_lists: changed
+                .iter()
+                .map(|list| format!("{list}: {}", recorded.why_changed))
+                .collect(),
             cidrs: cidrs
                 .iter()
                 .map(|c| Entry {
                     target: origins::cidr_of(c),
                     ports: ports_text(&set_ports(&sets, c.port_set)),
-                    from: from(&|p| origins::of_cidr(p, c)),
+                    from: from(&|p| origins::of_cidr(p, changed, c)),
                 })
                 .collect(),
             names: name_entries
@@ -218,18 +231,68 @@ fn read_maps(
     })
 }
 
+/// The recorded policy, as origins are named by.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// The policy file's path; `None` if no agent of this release recorded one.
+    pub path: Option<String>,
+    /// The applied policy's hash (`policy::policy_sha256`), if its lists' were recorded.
+    pub sha256: Option<String>,
+    /// The policy parsed again, its list files read as they are now, without those in
+    /// `changed`.
+    pub policy: Option<Policy>,
+    /// Why the policy cannot be parsed again, if it cannot.
+    pub error: Option<String>,
+    /// The lists whose files are not the ones applied (`origins::of_list`): their prefixes
+    /// are not named from the files as they are now.
+    pub changed: Vec<String>,
+    /// Why those are left out.
+    pub why_changed: &'static str,
+}
+
 /// The recorded policy: its path, the policy, and why it could not be read if it could not.
+/// A list file read back is compared with the hash recorded for it; one that changed is
+/// left out, and named in `changed`.
 pub fn recorded_policy(
     pins: &PinRoot,
     kubelet: Option<&KubeletApiServer>,
-) -> anyhow::Result<(Option<String>, Option<Policy>, Option<String>)> {
+) -> anyhow::Result<Recorded> {
     let Some(rec) = record::read(pins)? else {
-        return Ok((None, None, None));
+        return Ok(Recorded::default());
     };
-    match policy::parse_bytes(&rec.bytes, &rec.path, kubelet) {
-        Ok(p) => Ok((Some(rec.path), Some(p), None)),
-        Err(e) => Ok((Some(rec.path), None, Some(e.to_string()))),
-    }
+    let mut out = Recorded {
+        path: Some(rec.path.clone()),
+        sha256: rec
+            .lists
+            .as_ref()
+            .map(|manifest| policy::sha256_hex(&policy::policy_sha256(&rec.bytes, manifest))),
+        why_changed: match rec.lists {
+            Some(_) => "its file changed since the policy was applied; not read",
+            None => "its hash was not recorded (an earlier release applied it); not read",
+        },
+        ..Recorded::default()
+    };
+    let mut parsed = match policy::parse_bytes(&rec.bytes, &rec.path, kubelet) {
+        Ok(p) => p,
+        Err(e) => {
+            out.error = Some(e.to_string());
+            return Ok(out);
+        }
+    };
+    // The recorded manifest's line for a list is as long as the one for its file now: the
+    // name is the same, from the same policy bytes, and the hash is 64 digits.
+    let mut recorded = rec.lists.as_deref();
+    parsed.lists.retain(|list| {
+        let now = policy::manifest(std::slice::from_ref(list));
+        let same = recorded.and_then(|m| m.get(..now.len())) == Some(now.as_slice());
+        recorded = recorded.and_then(|m| m.get(now.len()..));
+        if !same {
+            out.changed.push(origins::of_list(list));
+        }
+        same
+    });
+    out.policy = Some(parsed);
+    Ok(out)
 }
 
 /// The report, as `status` prints it.
@@ -307,6 +370,12 @@ fn rules_text(rules: &Rules, out: &mut String) -> anyhow::Result<()> {
             out,
             "policy     not recorded (filled by an earlier release): origins unknown"
         )?,
+    }
+    if let Some(sha256) = &rules.sha256 {
+        writeln!(out, "sha256     {sha256}")?;
+    }
+    for list in &rules.changed_lists {
+        writeln!(out, "list       {list}")?;
     }
     let entries: Vec<(&str, &Entry)> = rules
         .cidrs

@@ -13,7 +13,10 @@ use std::{
 use anyhow::Context as _;
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::loader::{Enforcer, LinkSide};
+use crate::{
+    lifecycle,
+    loader::{Enforcer, LinkSide},
+};
 
 /// The longest interface name Linux allows (`IFNAMSIZ` less the NUL).
 const MAX_NAME: usize = 15;
@@ -129,6 +132,7 @@ impl WorkloadLinks {
         match enforcer.attach_interface(&name, LinkSide::Workload) {
             Ok(()) => {
                 log::info!("attached to workload interface {name}");
+                lifecycle::emit("workload_attached", serde_json::json!({"interface": name}));
                 self.attached.insert(index, name);
             }
             // Gone again, or renamed, before the attach: nothing to guard.

@@ -584,11 +584,14 @@ impl LearnedName {
 /// `POLICY`: `Array<PolicyChunk>`, created and read by the agent only (no program uses it):
 /// the policy file the maps were last filled from, so that `egress-agent status --rules`
 /// and `explain` can name the policy entry each map entry comes from, also while no agent
-/// runs (bpffs holds pinned objects only, no plain files). Entry 0 is a header: the file's
-/// length (u64, native byte order), its path's length (u16, native) and the path (UTF-8,
-/// cut to fit); entries 1.. hold the file, [`POLICY_CHUNK`] bytes each, the last one
-/// zero-padded. Replaced whole when a policy is applied: a new map is pinned beside the old
-/// one and renamed over it, so that a reader sees one policy or the other, never a mix.
+/// runs (bpffs holds pinned objects only, no plain files). Entry 0 is a header: the
+/// content's length (u64, native byte order), the file's path's length (u16, native) and
+/// the path (UTF-8, cut to fit); entries 1.. hold the content, [`POLICY_CHUNK`] bytes each,
+/// the last one zero-padded. The content is the file alone (an earlier release), or
+/// `\0lists\n`, the file's length (u64, little-endian), the file and its list files' hashes
+/// (a `sha256sum` line each), so that a reader can tell a list file changed since. Replaced
+/// whole when a policy is applied: a new map is pinned beside the old one and renamed over
+/// it, so that a reader sees one policy or the other, never a mix.
 pub const POLICY: &str = "POLICY";
 pub const POLICY_CHUNK: usize = 4096;
 

@@ -169,18 +169,13 @@ impl Agent {
         self.child.id()
     }
 
-    /// Waits for a stderr line containing `needle` and returns it; panics with the
-    /// captured stderr on timeout or if the agent closed stderr (exited) first.
-    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> String {
-        let found = self.stderr.wait_for(timeout, |lines| {
-            lines.iter().find(|line| line.contains(needle)).cloned()
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "agent stderr had no line containing {needle:?} within {timeout:?}:\n{}",
-                self.stderr.lines().join("\n")
-            )
-        })
+    /// The address the agent serves `/metrics` on, from its `serving` event.
+    pub fn metrics_addr(&self) -> String {
+        let serving = self.wait_for_named("serving", ATTACH_TIMEOUT);
+        serving["addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address in {serving}"))
+            .to_owned()
     }
 
     /// All stderr lines so far.
@@ -191,6 +186,14 @@ impl Agent {
     /// All events (stdout JSON lines) so far.
     pub fn events(&self) -> Vec<Value> {
         parse_events(&self.stdout.lines())
+    }
+
+    /// The events so far but the agent's own (`attached`, `policy_reloaded`, ...): the deny
+    /// and audit lines, and counts of lost ones.
+    pub fn flow_events(&self) -> Vec<Value> {
+        let mut events = self.events();
+        events.retain(|event| event.get("event").is_none());
+        events
     }
 
     /// Waits for an event matching `pred` and returns it; panics with the events so far
@@ -206,6 +209,17 @@ impl Agent {
                 self.stderr.lines().join("\n")
             )
         })
+    }
+
+    /// Waits for the agent's own event `name` (`{"event":"attached",...}`) and returns it;
+    /// panics as [`Agent::wait_for_event`] does.
+    pub fn wait_for_named(&self, name: &str, timeout: Duration) -> Value {
+        self.wait_for_event(|event| event["event"] == name, timeout)
+    }
+
+    /// Whether the agent has printed its own event `name` so far.
+    pub fn has_event(&self, name: &str) -> bool {
+        self.events().iter().any(|event| event["event"] == name)
     }
 
     /// Sends SIGTERM and waits for the agent to exit with its output drained; panics
@@ -272,7 +286,7 @@ impl Drop for Agent {
 }
 
 /// Loading and attaching the programs; generous for a loaded 2-core machine.
-pub(crate) const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The agent's log filter: its own debug lines include one per learned address.
 pub(crate) const AGENT_LOG: &str = "info,egress_agent=debug";
 
@@ -302,6 +316,27 @@ impl Drop for TempFile {
             eprintln!("cannot remove {}: {err}", self.path.display());
         }
     }
+}
+
+/// `GET path` on the agent's metrics listener: (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    // One write: `write!` on the unbuffered stream would send each piece as a segment.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
 }
 
 /// Starts `egress-agent run` on `cgroup` (in the host namespace) with a pin root of its own
@@ -347,12 +382,9 @@ pub(crate) fn start_agent_command(mut cmd: Command, mode: Option<&str>) -> Agent
         cmd.args(["--mode", mode]);
     }
     let agent = Agent::spawn_command(cmd);
-    let line = agent.wait_for_stderr("attached: mode", ATTACH_TIMEOUT);
-    let expected = format!("attached: mode {}", mode.unwrap_or("enforce"));
-    assert!(
-        line.contains(&expected),
-        "expected {expected:?} in {line:?}"
-    );
+    let attached = agent.wait_for_named("attached", ATTACH_TIMEOUT);
+    let expected = mode.unwrap_or("enforce");
+    assert_eq!(attached["mode"], expected, "{attached}");
     agent
 }
 

@@ -40,7 +40,7 @@ pub fn wait_for_flows(agent: &Agent, flows: &[Flow]) {
 }
 
 /// Stops the agent (which drains its output), checks it exited cleanly, and returns how
-/// often each flow was reported. Every event must carry `action` and the test cgroup.
+/// often each flow was reported. Every flow event must carry `action` and the test cgroup.
 pub fn stop_and_collect(
     agent: &mut Agent,
     action: &str,
@@ -54,7 +54,7 @@ pub fn stop_and_collect(
     );
     let expected_cgroup = event_cgroup(cgroup);
     let mut flows = BTreeMap::new();
-    for event in agent.events() {
+    for event in agent.flow_events() {
         assert_eq!(event["action"], action, "{event}");
         assert_eq!(event["cgroup"], expected_cgroup.as_str(), "{event}");
         assert!(

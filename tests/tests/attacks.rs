@@ -22,9 +22,9 @@ use egress_tests::attack::{
 };
 use egress_tests::dns::{DnsServer, Lookup, Record, resolve_connect};
 use egress_tests::{
-    Agent, CLIENT_V4, Netns, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B,
-    SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup, Topology, assert_eperm, assert_ok,
-    assert_timeout, probe_tcp, probe_udp, require_root, start_agent,
+    ATTACH_TIMEOUT, Agent, CLIENT_V4, Netns, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A,
+    REMOTE_V6_B, SERVER_V4, SERVER_V6, Server, TempFile, TestCgroup, Topology, assert_eperm,
+    assert_ok, assert_timeout, probe_tcp, probe_udp, require_root, start_agent,
 };
 use serde_json::{Value, json};
 
@@ -1274,9 +1274,9 @@ fn a_workload_link_that_appears_later_is_guarded() {
         "link add {node_veth} type veth peer name {pod_veth} netns {}",
         pod.name()
     ));
-    base.agent.wait_for_stderr(
-        &format!("attached to workload interface {node_veth}"),
-        Duration::from_secs(10),
+    base.agent.wait_for_event(
+        |e| e["event"] == "workload_attached" && e["interface"] == node_veth.as_str(),
+        ATTACH_TIMEOUT,
     );
     pod.ip(&format!("link set {pod_veth} up"));
     pod.ip(&format!("addr add {POD2}/32 dev {pod_veth}"));

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use egress_tests::{
-    Agent, ProbeResult, REMOTE_V4_A, REMOTE_V6_A, Server, TestCgroup, Topology, egress_probe_bin,
-    probe_tcp, probe_udp, require_root,
+    ATTACH_TIMEOUT, Agent, ProbeResult, REMOTE_V4_A, REMOTE_V6_A, Server, TestCgroup, Topology,
+    egress_probe_bin, probe_tcp, probe_udp, require_root,
 };
 
 const TCP_PORT: u16 = 7000;
@@ -259,17 +259,12 @@ while :; do sleep 0.05; done"#;
 #[test]
 fn agent_guard_captures_output_and_terminates() {
     let mut agent = Agent::spawn(Path::new("/bin/sh"), &["-c", FAKE_AGENT]);
-    let line = agent.wait_for_stderr("attached", Duration::from_secs(5));
-    assert_eq!(line, "agent: attached");
-    let event = agent.wait_for_event(|e| e["event"] == "ready", Duration::from_secs(5));
+    let event = agent.wait_for_named("ready", ATTACH_TIMEOUT);
     assert_eq!(event["n"], 1);
     assert_eq!(agent.events().len(), 1);
     let status = agent.terminate();
     assert!(status.success(), "{status}");
-    assert_eq!(
-        agent.stderr_lines().last().map(String::as_str),
-        Some("agent: bye")
-    );
+    assert_eq!(agent.stderr_lines(), ["agent: attached", "agent: bye"]);
 }
 
 #[test]
@@ -285,10 +280,10 @@ fn agent_guard_reports_its_own_exit() {
 
 #[test]
 fn agent_guard_kills_an_agent_that_ignores_sigterm() {
-    let script = "trap '' TERM; echo 'ignoring SIGTERM' >&2; exec sleep 60";
+    let script = r#"trap '' TERM; echo '{"event":"ignoring_sigterm"}'; exec sleep 60"#;
     let agent = Agent::spawn(Path::new("/bin/sh"), &["-c", script]);
     let pid = libc::pid_t::try_from(agent.pid()).expect("pid fits in pid_t");
-    agent.wait_for_stderr("ignoring", Duration::from_secs(5));
+    agent.wait_for_named("ignoring_sigterm", ATTACH_TIMEOUT);
     drop(agent);
     // SAFETY: signal 0 only checks whether the pid exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0;

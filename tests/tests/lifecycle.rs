@@ -21,7 +21,7 @@ use egress_tests::{
     dns::{BackgroundProbe, DnsServer, Lookup, Record, connect_loop, resolve_connect},
     probe_tcp, require_root, start_pinned_agent,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const HTTPS: u16 = 443;
 const TTL: u32 = 300;
@@ -185,6 +185,14 @@ fn kill_9(agent: &mut Agent) {
     agent.wait_for_exit(Duration::from_secs(10));
 }
 
+/// The entry for `map` in a `took_over` event's `replaced_maps`; panics without one.
+fn replaced_map<'a>(took_over: &'a Value, map: &str) -> &'a Value {
+    took_over["replaced_maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m["map"] == map))
+        .unwrap_or_else(|| panic!("{map} was not replaced: {took_over}"))
+}
+
 /// The ids of the programs on the cgroup.
 fn program_ids(world: &World) -> Vec<u64> {
     attached_programs(world.cgroup.path())
@@ -240,7 +248,7 @@ fn kill_9_keeps_enforcing_and_a_restart_takes_over() {
     // A new agent takes over: new programs replace the old ones, what the kernel learned
     // meanwhile gets its name from the answer queued in the ring buffer.
     let mut second = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
-    second.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    second.wait_for_named("took_over", TAKEOVER_TIMEOUT);
     second.wait_learned(FRESH, FRESH_V4);
     let after = program_ids(&world);
     assert_eq!(after.len(), 2, "programs after the takeover: {after:?}");
@@ -311,11 +319,14 @@ fn an_upgrade_to_another_binary_leaves_no_window() {
         .args(KEEP)
         .env("RUST_LOG", "info,egress_agent=debug");
     let new = Agent::spawn_command(cmd);
-    new.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    new.wait_for_named("waiting_for_pins", TAKEOVER_TIMEOUT);
     assert!(old.terminate().success());
-    new.wait_for_stderr("pinned map LEARNED differs", TAKEOVER_TIMEOUT);
-    new.wait_for_stderr("carried 1 entries of LEARNED over", TAKEOVER_TIMEOUT);
-    new.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    let took_over = new.wait_for_named("took_over", TAKEOVER_TIMEOUT);
+    assert_eq!(
+        replaced_map(&took_over, "LEARNED")["carried"],
+        1,
+        "{took_over}"
+    );
     assert_eq!(program_ids(&world).len(), 2, "programs after the upgrade");
     assert_loops(&mut allowed, &mut denied);
     learned.stop();
@@ -389,14 +400,9 @@ fn a_pinned_layout_of_another_version_is_replaced_without_a_gap() {
 
     let (mut allowed, mut denied) = world.loops();
     let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
-    let line = new.wait_for_stderr(
-        "replaced the pinned state of another layout",
-        TAKEOVER_TIMEOUT,
-    );
-    assert!(
-        line.contains("v0") && line.contains("2 attachments"),
-        "{line}"
-    );
+    let replaced = new.wait_for_named("replaced_layout", TAKEOVER_TIMEOUT);
+    assert_eq!(replaced["versions"], json!([older]), "{replaced}");
+    assert_eq!(replaced["attachments_replaced"], 2, "{replaced}");
     assert_loops(&mut allowed, &mut denied);
     let after = program_ids(&world);
     assert_eq!(after.len(), 2, "programs after the replacement: {after:?}");
@@ -460,11 +466,10 @@ fn a_dns_ring_buffer_of_another_size_is_replaced_and_read() {
 
     let (mut allowed, mut denied) = world.loops();
     let new = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
-    new.wait_for_stderr("pinned map DNS_EVENTS differs", TAKEOVER_TIMEOUT);
-    new.wait_for_stderr(
-        "read 0 answers queued in the replaced DNS ring buffer",
-        TAKEOVER_TIMEOUT,
-    );
+    let took_over = new.wait_for_named("took_over", TAKEOVER_TIMEOUT);
+    replaced_map(&took_over, "DNS_EVENTS");
+    let read = new.wait_for_named("replaced_dns_ring_read", TAKEOVER_TIMEOUT);
+    assert_eq!(read["answers"], 0, "{read}");
     assert_ne!(ring_size(&ring), OTHER_SIZE, "the replacement is pinned");
     world.resolve_ok(APP, "app after the replacement");
     new.wait_learned(APP, APP_V4);
@@ -542,7 +547,7 @@ fn a_and_b_waiting(world: &World, on_exit: &[&str]) -> (TempFile, PinDir, Agent,
         .args(on_exit)
         .env("RUST_LOG", "info,egress_agent=debug");
     let b = Agent::spawn_command(cmd);
-    b.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    b.wait_for_named("waiting_for_pins", TAKEOVER_TIMEOUT);
     (policy, pins, a, b, programs)
 }
 
@@ -585,8 +590,9 @@ fn a_handover_with_keep_leaves_no_gap() {
     let (_policy, pins, mut a, b, a_programs) = a_and_b_waiting(&world, &KEEP);
     let (mut allowed, mut denied) = world.loops();
     assert!(a.terminate().success());
-    b.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
-    b.wait_for_stderr("attached: mode enforce", TAKEOVER_TIMEOUT);
+    b.wait_for_named("took_over", TAKEOVER_TIMEOUT);
+    let attached = b.wait_for_named("attached", TAKEOVER_TIMEOUT);
+    assert_eq!(attached["mode"], "enforce", "{attached}");
     assert_b_enforces(&world, &pins, &a_programs);
     assert_loops(&mut allowed, &mut denied);
 }
@@ -605,14 +611,10 @@ fn a_handover_with_detach_starts_afresh() {
     let world = World::new();
     let (_policy, pins, mut a, b, a_programs) = a_and_b_waiting(&world, &[]);
     assert!(a.terminate().success());
-    b.wait_for_stderr("attached: mode enforce", TAKEOVER_TIMEOUT);
-    b.wait_for_stderr("removed it on exit; starting afresh", TAKEOVER_TIMEOUT);
-    assert!(
-        !b.stderr_lines()
-            .iter()
-            .any(|line| line.contains("took over the pinned state")),
-        "B took over a state A removed"
-    );
+    let attached = b.wait_for_named("attached", TAKEOVER_TIMEOUT);
+    assert_eq!(attached["mode"], "enforce", "{attached}");
+    assert!(b.has_event("starting_afresh"), "{:?}", b.events());
+    assert!(!b.has_event("took_over"), "B took over a state A removed");
     assert_b_enforces(&world, &pins, &a_programs);
     assert_ok(
         &probe_tcp(&world.topo.client, Some(&world.cgroup), REMOTE_V4_A, HTTPS),
@@ -739,7 +741,7 @@ fn failing_successor(world: &World, policy: &TempFile, pins: &PinDir) -> Agent {
         .args(["--interface", "egress-gone"])
         .env("RUST_LOG", "info,egress_agent=debug");
     let b = Agent::spawn_command(cmd);
-    b.wait_for_stderr("waiting for the agent that holds", TAKEOVER_TIMEOUT);
+    b.wait_for_named("waiting_for_pins", TAKEOVER_TIMEOUT);
     world.topo.client.ip("link del egress-gone");
     b
 }
@@ -938,7 +940,7 @@ fn single_addresses_a_predecessor_kept_in_its_trie_move_to_hosts_without_a_gap()
     wait_loops(&allowed, &denied);
 
     let c = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
-    c.wait_for_stderr("took over the pinned state", TAKEOVER_TIMEOUT);
+    c.wait_for_named("took_over", TAKEOVER_TIMEOUT);
     assert_loops(&mut allowed, &mut denied);
     let trie_hosts: Vec<_> = map_keys(&cidrs)
         .into_iter()

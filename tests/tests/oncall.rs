@@ -308,7 +308,7 @@ fn a_denied_connect_is_one_line_with_its_reason_and_its_retransmits_counted() {
     // Stopping prints what is held, with the packets counted so far.
     let status = world.agent.terminate();
     assert!(status.success(), "the agent exited with {status}");
-    let events = world.agent.events();
+    let events = world.agent.flow_events();
     let lines = |dst: Ipv4Addr, port: u16| -> Vec<&Value> {
         events
             .iter()

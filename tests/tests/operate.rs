@@ -10,15 +10,14 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, Netns, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile, TestCgroup,
-    Topology, agent_bin, assert_eperm, assert_ok, assert_timeout, dns::tcp_hold, probe_tcp,
-    probe_udp, require_root, run_args, start_agent,
+    ATTACH_TIMEOUT, Agent, Netns, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, Server, TempFile,
+    TestCgroup, Topology, agent_bin, assert_eperm, assert_ok, assert_timeout, dns::tcp_hold,
+    http_get, probe_tcp, probe_udp, require_root, run_args, start_agent,
 };
+use serde_json::json;
 
 const HTTPS: u16 = 443;
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
-/// Loading and attaching the programs; generous for a loaded 2-core machine.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn allow_only(addr: &str) -> String {
     format!("mode: enforce\nallow:\n  - cidr: {addr}/32\n    ports: [HTTPS:443]\n")
@@ -54,7 +53,7 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     }
     let (a, b) = (REMOTE_V4_A, REMOTE_V4_B);
     let (policy, topo, cgroup, _servers) = reload_world(a, b);
-    let agent = start_agent(&policy, &cgroup, None);
+    let mut agent = start_agent(&policy, &cgroup, None);
     let cg = Some(&cgroup);
     assert_ok(
         &probe_tcp(&topo.client, cg, a, HTTPS),
@@ -76,7 +75,7 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     held.line(0);
 
     replace(&policy, &allow_only(&b.to_string()));
-    agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
+    agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     assert_ok(&probe_tcp(&topo.client, cg, b, HTTPS), "b after the reload");
     assert_timeout(
         &probe_tcp(&topo.client, cg, a, HTTPS),
@@ -91,8 +90,9 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
     .expect("write a bad policy");
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
-    let rejected = agent.wait_for_stderr("policy reload rejected", RELOAD_TIMEOUT);
-    assert!(rejected.contains("host bits are set"), "{rejected}");
+    let rejected = agent.wait_for_named("policy_reload_rejected", RELOAD_TIMEOUT);
+    let error = rejected["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("host bits are set"), "{rejected}");
     assert_ok(
         &probe_tcp(&topo.client, cg, b, HTTPS),
         "b after the rejected reload",
@@ -104,6 +104,17 @@ fn reloads_apply_atomically_keep_established_flows_and_reject_bad_policies() {
 
     let held = held.finish();
     assert_ok(&held, "the connection established before the reload");
+
+    // The operator is told why on stderr: read once the agent has exited, when all of its
+    // output is in (its stdout and stderr are read apart, in no set order).
+    assert!(agent.terminate().success());
+    let stderr = agent.stderr_lines();
+    assert!(
+        stderr
+            .iter()
+            .any(|line| line.contains("policy reload rejected") && line.contains(&error)),
+        "the operator is not told why: {stderr:?}"
+    );
 }
 
 /// The agent reads the policy long before it watches the file: loading and attaching the
@@ -125,13 +136,19 @@ fn an_edit_while_the_agent_starts_is_applied() {
         .env("RUST_LOG", "info");
     let agent = Agent::spawn_command(cmd);
     // Logged after the policy is read, before the programs load.
-    agent.wait_for_stderr("serving /metrics", STARTUP_TIMEOUT);
+    agent.wait_for_named("serving", ATTACH_TIMEOUT);
     replace(&policy, &allow_only(&b.to_string()));
-    agent.wait_for_stderr(
-        "attached: mode enforce, 1 rule (1 CIDR entry)",
-        STARTUP_TIMEOUT,
+    let attached = agent.wait_for_named("attached", ATTACH_TIMEOUT);
+    assert_eq!(
+        (
+            &attached["mode"],
+            &attached["rules"],
+            &attached["cidr_entries"]
+        ),
+        (&json!("enforce"), &json!(1), &json!(1)),
+        "{attached}"
     );
-    agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
+    agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     let cg = Some(&cgroup);
     assert_ok(
         &probe_tcp(&topo.client, cg, b, HTTPS),
@@ -141,37 +158,6 @@ fn an_edit_while_the_agent_starts_is_applied() {
         &probe_tcp(&topo.client, cg, a, HTTPS),
         "a, allowed before the edit",
     );
-}
-
-/// The address the agent serves `/metrics` on, from its log.
-fn metrics_addr(agent: &Agent) -> String {
-    let line = agent.wait_for_stderr("serving /metrics", RELOAD_TIMEOUT);
-    line.rsplit("http://")
-        .next()
-        .expect("the listener's address")
-        .trim()
-        .to_owned()
-}
-
-/// `GET path` on the agent's metrics listener: (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics listener");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
-    // One write: `write!` on the unbuffered stream would send each piece as a segment.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, body.to_owned())
 }
 
 /// A sample's labels, sorted by name.
@@ -387,7 +373,7 @@ fn metrics_and_health_endpoints_answer() {
         Server::udp(&topo.server, None, b, METRICS_UDP_PORT),
     ];
     let agent = start_agent(&policy, &cgroup, None);
-    let addr = metrics_addr(&agent);
+    let addr = agent.metrics_addr();
 
     assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
     assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
@@ -522,7 +508,7 @@ fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
     let (policy, _topo, cgroup, _servers) = reload_world(a, b);
     let first = sha256sum(&policy);
     let agent = start_agent(&policy, &cgroup, None);
-    let addr = metrics_addr(&agent);
+    let addr = agent.metrics_addr();
     let reloads =
         |m: &Exposition, result: &str| m.get("egress_policy_reloads_total", &[("result", result)]);
     let running = |m: &Exposition, hash: &str| m.get("egress_policy_info", &[("sha256", hash)]);
@@ -562,7 +548,7 @@ fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
         &policy,
         "mode: enforce\nallow:\n  - cidr: 203.0.113.21/24\n",
     );
-    agent.wait_for_stderr("policy reload rejected", RELOAD_TIMEOUT);
+    agent.wait_for_named("policy_reload_rejected", RELOAD_TIMEOUT);
     let rejected = scrape_until(&addr, "one rejected reload", |m| {
         reloads(m, "rejected") == Some(1)
     });
@@ -571,7 +557,7 @@ fn reloads_are_counted_by_result_with_the_running_policy_on_metrics() {
 
     replace(&policy, &allow_only(&b.to_string()));
     let second = sha256sum(&policy);
-    agent.wait_for_stderr("policy reloaded", RELOAD_TIMEOUT);
+    agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     let applied = scrape_until(&addr, "the new policy's hash", |m| {
         running(m, &second) == Some(1)
     });

@@ -1,8 +1,19 @@
-use std::{net::IpAddr, path::Path, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    mem::offset_of,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    str::FromStr as _,
+    sync::Mutex,
+};
 
 use egress_common::{
-    Addr, LearnedName, LearnedNameKey, LearnedValue, MODE_AUDIT, MODE_ENFORCE, PortKey, Settings,
-    proto, v4_mapped,
+    Addr, DNS_EVENT_HEADER, DnsEvent, LearnedName, LearnedNameKey, LearnedValue, MODE_AUDIT,
+    MODE_ENFORCE, PortKey, Settings, proto, v4_mapped,
+};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{Name, RData, Record, RecordType, rdata::A},
 };
 
 use super::*;
@@ -156,7 +167,11 @@ fn reloaded(yaml: &str) -> Reloaded {
 #[test]
 fn a_reload_writes_the_policy_its_resolvers_and_settings_then_records_it() {
     let mut c = control(AUDIT, LegacySets::default());
-    c.reload(reloaded(ENFORCE)).expect("applies");
+    let sha256 = c.reload(reloaded(ENFORCE)).expect("applies");
+    assert_eq!(
+        sha256,
+        crate::policy::policy_sha256(ENFORCE.as_bytes(), b"")
+    );
     let state = &c.enforcer;
     assert_eq!(state.cidrs, 2);
     assert!(
@@ -175,7 +190,10 @@ fn a_reload_writes_the_policy_its_resolvers_and_settings_then_records_it() {
     assert_eq!(state.settings.expect("written").mode, MODE_ENFORCE);
     assert_eq!(
         state.recorded,
-        Some((c.config.clone(), ENFORCE.as_bytes().to_vec()))
+        Some((
+            c.config.clone(),
+            crate::record::content(ENFORCE.as_bytes(), b"")
+        ))
     );
 }
 
@@ -236,4 +254,87 @@ fn publishing_sends_the_counters_and_a_failed_read_sends_nothing() {
     c.enforcer.stats.dns_answers = 6;
     c.publish(Err(LoadError::MissingMap("STATS")), &tx);
     assert_eq!(rx.borrow().expect("the last snapshot").stats.dns_answers, 5);
+}
+
+/// A ring buffer's records, in memory.
+impl Records for VecDeque<Vec<u8>> {
+    fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        self.pop_front().map(|record| f(&record))
+    }
+}
+
+const NAMED: &str = "
+dns:
+  resolvers: [198.51.100.53]
+allow:
+  - fqdn: app.example.com
+    ports: [TCP:443]
+";
+
+/// A `DNS_EVENTS` record as the kernel sends it: the header (nothing learned in the
+/// kernel) and an answer giving `addr` for `qname`.
+fn dns_record(qname: &str, addr: [u8; 4]) -> Vec<u8> {
+    let name = Name::from_str(qname).expect("a name");
+    let mut msg = Message::new(7, MessageType::Response, OpCode::Query);
+    msg.add_query(Query::query(name.clone(), RecordType::A));
+    msg.add_answer(Record::from_rdata(
+        name,
+        300,
+        RData::A(A::from(Ipv4Addr::from(addr))),
+    ));
+    let msg = msg.to_vec().expect("encodes");
+    let mut record = vec![0; DNS_EVENT_HEADER];
+    let at = offset_of!(DnsEvent, len);
+    record[at..at + 2].copy_from_slice(&u16::try_from(msg.len()).expect("short").to_ne_bytes());
+    record.extend(msg);
+    record
+}
+
+#[test]
+fn drain_hands_every_answer_on_and_skips_records_of_another_size() {
+    let mut c = control(NAMED, LegacySets::default());
+    let (a, b) = ([203, 0, 113, 7], [203, 0, 113, 8]);
+    let record = dns_record("app.example.com.", a);
+    // The previous release's format: the whole event, whatever the message's length.
+    let mut whole = dns_record("app.example.com.", b);
+    whole.resize(size_of::<DnsEvent>(), 0);
+    let mut ring = VecDeque::from([
+        record[..DNS_EVENT_HEADER - 1].to_vec(),
+        record.clone(),
+        record[..record.len() - 1].to_vec(),
+        [record.as_slice(), &[0]].concat(),
+        whole,
+        vec![0; size_of::<DnsEvent>() + 8],
+    ]);
+    assert_eq!(c.drain(&mut ring).expect("drains"), 2);
+    assert!(ring.is_empty(), "every record is taken");
+    assert_eq!(c.learner.counters.answers, 2);
+    let names = c.names.lock().expect("not poisoned");
+    for addr in [a, b] {
+        assert!(
+            c.enforcer.maps.learned.contains_key(&v4_mapped(addr)),
+            "{addr:?} is learned"
+        );
+        assert_eq!(
+            names.names(Ipv4Addr::from(addr).into()),
+            ["app.example.com"],
+            "{addr:?} is named"
+        );
+    }
+}
+
+#[test]
+fn drain_of_an_empty_ring_hands_nothing_on() {
+    let mut c = control(NAMED, LegacySets::default());
+    assert_eq!(c.drain(&mut VecDeque::new()).expect("drains"), 0);
+    assert_eq!(c.learner.counters.answers, 0);
+}
+
+#[test]
+fn drain_counts_an_answer_for_a_name_no_rule_allows_but_learns_nothing_from_it() {
+    let mut c = control(NAMED, LegacySets::default());
+    let mut ring = VecDeque::from([dns_record("other.example.com.", [203, 0, 113, 9])]);
+    assert_eq!(c.drain(&mut ring).expect("drains"), 1);
+    assert!(c.enforcer.maps.learned.is_empty());
+    assert_eq!(c.learner.counters.unmatched, 1);
 }

@@ -12,8 +12,8 @@ use egress_common::{
 };
 
 use super::{
-    EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, LoadError, PINNED_MAPS, Pinned, Written, map_err,
-    memlock,
+    EGRESS_CGROUP, Enforcer, INGRESS_CGROUP, LoadError, PINNED_MAPS, Pinned, Replacement, Written,
+    map_err, memlock,
     pins::{carry_over, carry_over_flows, layout_difference, learned_names_map},
     prog_err,
 };
@@ -60,7 +60,7 @@ impl Enforcer {
             loader.override_global(TEST_RUN, &1u8, true);
         }
         crate::kernel_log::configure(&mut loader);
-        let mut replaced: Vec<(&'static str, MapData)> = Vec::new();
+        let mut replaced: Vec<(&'static str, String, MapData)> = Vec::new();
         let mut adopted = false;
         if let Some(pins) = pins {
             let object = aya_obj::Object::parse(OBJECT)?;
@@ -79,7 +79,7 @@ impl Enforcer {
                     let info = data.info().map_err(map_err(format!("reading {name}")))?;
                     if let Some(why) = layout_difference(&info, def, max_entries)? {
                         log::warn!("pinned map {name} differs ({why}): replacing it");
-                        replaced.push((name, data));
+                        replaced.push((name, why, data));
                         continue;
                     }
                 }
@@ -90,8 +90,9 @@ impl Enforcer {
         let mut ebpf = loader.load(OBJECT)?;
         log::debug!("maps created or opened in {:?}", started.elapsed());
         let mut replaced_names = Vec::new();
+        let mut replacements = Vec::new();
         let mut old_dns_events = None;
-        for (name, old) in replaced {
+        for (name, why, old) in replaced {
             replaced_names.push(name);
             let new = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
             let copied = match name {
@@ -107,6 +108,11 @@ impl Enforcer {
             if copied > 0 {
                 log::info!("carried {copied} entries of {name} over to its replacement");
             }
+            replacements.push(Replacement {
+                map: name,
+                why,
+                carried: copied,
+            });
         }
         load_in_parallel(&mut ebpf, &[EGRESS_CGROUP, INGRESS_CGROUP])?;
         crate::kernel_log::start(&mut ebpf);
@@ -119,6 +125,7 @@ impl Enforcer {
                 netlink_filters: Vec::new(),
                 learned_names: learned_names_map(pins, max_learned)?,
                 adopted,
+                replacements,
                 old_dns_events,
             }),
             None => None,

@@ -133,6 +133,14 @@ pub struct Enforcer {
     pinned: Option<Pinned>,
 }
 
+/// A pinned map of another layout that a new one replaced: why, and how many of its
+/// entries the new one carried over.
+pub struct Replacement {
+    pub map: &'static str,
+    pub why: String,
+    pub carried: usize,
+}
+
 /// What an enforcer with a pin root found there and added to it.
 struct Pinned {
     root: PinRoot,
@@ -151,6 +159,8 @@ struct Pinned {
     learned_names: HashMap<MapData, LearnedNameKey, LearnedName>,
     /// Whether the maps were pinned already (an agent ran before and left its state).
     adopted: bool,
+    /// The pinned maps of another layout this enforcer replaced, and what it carried over.
+    replacements: Vec<Replacement>,
     /// The predecessor's `DNS_EVENTS`, when it had another size (another release): the
     /// answers its programs learned from while no agent read them are queued there.
     old_dns_events: Option<MapData>,
@@ -213,5 +223,10 @@ impl Enforcer {
     /// Whether the pin root held a previous agent's maps, which this enforcer took over.
     pub fn adopted(&self) -> bool {
         self.pinned.as_ref().is_some_and(|p| p.adopted)
+    }
+
+    /// The pinned maps of another layout that this enforcer replaced.
+    pub fn replacements(&self) -> &[Replacement] {
+        self.pinned.as_ref().map_or(&[], |p| &p.replacements)
     }
 }

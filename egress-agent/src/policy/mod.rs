@@ -24,7 +24,9 @@ mod syntax;
 mod types;
 mod validate;
 
-pub use prefix_list::{MAX_LIST_BYTES, Prefix, PrefixList, digest_of};
+pub use prefix_list::{
+    MAX_LIST_BYTES, Prefix, PrefixList, digest_of, manifest, policy_sha256, sha256_hex,
+};
 pub use suffix::{Reach, reach};
 pub use syntax::merge;
 pub use types::{

@@ -115,6 +115,35 @@ pub fn digest_of(path: &Path) -> std::io::Result<[u8; 32]> {
     }
 }
 
+/// The lists' line in the policy's hash, one a list in the policy's order: its SHA-256
+/// and its name as the policy gives it, as `sha256sum NAME` prints them in the policy's
+/// directory (`<64 hex digits>  <name>` and a newline).
+pub fn manifest(lists: &[PrefixList]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for list in lists {
+        out.extend_from_slice(sha256_hex(&list.digest).as_bytes());
+        out.extend_from_slice(b"  ");
+        out.extend_from_slice(list.name.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The policy's hash: the SHA-256 of the file's bytes followed by its lists' [`manifest`],
+/// so that an edited list changes it as an edited policy does. Without lists it is the
+/// file's own, as `sha256sum policy.yaml` prints it.
+pub fn policy_sha256(bytes: &[u8], manifest: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(bytes);
+    hasher.update(manifest);
+    hasher.finalize().into()
+}
+
+/// A hash as `sha256sum` prints it.
+pub fn sha256_hex(hash: &[u8; 32]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A list as read: its prefixes (sorted, each once) and digest, or every problem found
 /// (at most [`REPORTED`] of them, then a count), each as `path:line: what is wrong`.
 pub fn read(path: &Path) -> Result<(Vec<Prefix>, [u8; 32]), Vec<String>> {

@@ -65,7 +65,8 @@ impl Input {
         match flow(&event) {
             Some(Some(flow)) => self.flows.push(flow),
             Some(None) => self.unsupported += 1,
-            None if event.get("events_lost").is_some() => {}
+            // The agent's counts of lost events and its own events (attached, reloaded).
+            None if event.get("events_lost").is_some() || event.get("event").is_some() => {}
             None => self.other_lines += 1,
         }
     }
@@ -140,6 +141,7 @@ mod tests {
     fn prefixes_diagnostics_and_repeats() {
         let log = r#"[pod/egress-agent-abc/agent] {"action":"audit","dst":"203.0.113.7","dport":443,"proto":"tcp","names":["API.Example.com."],"namespace":"shop","pod":"web","time":"2026-12-02T10:00:00.000Z"}
 [pod/egress-agent-abc/agent] [2026-12-02T10:00:00Z INFO  egress_agent::run] attached
+[pod/egress-agent-abc/agent] {"event":"attached","mode":"audit","time":"t"}
 {"action":"deny","dst":"2001:db8::9","dport":123,"proto":"udp","cgroup":"/system.slice/chronyd.service","comm":"chronyd","time":"2026-12-02T10:00:01.000Z"}
 {"action":"deny","dst":"2001:db8::9","dport":123,"proto":"udp","repeat":true,"packets":3}
 {"action":"audit","dst":"203.0.113.8","dport":0,"proto":"icmp","time":"t"}
@@ -162,7 +164,10 @@ mod tests {
             (Proto::Icmp, 0)
         );
         assert_eq!(input.unsupported, 1);
-        assert_eq!(input.other_lines, 2, "the diagnostic and the repeat");
+        assert_eq!(
+            input.other_lines, 2,
+            "the diagnostic and the repeat; the agent's own event is neither"
+        );
         assert_eq!(
             input.events_lost(),
             9,

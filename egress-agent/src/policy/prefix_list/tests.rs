@@ -175,3 +175,25 @@ fn nested_prefixes_get_the_ports_of_their_containers_as_inline_ones_do() {
         inline.port_sets.entries().collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn the_policy_hash_covers_each_list_by_name_in_the_policy_order() {
+    let dir = Dir::new("hash");
+    dir.write("a.txt", "203.0.113.0/24\n")
+        .write("b.txt", "2001:db8::/48\n");
+    let yaml = "allow:\n  - cidrs_from: b.txt\n  - cidrs_from: a.txt\n";
+    let policy = dir.parse(yaml).expect("valid");
+    // `{ cat policy.yaml; sha256sum b.txt a.txt; } | sha256sum`
+    assert_eq!(
+        sha256_hex(&policy_sha256(yaml.as_bytes(), &manifest(&policy.lists))),
+        "37c934594a402fcfdac8ecba07e5f64e8d96aef81516ae80ba869d46f0c14a77"
+    );
+    // Without lists: `sha256sum policy.yaml`.
+    assert_eq!(
+        sha256_hex(&policy_sha256(yaml.as_bytes(), &manifest(&[]))),
+        "2495070da5dcc02f1ce3425b2478162ece31f6f89499f653050b52c333b0ef2d"
+    );
+    dir.write("a.txt", "203.0.113.0/25\n");
+    let edited = dir.parse(yaml).expect("valid");
+    assert_ne!(manifest(&edited.lists), manifest(&policy.lists));
+}
