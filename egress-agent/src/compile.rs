@@ -20,6 +20,8 @@ use crate::{
 
 mod cidrs;
 
+pub use cidrs::single_addresses;
+
 /// One `CIDRS` or `HOSTS` entry: prefix length over the 128-bit key (128 in `HOSTS`), the
 /// key, and its port set id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

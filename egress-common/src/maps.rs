@@ -42,10 +42,30 @@ pub const CIDRS_MAX_ENTRIES: u32 = 1 << 21;
 /// have answered, and its port set is, as there, the union of the ports of every prefix
 /// that contains the host; a miss falls through to `CIDRS`.
 pub const HOSTS: &str = "HOSTS";
-/// As many as `CIDRS`. Created with `BPF_F_NO_PREALLOC`: entries are allocated as they are
-/// inserted, but the kernel allocates the bucket array up front, 16 bytes for each of the
-/// 2,097,152 buckets: 32 MiB of kernel memory, used or not (`bpftool map show` on 6.18).
+/// The size in the object (the kernel tests and benchmarks use it), and the largest the
+/// agent sizes it to: as many as `CIDRS`. Created with `BPF_F_NO_PREALLOC`: entries are
+/// allocated as they are inserted, but the kernel allocates the bucket array up front, 16
+/// bytes a bucket (`bpftool map show` on 6.18): 32 MiB at this size, used or not. So the
+/// agent sizes it at load for the policy it starts with ([`hosts_capacity`]).
 pub const HOSTS_MAX_ENTRIES: u32 = CIDRS_MAX_ENTRIES;
+/// The smallest size the agent gives `HOSTS`: 16 KiB of buckets.
+pub const HOSTS_MIN_ENTRIES: u32 = 1 << 10;
+
+/// The size of `HOSTS` for a policy of `hosts` single addresses: twice as many, rounded up
+/// to a power of two (the kernel's bucket count), within [`HOSTS_MIN_ENTRIES`] and
+/// [`HOSTS_MAX_ENTRIES`]; the room doubles as headroom for reloads. Single addresses a
+/// reload brings beyond it are written to `CIDRS` as /128s, which the trie finds after a
+/// `HOSTS` miss, until a restart sizes `HOSTS` for them.
+pub const fn hosts_capacity(hosts: usize) -> u32 {
+    let wanted = hosts.saturating_mul(2);
+    if wanted <= HOSTS_MIN_ENTRIES as usize {
+        HOSTS_MIN_ENTRIES
+    } else if wanted >= HOSTS_MAX_ENTRIES as usize {
+        HOSTS_MAX_ENTRIES
+    } else {
+        wanted.next_power_of_two() as u32
+    }
+}
 
 /// Key data of `CIDRS`; the trie key's prefix length counts bits of `addr`.
 #[repr(C)]
@@ -631,6 +651,16 @@ mod tests {
     use core::mem::{align_of, size_of};
 
     use super::*;
+
+    #[test]
+    fn hosts_is_sized_for_twice_the_policy_in_powers_of_two_within_its_bounds() {
+        assert_eq!(hosts_capacity(0), HOSTS_MIN_ENTRIES);
+        assert_eq!(hosts_capacity(512), HOSTS_MIN_ENTRIES);
+        assert_eq!(hosts_capacity(513), 2048);
+        assert_eq!(hosts_capacity(1_000_000), 1 << 21);
+        assert_eq!(hosts_capacity(1_048_577), HOSTS_MAX_ENTRIES);
+        assert_eq!(hosts_capacity(usize::MAX), HOSTS_MAX_ENTRIES);
+    }
 
     /// The kernel hashes keys byte for byte: a size that grows implicit padding would make
     /// equal keys differ. These sizes are the layouts documented above.

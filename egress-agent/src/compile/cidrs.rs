@@ -18,6 +18,19 @@ struct Item {
     ports: u32,
 }
 
+/// How many single addresses the policy names (a prefix named twice counts twice): what
+/// `HOSTS` is sized for at load, before the policy is compiled.
+pub fn single_addresses(policy: &Policy) -> usize {
+    let rules = policy.rules.iter().filter(|rule| {
+        matches!(&rule.target, Target::Cidr(net) if u32::from(Prefix::of(net).len) == HOST_PREFIX)
+    });
+    let lists = policy.lists.iter().flat_map(|list| &list.prefixes);
+    rules.count()
+        + lists
+            .filter(|prefix| u32::from(prefix.len) == HOST_PREFIX)
+            .count()
+}
+
 /// The entries of `CIDRS` and those of `HOSTS` (single addresses), each sorted by prefix
 /// length then address; port sets are interned in `port_sets`. Split as they are made: a
 /// split afterwards would hold a million entries twice.

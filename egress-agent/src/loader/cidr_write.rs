@@ -12,8 +12,13 @@
 //! still attached while a new agent takes over, look for there. Such an entry whose host
 //! the new policy has is rewritten in place with the new port set, and deleted only once
 //! those programs are detached ([`Entries::drop_trie_hosts`]).
+//!
+//! `HOSTS` is sized at load for the policy the agent starts with
+//! (`egress_common::hosts_capacity`). Single addresses beyond its size, which only a reload
+//! can bring, go to `CIDRS` as /128s: the trie finds them after a `HOSTS` miss, at a trie
+//! walk's cost, until a restart sizes `HOSTS` for them.
 
-use std::os::fd::AsFd as _;
+use std::{borrow::Cow, os::fd::AsFd as _};
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use aya::sys::SyscallError;
@@ -154,20 +159,35 @@ impl Entries {
     ) -> Result<(), LoadError> {
         let (cidrs, hosts) = (trie_data(cidrs)?, hosts_data(hosts)?);
         let started = std::time::Instant::now();
-        // A predecessor's /128s for hosts the policy keeps (see the module's doc).
-        let in_trie: Vec<CidrEntry> = compiled
-            .hosts
+        let room = hosts
+            .info()
+            .map_err(map_err("reading HOSTS' size"))?
+            .max_entries() as usize;
+        let (fit, beyond) = self.place_hosts(&compiled.hosts, room);
+        let (fit, beyond) = (fit.as_ref(), beyond.as_slice());
+        if !beyond.is_empty() {
+            log::warn!(
+                "{} single addresses do not fit HOSTS, sized for {room} at start: they are in \
+                 CIDRS, where a packet finds them at a trie walk's cost; a restart sizes HOSTS \
+                 for them",
+                beyond.len()
+            );
+        }
+        // A predecessor's /128s, or those beyond HOSTS' room before, for hosts the policy
+        // keeps (see the module's doc).
+        let in_trie: Vec<CidrEntry> = fit
             .iter()
             .filter(|e| self.cidrs.binary_search(&(HOST_PREFIX, e.key.addr)).is_ok())
+            .chain(beyond)
             .copied()
             .collect();
         write_trie(cidrs, &compiled.cidrs)?;
         write_trie(cidrs, &in_trie)?;
-        write_hosts(hosts, &compiled.hosts)?;
+        write_hosts(hosts, fit)?;
         log::debug!(
             "CIDRS and HOSTS: {} and {} entries written in {:?}",
             compiled.cidrs.len() + in_trie.len(),
-            compiled.hosts.len(),
+            fit.len(),
             started.elapsed()
         );
         let mut now: Keys = compiled
@@ -184,7 +204,7 @@ impl Entries {
                 .map_err(map_err("deleting from CIDRS"))?;
         }
         self.cidrs = now;
-        let mut now: Vec<Addr> = compiled.hosts.iter().map(|e| e.key.addr).collect();
+        let mut now: Vec<Addr> = fit.iter().map(|e| e.key.addr).collect();
         now.sort_unstable();
         now.dedup();
         let mut map = self::hosts(hosts)?;
@@ -195,18 +215,49 @@ impl Entries {
         Ok(())
     }
 
-    /// Deletes the /128s a predecessor left in `CIDRS` (see the module's doc), once its
-    /// programs are detached: `HOSTS` holds those hosts now.
+    /// Which of `hosts` go to `HOSTS`, of `room` entries, and which beyond it to `CIDRS`.
+    /// New entries go in before stale ones are deleted, so the hosts it holds keep their
+    /// place and new ones take what the old ones leave.
+    fn place_hosts<'a>(
+        &self,
+        hosts: &'a [CidrEntry],
+        room: usize,
+    ) -> (Cow<'a, [CidrEntry]>, Vec<CidrEntry>) {
+        if self.hosts.len() + hosts.len() <= room {
+            return (Cow::Borrowed(hosts), Vec::new());
+        }
+        let mut free = room.saturating_sub(self.hosts.len());
+        let (mut fit, mut beyond) = (Vec::new(), Vec::new());
+        for e in hosts {
+            if self.hosts.binary_search(&e.key.addr).is_ok() {
+                fit.push(*e);
+            } else if free > 0 {
+                free -= 1;
+                fit.push(*e);
+            } else {
+                beyond.push(*e);
+            }
+        }
+        (Cow::Owned(fit), beyond)
+    }
+
+    /// Deletes the /128s a predecessor left in `CIDRS` (see the module's doc) whose hosts
+    /// `HOSTS` holds now, once its programs are detached. Those beyond `HOSTS`' room stay.
     pub(super) fn drop_trie_hosts(&mut self, cidrs: &Map) -> Result<(), LoadError> {
         let first = self.cidrs.partition_point(|k| k.0 < HOST_PREFIX);
-        if first == self.cidrs.len() {
+        let (doubled, kept): (Keys, Keys) = self.cidrs[first..]
+            .iter()
+            .partition(|(_, addr)| self.hosts.binary_search(addr).is_ok());
+        if doubled.is_empty() {
             return Ok(());
         }
         let mut trie = trie(trie_data(cidrs)?)?;
-        for (len, addr) in self.cidrs.drain(first..) {
+        for (len, addr) in doubled {
             remove_if_present(trie.remove(&Key::new(len, CidrKey { addr })))
                 .map_err(map_err("deleting from CIDRS"))?;
         }
+        self.cidrs.truncate(first);
+        self.cidrs.extend(kept);
         Ok(())
     }
 
