@@ -43,7 +43,7 @@ measure() {
   local cg="$MEMROOT/$TAG-$1"
   mkdir "$cg"
   bash -c "echo \$\$ > '$cg/cgroup.procs'; exec '$AGENT' run --config '$POLICY' --cgroup '$TARGET' \
-    --pin-root '$PINS/egress' --listen 127.0.0.1:$PORT --on-exit keep" 2>/dev/null &
+    --pin-root '$PINS/egress' --listen 127.0.0.1:$PORT --on-exit keep" >/dev/null 2>&1 &
   local pid=$!
   for _ in $(seq 120); do
     curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break

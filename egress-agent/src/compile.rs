@@ -1,13 +1,14 @@
-//! Compiles a policy into the contents of the kernel maps (`CIDRS`, `PORTS`).
+//! Compiles a policy into the contents of the kernel maps (`CIDRS`, `HOSTS`, `PORTS`).
 //!
 //! All the work that can be done once happens here, so the kernel does two lookups: the
-//! trie returns the longest matching prefix, and because every prefix carries the union of
-//! the ports of all rules that contain it, that one answer is complete.
+//! host's exact entry or else the trie's longest matching prefix, and because every prefix
+//! carries the union of the ports of all rules that contain it, that one answer is complete.
+//! Single addresses go to `HOSTS` only after that union is built.
 use std::collections::HashSet;
 
 use egress_common::{
-    CIDRS_MAX_ENTRIES, CidrKey, MODE_AUDIT, MODE_ENFORCE, NAMES_MAX_ENTRIES, PORTS_MAX_ENTRIES,
-    Settings, V4_MAPPED_PREFIX, v4_mapped,
+    CIDRS_MAX_ENTRIES, CidrKey, HOSTS_MAX_ENTRIES, MODE_AUDIT, MODE_ENFORCE, NAMES_MAX_ENTRIES,
+    PORTS_MAX_ENTRIES, Settings, V4_MAPPED_PREFIX, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -19,7 +20,10 @@ use crate::{
 
 mod cidrs;
 
-/// One `CIDRS` entry: prefix length over the 128-bit key, the key, and its port set id.
+pub use cidrs::single_addresses;
+
+/// One `CIDRS` or `HOSTS` entry: prefix length over the 128-bit key (128 in `HOSTS`), the
+/// key, and its port set id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrEntry {
     pub prefix_len: u32,
@@ -30,18 +34,25 @@ pub struct CidrEntry {
 /// Everything the kernel maps hold for a policy: CIDR rules, names, and their port sets.
 #[derive(Debug, Default)]
 pub struct Compiled {
+    /// The `CIDRS` entries: every prefix but single addresses.
     pub cidrs: Vec<CidrEntry>,
+    /// The `HOSTS` entries: IPv4 /32s (IPv4-mapped /128s) and IPv6 /128s.
+    pub hosts: Vec<CidrEntry>,
     pub names: NameTable,
     pub port_sets: PortSets,
 }
 
 impl Compiled {
+    /// Every CIDR rule entry, `CIDRS`'s then `HOSTS`'s.
+    pub fn cidr_entries(&self) -> impl Iterator<Item = &CidrEntry> {
+        self.cidrs.iter().chain(&self.hosts)
+    }
+
     /// The port sets the policy's own entries refer to.
     pub fn sets_in_use(&self) -> Result<HashSet<u32>, NameError> {
         let names = self.names.entries()?;
         Ok(self
-            .cidrs
-            .iter()
+            .cidr_entries()
             .map(|e| e.port_set)
             .chain(names.iter().map(|e| e.port_set))
             .collect())
@@ -52,6 +63,8 @@ impl Compiled {
 pub enum CompileError {
     #[error("the policy needs {needed} CIDR entries; the kernel map holds {max}")]
     TooManyCidrs { needed: usize, max: u32 },
+    #[error("the policy needs {needed} single-address entries; the kernel map holds {max}")]
+    TooManyHosts { needed: usize, max: u32 },
     #[error(
         "the policy's ports expand to {needed} (set, protocol, port) entries; the kernel map holds {max}"
     )]
@@ -101,6 +114,9 @@ pub fn to_key_space(net: &IpNet) -> (u32, u128) {
     }
 }
 
+/// The prefix length of a single address over the 128-bit key: a `HOSTS` entry.
+pub const HOST_PREFIX: u32 = 128;
+
 /// Compiles a policy with a fresh port set registry.
 pub fn compile(policy: &Policy) -> Result<Compiled, CompileError> {
     compile_with(policy, PortSets::default())
@@ -113,11 +129,17 @@ pub fn compile_with(policy: &Policy, port_sets: PortSets) -> Result<Compiled, Co
         port_sets,
         ..Compiled::default()
     };
-    out.cidrs = cidrs::cidr_entries(policy, &mut out.port_sets);
+    (out.cidrs, out.hosts) = cidrs::cidr_entries(policy, &mut out.port_sets);
     if out.cidrs.len() > CIDRS_MAX_ENTRIES as usize {
         return Err(CompileError::TooManyCidrs {
             needed: out.cidrs.len(),
             max: CIDRS_MAX_ENTRIES,
+        });
+    }
+    if out.hosts.len() > HOSTS_MAX_ENTRIES as usize {
+        return Err(CompileError::TooManyHosts {
+            needed: out.hosts.len(),
+            max: HOSTS_MAX_ENTRIES,
         });
     }
     out.names = NameTable::new(policy, &mut out.port_sets)?;
@@ -164,8 +186,7 @@ mod tests {
             IpAddr::V4(v4) => u128::from_be_bytes(v4_mapped(v4.octets())),
             IpAddr::V6(v6) => u128::from(v6),
         };
-        c.cidrs
-            .iter()
+        c.cidr_entries()
             .filter(|e| mask(a, e.prefix_len) == u128::from_be_bytes(e.key.addr))
             .max_by_key(|e| e.prefix_len)
             .map(|e| e.port_set)
@@ -225,6 +246,39 @@ mod tests {
         );
         let inner = lookup(&c, "203.0.113.7".parse().expect("literal")).expect("match");
         assert_eq!(inner, ALL_PORTS);
+    }
+
+    #[test]
+    fn single_addresses_go_to_hosts_with_the_ports_of_their_containers() {
+        let c = compiled(
+            "allow:\n  - cidr: 203.0.113.0/24\n    ports: [TCP:443]\n  - cidr: 203.0.113.7/32\n    ports: [UDP:123]\n  - cidr: 203.0.113.8/31\n  - cidr: 2001:db8::/64\n    ports: [TCP:80]\n  - cidr: 2001:db8::5/128\n    ports: [TCP:22]\n  - cidr: 2001:db8::6/127\n",
+        );
+        let prefixes = |entries: &[CidrEntry]| {
+            let mut v: Vec<String> = entries
+                .iter()
+                .map(|e| format!("{}/{}", Ipv6Addr::from(e.key.addr), e.prefix_len))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            prefixes(&c.hosts),
+            vec!["2001:db8::5/128", "::ffff:203.0.113.7/128"]
+        );
+        assert_eq!(
+            prefixes(&c.cidrs),
+            vec![
+                "2001:db8::/64",
+                "2001:db8::6/127",
+                "::ffff:203.0.113.0/120",
+                "::ffff:203.0.113.8/127"
+            ]
+        );
+        let v4 = lookup(&c, "203.0.113.7".parse().expect("literal")).expect("match");
+        assert_eq!(ports_of(&c, v4), vec![(proto::TCP, 443), (proto::UDP, 123)]);
+        let v6 = lookup(&c, "2001:db8::5".parse().expect("literal")).expect("match");
+        assert_eq!(ports_of(&c, v6), vec![(proto::TCP, 22), (proto::TCP, 80)]);
+        assert_eq!(c.cidr_entries().count(), 6);
     }
 
     #[test]
@@ -303,7 +357,7 @@ mod tests {
         );
         // The preset's names add none; the two platform addresses, the API server and the
         // cluster CIDR do.
-        assert_eq!(c.cidrs.len(), 4);
+        assert_eq!((c.cidrs.len(), c.hosts.len()), (1, 3));
         let addr = |s: &str| s.parse::<IpAddr>().expect("literal");
         assert_eq!(lookup(&c, addr("168.63.129.16")), Some(ALL_PORTS));
         assert_eq!(lookup(&c, addr("10.224.3.4")), Some(ALL_PORTS));

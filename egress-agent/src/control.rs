@@ -206,14 +206,15 @@ impl<M: KernelState> Control<M> {
             )
             .context("recording the policy")?;
         let rules = policy.rules.len() + policy.lists.len();
+        let cidr_entries = compiled.cidrs.len() + compiled.hosts.len();
         log::info!(
             "policy reloaded: mode {mode}, {} ({})",
             counted(rules, "rule", "rules"),
-            counted(compiled.cidrs.len(), "CIDR entry", "CIDR entries")
+            counted(cidr_entries, "CIDR entry", "CIDR entries")
         );
         lifecycle::emit(
             "policy_reloaded",
-            json!({"mode": mode.to_string(), "rules": rules, "cidr_entries": compiled.cidrs.len()}),
+            json!({"mode": mode.to_string(), "rules": rules, "cidr_entries": cidr_entries}),
         );
         Ok(policy::policy_sha256(&bytes, &manifest))
     }

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use egress_common::{
-    ALL_PORTS, Addr, CIDRS, CidrKey, CidrValue, LEARNED, LEARNED_NAMES, LearnedName,
+    ALL_PORTS, Addr, CIDRS, CidrKey, CidrValue, HOSTS, LEARNED, LEARNED_NAMES, LearnedName,
     LearnedNameKey, LearnedValue, NAMES, NameKey, PORTS, PortKey, RESOLVERS, SETTINGS, STATS,
     Settings, V4_MAPPED_PREFIX, addr::display_addr, proto,
 };
@@ -16,6 +16,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     classify::{CidrMatch, View},
+    compile::HOST_PREFIX,
     dns::names::pattern_of,
     loader::{Stats, read_stats},
     pin::PinRoot,
@@ -55,6 +56,8 @@ pub fn cidr_text(prefix_len: u32, network: &Addr) -> IpNet {
 /// The policy maps an agent filled, open for reading.
 pub struct PinnedMaps {
     cidrs: LpmTrie<MapData, CidrKey, CidrValue>,
+    /// `None` when a release before `HOSTS` filled the maps (its hosts are in `CIDRS`).
+    hosts: Option<HashMap<MapData, Addr, CidrValue>>,
     names: LpmTrie<MapData, NameKey, CidrValue>,
     ports: HashMap<MapData, PortKey, u8>,
     learned: HashMap<MapData, Addr, LearnedValue>,
@@ -84,8 +87,14 @@ impl PinnedMaps {
         } else {
             None
         };
+        let hosts = if pins.map_path(HOSTS).exists() {
+            Some(hash(pins, HOSTS)?)
+        } else {
+            None
+        };
         Ok(Some(Self {
             cidrs: trie(pins, CIDRS)?,
+            hosts,
             names: trie(pins, NAMES)?,
             ports: hash(pins, PORTS)?,
             learned: hash(pins, LEARNED)?,
@@ -104,9 +113,19 @@ impl PinnedMaps {
         &self.stats
     }
 
-    /// Every `CIDRS` entry, by prefix.
+    /// Every `CIDRS` and `HOSTS` entry, by prefix. A host in both (a predecessor's /128
+    /// in `CIDRS` while its programs are being replaced) is shown as `HOSTS` has it, the
+    /// entry the programs look at first.
     pub fn cidr_entries(&self) -> anyhow::Result<Vec<CidrMatch>> {
         let mut out = Vec::new();
+        for entry in self.hosts.iter().flat_map(|m| m.iter()) {
+            let (addr, value) = entry.context("reading HOSTS")?;
+            out.push(CidrMatch {
+                prefix_len: HOST_PREFIX,
+                network: addr,
+                port_set: value.port_set,
+            });
+        }
         for key in self.cidrs.keys() {
             let key = key.context("reading CIDRS")?;
             let value = self.cidrs.get(&key, 0).context("reading CIDRS")?;
@@ -116,7 +135,9 @@ impl PinnedMaps {
                 port_set: value.port_set,
             });
         }
+        // Stable: of two equal prefixes the `HOSTS` one, pushed first, stays.
         out.sort_by_key(|m| (m.network, m.prefix_len));
+        out.dedup_by_key(|m| (m.network, m.prefix_len));
         Ok(out)
     }
 
@@ -192,6 +213,19 @@ impl PinnedMaps {
 
 impl View for PinnedMaps {
     fn cidr(&self, addr: &Addr) -> anyhow::Result<Option<CidrMatch>> {
+        if let Some(hosts) = &self.hosts {
+            match hosts.get(addr, 0) {
+                Ok(v) => {
+                    return Ok(Some(CidrMatch {
+                        prefix_len: HOST_PREFIX,
+                        network: *addr,
+                        port_set: v.port_set,
+                    }));
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading HOSTS"),
+            }
+        }
         // The trie answers with the value only: the longest matching key is found by walking
         // them (a command, not a packet).
         Ok(self

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
-use egress_common::FLOWS;
+use egress_common::{FLOWS, hosts_capacity};
 use serde_json::{Value, json};
 use tokio::{
     net::TcpListener,
@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     adopt::LegacySets,
     cgroup::{CgroupNames, cgroup2_mount, is_cgroup2_dir},
-    compile::{OTHER_IDLE_NS, TCP_IDLE_NS, compile, compile_with, settings},
+    compile::{OTHER_IDLE_NS, TCP_IDLE_NS, compile, compile_with, settings, single_addresses},
     control::Control,
     denials::Idle,
     dns::{
@@ -133,8 +133,13 @@ async fn start(
     lifecycle::emit("serving", json!({"addr": addr.to_string()}));
     pins.prepare()
         .with_context(|| format!("--pin-root {}", opts.pin_root.display()))?;
-    let mut enforcer = Enforcer::load(&settings(mode, &policy.dns), policy.dns.max_ips, Some(pins))
-        .context("loading the kernel programs")?;
+    let mut enforcer = Enforcer::load(
+        &settings(mode, &policy.dns),
+        policy.dns.max_ips,
+        hosts_capacity(single_addresses(policy)),
+        Some(pins),
+    )
+    .context("loading the kernel programs")?;
     let now = boot_time_ns();
     let (legacy, port_sets, unused_sets) = if enforcer.adopted() {
         let learned = enforcer
@@ -240,7 +245,7 @@ async fn start(
     let attached = Attached {
         mode,
         rules: policy.rules.len() + policy.lists.len(),
-        cidr_entries: compiled.cidrs.len(),
+        cidr_entries: compiled.cidrs.len() + compiled.hosts.len(),
         cgroup,
         interfaces: &opts.interfaces,
         workload_interfaces: &workload_links,

@@ -21,7 +21,8 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// `CIDRS`: `LpmTrie<CidrKey, CidrValue>`. Static CIDR rules.
+/// `CIDRS`: `LpmTrie<CidrKey, CidrValue>`. Static CIDR rules, but for single addresses
+/// (those are in `HOSTS`).
 ///
 /// The trie returns only the longest matching prefix, so the agent stores in every prefix the
 /// union of the port sets of all prefixes that contain it: one lookup gives the full answer.
@@ -32,6 +33,40 @@ pub const CIDRS: &str = "CIDRS";
 /// million IPv6 hosts, measured on 6.18 (`bpftool map show` counts only 44 bytes each).
 pub const CIDRS_MAX_ENTRIES: u32 = 1 << 21;
 
+/// `HOSTS`: `HashMap<Addr, CidrValue>`. The static rules for single addresses (an IPv4 /32,
+/// as its IPv4-mapped /128, or an IPv6 /128), which are not in `CIDRS`: an exact-match hash
+/// takes a policy's million host addresses in a fraction of the trie's insert time, and a
+/// packet finds its host in one hash lookup instead of a trie walk.
+///
+/// A host is the longest prefix any address can match, so a hit here is what `CIDRS` would
+/// have answered, and its port set is, as there, the union of the ports of every prefix
+/// that contains the host; a miss falls through to `CIDRS`.
+pub const HOSTS: &str = "HOSTS";
+/// The size in the object (the kernel tests and benchmarks use it), and the largest the
+/// agent sizes it to: as many as `CIDRS`. Created with `BPF_F_NO_PREALLOC`: entries are
+/// allocated as they are inserted, but the kernel allocates the bucket array up front, 16
+/// bytes a bucket (`bpftool map show` on 6.18): 32 MiB at this size, used or not. So the
+/// agent sizes it at load for the policy it starts with ([`hosts_capacity`]).
+pub const HOSTS_MAX_ENTRIES: u32 = CIDRS_MAX_ENTRIES;
+/// The smallest size the agent gives `HOSTS`: 16 KiB of buckets.
+pub const HOSTS_MIN_ENTRIES: u32 = 1 << 10;
+
+/// The size of `HOSTS` for a policy of `hosts` single addresses: twice as many, rounded up
+/// to a power of two (the kernel's bucket count), within [`HOSTS_MIN_ENTRIES`] and
+/// [`HOSTS_MAX_ENTRIES`]; the room doubles as headroom for reloads. Single addresses a
+/// reload brings beyond it are written to `CIDRS` as /128s, which the trie finds after a
+/// `HOSTS` miss, until a restart sizes `HOSTS` for them.
+pub const fn hosts_capacity(hosts: usize) -> u32 {
+    let wanted = hosts.saturating_mul(2);
+    if wanted <= HOSTS_MIN_ENTRIES as usize {
+        HOSTS_MIN_ENTRIES
+    } else if wanted >= HOSTS_MAX_ENTRIES as usize {
+        HOSTS_MAX_ENTRIES
+    } else {
+        wanted.next_power_of_two() as u32
+    }
+}
+
 /// Key data of `CIDRS`; the trie key's prefix length counts bits of `addr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,7 +74,7 @@ pub struct CidrKey {
     pub addr: Addr,
 }
 
-/// Value of `CIDRS` and of `LEARNED`: which port set applies.
+/// Value of `CIDRS`, `HOSTS` and `NAMES`: which port set applies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrValue {
@@ -616,6 +651,16 @@ mod tests {
     use core::mem::{align_of, size_of};
 
     use super::*;
+
+    #[test]
+    fn hosts_is_sized_for_twice_the_policy_in_powers_of_two_within_its_bounds() {
+        assert_eq!(hosts_capacity(0), HOSTS_MIN_ENTRIES);
+        assert_eq!(hosts_capacity(512), HOSTS_MIN_ENTRIES);
+        assert_eq!(hosts_capacity(513), 2048);
+        assert_eq!(hosts_capacity(1_000_000), 1 << 21);
+        assert_eq!(hosts_capacity(1_048_577), HOSTS_MAX_ENTRIES);
+        assert_eq!(hosts_capacity(usize::MAX), HOSTS_MAX_ENTRIES);
+    }
 
     /// The kernel hashes keys byte for byte: a size that grows implicit padding would make
     /// equal keys differ. These sizes are the layouts documented above.

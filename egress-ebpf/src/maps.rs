@@ -1,18 +1,24 @@
 //! The maps, sized and typed as documented in `egress_common::maps`.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use egress_common::{
     Addr, CIDRS_MAX_ENTRIES, CidrKey, CidrValue, DNS_EVENTS_BYTES, DNS_QUERIES_MAX_ENTRIES,
     DnsEvent, EVENTS_BYTES, FLOWS_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FlowKey, FlowValue, FragKey,
-    LEARNED_MAX_ENTRIES, LearnedValue, NAME_MAX_LABELS, NAMES_MAX_ENTRIES, NameKey,
-    PORTS_MAX_ENTRIES, PortKey, QueryKey, QueryValue, RESOLVERS_MAX_ENTRIES, RateState, STATS_LEN,
-    Settings,
+    HOSTS_MAX_ENTRIES, LEARNED_MAX_ENTRIES, LearnedValue, NAME_MAX_LABELS, NAMES_MAX_ENTRIES,
+    NameKey, PORTS_MAX_ENTRIES, PortKey, QueryKey, QueryValue, RESOLVERS_MAX_ENTRIES, RateState,
+    STATS_LEN, Settings,
 };
 
 #[map]
 pub static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::with_max_entries(CIDRS_MAX_ENTRIES, 0);
+
+/// `BPF_F_NO_PREALLOC`: see `egress_common::HOSTS_MAX_ENTRIES`.
+#[map]
+pub static HOSTS: aya_ebpf::maps::HashMap<Addr, CidrValue> =
+    aya_ebpf::maps::HashMap::with_max_entries(HOSTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static PORTS: aya_ebpf::maps::HashMap<PortKey, u8> =

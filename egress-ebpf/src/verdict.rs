@@ -10,7 +10,8 @@
 //!    started from outside passes only replies, from the socket that received it;
 //! 4. what the network itself needs: loopback, IPv6 neighbour discovery and MLD on the
 //!    link, DHCPv6 solicitations, and ICMP errors about a known flow sent to its remote;
-//! 5. `CIDRS` (longest prefix, then its port set), then `LEARNED` (DNS-learned addresses).
+//! 5. `HOSTS` (single addresses), else `CIDRS` (longest prefix), then the port set; then
+//!    `LEARNED` (DNS-learned addresses).
 //!
 //! Anything else is denied: dropped in enforce mode, passed and reported in audit mode,
 //! with the reason the decision path knows where it denies (`REASON_*` in egress-common).
@@ -32,7 +33,7 @@ use egress_common::{
 
 use crate::{
     dns,
-    maps::{CIDRS, FLOWS, FRAGS, LEARNED, PORTS, SETTINGS},
+    maps::{CIDRS, FLOWS, FRAGS, HOSTS, LEARNED, PORTS, SETTINGS},
     packet::{
         FIRST_FRAGMENT, L3Start, LATER_FRAGMENT, Packet, Skb, TCP_ACK, TCP_SYN, carries_payload,
         parse, quoted_flow,
@@ -474,14 +475,22 @@ fn error_about_known_flow<C: Skb>(ctx: &C, p: &Packet, max_len: u32) -> bool {
     matches!(unsafe { FLOWS.get(words.key()) }, Some(f) if f.state == FLOW_ALLOWED || f.state == FLOW_INBOUND)
 }
 
-/// Static CIDR rules first, then DNS-learned addresses: 0 when they allow the packet,
+/// Static rules first (`HOSTS`, then `CIDRS`), then DNS-learned addresses: 0 when they allow the packet,
 /// else why not (a `REASON_*`). A live learned address whose names' ports do not fit says
 /// more than a CIDR rule's ports, and either more than an expired learned address.
 #[inline(always)]
 fn policy_allows(p: &Packet, now: u64) -> u8 {
-    let key = Key::new(128, CidrKey { addr: p.dst });
-    let cidr_reason = match CIDRS.get(key) {
-        Some(v) if port_set_allows(v.port_set, p) => return 0,
+    // A host entry is the longest prefix its address can match: the trie would answer the
+    // same, with a walk instead of a hash.
+    // SAFETY: the reference is only read within this program run.
+    let rule = match unsafe { HOSTS.get(p.dst) } {
+        Some(v) => Some(v.port_set),
+        None => CIDRS
+            .get(Key::new(128, CidrKey { addr: p.dst }))
+            .map(|v| v.port_set),
+    };
+    let cidr_reason = match rule {
+        Some(set) if port_set_allows(set, p) => return 0,
         Some(_) => REASON_PORT,
         None => REASON_NO_RULE,
     };

@@ -725,6 +725,27 @@ fn a_failed_start_leaves_nothing_attached_or_pinned() {
 /// B waits for A (`--on-exit keep`) with an interface that is gone by the time it takes
 /// over, so its start fails after attaching to the cgroup: B detaches its own programs and
 /// removes its pins, and A's state goes on enforcing as before, without a gap.
+/// An agent B that waits for the running agent's pin lock, with an interface that is gone
+/// once it gets it: B fails after writing the policy. B runs in the client's namespace,
+/// where the interface was.
+fn failing_successor(world: &World, policy: &TempFile, pins: &PinDir) -> Agent {
+    world
+        .topo
+        .client
+        .ip("link add egress-gone type veth peer name egress-gone-p");
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", world.topo.client.name()))
+        .arg("--")
+        .arg(agent_bin())
+        .args(egress_tests::run_args(policy, &world.cgroup, pins))
+        .args(["--interface", "egress-gone"])
+        .env("RUST_LOG", "info,egress_agent=debug");
+    let b = Agent::spawn_command(cmd);
+    b.wait_for_named("waiting_for_pins", TAKEOVER_TIMEOUT);
+    world.topo.client.ip("link del egress-gone");
+    b
+}
+
 #[cfg_attr(
     unprivileged_tests,
     ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
@@ -738,21 +759,7 @@ fn a_failed_takeover_leaves_the_predecessor_enforcing() {
     let (policy, pins, mut a) = start_keeping(&world);
     let a_programs = program_ids(&world);
     let a_links = pins.link_pins();
-    // B runs in the client's namespace, where the interface is.
-    world
-        .topo
-        .client
-        .ip("link add egress-gone type veth peer name egress-gone-p");
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", world.topo.client.name()))
-        .arg("--")
-        .arg(agent_bin())
-        .args(egress_tests::run_args(&policy, &world.cgroup, &pins))
-        .args(["--interface", "egress-gone"])
-        .env("RUST_LOG", "info,egress_agent=debug");
-    let mut b = Agent::spawn_command(cmd);
-    b.wait_for_named("waiting_for_pins", TAKEOVER_TIMEOUT);
-    world.topo.client.ip("link del egress-gone");
+    let mut b = failing_successor(&world, &policy, &pins);
     let (mut allowed, mut denied) = world.loops();
     assert!(a.terminate().success());
     let status = b.wait_for_exit(TAKEOVER_TIMEOUT);
@@ -820,4 +827,130 @@ fn tc_programs_go_with_a_detaching_agent() {
     );
     assert!(agent.terminate().success());
     assert_eq!(filters(), [String::new(), String::new()], "filters left");
+}
+
+/// Runs `bpftool` with `args`, `-j` first; its JSON output.
+fn bpftool_json(args: &[&str]) -> Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("cannot run bpftool");
+    assert!(out.status.success(), "bpftool {args:?}");
+    serde_json::from_slice(&out.stdout).expect("bpftool printed JSON")
+}
+
+/// The keys of a pinned map, each as its bytes.
+fn map_keys(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let path = path.to_str().expect("a UTF-8 path");
+    let dump = bpftool_json(&["map", "dump", "pinned", path]);
+    let bytes = |v: &Value| -> Vec<u8> {
+        v.as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| {
+                let hex = b.as_str().expect("a hex byte");
+                u8::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
+            })
+            .collect()
+    };
+    dump.as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| bytes(&e["key"]))
+        .collect()
+}
+
+/// Runs `bpftool map` with `args`.
+fn bpftool_map(args: &[&str]) {
+    let ok = std::process::Command::new("bpftool")
+        .arg("map")
+        .args(args)
+        .status()
+        .expect("cannot run bpftool")
+        .success();
+    assert!(ok, "bpftool map {args:?}");
+}
+
+/// A release before `HOSTS` kept single addresses in `CIDRS` as /128s, where its programs,
+/// attached until the new agent has its own, look for them: a new agent keeps them there
+/// until then, also when its start fails after writing the policy (the old programs go on
+/// enforcing with them), and leaves them to `HOSTS` once it has taken over.
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
+#[test]
+fn single_addresses_a_predecessor_kept_in_its_trie_move_to_hosts_without_a_gap() {
+    if !require_root() {
+        return;
+    }
+    let world = World::new();
+    let (policy, pins, mut a) = start_keeping(&world);
+    let versions: Vec<_> = fs::read_dir(pins.root())
+        .expect("the pin root")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    let [version] = versions.as_slice() else {
+        panic!("one version directory expected: {versions:?}");
+    };
+    let (cidrs, hosts) = (version.join("maps/CIDRS"), version.join("maps/HOSTS"));
+    // What such a release leaves: the host in the trie (with the value this one wrote, the
+    // port set being the same), nothing in HOSTS, which its pins lack. A's programs hold
+    // HOSTS: emptied, they find the host in the trie only, as such a release's would.
+    let host = REMOTE_V4_A.to_ipv6_mapped().octets();
+    let (cidrs_at, hosts_at) = (
+        cidrs.to_str().expect("UTF-8"),
+        hosts.to_str().expect("UTF-8"),
+    );
+    let mut lookup = vec!["map", "lookup", "pinned", hosts_at, "key", "hex"];
+    let host_hex = hex(&host);
+    lookup.extend(host_hex.iter().map(String::as_str));
+    let value: Vec<String> = bpftool_json(&lookup)["value"]
+        .as_array()
+        .expect("the host's value")
+        .iter()
+        .map(|b| {
+            b.as_str()
+                .expect("a hex byte")
+                .trim_start_matches("0x")
+                .into()
+        })
+        .collect();
+    let mut update = vec![
+        "update", "pinned", cidrs_at, "key", "hex", "80", "00", "00", "00",
+    ];
+    update.extend(host_hex.iter().map(String::as_str));
+    update.extend(["value", "hex"]);
+    update.extend(value.iter().map(String::as_str));
+    bpftool_map(&update);
+    let mut delete = vec!["delete", "pinned", hosts_at, "key", "hex"];
+    delete.extend(host_hex.iter().map(String::as_str));
+    bpftool_map(&delete);
+    fs::remove_file(&hosts).expect("unpin HOSTS");
+
+    // B writes the policy, then fails: A's programs stay, reading the trie B left.
+    let mut b = failing_successor(&world, &policy, &pins);
+    let (mut allowed, mut denied) = world.loops();
+    assert!(a.terminate().success());
+    assert!(
+        !b.wait_for_exit(TAKEOVER_TIMEOUT).success(),
+        "B did not fail"
+    );
+    wait_loops(&allowed, &denied);
+
+    let c = start_pinned_agent(&agent_bin(), &policy, &world.cgroup, &pins, None, &KEEP);
+    c.wait_for_named("took_over", TAKEOVER_TIMEOUT);
+    assert_loops(&mut allowed, &mut denied);
+    let trie_hosts: Vec<_> = map_keys(&cidrs)
+        .into_iter()
+        .filter(|k| k[..4] == [128, 0, 0, 0])
+        .collect();
+    assert!(trie_hosts.is_empty(), "/128s left in CIDRS: {trie_hosts:?}");
+    assert_eq!(map_keys(&hosts), vec![host.to_vec()]);
+}
+
+/// Bytes as `bpftool` takes them after `hex`, one argument each.
+fn hex(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -4,16 +4,16 @@
 //! by its file only while the file is the one applied, which the recorded hash tells.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use egress_tests::{
-    ATTACH_TIMEOUT, PinDir, REMOTE_V4_A, REMOTE_V4_B, Server, TempFile, TestCgroup, Topology,
-    agent_bin, assert_ok, assert_timeout, http_get, probe_tcp, require_root, start_agent,
-    start_pinned_agent,
+    ATTACH_TIMEOUT, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, Server, TempFile,
+    TestCgroup, Topology, agent_bin, assert_ok, assert_timeout, http_get, probe_tcp, require_root,
+    start_agent, start_pinned_agent,
 };
 use serde_json::Value;
 
@@ -262,4 +262,47 @@ fn status_and_explain_read_a_list_only_while_its_file_is_the_one_applied() {
         origin.as_str(),
         "{rules}"
     );
+}
+
+/// `HOSTS` is sized for the policy the agent starts with. A reload that brings more single
+/// addresses than it has room for puts the rest in `CIDRS`, where they are enforced all the
+/// same: the last address of a list of 1,101 passes after a start with one (room: 1,024).
+#[cfg_attr(
+    unprivileged_tests,
+    ignore = "needs root (namespaces, cgroups, eBPF): run as root, or CI=true"
+)]
+#[test]
+fn single_addresses_beyond_the_room_a_start_gave_them_are_enforced() {
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (REMOTE_V6_A, REMOTE_V6_B);
+    let topo = Topology::new();
+    let _servers = [
+        Server::tcp(&topo.server, None, a, HTTPS),
+        Server::tcp(&topo.server, None, b, HTTPS),
+    ];
+    let cgroup = TestCgroup::new();
+    let cg = Some(&cgroup);
+    let policy = TempFile::new("mode: enforce\nallow: []\n");
+    let list = ListFile::beside(&policy);
+    list.replace(&list_of(REMOTE_V4_A));
+    fs::write(policy.path(), policy_of(&list)).expect("write the policy");
+    let agent = start_agent(&policy, &cgroup, None);
+    assert_timeout(&probe_tcp(&topo.client, cg, a, HTTPS), "a, off the list");
+
+    // 1,100 addresses below `a` (2001:db8:1::/64 sorts before 2001:db8:2::10), so `a` is
+    // past HOSTS' 1,024 entries.
+    let mut long: String = (1..=1100u16)
+        .map(|n| format!("{}\n", Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n)))
+        .collect();
+    long.push_str(&format!("{a}\n"));
+    list.replace(&long);
+    let reloaded = agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
+    assert_eq!(reloaded["cidr_entries"], 1101, "{reloaded}");
+    assert_ok(
+        &probe_tcp(&topo.client, cg, a, HTTPS),
+        "a, on the list, beyond HOSTS' room",
+    );
+    assert_timeout(&probe_tcp(&topo.client, cg, b, HTTPS), "b, off the list");
 }

@@ -1,7 +1,7 @@
 //! `egress-bench`: the Rust half of the benchmark harness (`benches/run.sh` is the other).
 //!
 //! ```text
-//! egress-bench verdict [--sizes ...] [--repeat 1000000] [--flows 20000] [--trials 3]
+//! egress-bench verdict [--sizes ...] [--repeat 1000000] [--flows 20000] [--trials 3] [--entries hosts]
 //! egress-bench addresses N
 //! egress-bench serve ADDR FIRST_PORT PORTS
 //! egress-bench conn-rate ADDR FIRST_PORT PORTS [--seconds 5] [--threads 2] [--timeout-ms 1000] [--cgroup DIR]
@@ -26,8 +26,9 @@ mod verdict;
 
 const USAGE: &str = "usage:
   egress-bench verdict [--sizes 10,1000,65536,100000,1000000] [--repeat 1000000] [--flows 20000]
-                       [--trials 3]
-      per-packet cost of the egress program (BPF_PROG_TEST_RUN), as Markdown tables
+                       [--trials 3] [--entries hosts|prefixes]
+      per-packet cost of the egress program (BPF_PROG_TEST_RUN), as Markdown tables;
+      --entries prefixes: IPv6 /127s (the CIDRS trie) instead of single addresses (HOSTS)
   egress-bench addresses N
       the N allowed IPv6 addresses every benchmark uses, the traffic target last
   egress-bench serve ADDR FIRST_PORT PORTS
@@ -124,6 +125,11 @@ fn main_inner() -> Result<()> {
                 repeat: args.flag("repeat", 1_000_000)?,
                 flows: args.flag("flows", 20_000)?,
                 trials: args.flag("trials", 3)?,
+                prefixes: match args.flag("entries", "hosts".to_owned())?.as_str() {
+                    "hosts" => false,
+                    "prefixes" => true,
+                    other => bail!("--entries: hosts or prefixes, not {other:?}"),
+                },
             };
             args.done(0)?;
             verdict::run(&opts)

@@ -5,15 +5,16 @@
 //! takes one of two paths, measured separately:
 //! - **flow-cache hit**: the flow is already in `FLOWS` (every packet of a connection after
 //!   its first): one hash lookup;
-//! - **first packet**: `FLOWS` has no live entry, so the trie (`CIDRS`) decides and the flow
-//!   is written to `FLOWS`. Measured two ways: with `repeat` after setting the TCP idle
+//! - **first packet**: `FLOWS` has no live entry, so the policy maps decide (single hosts:
+//!   `HOSTS`, one hash lookup; with `--entries prefixes`, /127s: a `CIDRS` trie walk after a
+//!   `HOSTS` miss) and the flow is written to `FLOWS`. Measured two ways: with `repeat` after setting the TCP idle
 //!   timeout to 0 (every run finds the remembered flow stale, decides afresh and rewrites
 //!   it), and as the mean of single runs on distinct flows (distinct source ports, each a
 //!   new `FLOWS` entry), which includes the test-run timer's own cost once per run; that
 //!   cost is estimated as (single-run flow-cache hit) - (repeated flow-cache hit) and
 //!   subtracted in the "corrected" column.
 //!
-//! A denied packet walks the whole path (flow lookup, trie, learned-address lookup,
+//! A denied packet walks the whole path (flow lookup, `HOSTS`, trie, learned-address lookup,
 //! counter); the first of a flow is reported, the later ones (a repeated run is a
 //! retransmit) are counted in the flow's `FLOWS` entry instead.
 //!
@@ -50,12 +51,20 @@ pub struct Options {
     /// Distinct flows for the single-run first-packet figure.
     pub flows: u16,
     pub trials: usize,
+    /// Policies of IPv6 /127s, which the `CIDRS` trie holds, instead of single addresses
+    /// (`HOSTS`): what a policy of prefixes only costs.
+    pub prefixes: bool,
 }
 
 /// A policy of `n` CIDR entries (single hosts): `min(n / 2, 500)` IPv4 addresses from the
-/// documentation ranges, the rest IPv6; returns the YAML and the allowed IPv4 target.
-pub fn policy_yaml(n: usize, ports: Option<&str>) -> (String, Option<Ipv4Addr>) {
-    let v4 = v4_list((n / 2).min(V4_MAX));
+/// documentation ranges, the rest IPv6; returns the YAML and the allowed IPv4 target. With
+/// `prefixes`, IPv6 only, each address as the /127 that holds it.
+pub fn policy_yaml(n: usize, ports: Option<&str>, prefixes: bool) -> (String, Option<Ipv4Addr>) {
+    let v4 = if prefixes {
+        Vec::new()
+    } else {
+        v4_list((n / 2).min(V4_MAX))
+    };
     let v6 = v6_list(n - v4.len());
     let mut yaml = String::with_capacity(n * 48 + 64);
     yaml.push_str("mode: enforce\nallow:\n");
@@ -65,7 +74,15 @@ pub fn policy_yaml(n: usize, ports: Option<&str>) -> (String, Option<Ipv4Addr>) 
         .map(|a| IpAddr::V4(*a))
         .chain(v6.iter().map(|a| IpAddr::V6(*a)));
     for addr in entries {
-        let _ = writeln!(yaml, "  - cidr: {addr}");
+        match addr {
+            IpAddr::V6(a) if prefixes => {
+                let net = std::net::Ipv6Addr::from(u128::from(a) & !1);
+                let _ = writeln!(yaml, "  - cidr: {net}/127");
+            }
+            _ => {
+                let _ = writeln!(yaml, "  - cidr: {addr}");
+            }
+        }
         if let Some(line) = &ports_line {
             yaml.push_str(line);
         }
@@ -173,7 +190,7 @@ pub fn run(opts: &Options) -> Result<()> {
         for ports in [None, Some("TCP:443")] {
             let label = ports.unwrap_or("any");
             eprintln!("verdict: N={n} ports={label}");
-            let (yaml, v4_hit) = policy_yaml(n, ports);
+            let (yaml, v4_hit) = policy_yaml(n, ports, opts.prefixes);
             let t = Instant::now();
             let policy = parse(&yaml, "bench policy").context("parsing the bench policy")?;
             let parse_t = t.elapsed();
@@ -214,7 +231,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 ms(compile_t),
                 ms(load_t),
                 ms(write_t),
-                compiled.cidrs.len()
+                compiled.cidrs.len() + compiled.hosts.len()
             );
             let mut rows = Vec::new();
             if let Some(v4) = v4_hit {

@@ -1,5 +1,5 @@
-//! The `CIDRS` entries of a policy: its inline CIDR rules and its lists, each prefix with
-//! the union of its own ports and those of every prefix that contains it.
+//! The `CIDRS` and `HOSTS` entries of a policy: its inline CIDR rules and its lists, each
+//! prefix with the union of its own ports and those of every prefix that contains it.
 //!
 //! Sorted vectors and binary searches rather than hash maps: a million prefixes cost 24
 //! bytes each here, and the ports are looked up by list, not copied into each prefix.
@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use egress_common::CidrKey;
 
-use super::{CidrEntry, PortSets};
+use super::{CidrEntry, HOST_PREFIX, PortSets};
 use crate::policy::{Policy, Ports, Prefix, Target};
 
 /// A prefix and the index of its ports in the policy's table of them.
@@ -18,9 +18,26 @@ struct Item {
     ports: u32,
 }
 
-/// The entries, sorted by prefix length then address; port sets are interned in
-/// `port_sets`.
-pub(super) fn cidr_entries(policy: &Policy, port_sets: &mut PortSets) -> Vec<CidrEntry> {
+/// How many single addresses the policy names (a prefix named twice counts twice): what
+/// `HOSTS` is sized for at load, before the policy is compiled.
+pub fn single_addresses(policy: &Policy) -> usize {
+    let rules = policy.rules.iter().filter(|rule| {
+        matches!(&rule.target, Target::Cidr(net) if u32::from(Prefix::of(net).len) == HOST_PREFIX)
+    });
+    let lists = policy.lists.iter().flat_map(|list| &list.prefixes);
+    rules.count()
+        + lists
+            .filter(|prefix| u32::from(prefix.len) == HOST_PREFIX)
+            .count()
+}
+
+/// The entries of `CIDRS` and those of `HOSTS` (single addresses), each sorted by prefix
+/// length then address; port sets are interned in `port_sets`. Split as they are made: a
+/// split afterwards would hold a million entries twice.
+pub(super) fn cidr_entries(
+    policy: &Policy,
+    port_sets: &mut PortSets,
+) -> (Vec<CidrEntry>, Vec<CidrEntry>) {
     let mut table: Vec<&Ports> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
     for rule in &policy.rules {
@@ -43,7 +60,12 @@ pub(super) fn cidr_entries(policy: &Policy, port_sets: &mut PortSets) -> Vec<Cid
     // The port set id of each combination of table entries: most prefixes have their own
     // ports only, and a million of them share a handful of sets.
     let mut ids: HashMap<Vec<u32>, u32> = HashMap::new();
-    let mut out = Vec::with_capacity(items.len());
+    let hosts = items
+        .iter()
+        .filter(|i| u32::from(i.prefix.len) == HOST_PREFIX)
+        .count();
+    let mut out = Vec::with_capacity(items.len() - hosts);
+    let mut host_out = Vec::with_capacity(hosts);
     let mut from: Vec<u32> = Vec::new();
     let mut i = 0;
     while i < items.len() {
@@ -79,11 +101,16 @@ pub(super) fn cidr_entries(policy: &Policy, port_sets: &mut PortSets) -> Vec<Cid
                 id
             }
         };
-        out.push(CidrEntry {
+        let entry = CidrEntry {
             prefix_len: u32::from(prefix.len),
             key: CidrKey { addr: prefix.addr },
             port_set,
-        });
+        };
+        if entry.prefix_len == HOST_PREFIX {
+            host_out.push(entry);
+        } else {
+            out.push(entry);
+        }
     }
-    out
+    (out, host_out)
 }

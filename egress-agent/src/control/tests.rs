@@ -63,7 +63,7 @@ impl LearnedStore for FakeState {
 impl KernelState for FakeState {
     fn write_policy(&mut self, compiled: &Compiled) -> Result<(), LoadError> {
         self.maps.ports.extend(compiled.port_sets.entries());
-        self.cidrs = compiled.cidrs.len();
+        self.cidrs = compiled.cidr_entries().count();
         Ok(())
     }
 

@@ -8,7 +8,8 @@ use aya::{
     programs::{CgroupSkb, Program, ProgramError, ProgramInfo},
 };
 use egress_common::{
-    Addr, DNS_EVENTS, DNS_QUERIES, FLOWS, LEARNED, LearnedValue, QueryKey, QueryValue, Settings,
+    Addr, DNS_EVENTS, DNS_QUERIES, FLOWS, HOSTS, LEARNED, LearnedValue, QueryKey, QueryValue,
+    Settings,
 };
 
 use super::{
@@ -27,15 +28,16 @@ impl Enforcer {
     /// is attached) and writes the settings; nothing is attached yet. The TC programs are
     /// loaded by the first `attach_interface`: verifying them costs start-up time (about a
     /// second for the DNS parser) that a cgroup-only agent need not pay.
-    /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`). With `pins` (prepared and
-    /// locked), the shared maps are pinned there or taken over from a previous agent (see the
-    /// module's doc).
+    /// `max_learned` sizes `LEARNED` (the policy's `dns.max_ips`), `max_hosts` `HOSTS`
+    /// (`egress_common::hosts_capacity`). With `pins` (prepared and locked), the shared maps
+    /// are pinned there or taken over from a previous agent (see the module's doc).
     pub fn load(
         settings: &Settings,
         max_learned: u32,
+        max_hosts: u32,
         pins: Option<&PinRoot>,
     ) -> Result<Self, LoadError> {
-        Self::load_object(settings, max_learned, pins, false)
+        Self::load_object(settings, max_learned, Some(max_hosts), pins, false)
     }
 
     /// Loads the object for [`Enforcer::test_run`] (the kernel tests and the benchmarks),
@@ -44,18 +46,22 @@ impl Enforcer {
     /// see forwarded packets: a query and its answer, or a flow's two directions, are then
     /// the same "socket" across runs.
     pub fn load_for_test_run(settings: &Settings, max_learned: u32) -> Result<Self, LoadError> {
-        Self::load_object(settings, max_learned, None, true)
+        Self::load_object(settings, max_learned, None, None, true)
     }
 
     fn load_object(
         settings: &Settings,
         max_learned: u32,
+        max_hosts: Option<u32>,
         pins: Option<&PinRoot>,
         test_run: bool,
     ) -> Result<Self, LoadError> {
         memlock::lift_memlock_limit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(LEARNED, max_learned);
+        if let Some(max_hosts) = max_hosts {
+            loader.map_max_entries(HOSTS, max_hosts);
+        }
         if test_run {
             loader.override_global(TEST_RUN, &1u8, true);
         }
@@ -66,10 +72,10 @@ impl Enforcer {
             let object = aya_obj::Object::parse(OBJECT)?;
             for name in PINNED_MAPS {
                 let def = object.maps.get(name).ok_or(LoadError::MissingMap(name))?;
-                let max_entries = if name == LEARNED {
-                    max_learned
-                } else {
-                    def.max_entries()
+                let max_entries = match (name, max_hosts) {
+                    (LEARNED, _) => max_learned,
+                    (HOSTS, Some(max_hosts)) => max_hosts,
+                    _ => def.max_entries(),
                 };
                 let path = pins.map_path(name);
                 if path.exists() {

@@ -7,12 +7,12 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData},
 };
 use egress_common::{
-    Addr, CIDRS, CidrValue, LEARNED, LearnedName, LearnedNameKey, LearnedValue, NAMES, PORTS,
-    PortKey, RESOLVERS, SETTINGS, Settings,
+    Addr, CIDRS, CidrValue, HOSTS, LEARNED, LearnedName, LearnedNameKey, LearnedValue, NAMES,
+    PORTS, PortKey, RESOLVERS, SETTINGS, Settings,
     addr::{display_addr, to_key},
 };
 
-use super::{Enforcer, LoadError, cidr_write, map_err};
+use super::{Enforcer, LoadError, cidr_write::Entries, map_err};
 use crate::dns::learner::LearnedStore;
 
 /// The agent's DNS learner reads and writes `LEARNED` and `PORTS` through the enforcer.
@@ -96,8 +96,9 @@ impl Enforcer {
                 .collect::<Result<_, _>>()
                 .map_err(map_err(format!("reading {name}")))
         }
-        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
-        self.written.cidrs = cidr_write::read(map)?;
+        let cidrs = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        let hosts = self.ebpf.map(HOSTS).ok_or(LoadError::MissingMap(HOSTS))?;
+        self.written.cidrs = Entries::read(cidrs, hosts)?;
         self.written.names = trie_keys(&self.ebpf, NAMES)?;
         self.written.resolvers = self
             .hash_ref::<Addr, u8>(RESOLVERS)?

@@ -31,7 +31,7 @@ use aya::{
     programs::{links::PinnedLink, tc},
 };
 use egress_common::{
-    Addr, CIDRS, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, LEARNED, LearnedName,
+    Addr, CIDRS, CidrValue, DNS_EVENTS, DNS_QUERIES, EVENTS, FLOWS, HOSTS, LEARNED, LearnedName,
     LearnedNameKey, NAMES, NameKey, PORTS, RATE, RESOLVERS, SETTINGS, STATS,
 };
 
@@ -44,8 +44,9 @@ use crate::{
 /// programs read and write. The per-CPU scratch maps of the DNS parser are left out, and
 /// `FRAGS` (a datagram's fragments follow its first within milliseconds): each program set
 /// may have its own.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     CIDRS,
+    HOSTS,
     PORTS,
     NAMES,
     RESOLVERS,
@@ -121,7 +122,7 @@ pub enum LoadError {
 /// What the policy maps hold, so that a new policy replaces it entry by entry.
 #[derive(Default)]
 struct Written {
-    cidrs: cidr_write::Keys,
+    cidrs: cidr_write::Entries,
     names: HashSet<(u32, NameKey)>,
     resolvers: HashSet<Addr>,
 }

@@ -9,7 +9,7 @@ use aya::{
     Pod,
     maps::{HashMap, Map, MapData, MapInfo, MapType},
 };
-use egress_common::{FLOWS, FlowKey, FlowValue, LEARNED_NAMES, LearnedName, LearnedNameKey};
+use egress_common::{CIDRS, FLOWS, FlowKey, FlowValue, LEARNED_NAMES, LearnedName, LearnedNameKey};
 
 use super::{Enforcer, LoadError, NO_PREALLOC, map_err};
 use crate::pin::{self, PinRoot};
@@ -193,8 +193,9 @@ pub(super) fn learned_names_map(
 
 impl Enforcer {
     /// Once this enforcer's links are attached: removes every other link pin (detaching the
-    /// predecessor's programs), other layout versions, and puts this enforcer's replacement
-    /// maps where the old pins were. Returns the links and the version directories removed.
+    /// predecessor's programs), other layout versions, the single addresses a release before
+    /// `HOSTS` left in `CIDRS`, and puts this enforcer's replacement maps where the old pins
+    /// were. Returns the links and the version directories removed.
     pub fn retire_predecessors(&mut self) -> Result<(Vec<pin::LinkPin>, Vec<PathBuf>), LoadError> {
         let Some(pinned) = &mut self.pinned else {
             return Ok(Default::default());
@@ -208,6 +209,8 @@ impl Enforcer {
             }
         }
         let versions = pinned.root.remove_other_versions()?;
+        let cidrs = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        self.written.cidrs.drop_trie_hosts(cidrs)?;
         for name in std::mem::take(&mut pinned.replaced) {
             let path = pinned.root.map_path(name);
             pin::remove_file(&path)?;

@@ -1,17 +1,17 @@
-//! Writing a compiled policy into `CIDRS`, `NAMES` and `PORTS`.
+//! Writing a compiled policy into `CIDRS`, `HOSTS`, `NAMES` and `PORTS`.
 use std::collections::HashSet;
 
 use aya::{
     Pod,
     maps::{LpmTrie, MapData, lpm_trie::Key},
 };
-use egress_common::{CIDRS, CidrValue, NAMES, NameKey, PORTS, PortKey};
+use egress_common::{CIDRS, CidrValue, HOSTS, NAMES, NameKey, PORTS, PortKey};
 
-use super::{Enforcer, LoadError, cidr_write, map_err, maps::remove_if_present};
+use super::{Enforcer, LoadError, map_err, maps::remove_if_present};
 use crate::compile::Compiled;
 
 impl Enforcer {
-    /// Makes `CIDRS`, `NAMES` and `PORTS` hold a compiled policy. On a reload, each entry
+    /// Makes `CIDRS`, `HOSTS`, `NAMES` and `PORTS` hold a compiled policy. On a reload, each entry
     /// is replaced in place and entries the new policy lacks are deleted last, so a
     /// destination both policies allow is allowed throughout; what only the old policy
     /// allowed is allowed until its entry goes, never less. Port sets are only added here
@@ -35,9 +35,9 @@ impl Enforcer {
             )?
         };
         self.written.names = names;
-        let map = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
-        self.written.cidrs = cidr_write::replace(map, &compiled.cidrs, &self.written.cidrs)?;
-        Ok(())
+        let cidrs = self.ebpf.map(CIDRS).ok_or(LoadError::MissingMap(CIDRS))?;
+        let hosts = self.ebpf.map(HOSTS).ok_or(LoadError::MissingMap(HOSTS))?;
+        self.written.cidrs.replace(cidrs, hosts, compiled)
     }
 }
 

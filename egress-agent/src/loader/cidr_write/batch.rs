@@ -1,14 +1,9 @@
-//! `BPF_MAP_UPDATE_BATCH` on `CIDRS`, which aya does not offer: one syscall for many
-//! entries. Kernel 6.18 takes it on an LPM trie (the generic batch op: each entry is
+//! `BPF_MAP_UPDATE_BATCH` on `CIDRS` and `HOSTS`, which aya does not offer: one syscall for
+//! many entries. Kernel 6.18 takes it on an LPM trie (the generic batch op: each entry is
 //! still one insert under the trie's lock, without a syscall of its own); 5.10 refuses it
-//! with ENOTSUPP (seen under `scripts/kernel-matrix.sh`), and the caller then writes entry
-//! by entry.
+//! there with ENOTSUPP (seen under `scripts/kernel-matrix.sh`), and the caller then writes
+//! entry by entry. Hash maps have had it since 5.6.
 use std::os::fd::{AsRawFd as _, BorrowedFd};
-
-use aya::maps::lpm_trie::Key;
-use egress_common::{CidrKey, CidrValue};
-
-use crate::compile::CidrEntry;
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -36,17 +31,22 @@ pub(super) enum Refused {
     Failed(std::io::Error),
 }
 
-/// Writes `entries` into the LPM trie `fd` in batches.
-pub(super) fn write(fd: BorrowedFd<'_>, entries: &[CidrEntry]) -> Result<(), Refused> {
-    let mut keys: Vec<Key<CidrKey>> = Vec::with_capacity(CHUNK.min(entries.len()));
-    let mut values: Vec<CidrValue> = Vec::with_capacity(CHUNK.min(entries.len()));
+/// Writes `entries` into the map `fd` in batches, each as the (key, value) `kv` makes of
+/// it; `K` and `V` must be the map's key and value types.
+pub(super) fn write<E, K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    entries: &[E],
+    kv: impl Fn(&E) -> (K, V),
+) -> Result<(), Refused> {
+    let mut keys: Vec<K> = Vec::with_capacity(CHUNK.min(entries.len()));
+    let mut values: Vec<V> = Vec::with_capacity(CHUNK.min(entries.len()));
     for chunk in entries.chunks(CHUNK) {
         keys.clear();
         values.clear();
-        keys.extend(chunk.iter().map(|e| Key::new(e.prefix_len, e.key)));
-        values.extend(chunk.iter().map(|e| CidrValue {
-            port_set: e.port_set,
-        }));
+        for (k, v) in chunk.iter().map(&kv) {
+            keys.push(k);
+            values.push(v);
+        }
         let mut attr = BatchAttr {
             in_batch: 0,
             out_batch: 0,
@@ -69,7 +69,7 @@ pub(super) fn write(fd: BorrowedFd<'_>, entries: &[CidrEntry]) -> Result<(), Ref
         };
         if ret < 0 {
             let error = std::io::Error::last_os_error();
-            // ENOTSUPP (524) or EOPNOTSUPP: the kernel has no batch update for LPM tries
+            // ENOTSUPP (524) or EOPNOTSUPP: the kernel has no batch update for this map type
             // (5.10 has none; it answers before it writes `count` back), EINVAL:
             // no batch command at all. The caller then writes every entry one by one, which
             // also rewrites any this call wrote: an insert of an existing key replaces it.
