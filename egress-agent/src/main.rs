@@ -77,6 +77,11 @@ enum Command {
         /// pod and container of a pod's events.
         #[arg(long, env = "EGRESS_POD_LOGS", default_value = DEFAULT_POD_LOGS)]
         pod_logs: PathBuf,
+        /// Also print each address learned from a DNS answer as a `learned` event on stdout
+        /// (name, address, TTL, ports): an audit trail of what DNS opened, one line an
+        /// address, so off by default.
+        #[arg(long, env = "EGRESS_LEARNED_EVENTS")]
+        learned_events: bool,
     },
     /// Print what the pinned state enforces (mode, attachments, rule counts, learned
     /// addresses with their names and remaining TTL), whether or not an agent runs.
@@ -389,6 +394,7 @@ fn main() -> ExitCode {
             on_exit,
             kubeconfig,
             pod_logs,
+            learned_events,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -405,6 +411,7 @@ fn main() -> ExitCode {
                     on_exit,
                     kubeconfig: kubeconfig.kubeconfig,
                     pod_logs,
+                    learned_events,
                 }))
             }),
     };

@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub kubeconfig: PathBuf,
     /// The root of the kubelet's log layout, which names the pods in events.
     pub pod_logs: PathBuf,
+    /// Print each learned address as a `learned` event.
+    pub learned_events: bool,
 }
 
 /// What happens to enforcement when the agent stops.
@@ -167,6 +169,7 @@ async fn start(
         .learned_names()
         .context("reading the pinned learned names")?;
     let mut learner = Learner::new(compiled.names, compiled.port_sets, policy.dns.clone());
+    learner.announce_learned(opts.learned_events);
     learner
         .restore(&mut enforcer, &pinned_names, now)
         .context("taking over the learned addresses")?;

@@ -149,7 +149,9 @@ impl Agent {
 
     /// Starts a prepared command, e.g. with extra environment such as `RUST_LOG`, or
     /// wrapped in [`Netns::exec`]. Its stdin, stdout and stderr are taken over.
+    /// `learned` events are on (`EGRESS_LEARNED_EVENTS`): tests wait on them.
     pub fn spawn_command(mut cmd: Command) -> Agent {
+        cmd.env("EGRESS_LEARNED_EVENTS", "true");
         let (child, stdout, stderr) = spawn_captured(&mut cmd);
         Agent {
             child,

@@ -565,28 +565,13 @@ impl Agent {
             })
     }
 
-    /// Waits until the agent has learned `addr` for `name` (its debug line
-    /// `{"event":"learned",...}`) and returns that line.
+    /// Waits until the agent has learned `addr` for `name` (its `learned` event, on since
+    /// [`Agent::spawn_command`]) and returns the event.
     pub fn wait_learned(&self, name: &str, addr: impl Into<IpAddr>) -> Value {
         let addr = addr.into().to_string();
-        let found = self.stderr.wait_for(LEARN_TIMEOUT, |lines| {
-            lines
-                .iter()
-                .filter_map(|l| learned_event(l))
-                .find(|e| e["name"] == name && e["addr"] == addr.as_str())
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "the agent did not learn {addr} for {name} within {LEARN_TIMEOUT:?}:\n{}",
-                self.stderr.lines().join("\n")
-            )
-        })
+        self.wait_for_event(
+            |e| e["event"] == "learned" && e["name"] == name && e["addr"] == addr.as_str(),
+            LEARN_TIMEOUT,
+        )
     }
-}
-
-/// The JSON object of a `learned` debug line (after the logger's prefix).
-fn learned_event(line: &str) -> Option<Value> {
-    let json = &line[line.find('{')?..];
-    let event: Value = serde_json::from_str(json).ok()?;
-    (event["event"] == "learned").then_some(event)
 }

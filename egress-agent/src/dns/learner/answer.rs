@@ -2,7 +2,7 @@
 //! of what the kernel wrote from it.
 use egress_common::{Addr, DNS_MAX_LEARNED, addr::to_key};
 
-use crate::dns::journal::UNWRITTEN;
+use crate::{dns::journal::UNWRITTEN, lifecycle};
 
 use super::{
     LearnedStore, Learner, NS_PER_SEC,
@@ -64,9 +64,6 @@ impl Learner {
         self.counters.answers += 1;
         self.model_kernel(&msg, answer.learned, now);
         cname_chain(&msg, &mut self.chain);
-        // Checked once: with debug on for any module, `log::debug!` alone would still build
-        // each record's JSON before the logger drops it.
-        let debug = log::log_enabled!(log::Level::Debug);
         let mut name = None;
         for record in msg.answers() {
             let Some(addr) = record.addr() else {
@@ -84,16 +81,15 @@ impl Learner {
             if !self.justified.iter().any(|(a, _)| *a == key) {
                 self.justified.push((key, s));
             }
-            if debug {
-                log::debug!(
-                    "{}",
+            if self.announce {
+                lifecycle::emit(
+                    "learned",
                     serde_json::json!({
-                        "event": "learned",
                         "name": self.qname,
                         "addr": addr.to_string(),
                         "ttl": record.ttl,
                         "ports": self.names.lookup(&self.qname).map(|(p, _)| p.to_string()),
-                    })
+                    }),
                 );
             }
         }

@@ -92,6 +92,8 @@ pub struct Learner {
     kernel_wrote: Vec<(Addr, u64)>,
     /// The question's CNAME chain, as offsets of names in the answer.
     chain: Vec<usize>,
+    /// Whether each address taken from an answer is printed as a `learned` event.
+    announce: bool,
 }
 
 impl Learner {
@@ -118,7 +120,14 @@ impl Learner {
             justified: Vec::new(),
             kernel_wrote: Vec::new(),
             chain: Vec::new(),
+            announce: false,
         }
+    }
+
+    /// Prints each address taken from an answer as a `learned` event on stdout (`run
+    /// --learned-events`): an audit trail of what DNS opened, one line an address.
+    pub fn announce_learned(&mut self, on: bool) {
+        self.announce = on;
     }
 
     /// The port set registry, which a policy reload compiles into.
