@@ -251,9 +251,10 @@ fn guards_leave_nothing_behind_after_a_panic() {
 }
 
 /// A stand-in agent: one event on stdout, logs on stderr, a clean exit on SIGTERM.
-/// The trap comes first, so SIGTERM cannot arrive before it is installed.
+/// The trap comes first, so SIGTERM cannot arrive before it is installed; the log line comes
+/// before the event, so it is written once the test has seen the event and stops it.
 const FAKE_AGENT: &str = r#"trap 'echo "agent: bye" >&2; exit 0' TERM
-echo '{"event":"ready","n":1}'; echo 'agent: attached' >&2
+echo 'agent: attached' >&2; echo '{"event":"ready","n":1}'
 while :; do sleep 0.05; done"#;
 
 #[test]
