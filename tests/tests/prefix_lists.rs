@@ -4,16 +4,16 @@
 //! by its file only while the file is the one applied, which the recorded hash tells.
 use std::{
     fs,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use egress_tests::{
-    ATTACH_TIMEOUT, PinDir, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B, Server, TempFile,
-    TestCgroup, Topology, agent_bin, assert_ok, assert_timeout, http_get, probe_tcp, require_root,
-    start_agent, start_pinned_agent,
+    ATTACH_TIMEOUT, Agent, PinDir, ProbeResult, REMOTE_V4_A, REMOTE_V4_B, REMOTE_V6_A, REMOTE_V6_B,
+    Server, TempFile, TestCgroup, Topology, agent_bin, assert_ok, assert_timeout, http_get,
+    probe_tcp, require_root, start_agent, start_pinned_agent,
 };
 use serde_json::Value;
 
@@ -50,7 +50,49 @@ impl Drop for ListFile {
     }
 }
 
-fn list_of(addr: Ipv4Addr) -> String {
+/// Servers on `a` and `b` (HTTPS), and an agent on a cgroup of its own enforcing a policy
+/// that allows HTTPS to the prefixes of a list beside it, which holds `first`. Fields drop
+/// in order: the agent first.
+struct Enforced {
+    agent: Agent,
+    list: ListFile,
+    policy: TempFile,
+    cgroup: TestCgroup,
+    _servers: [Server; 2],
+    topo: Topology,
+}
+
+impl Enforced {
+    fn start(a: IpAddr, b: IpAddr, first: &str) -> Enforced {
+        let topo = Topology::new();
+        let servers = [
+            Server::tcp(&topo.server, None, a, HTTPS),
+            Server::tcp(&topo.server, None, b, HTTPS),
+        ];
+        let cgroup = TestCgroup::new();
+        // The policy names the list by a path relative to its own directory.
+        let policy = TempFile::new("mode: enforce\nallow: []\n");
+        let list = ListFile::beside(&policy);
+        list.replace(first);
+        fs::write(policy.path(), policy_of(&list)).expect("write the policy");
+        let agent = start_agent(&policy, &cgroup, None);
+        Enforced {
+            agent,
+            list,
+            policy,
+            cgroup,
+            _servers: servers,
+            topo,
+        }
+    }
+
+    /// A TCP connection from the client in the enforced cgroup.
+    fn connect(&self, addr: IpAddr, port: u16) -> ProbeResult {
+        probe_tcp(&self.topo.client, Some(&self.cgroup), addr, port)
+    }
+}
+
+fn list_of(addr: impl std::fmt::Display) -> String {
     format!("# allowed hosts\n{addr}\n\n")
 }
 
@@ -114,38 +156,21 @@ fn a_list_is_enforced_its_edits_reload_and_a_bad_line_changes_nothing() {
     if !require_root() {
         return;
     }
-    let (a, b) = (REMOTE_V4_A, REMOTE_V4_B);
-    let topo = Topology::new();
-    let _servers = [
-        Server::tcp(&topo.server, None, a, HTTPS),
-        Server::tcp(&topo.server, None, b, HTTPS),
-    ];
-    let cgroup = TestCgroup::new();
-    let cg = Some(&cgroup);
-    // The policy names the list by a path relative to its own directory.
-    let policy = TempFile::new("mode: enforce\nallow: []\n");
-    let list = ListFile::beside(&policy);
-    list.replace(&list_of(a));
-    fs::write(policy.path(), policy_of(&list)).expect("write the policy");
-    let agent = start_agent(&policy, &cgroup, None);
+    let (a, b) = (IpAddr::V4(REMOTE_V4_A), IpAddr::V4(REMOTE_V4_B));
+    let world = Enforced::start(a, b, &list_of(a));
+    let (agent, list, policy) = (&world.agent, &world.list, &world.policy);
     let metrics = agent.metrics_addr();
-    wait_for_hash(&metrics, &policy_hash(&policy, &list));
-    assert_ok(&probe_tcp(&topo.client, cg, a, HTTPS), "a, on the list");
-    assert_timeout(&probe_tcp(&topo.client, cg, b, HTTPS), "b, off the list");
+    wait_for_hash(&metrics, &policy_hash(policy, list));
+    assert_ok(&world.connect(a, HTTPS), "a, on the list");
+    assert_timeout(&world.connect(b, HTTPS), "b, off the list");
 
     list.replace(&list_of(b));
     agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     // The policy file is the same, the list is not: so is the hash.
-    let edited = policy_hash(&policy, &list);
+    let edited = policy_hash(policy, list);
     wait_for_hash(&metrics, &edited);
-    assert_ok(
-        &probe_tcp(&topo.client, cg, b, HTTPS),
-        "b, on the edited list",
-    );
-    assert_timeout(
-        &probe_tcp(&topo.client, cg, a, HTTPS),
-        "a, off the edited list",
-    );
+    assert_ok(&world.connect(b, HTTPS), "b, on the edited list");
+    assert_timeout(&world.connect(a, HTTPS), "a, off the edited list");
 
     // Line 4 has host bits set: the list is refused, what runs stays.
     list.replace(&format!("{}203.0.113.21/24\n", list_of(a)));
@@ -157,14 +182,8 @@ fn a_list_is_enforced_its_edits_reload_and_a_bad_line_changes_nothing() {
     );
     assert!(rejected.contains(&at), "{rejected}");
     assert!(rejected.contains("allow[0] (cidrs_from"), "{rejected}");
-    assert_ok(
-        &probe_tcp(&topo.client, cg, b, HTTPS),
-        "b after the refused list",
-    );
-    assert_timeout(
-        &probe_tcp(&topo.client, cg, a, HTTPS),
-        "a after the refused list",
-    );
+    assert_ok(&world.connect(b, HTTPS), "b after the refused list");
+    assert_timeout(&world.connect(a, HTTPS), "a after the refused list");
     wait_for_hash(&metrics, &edited);
 }
 
@@ -276,20 +295,9 @@ fn single_addresses_beyond_the_room_a_start_gave_them_are_enforced() {
     if !require_root() {
         return;
     }
-    let (a, b) = (REMOTE_V6_A, REMOTE_V6_B);
-    let topo = Topology::new();
-    let _servers = [
-        Server::tcp(&topo.server, None, a, HTTPS),
-        Server::tcp(&topo.server, None, b, HTTPS),
-    ];
-    let cgroup = TestCgroup::new();
-    let cg = Some(&cgroup);
-    let policy = TempFile::new("mode: enforce\nallow: []\n");
-    let list = ListFile::beside(&policy);
-    list.replace(&list_of(REMOTE_V4_A));
-    fs::write(policy.path(), policy_of(&list)).expect("write the policy");
-    let agent = start_agent(&policy, &cgroup, None);
-    assert_timeout(&probe_tcp(&topo.client, cg, a, HTTPS), "a, off the list");
+    let (a, b) = (IpAddr::V6(REMOTE_V6_A), IpAddr::V6(REMOTE_V6_B));
+    let world = Enforced::start(a, b, &list_of(REMOTE_V4_A));
+    assert_timeout(&world.connect(a, HTTPS), "a, off the list");
 
     // 1,100 addresses below `a` (2001:db8:1::/64 sorts before 2001:db8:2::10), so `a` is
     // past HOSTS' 1,024 entries.
@@ -297,12 +305,20 @@ fn single_addresses_beyond_the_room_a_start_gave_them_are_enforced() {
         .map(|n| format!("{}\n", Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n)))
         .collect();
     long.push_str(&format!("{a}\n"));
-    list.replace(&long);
-    let reloaded = agent.wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
+    world.list.replace(&long);
+    let reloaded = world
+        .agent
+        .wait_for_named("policy_reloaded", RELOAD_TIMEOUT);
     assert_eq!(reloaded["cidr_entries"], 1101, "{reloaded}");
     assert_ok(
-        &probe_tcp(&topo.client, cg, a, HTTPS),
+        &world.connect(a, HTTPS),
         "a, on the list, beyond HOSTS' room",
     );
-    assert_timeout(&probe_tcp(&topo.client, cg, b, HTTPS), "b, off the list");
+    // Its entry carries the list's ports only: nothing listens on 8443, so a connection
+    // the policy let through would be reset, not left unanswered.
+    assert_timeout(
+        &world.connect(a, 8443),
+        "a, on a port the list does not allow",
+    );
+    assert_timeout(&world.connect(b, HTTPS), "b, off the list");
 }
